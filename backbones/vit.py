@@ -1,0 +1,360 @@
+"""The one plain Vision Transformer used by MAE pretraining, detectron2 and MMSegmentation.
+
+Parameter names follow timm's `VisionTransformer` (and so the official MAE encoder), so those
+checkpoints load without renaming. Options used downstream (all off by default):
+window attention with a few global blocks and decomposed relative position (ViTDet), absolute
+position embeddings interpolated to any input size, drop path, activation checkpointing, and
+intermediate block outputs as feature maps.
+
+Two layouts go through the same blocks:
+  tokens  (B, N, C): classification / MAE (cls token, visible patches only);
+  spatial (B, H, W, C): dense tasks (windows, rel-pos), no cls token, as in ViTDet.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from mae_transfer.errors import MaeTransferError
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (residual branch dropped with probability `drop_prob`)."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, H/p, W/p, C)."""
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise MaeTransferError(
+                f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}"
+            )
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """Linearly resample a (L, head_dim) relative-position table to `length` rows (as ViTDet does)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+    return resized.reshape(-1, length).permute(1, 0)
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
+    """Relative-position embeddings for every (query, key) pair along one axis: (q_size, k_size, head_dim)."""
+    rel_pos = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> Tensor:
+    """ViTDet/MViTv2 decomposed relative position as an additive attention bias.
+
+    q: (B, heads, H*W, head_dim), unscaled. Returns (B, heads, H*W, H*W), to be added to the
+    scaled logits, which is what `scaled_dot_product_attention`'s float mask does.
+    """
+    h, w = hw
+    table_h = rel_pos_table(h, h, rel_pos_h)  # (h, h, d)
+    table_w = rel_pos_table(w, w, rel_pos_w)  # (w, w, d)
+    b, heads, _, dim = q.shape
+    r_q = q.reshape(b, heads, h, w, dim)
+    bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h)
+    bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (b, n, h, w, kh, kw)
+    return bias.reshape(b, heads, h * w, h * w)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
+                 rel_pos_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if rel_pos_size is None:
+                raise ValueError("rel_pos_size is required with use_rel_pos")
+            # Zero init: the pretrained model had no rel-pos, so the bias starts neutral.
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: tokens (B, N, C) or spatial (B, H, W, C); rel-pos needs the spatial layout."""
+        shape = x.shape
+        b, c = shape[0], shape[-1]
+        tokens = x.reshape(b, -1, c)
+        qkv = self.qkv(tokens).reshape(b, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = None
+        if self.use_rel_pos:
+            if x.ndim != 4:
+                raise ValueError("relative position needs spatial (B, H, W, C) input")
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (shape[1], shape[2]))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, c)
+        return self.proj(out).reshape(shape)
+
+
+def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * num_windows, window, window, C), padding H and W up to multiples of window."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = (window - h % window) % window, (window - w % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    hp, wp = padded_hw
+    b = windows.shape[0] // (hp * wp // window // window)
+    x = windows.view(b, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, : hw[0], : hw[1]].contiguous()
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, window_size: int = 0, use_rel_pos: bool = False,
+                 rel_pos_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, use_rel_pos,
+                              (window_size, window_size) if window_size > 0 else rel_pos_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            hw = (x.shape[1], x.shape[2])
+            x, padded_hw = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, padded_hw, hw)
+        else:
+            x = self.attn(x)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def interpolate_abs_pos(pos_embed: Tensor, hw: tuple[int, int], has_cls: bool) -> Tensor:
+    """Patch part of a learned/fixed (1, [1+]N, C) table resized (bicubic) to grid `hw`: (1, H, W, C)."""
+    grid = pos_embed[:, 1:] if has_cls else pos_embed
+    side = int(math.isqrt(grid.shape[1]))
+    if side * side != grid.shape[1]:
+        raise ValueError(f"position table with {grid.shape[1]} patches is not a square grid")
+    grid = grid.reshape(1, side, side, -1)
+    if (side, side) == tuple(hw):
+        return grid
+    resized = F.interpolate(grid.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1)
+
+
+class VisionTransformer(nn.Module):
+    """Plain ViT (timm parameter names). See the module docstring for the options."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        num_classes: int = 0,
+        global_pool: str = "token",
+        class_token: bool = True,
+        final_norm: bool = True,
+        window_size: int = 0,
+        global_block_indexes: Sequence[int] = (),
+        use_rel_pos: bool = False,
+        rel_pos_input_size: int | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        """
+        img_size: size the absolute position table is built for (pretraining size); other sizes interpolate.
+        global_pool: 'token' (cls token), 'avg' (mean of patch tokens, then `fc_norm` as in MAE fine-tuning)
+            or '' (no pooling); used by `forward_head`.
+        window_size / global_block_indexes: window attention in every block except the listed global ones.
+        use_rel_pos / rel_pos_input_size: decomposed relative position; global blocks' tables are sized
+            for `rel_pos_input_size` pixels (the dense-task input size), window blocks' for the window.
+        """
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise MaeTransferError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.global_pool = global_pool
+        self.grad_checkpointing = grad_checkpointing
+        self.window_size = window_size
+        self.global_block_indexes = tuple(global_block_indexes)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        grid = img_size // patch_size
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + self.num_prefix_tokens, embed_dim))
+
+        rel_grid = (rel_pos_input_size or img_size) // patch_size
+        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
+                  window_size=0 if i in self.global_block_indexes else window_size,
+                  use_rel_pos=use_rel_pos, rel_pos_size=(rel_grid, rel_grid))
+            for i in range(depth)
+        )
+        use_fc_norm = global_pool == "avg"
+        self.norm = LayerNorm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        # As in MAE: patch projection initialised like a linear layer (xavier on the flattened kernel).
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # ------------------------------------------------------------------ blocks
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def run_blocks(self, x: Tensor, out_indices: Sequence[int] = (),
+                   hook: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """Run all blocks; `hook(i, x)` is called after every block whose index is in `out_indices`."""
+        for i, block in enumerate(self.blocks):
+            x = self._run_block(block, x)
+            if hook is not None and i in out_indices:
+                hook(i, x)
+        return x
+
+    # ------------------------------------------------------------------ token layout
+    def embed_tokens(self, x: Tensor) -> Tensor:
+        """Patches + (interpolated) abs pos, with the cls token prepended: (B, [1+]N, C)."""
+        x = self.patch_embed(x)
+        b, h, w, c = x.shape
+        x = (x + interpolate_abs_pos(self.pos_embed, (h, w), self.cls_token is not None)).reshape(b, h * w, c)
+        if self.cls_token is not None:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised tokens (B, [1+]N, C), as timm's `forward_features`."""
+        return self.norm(self.run_blocks(self.embed_tokens(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ spatial layout (dense tasks)
+    def forward_spatial(self, x: Tensor, out_indices: Sequence[int] | None = None) -> list[Tensor]:
+        """Dense features without the cls token, as (B, C, H/p, W/p) maps.
+
+        Returns the outputs of the blocks in `out_indices` (default: the last block only), taken
+        before the final norm (as ViTDet and the mmseg MAE backbone do).
+        """
+        out_indices = (self.depth - 1,) if out_indices is None else tuple(out_indices)
+        x = self.patch_embed(x)
+        x = x + interpolate_abs_pos(self.pos_embed, (x.shape[1], x.shape[2]), self.cls_token is not None)
+        outputs: list[Tensor] = []
+        self.run_blocks(x, out_indices, hook=lambda i, feat: outputs.append(feat.permute(0, 3, 1, 2).contiguous()))
+        return outputs
+
+
+# name -> (embed_dim, depth, num_heads, patch_size); names follow timm.
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "vit_tiny_patch16_224": (192, 12, 3, 16),
+    "vit_small_patch16_224": (384, 12, 6, 16),
+    "vit_base_patch16_224": (768, 12, 12, 16),
+    "vit_large_patch16_224": (1024, 24, 16, 16),
+    "vit_huge_patch14_224": (1280, 32, 16, 14),
+}
+
+
+def vit_config(name: str) -> dict[str, Any]:
+    """Architecture keyword arguments of a named ViT."""
+    if name not in VIT_SIZES:
+        raise MaeTransferError(f"unknown model name {name!r}; expected one of: {', '.join(VIT_SIZES)}")
+    embed_dim, depth, num_heads, patch_size = VIT_SIZES[name]
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
+
+
+def create_vit(name: str, **overrides: Any) -> VisionTransformer:
+    """Build a named ViT (timm-style names), e.g. `create_vit("vit_base_patch16_224", drop_path_rate=0.1)`."""
+    return VisionTransformer(**{**vit_config(name), **overrides})

@@ -1,0 +1,188 @@
+"""Every workaround for the dependency floor, in one place, applied once when `mae_transfer` is imported.
+
+The floor (see docs/ENVIRONMENT_NOTES.md): Python 3.11, torch 2.14.1, detectron2 from the
+`sal-detectron2` wheel (built for 3.10), MMSegmentation 1.2.2 on `mmcv-lite` 2.1.0 (no compiled ops),
+mmengine 0.10.7. Nothing outside this module knows about these patches.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import types
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+class CompiledOpUnavailableError(RuntimeError):
+    """Raised when code calls an mmcv op that only the full (compiled) mmcv provides."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. mmcv._ext stand-in.
+# Why: `mmseg.utils` imports `mmcv.ops.point_sample` at import time, and every `mmcv.ops` module
+# asks `mmcv._ext` for its C++ functions. mmcv-lite ships no `_ext`, and the full mmcv sdist does not
+# build against torch 2.14 (needs C++20). The stand-in is a real module whose functions exist (so
+# `load_ext`'s hasattr checks pass) but raise a clear error when *called*. UPerHead, FCNHead, the data
+# pipeline, IoUMetric and slide inference never call them.
+# When it can go: once a full mmcv wheel for torch 2.14 / py3.11 exists (or mmseg stops importing ops).
+# --------------------------------------------------------------------------------------------------
+def _make_unavailable_op(name: str) -> Callable[..., Any]:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise CompiledOpUnavailableError(
+            f"mmcv op '{name}' needs the full compiled mmcv (mmcv._ext); this install uses mmcv-lite, "
+            "which has no compiled ops. Use a model without this op (e.g. UPerHead/FCNHead), "
+            "or install a full mmcv build matching torch."
+        )
+
+    unavailable.__name__ = name
+    return unavailable
+
+
+def _mmcv_ext_getattr(name: str) -> Any:
+    # Dunder lookups (__path__, __file__, __wrapped__, ...) must fail normally, or inspect/pickle/
+    # doctest machinery that probes modules breaks.
+    if name.startswith("__") and name.endswith("__"):
+        raise AttributeError(name)
+    return _make_unavailable_op(name)
+
+
+def install_mmcv_ext_stand_in() -> bool:
+    """Register a stand-in `mmcv._ext` if mmcv is installed without compiled ops. Returns True if added."""
+    if "mmcv._ext" in sys.modules:
+        return False
+    if importlib.util.find_spec("mmcv") is None:
+        return False
+    if importlib.util.find_spec("mmcv._ext") is not None:  # full mmcv: nothing to do
+        return False
+    module = types.ModuleType("mmcv._ext", "Stand-in for mmcv's compiled ops (installed by mae_transfer.compat).")
+    module.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", loader=None)
+    module.__getattr__ = _mmcv_ext_getattr  # type: ignore[attr-defined]
+    module.MAE_TRANSFER_STAND_IN = True  # type: ignore[attr-defined]
+    sys.modules["mmcv._ext"] = module
+    import mmcv  # noqa: F401  (parent package must exist for `import mmcv._ext` to resolve)
+
+    sys.modules["mmcv"]._ext = module  # type: ignore[attr-defined]
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. mmengine checkpoint loading under torch 2.14.
+# Why: mmengine 0.10.7 calls `torch.load(filename, map_location=...)`; torch >= 2.6 defaults to
+# `weights_only=True`, and mmengine's own Runner checkpoints hold pickled objects (message hub,
+# numpy scalars, config meta), so Runner resume/load fails. We re-register mmengine's local-file
+# loader with `weights_only=False` for files the user points mmengine at (their own training runs).
+# Foreign checkpoints imported by `mae_transfer.checkpoint` are still read with weights_only=True.
+# When it can go: when mmengine passes `weights_only` itself (fixed upstream after 0.10.7).
+# --------------------------------------------------------------------------------------------------
+def patch_mmengine_checkpoint_loading() -> bool:
+    if importlib.util.find_spec("mmengine") is None:
+        return False
+    import os.path as osp
+
+    import torch
+
+    mm_ckpt = importlib.import_module("mmengine.runner.checkpoint")
+
+    if getattr(mm_ckpt.load_from_local, "_mae_transfer_patched", False):
+        return False
+
+    def load_from_local(filename: str, map_location: Any) -> Any:
+        filename = osp.expanduser(filename)
+        if not osp.isfile(filename):
+            raise FileNotFoundError(f"{filename} can not be found.")
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+    load_from_local._mae_transfer_patched = True  # type: ignore[attr-defined]
+    mm_ckpt.CheckpointLoader.register_scheme(prefixes="", force=True)(load_from_local)
+    mm_ckpt.load_from_local = load_from_local
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. detectron2 without `detectron2._C`.
+# Why: the sal-detectron2 wheel's `_C` is compiled for CPython 3.10 and does not load on 3.11. Mask
+# R-CNN does not need it: ROIAlign and NMS come from torchvision, and COCOEvaluator already falls back
+# to pycocotools' COCOeval when `_C` is missing. Deformable conv and rotated boxes stay unavailable.
+# detectron2's checkpointer (fvcore) calls `torch.load` without `weights_only`; its own training
+# checkpoints hold non-tensor state (trainer/hook state, numpy values), so resuming needs the full
+# unpickler. We switch only detectron2's checkpointer loader, as for mmengine above.
+# When it can go: with an official detectron2 wheel for 3.11 and an fvcore release passing weights_only.
+# --------------------------------------------------------------------------------------------------
+def detectron2_has_compiled_ops() -> bool:
+    try:
+        importlib.import_module("detectron2._C")
+    except ImportError:
+        return False
+    return True
+
+
+def patch_detectron2_checkpoint_loading() -> bool:
+    if importlib.util.find_spec("detectron2") is None:
+        return False
+    import torch
+
+    DetectionCheckpointer = importlib.import_module("detectron2.checkpoint.detection_checkpoint").DetectionCheckpointer
+
+    if getattr(DetectionCheckpointer._torch_load, "_mae_transfer_patched", False):
+        return False
+
+    def _torch_load(self: Any, f: str) -> Any:
+        from detectron2.utils.file_io import PathManager
+
+        with PathManager.open(f, "rb") as fh:
+            return torch.load(fh, map_location=torch.device("cpu"), weights_only=False)
+
+    _torch_load._mae_transfer_patched = True  # type: ignore[attr-defined]
+    DetectionCheckpointer._torch_load = _torch_load
+    return True
+
+
+def apply() -> None:
+    """Apply every workaround once (idempotent). Called by `import mae_transfer`."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    install_mmcv_ext_stand_in()
+    # The checkpoint patches import mmengine/detectron2; do them lazily on first import of those
+    # packages so `import mae_transfer` stays cheap.
+    _on_import("mmengine.runner.checkpoint", patch_mmengine_checkpoint_loading)
+    _on_import("detectron2.checkpoint.detection_checkpoint", patch_detectron2_checkpoint_loading)
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs a callback right after a given module is first imported."""
+
+    def __init__(self, module_name: str, callback: Callable[[], Any]) -> None:
+        self.module_name = module_name
+        self.callback = callback
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)  # find the real spec with the other finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        real_exec = spec.loader.exec_module
+        callback = self.callback
+
+        def exec_module(module: types.ModuleType) -> None:
+            real_exec(module)
+            callback()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _on_import(module_name: str, callback: Callable[[], Any]) -> None:
+    if module_name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _PostImportHook(module_name, callback))

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real data in ../shared/data, small helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import mae_transfer  # noqa: F401  (compat shims before any framework import)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MAE_TRANSFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a dataset under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real test data not found: {path} (expected ../shared/data/{name} beside the repo)")
+    return path
+
+
+@pytest.fixture
+def fruits_nuts() -> Path:
+    return shared_dataset("fruits_nuts")
+
+
+@pytest.fixture
+def coco_tiny() -> Path:
+    return shared_dataset("coco_tiny")
+
+
+@pytest.fixture
+def ade20k_sample() -> Path:
+    return shared_dataset("ade20k_sample")
+
+
+@pytest.fixture
+def camvid_mini() -> Path:
+    return shared_dataset("camvid_mini")

@@ -1,0 +1,118 @@
+"""Our ViT against timm's VisionTransformer (same weights, same outputs) and its own options."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from backbones.vit import VisionTransformer, create_vit, vit_config
+from mae_transfer.errors import MaeTransferError
+
+SMALL = dict(embed_dim=96, depth=3, num_heads=3, patch_size=16)
+
+
+def timm_twin(model: VisionTransformer, **kwargs) -> torch.nn.Module:
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim, depth=model.depth,
+        num_heads=model.num_heads, **kwargs)
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    return ref.eval()
+
+
+@pytest.mark.parametrize("global_pool,num_classes", [("token", 10), ("avg", 10), ("token", 0)])
+def test_matches_timm_vision_transformer(global_pool: str, num_classes: int) -> None:
+    torch.manual_seed(0)
+    ours = VisionTransformer(img_size=64, global_pool=global_pool, num_classes=num_classes, **SMALL).eval()
+    for p in ours.parameters():  # non-trivial values everywhere (LayerNorms and biases too)
+        p.data.normal_(0, 0.05).add_(torch.rand(()) * 0.1)
+    ref = timm_twin(ours, global_pool=global_pool, num_classes=num_classes,
+                    fc_norm=global_pool == "avg")
+    assert set(ours.state_dict()) == set(ref.state_dict())  # timm names load with no renaming
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours.forward_features(x) - ref.forward_features(x)).abs().max() <= 1e-5
+        assert (ours(x) - ref(x)).abs().max() <= 1e-5
+
+
+def test_matches_timm_at_other_input_size_with_dynamic_img_size() -> None:
+    torch.manual_seed(0)
+    ours = VisionTransformer(img_size=64, **SMALL).eval()
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=96, depth=3, num_heads=3, dynamic_img_size=True,
+        num_classes=0)
+    ref.load_state_dict(ours.state_dict(), strict=False)
+    ref.eval()
+    x = torch.randn(1, 3, 96, 128)  # non-square grid: 6 x 8
+    with torch.no_grad():
+        # timm resamples with antialias; upsampling is where the two agree only approximately
+        diff = (ours.forward_features(x) - ref.forward_features(x)).abs().max()
+    assert diff < 5e-2
+    assert ours.forward_features(x).shape == (1, 1 + 6 * 8, 96)
+
+
+def test_timm_names_and_shapes_for_named_sizes() -> None:
+    for name in ["vit_tiny_patch16_224", "vit_base_patch16_224"]:
+        ours = create_vit(name)
+        ref = timm.create_model(name, pretrained=False, num_classes=0)
+        ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+        assert set(ours_sd) == set(ref_sd)
+        assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+    assert vit_config("vit_huge_patch14_224") == dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14)
+    with pytest.raises(MaeTransferError, match="unknown model name 'vit_gigantic'"):
+        create_vit("vit_gigantic")
+
+
+def test_spatial_outputs_match_token_path() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, final_norm=False, **SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_spatial(x, out_indices=(0, 2))
+        # without a cls token the spatial path must equal the token path's patch tokens
+        model.cls_token = None
+        model.pos_embed.data = model.pos_embed.data[:, 1:]
+        model.num_prefix_tokens = 0
+        tokens = model.forward_features(x)
+    assert [f.shape for f in feats] == [(2, 96, 4, 4)] * 2
+    assert torch.allclose(feats[-1].flatten(2).transpose(1, 2), tokens, atol=1e-5)
+
+
+def test_windowed_model_with_rel_pos_runs_at_any_size_and_backpropagates() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, window_size=3, global_block_indexes=(1,), use_rel_pos=True,
+                              rel_pos_input_size=128, drop_path_rate=0.1, **SMALL)
+    assert model.blocks[0].attn.rel_pos_h.shape == (5, 32)   # window 3 -> 2*3-1
+    assert model.blocks[1].attn.rel_pos_h.shape == (15, 32)  # global at 128 px -> 2*8-1
+    out = model.forward_spatial(torch.randn(1, 3, 112, 80))  # 7 x 5 grid: windows need padding
+    assert out[0].shape == (1, 96, 7, 5)
+    out[0].sum().backward()
+    assert model.blocks[0].attn.rel_pos_h.grad is not None
+
+
+def test_activation_checkpointing_gives_identical_gradients() -> None:
+    torch.manual_seed(0)
+    plain = VisionTransformer(img_size=64, num_classes=5, **SMALL)
+    ckpt = VisionTransformer(img_size=64, num_classes=5, grad_checkpointing=True, **SMALL)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    plain(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_drop_path_is_stochastic_in_train_and_off_in_eval() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=64, drop_path_rate=0.5, **SMALL)
+    x = torch.randn(4, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model.forward_features(x), model.forward_features(x))
+    model.eval()
+    assert torch.equal(model.forward_features(x), model.forward_features(x))
+
+
+def test_bad_input_size_is_a_clear_error() -> None:
+    model = VisionTransformer(img_size=64, **SMALL)
+    with pytest.raises(MaeTransferError, match="not divisible by the patch size 16"):
+        model(torch.randn(1, 3, 60, 64))

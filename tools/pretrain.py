@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""MAE pretraining CLI (single process, or `torchrun --nproc_per_node N tools/pretrain.py ...`).
+
+  python tools/pretrain.py --config configs/mae_pretrain_vit_tiny_cpu.py --data IMAGES --output-dir OUT \
+      [--resume [CKPT]] [key=value ...] [--opts key=value ...] [--debug]
+  python tools/pretrain.py --export-encoder MAE_CKPT OUT_BACKBONE   # encoder alone, as a backbone checkpoint
+
+User errors (missing/empty image folder, unknown model or config key, ...) print one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.errors import MaeTransferError  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MAE pretraining of a plain ViT", allow_abbrev=False)
+    parser.add_argument("--config", help="plain-Python pretraining config (configs/mae_pretrain_*.py)")
+    parser.add_argument("--data", help="image folder (ImageFolder-style or flat, searched recursively)")
+    parser.add_argument("--output-dir", help="where checkpoints, pictures and TensorBoard logs go")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume from CKPT, or (no value) from OUTPUT_DIR/checkpoint_last.pth if present")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if the config says resume")
+    parser.add_argument("--export-encoder", nargs=2, metavar=("MAE_CKPT", "OUT"),
+                        help="write the encoder of a pretraining checkpoint as a backbone checkpoint and exit")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    from mae_transfer.engine import export_encoder, pretrain
+
+    if args.export_encoder:
+        export_encoder(*args.export_encoder)
+        return 0
+    if not args.config:
+        raise MaeTransferError("--config is required (e.g. configs/mae_pretrain_vit_tiny_cpu.py)")
+    from mae_transfer.config import load_config
+
+    cfg = load_config(args.config, [*args.overrides, *args.opts])
+    if args.data:
+        cfg["data_path"] = args.data
+    if args.output_dir:
+        cfg["output_dir"] = args.output_dir
+    elif not cfg.get("output_dir"):
+        cfg["output_dir"] = str(Path("work_dirs") / Path(args.config).stem)
+    if args.resume is not None:
+        cfg["resume"] = args.resume
+    if args.no_resume:
+        cfg["resume"] = ""
+    history = pretrain(cfg)
+    if history and rank == 0:
+        logging.getLogger("pretrain").info("done: epoch %d loss %.4f, outputs in %s",
+                                           history[-1]["epoch"], history[-1]["loss"], cfg["output_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
