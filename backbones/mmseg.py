@@ -18,7 +18,7 @@ Two token layouts, both the same blocks:
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import Tensor
 
@@ -29,12 +29,10 @@ from mmseg.registry import MODELS
 
 logger = logging.getLogger(__name__)
 
-# Registers the shared LLRD optimizer-wrapper constructor with mmengine (one implementation,
-# used by detectron2 and mmseg alike).
-try:  # TODO(issue 7): drop the guard once mae_transfer/optim.py is committed.
-    import mae_transfer.optim  # noqa: F401
-except ImportError as err:  # pragma: no cover - only while the optim module is missing
-    logger.warning("mae_transfer.optim is not available (%s); LLRD constructor not registered", err)
+# Registers the shared LLRD optimizer-wrapper constructor (`MaeLayerDecayOptimizerConstructor`)
+# with mmengine: one implementation, used by detectron2 and mmseg alike.
+import mae_transfer.optim  # noqa: E402,F401
+from mae_transfer.optim import freeze_blocks as _freeze_blocks  # noqa: E402
 
 
 @MODELS.register_module()
@@ -87,12 +85,11 @@ class MAEViT(VisionTransformer):
         self.with_cls_token = with_cls_token
         self.init_checkpoint = init_checkpoint
         self.frozen_blocks = int(freeze_blocks)
+        self.init_report: Any = None  # mae_transfer.checkpoint.LoadReport after init_weights
         if not with_cls_token:
             # Kept so checkpoints load 1:1, but unused: no gradient (DDP would flag it as unused).
             self.cls_token.requires_grad_(False)
         if self.frozen_blocks:
-            from mae_transfer.optim import freeze_blocks as _freeze_blocks
-
             _freeze_blocks(self, self.frozen_blocks)
 
     # ------------------------------------------------------------------ weights
@@ -101,7 +98,7 @@ class MAEViT(VisionTransformer):
         super().init_weights()
         path = getattr(self, "init_checkpoint", None)  # unset while VisionTransformer.__init__ runs
         if path:
-            load_backbone_checkpoint(self, path)
+            self.init_report = load_backbone_checkpoint(self, path)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -119,7 +116,7 @@ class MAEViT(VisionTransformer):
         return tuple(outs)
 
 
-def load_backbone_checkpoint(vit: VisionTransformer, path: str) -> None:
+def load_backbone_checkpoint(vit: VisionTransformer, path: str) -> Any:
     """Import `path` (any supported format) into `vit` through `mae_transfer.checkpoint`.
 
     The load report (format, loaded / missing / unexpected keys, resized tables) goes to the
@@ -131,3 +128,4 @@ def load_backbone_checkpoint(vit: VisionTransformer, path: str) -> None:
 
     report = load_backbone(vit, path)
     print_log(f"backbone init_checkpoint load report:\n{report}", logger="current")
+    return report

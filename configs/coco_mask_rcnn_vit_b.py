@@ -15,11 +15,11 @@ from functools import partial
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
-from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from backbones.detectron2 import ViTBackbone
+from mae_transfer.optim import lr_decay_factor
 
 # ---------------------------------------------------------------- model
 # detectron2's ViTDet Mask R-CNN (SimpleFeaturePyramid, LN heads, 4conv1fc, 2-conv RPN) ...
@@ -61,6 +61,7 @@ train = model_zoo.get_config("common/train.py").train
 train.amp.enabled = True
 train.ddp.fp16_compression = True
 train.init_checkpoint = "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth"
+train.seed = -1  # < 0: random; detectron2's default_setup seeds every RNG with it
 # Gradient clipping (detectron2's clipper); ViTDet trains without it.
 train.clip_grad = dict(enabled=False, clip_type="full_model", clip_value=1.0, norm_type=2.0)
 
@@ -76,7 +77,10 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_factor=0.001,
 )
 
-# AdamW + layer-wise lr decay (patch/pos embed = layer 0, block i = i + 1, heads = depth + 1).
+# AdamW (detectron2's parameter grouping: no weight decay on norms and pos_embed) + layer-wise lr
+# decay from the shared mae_transfer.optim rule (patch/pos embed = layer 0, block i = i + 1,
+# everything outside the ViT = depth + 1), the same multipliers as detectron2's get_vit_lr_decay_rate.
 optimizer = model_zoo.get_config("common/optim.py").AdamW
-optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=12, lr_decay_rate=0.7)
+optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=12, layer_decay=0.7,
+                                          backbone_prefix="backbone.net.")
 optimizer.params.overrides = {"pos_embed": {"weight_decay": 0.0}}

@@ -9,7 +9,7 @@ from functools import partial
 
 from .coco_mask_rcnn_vit_b import (
     dataloader,
-    get_vit_lr_decay_rate,
+    lr_decay_factor,
     lr_multiplier,
     model,
     optimizer,
@@ -24,7 +24,8 @@ model.backbone.net.num_heads = 16
 model.backbone.net.drop_path_rate = 0.5
 model.backbone.net.global_block_indexes = [7, 15, 23, 31]
 
-optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=32, lr_decay_rate=0.9)
+optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=32, layer_decay=0.9,
+                                          backbone_prefix="backbone.net.")
 optimizer.params.overrides = {}
 optimizer.params.weight_decay_norm = None
 

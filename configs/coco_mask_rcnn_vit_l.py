@@ -7,7 +7,7 @@ from functools import partial
 
 from .coco_mask_rcnn_vit_b import (
     dataloader,
-    get_vit_lr_decay_rate,
+    lr_decay_factor,
     lr_multiplier,
     model,
     optimizer,
@@ -22,4 +22,5 @@ model.backbone.net.num_heads = 16
 model.backbone.net.drop_path_rate = 0.4
 model.backbone.net.global_block_indexes = [5, 11, 17, 23]
 
-optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=24, lr_decay_rate=0.8)
+optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=24, layer_decay=0.8,
+                                          backbone_prefix="backbone.net.")

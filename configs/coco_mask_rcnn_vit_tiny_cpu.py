@@ -1,35 +1,55 @@
 """CPU-size variant of configs/coco_mask_rcnn_vit_b.py: same code path, small numbers.
 
-ViT-Tiny/16 (192 wide, 12 blocks, 3 heads), 320 px LSJ (0.5-1.5), window 10 with global blocks
-2/5/8/11, batch 2, fp32, 4conv1fc heads with fewer sampled RoIs, short schedule. Everything else
-(pyramid, heads, optimizer, LLRD, evaluator) is inherited. Pick the data with tools/train_det.py
-`--train-json/--train-images/--val-json/--val-images` (num_classes is read from the json).
+ViT-Tiny width (192, 3 heads) at depth 4, as configs/mae_pretrain_vit_tiny_cpu.py pretrains it; 256 px
+LSJ (0.5-1.5); window 8 with global blocks 1/3; batch 2; fp32; 128-channel pyramid and heads (still
+4conv1fc / 2-conv RPN / LN); fewer RoIs and proposals; short schedule. Everything else (pyramid and head
+classes, optimizer, LLRD rule, evaluator) is inherited. On 2 CPU cores the 256-channel stride-4
+convolutions of the full-size heads cost ~20 s/iter, hence the narrower heads. Pick the data with
+tools/train_det.py --train-json/--train-images/--val-json/--val-images (num_classes is read from the json).
 """
+from functools import partial
+
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+
+from mae_transfer.optim import lr_decay_factor
 
 from .coco_mask_rcnn_vit_b import dataloader, lr_multiplier, model, optimizer, train
 
 model.backbone.net.embed_dim = 192
-model.backbone.net.depth = 12
+model.backbone.net.depth = 4
+model.backbone.net.global_block_indexes = [1, 3]
 model.backbone.net.num_heads = 3
-model.backbone.net.window_size = 10
-model.backbone.net.rel_pos_input_size = 320
-model.backbone.square_pad = 320
-model.roi_heads.batch_size_per_image = 128
-model.proposal_generator.post_nms_topk = (500, 500)
+model.backbone.net.window_size = 8
+model.backbone.net.rel_pos_input_size = 256
+model.backbone.square_pad = 256
+model.backbone.out_channels = 128
+model.proposal_generator.head.in_channels = 128
+model.proposal_generator.pre_nms_topk = (1000, 500)
+model.proposal_generator.post_nms_topk = (256, 100)
+model.roi_heads.batch_size_per_image = 64
+model.roi_heads.box_head.input_shape = ShapeSpec(channels=128, height=7, width=7)
+model.roi_heads.box_head.conv_dims = [128, 128, 128, 128]
+model.roi_heads.box_head.fc_dims = [512]
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=512)
+model.roi_heads.mask_head.input_shape = ShapeSpec(channels=128, width=14, height=14)
+model.roi_heads.mask_head.conv_dims = [128, 128, 128, 128, 128]
 
 dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(horizontal=True),
-    L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height=320, target_width=320),
-    L(T.FixedSizeCrop)(crop_size=(320, 320), pad=False),
+    L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height=256, target_width=256),
+    L(T.FixedSizeCrop)(crop_size=(256, 256), pad=False),
 ]
 dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 0
 dataloader.test.num_workers = 0
 dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=320, max_size=320),
+    L(T.ResizeShortestEdge)(short_edge_length=256, max_size=256),
 ]
+
+optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=4, layer_decay=0.7,
+                                          backbone_prefix="backbone.net.")
 
 train.init_checkpoint = ""  # random init unless given (e.g. a tools/pretrain.py checkpoint)
 train.amp.enabled = False

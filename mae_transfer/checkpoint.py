@@ -15,6 +15,7 @@ Supported formats (`LoadReport.format`):
   hf_vitmae / hf_vit      Hugging Face `ViTMAEForPreTraining` / `ViTModel` / `ViTFor...` (hub and v5 layouts)
   detectron2_vitdet       detectron2 ViTDet (`backbone.net.*`, rel-pos tables; also our detectron2 files)
   mae_transfer_mmseg      our backbone inside an mmseg model (`backbone.<our keys>`, `to_mmseg` files)
+  prefixed_vit            our / timm keys under any other prefix (e.g. an adapter's `backbone.net.vit.`)
   mmseg_mae               mmseg `MAE` / `BEiT` (`layers.i.ln1`, `ffn`, layer-scale folded into the weights)
   mmseg_vit               mmseg `VisionTransformer` (`attn.attn.in_proj_weight`)
 """
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,8 +63,16 @@ class LoadReport:
 
     def __str__(self) -> str:
         def names(keys: list[str], limit: int = 8) -> str:
-            shown = ", ".join(keys[:limit])
-            return shown + (f", ... (+{len(keys) - limit})" if len(keys) > limit else "")
+            # Collapse block indices (`blocks.*.attn.rel_pos_h (12)`), or whole prefixes (`decoder.* (24)`).
+            groups: dict[str, list[str]] = {}
+            for k in keys:
+                groups.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", k), []).append(k)
+            if len(groups) > limit:
+                groups = {}
+                for k in keys:
+                    groups.setdefault(k.split(".", 1)[0] + ".*" if "." in k else k, []).append(k)
+            items = [g[0] if len(g) == 1 else f"{p} ({len(g)})" for p, g in groups.items()]
+            return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit})" if len(items) > limit else "")
 
         lines = [f"checkpoint {self.source}: format {self.format}",
                  f"  loaded:     {len(self.loaded)} tensors"]
@@ -123,7 +133,17 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
             raise _needs_pickle_error(str(p), err) from None
         raise MaeTransferError(f"{p}: cannot unpickle the checkpoint (truncated or corrupt?): {_one_line(err)}") from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as err:
+        if allow_pickle and is_legacy_pickle and "magic number" in str(err):
+            return _plain_pickle_load(p)  # a plain pickle, e.g. a detectron2 model-zoo .pkl
         raise MaeTransferError(f"{p}: cannot read the checkpoint (truncated or corrupt?): {_one_line(err)}") from None
+
+
+def _plain_pickle_load(p: Path) -> Any:
+    try:
+        with open(p, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")  # as detectron2 reads its .pkl files
+    except Exception as err:  # any unpickling failure is a bad file here
+        raise MaeTransferError(f"{p}: cannot unpickle the file (truncated or corrupt?): {_one_line(err)}") from None
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -157,7 +177,9 @@ def unwrap_state_dict(obj: Any, source: str = "<dict>") -> tuple[StateDict, dict
                 break
         else:
             break
-    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    # detectron2 model-zoo .pkl files hold numpy arrays (readable with allow_pickle=True).
+    tensors = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in sd.items()
+               if isinstance(k, str) and isinstance(v, Tensor | np.ndarray)}
     if not tensors:
         raise MaeTransferError(f"{source}: no tensors found in the checkpoint (keys: {', '.join(map(str, list(obj)[:6]))})")
     if all(k.startswith("module.") for k in tensors):  # DDP-wrapped
@@ -246,7 +268,8 @@ def _filter_hf(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
         if set(parts) != {"q", "k", "v"}:
             raise MaeTransferError(f"layer {i}: attention {kind} needs query, key and value, found {sorted(parts)}")
         out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out, dropped, []
+    # The state dict does not say which eps the HF config used; facebook/vit-mae-* use 1e-12.
+    return out, dropped, ["HF configs default to LayerNorm eps=1e-12; this ViT uses 1e-6 (tiny numeric difference)"]
 
 
 def _filter_detectron2(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
@@ -346,7 +369,17 @@ _FORMATS: list[tuple[str, Callable[[StateDict, dict], bool], Callable[[StateDict
     ("mae_official_finetune", lambda sd, meta: "patch_embed.proj.weight" in sd and "fc_norm.weight" in sd, _filter_timm),
     ("deit", lambda sd, meta: "patch_embed.proj.weight" in sd and "dist_token" in sd, _filter_timm),
     ("timm", lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd, _filter_timm),
+    # Our ViT nested anywhere else (e.g. an adapter's `backbone.net.vit.`): strip the prefix.
+    ("prefixed_vit", lambda sd, meta: _vit_prefix(sd) is not None,
+     lambda sd: (*_strip(sd, _vit_prefix(sd) or ""), [f"keys under '{_vit_prefix(sd)}' used"])),
 ]
+
+
+def _vit_prefix(sd: StateDict) -> str | None:
+    """The prefix P with P + 'patch_embed.proj.weight' and P + 'blocks.0.attn.qkv.weight' in sd (shortest)."""
+    found = [k[: -len("patch_embed.proj.weight")] for k in sd if k.endswith("patch_embed.proj.weight")]
+    found = [p for p in found if p + "blocks.0.attn.qkv.weight" in sd]
+    return min(found, key=len) if found else None
 FORMATS = tuple(name for name, _, _ in _FORMATS)
 
 

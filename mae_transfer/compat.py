@@ -53,10 +53,11 @@ def _mmcv_ext_getattr(name: str) -> Any:
 
 
 def install_mmcv_ext_stand_in() -> bool:
-    """Register a stand-in `mmcv._ext` if mmcv is installed without compiled ops. Returns True if added."""
-    if "mmcv._ext" in sys.modules:
-        return False
-    if importlib.util.find_spec("mmcv") is None:
+    """Register a stand-in `mmcv._ext` if mmcv is installed without compiled ops. Returns True if added.
+
+    Called right after `mmcv` itself is first imported (see `apply`), before any `mmcv.ops` import.
+    """
+    if "mmcv._ext" in sys.modules or "mmcv" not in sys.modules:
         return False
     if importlib.util.find_spec("mmcv._ext") is not None:  # full mmcv: nothing to do
         return False
@@ -65,8 +66,6 @@ def install_mmcv_ext_stand_in() -> bool:
     module.__getattr__ = _mmcv_ext_getattr  # type: ignore[attr-defined]
     module.MAE_TRANSFER_STAND_IN = True  # type: ignore[attr-defined]
     sys.modules["mmcv._ext"] = module
-    import mmcv  # noqa: F401  (parent package must exist for `import mmcv._ext` to resolve)
-
     sys.modules["mmcv"]._ext = module  # type: ignore[attr-defined]
     return True
 
@@ -149,9 +148,8 @@ def apply() -> None:
     if _APPLIED:
         return
     _APPLIED = True
-    install_mmcv_ext_stand_in()
-    # The checkpoint patches import mmengine/detectron2; do them lazily on first import of those
-    # packages so `import mae_transfer` stays cheap.
+    # Each patch runs when its package is first imported, so `import mae_transfer` stays cheap.
+    _on_import("mmcv", install_mmcv_ext_stand_in)
     _on_import("mmengine.runner.checkpoint", patch_mmengine_checkpoint_loading)
     _on_import("detectron2.checkpoint.detection_checkpoint", patch_detectron2_checkpoint_loading)
 

@@ -40,6 +40,7 @@ from mae_transfer.data import ImageFolderDataset, eval_transform, pretrain_trans
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
+from mae_transfer.optim import no_weight_decay
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +129,13 @@ def build_mae(cfg: dict[str, Any]) -> MaskedAutoencoder:
 
 # ---------------------------------------------------------------------------------------------- optimiser
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices only: no decay on norms, biases, position tables, cls / mask tokens."""
+    """Two groups: weight matrices with decay; norms, biases, position tables, cls / mask tokens without
+    (the project's one rule, `mae_transfer.optim.no_weight_decay`). No layer-wise decay in pretraining."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # fixed sin-cos position tables
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or name.endswith(".bias") or leaf in ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (no_decay if no_weight_decay(name, param) else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -204,13 +202,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise MaeTransferError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise MaeTransferError(
+            f"cannot read checkpoint {path} ({type(err).__name__}); expected a checkpoint written by tools/pretrain.py"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise MaeTransferError(f"{path} is not an MAE pretraining checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt
 
 
 def _load_state(module: Any, state: dict[str, Any], what: str, path: Path) -> None:
+    if isinstance(module, nn.Module):  # name the first mismatch instead of torch's multi-line report
+        own = module.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            example = (missing or unexpected or shapes)[0]
+            raise MaeTransferError(
+                f"cannot resume from {path}: {what} does not match the config ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(shapes)} wrong-shape keys, e.g. {example!r}); "
+                "resume with the config the checkpoint was trained with"
+            )
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as err:
@@ -262,16 +274,9 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
     if cfg["amp"] == "fp16" and device.type != "cuda":
         raise MaeTransferError("amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' or 'none' on CPU")
 
-    seed_everything(cfg["seed"])  # model init
-    model = build_mae(cfg).to(device)
-    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
-    base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"]), lr=base_lr,
-                                  betas=tuple(cfg["betas"]))
-    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-
+    # Data first: a bad folder fails before a large model is built.
     dataset = ImageFolderDataset(cfg["data_path"], pretrain_transform(cfg["img_size"], cfg["crop_scale"]))
-    recon_idx = dataset.readable_indices(cfg["recon_images"])  # also fails early if nothing decodes
+    recon_idx = dataset.readable_indices(max(1, cfg["recon_images"]))[:cfg["recon_images"]]  # fails early if nothing decodes
     per_rank = math.ceil(len(dataset) / world)
     iters = per_rank // cfg["batch_size"] // cfg["accum_iter"] * cfg["accum_iter"]
     if iters == 0:
@@ -279,6 +284,14 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
             f"{len(dataset)} images in {cfg['data_path']} give no full step of batch_size={cfg['batch_size']} x "
             f"accum_iter={cfg['accum_iter']} per process ({world} process(es)); lower batch_size"
         )
+
+    seed_everything(cfg["seed"])  # model init
+    model = build_mae(cfg).to(device)
+    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
+    base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"]), lr=base_lr,
+                                  betas=tuple(cfg["betas"]))
+    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
 
     start_epoch, history = 0, []
     resume_path = find_resume_checkpoint(cfg)

@@ -7,6 +7,7 @@ Both encoder and decoder use fixed 2-D sin-cos position tables.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,19 +56,23 @@ def masking_noise(batch: int, grid: tuple[int, int], mask_ratio: float, strategy
         masked = ((rows + cols) > 0).reshape(1, num).float()
         return masked + 0.5 * uniform  # kept patches (0 + <0.5) sort before masked ones (1 + <0.5)
     if strategy == "block":
+        # Rectangles are drawn on the CPU (a handful of scalars per sample) from a CPU generator seeded
+        # by the caller's generator, so a CUDA generator works and runs stay reproducible.
+        seed = int(torch.randint(0, 2 ** 62, (1,), device=uniform.device, generator=generator))
+        cpu_gen = torch.Generator().manual_seed(seed)
         target = int(num * mask_ratio)
-        masked = torch.zeros(batch, gh, gw, device=device)
+        masked = torch.zeros(batch, gh, gw)
         for i in range(batch):
             while masked[i].sum() < target:
-                area = int(torch.randint(16, max(17, target // 2), (1,), generator=generator))
-                aspect = float(torch.empty(1).uniform_(0.3, 1 / 0.3, generator=generator))
+                area = int(torch.randint(16, max(17, target // 2), (1,), generator=cpu_gen))
+                aspect = math.exp(float(torch.empty(1).uniform_(math.log(0.3), math.log(1 / 0.3), generator=cpu_gen)))
                 h = max(1, min(gh, round((area * aspect) ** 0.5)))
                 w = max(1, min(gw, round((area / aspect) ** 0.5)))
-                top = int(torch.randint(0, gh - h + 1, (1,), generator=generator))
-                left = int(torch.randint(0, gw - w + 1, (1,), generator=generator))
+                top = int(torch.randint(0, gh - h + 1, (1,), generator=cpu_gen))
+                left = int(torch.randint(0, gw - w + 1, (1,), generator=cpu_gen))
                 masked[i, top:top + h, left:left + w] = 1
         # Over-shoot is fine: argsort keeps exactly (1 - ratio) of the patches, unmasked ones first.
-        return masked.reshape(batch, num) + 0.5 * uniform
+        return masked.reshape(batch, num).to(uniform.device) + 0.5 * uniform
     raise MaeTransferError(f"unknown masking strategy {strategy!r}; expected one of {MASKING_STRATEGIES}")
 
 

@@ -284,7 +284,7 @@ def test_mmseg_mae_parity_layer_scale_folded(img):
 
     ref = _perturb(MAE(img_size=64, patch_size=16, embed_dims=DIM, num_layers=DEPTH, num_heads=HEADS,
                        out_indices=(0, 1), norm_cfg=dict(type="LN", eps=1e-6), init_values=0.1))
-    assert float(ref.layers[0].gamma_1.std()) > 0  # random layer scale: folding must be exact
+    assert float(ref.layers[0].gamma_1.detach().std()) > 0  # random layer scale: folding must be exact
     model = ours()
     report = _load({"state_dict": {"backbone." + k: v for k, v in ref.state_dict().items()}}, model)
     assert report.format == "mmseg_mae" and any("folded" in n for n in report.notes)
@@ -357,6 +357,11 @@ def test_writers_load_with_zero_missing_keys(tmp_path):
     # The written files are themselves importable (formats detected from their keys).
     assert _load(tmp_path / "d2.pth", ours(class_token=False)).format == "detectron2_vitdet"
     assert _load(tmp_path / "mmseg.pth", ours(class_token=False)).format == "mae_transfer_mmseg"
+    nested = {"state_dict": {"model.backbone.net.vit." + k: v for k, v in src.state_dict().items()}}
+    target = ours(use_rel_pos=True, window_size=2, global_block_indexes=[1], class_token=False)
+    report = _load(nested, target)
+    assert report.format == "prefixed_vit" and not report.missing and not report.unexpected
+    torch.testing.assert_close(target.blocks[1].attn.rel_pos_w, src.blocks[1].attn.rel_pos_w, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- errors
@@ -374,6 +379,15 @@ def test_errors_are_one_clear_line(tmp_path):
     with pytest.raises(MaeTransferError, match=r"argparse\.Namespace.*allow_pickle=True \(CLI: --allow-pickle\)"):
         load_backbone_state_dict(tmp_path / "pickled.pth", ours(num_classes=7))
     assert load_backbone_state_dict(tmp_path / "pickled.pth", ours(num_classes=7), allow_pickle=True)[1].format == "timm"
+    # detectron2 model-zoo style .pkl (plain pickle of numpy arrays): opt-in only.
+    import pickle
+
+    with open(tmp_path / "zoo.pkl", "wb") as fh:
+        pickle.dump({"model": {"backbone.net." + k: v.numpy() for k, v in sd.items()}, "__author__": "x"}, fh)
+    with pytest.raises(MaeTransferError, match="allow_pickle=True"):
+        load_backbone_state_dict(tmp_path / "zoo.pkl", ours(num_classes=7))
+    loaded, report = load_backbone_state_dict(tmp_path / "zoo.pkl", ours(num_classes=7), allow_pickle=True)
+    assert report.format == "detectron2_vitdet" and torch.equal(loaded["blocks.1.mlp.fc1.weight"], sd["blocks.1.mlp.fc1.weight"])
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(MaeTransferError, match="not a PyTorch checkpoint"):
         load_backbone_state_dict(tmp_path / "notes.txt", ours())

@@ -33,12 +33,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--export-encoder", nargs=2, metavar=("MAE_CKPT", "OUT"),
                         help="write the encoder of a pretraining checkpoint as a backbone checkpoint and exit")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse gave the optional value an override; it was a bare --resume.
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",

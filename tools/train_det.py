@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="e.g. tcp://host:port for multi-machine runs")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value, e.g. train.max_iter=100")
+    p.add_argument("opts", nargs="*", default=[], help="config overrides key=value, e.g. train.max_iter=100")
     return p
 
 
@@ -194,50 +194,69 @@ def setup_datasets(cfg: Any, args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-def _is_detectron2_state(obj: Any) -> bool:
+def _looks_like_detectron2(path: str) -> bool | None:
+    """True for detectron2 model files (ViTDet `backbone.net.*`, our training checkpoints with heads).
+
+    Read safely (weights_only); training checkpoints also hold trainer state that only the full
+    unpickler reads, so for those the pickled key names are checked without unpickling.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as zf:
+            pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            data = zf.read(pkl) if pkl else b""
+        return b"backbone.net." in data or (b"backbone." in data and b"roi_heads." in data)
+    except Exception:  # noqa: BLE001  (not a torch file: the importer gives the verdict)
+        return None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    return isinstance(state, dict) and any(str(k).startswith("backbone.") for k in state)
+    if not isinstance(state, dict):
+        return False
+    keys = [str(k) for k in state]
+    return any(k.startswith("backbone.net.") for k in keys) or (
+        any(k.startswith("backbone.") for k in keys) and any(k.startswith("roi_heads.") for k in keys))
 
 
 def prepare_init_checkpoint(path: str, model: Any, output_dir: str) -> str:
     """Return a file DetectionCheckpointer can load for `path`, converting foreign formats on the fly.
 
-    detectron2-format files (ours, ViTDet's `backbone.net.*`) are used as they are after a shape check;
-    anything else goes through `mae_transfer.checkpoint` (MAE, timm, HF, mmseg, ...), whose load report
-    is logged, and is written as a detectron2 file in `output_dir`.
+    detectron2 files (ours, ViTDet's `backbone.net.*`, .pkl model-zoo files) are used as they are after
+    a shape check; anything else goes through `mae_transfer.checkpoint` (our MAE pretraining, official
+    MAE, timm, HF, mmseg, ...), whose load report is logged, and is written as a detectron2 file
+    (`backbone.net.<key>`) in `output_dir`.
     """
-    import torch
     from detectron2.utils.file_io import PathManager
+
+    from mae_transfer import checkpoint as ckpt
 
     if not path:
         return path
     local = PathManager.get_local_path(path) if "://" in path else path
-    if not Path(local).is_file():
+    if not Path(local).exists():
         raise MaeTransferError(f"init checkpoint not found: {path}")
-    if local.endswith(".pkl"):  # detectron2 / Detectron model-zoo pickle
+    if local.endswith(".pkl"):
         return local
-    try:
-        obj = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  (non-checkpoint files or pickles: leave the verdict to the importer)
-        obj = None
-    if obj is not None and _is_detectron2_state(obj):
-        _check_shapes(obj.get("model", obj), model, path)
+    if Path(local).is_file() and _looks_like_detectron2(local):
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        loaded = DetectionCheckpointer(model)._torch_load(local)
+        state = loaded.get("model", loaded)
+        _check_shapes(state, model, path)
+        logger.info("init checkpoint %s: detectron2 format, loaded by DetectionCheckpointer", path)
         return local
-    try:
-        from mae_transfer import checkpoint as ckpt
-    except ImportError:  # TODO(issue 5): mae_transfer.checkpoint not merged yet
-        raise MaeTransferError(
-            f"init checkpoint {path} is not a detectron2 file and the importer (mae_transfer.checkpoint) is missing"
-        ) from None
-    return ckpt_convert_for_detectron2(ckpt, local, model, output_dir)
-
-
-def ckpt_convert_for_detectron2(ckpt: Any, path: str, model: Any, output_dir: str) -> str:
-    """Import `path` as our ViT state dict sized for `model`'s backbone and write it as a detectron2 file."""
     net = _unwrap(model).backbone.net
-    # TODO(issue 5): adapt to the final mae_transfer.checkpoint API once merged.
-    state, report = ckpt.load_vit_state_dict(path, target=net)
-    logger.info("init checkpoint %s: %s", path, report)
+    state, report = ckpt.load_backbone_state_dict(local, net)
+    logger.info("init checkpoint converted for detectron2:\n%s", report)
+    missing = [k for k in report.missing if "rel_pos" not in k]
+    if missing:
+        logger.warning("backbone keys missing from %s (model init kept): %s", path, ", ".join(missing))
     out = Path(output_dir) / "init_checkpoint_detectron2.pth"
     ckpt.to_detectron2(state, out)
     return str(out)
@@ -327,7 +346,8 @@ def do_train(args: argparse.Namespace, cfg: Any) -> dict:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        # eval_period 0 disables evaluation (detectron2's EvalHook would still evaluate after the last iter)
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)) if cfg.train.eval_period > 0 else None,
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
@@ -451,7 +471,7 @@ def worker(args: argparse.Namespace) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     from detectron2.engine import launch
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides and flags in any order
     if args.num_gpus * args.num_machines > 1:
         launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))

@@ -101,6 +101,10 @@ def build_config(args: argparse.Namespace) -> Any:
         raise MaeTransferError(f"cannot read config {args.config}: {type(err).__name__}: {err}") from err
     apply_cfg_options(cfg, args.cfg_options, args.config)
     cfg.launcher = args.launcher
+    if args.launcher != "none" and not _cuda_available():
+        # mmengine 0.10.7's init_dist calls torch.cuda.set_device, and torch's SyncBN is GPU-only.
+        raise MaeTransferError(f"--launcher {args.launcher} needs CUDA GPUs (mmengine's distributed setup); "
+                               "on CPU use --launcher none")
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     if args.init_checkpoint:
         cfg.model.backbone.init_checkpoint = args.init_checkpoint
@@ -116,6 +120,12 @@ def build_config(args: argparse.Namespace) -> Any:
     if cfg.get("visualizer"):
         cfg.visualizer.name = run_name
     return cfg
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------- data checks
@@ -188,13 +198,11 @@ def check_eval_checkpoint(model: Any, path: str) -> None:
     """The --eval-only checkpoint must be a full model checkpoint that fits this config's model."""
     import torch
 
-    if not os.path.isfile(path):
-        raise MaeTransferError(f"checkpoint not found: {path}")
-    try:
-        # Our own training checkpoints hold mmengine metadata (message hub, config): full unpickler.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise MaeTransferError(f"{path} is not a PyTorch checkpoint ({type(err).__name__})") from err
+    from mae_transfer.checkpoint import read_checkpoint
+
+    # Our own training checkpoints hold mmengine metadata (message hub, config): full unpickler, as
+    # mmengine itself uses for them. Missing / truncated / non-checkpoint files give one clear line.
+    obj = read_checkpoint(path, allow_pickle=True)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MaeTransferError(f"{path} holds no model state_dict (expected a checkpoint written by train_seg.py)")

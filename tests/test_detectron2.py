@@ -1,0 +1,405 @@
+"""detectron2 adapter: parity with detectron2's own ViTDet ViT + SimpleFeaturePyramid, the LazyConfigs
+(instantiation, parameter counts vs detectron2's own ViTDet model, recipe values), and tools/train_det.py
+on real data (fruits_nuts training, coco_tiny COCOEvaluator, resume, checkpoint import, bad input)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mae_transfer  # noqa: F401  (compat shims first)
+from backbones.detectron2 import ViTBackbone, add_mae_vit_config, build_vit_sfp
+from detectron2 import model_zoo
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import SimpleFeaturePyramid, ViT
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from mae_transfer.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Small ViT for the parity checks: window 14 in blocks 0 and 2, global blocks 1 and 3, rel-pos.
+E, DEPTH, HEADS, GLOBAL = 64, 4, 2, (1, 3)
+
+
+def _train_det():
+    spec = importlib.util.spec_from_file_location("train_det", REPO / "tools" / "train_det.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_det = _train_det()
+
+
+def _pair(img_size: int = 1024) -> tuple[ViT, ViTBackbone]:
+    """detectron2's ViT and ours, same architecture; every reference parameter randomised, then copied."""
+    torch.manual_seed(0)
+    ref = ViT(img_size=img_size, patch_size=16, embed_dim=E, depth=DEPTH, num_heads=HEADS, window_size=14,
+              window_block_indexes=[i for i in range(DEPTH) if i not in GLOBAL], use_rel_pos=True,
+              rel_pos_zero_init=False, norm_layer=partial(nn.LayerNorm, eps=1e-6), pretrain_img_size=224)
+    ours = ViTBackbone(embed_dim=E, depth=DEPTH, num_heads=HEADS, window_size=14, global_block_indexes=GLOBAL,
+                       rel_pos_input_size=img_size, img_size=224)
+    return ref, ours
+
+
+def _perturb(module: nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_pyramid_matches_detectron2_vit_sfp_1024():
+    ref_net, our_net = _pair(1024)
+    # 64 pyramid channels instead of 256: same code, 16x cheaper stride-4 convolutions on CPU.
+    ref = SimpleFeaturePyramid(ref_net, "last_feat", 64, (4.0, 2.0, 1.0, 0.5), LastLevelMaxPool(), "LN", 1024)
+    ours = build_vit_sfp(our_net, out_channels=64)
+    _perturb(ref)  # LN / rel-pos / pyramid params away from their trivial init
+    # Parameter names line up with detectron2's ViTDet (only our unused, frozen cls token is extra).
+    assert set(ours.state_dict()) - set(ref.state_dict()) == {"net.cls_token"}
+    assert set(ref.state_dict()) <= set(ours.state_dict())
+    result = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert result.missing_keys == ["net.cls_token"] and not result.unexpected_keys
+    assert ours.output_shape().keys() == ref.output_shape().keys()
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert list(a) == ["p2", "p3", "p4", "p5", "p6"] == list(b)
+    for k in a:
+        assert a[k].shape == b[k].shape
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff <= 1e-4, (k, diff)
+
+
+def test_vit_blocks_match_detectron2_vit_block_by_block():
+    """Issue 4 acceptance: window partition (with padding: 20x20 grid, window 14), global blocks and
+    decomposed rel-pos equal detectron2's ViT block by block (outputs and input gradients)."""
+    ref, ours = _pair(320)
+    _perturb(ref)
+    ours.load_state_dict(ref.state_dict(), strict=False)
+    img = torch.randn(2, 3, 320, 320)
+    with torch.no_grad():
+        x_ref = ref.patch_embed(img)
+        from detectron2.modeling.backbone.utils import get_abs_pos
+
+        x_ref = x_ref + get_abs_pos(ref.pos_embed, True, (x_ref.shape[1], x_ref.shape[2]))
+        x_ours = ours.patch_embed(img)
+        from backbones.vit import interpolate_abs_pos
+
+        x_ours = x_ours + interpolate_abs_pos(ours.pos_embed, (20, 20), True)
+    assert (x_ref - x_ours).abs().max() <= 1e-6
+    x = x_ref
+    for i, (rb, ob) in enumerate(zip(ref.blocks, ours.blocks)):
+        assert (rb.window_size, ob.window_size) == ((0, 0) if i in GLOBAL else (14, 14))
+        xi = x.clone().requires_grad_(True)
+        yi = x.clone().requires_grad_(True)
+        out_ref, out_ours = rb(xi), ob(yi)
+        assert (out_ref - out_ours).abs().max() <= 1e-5, i
+        g = torch.randn_like(out_ref)
+        out_ref.backward(g)
+        out_ours.backward(g)
+        assert (xi.grad - yi.grad).abs().max() <= 1e-4, i
+        x = out_ref.detach()
+    with torch.no_grad():
+        assert (ours(img)["last_feat"] - ref(img)["last_feat"]).abs().max() <= 1e-5
+
+
+def test_yacs_registry_builds_the_same_pyramid():
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    cfg = get_cfg()
+    add_mae_vit_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_mae_vit_backbone"
+    cfg.MODEL.MAE_VIT.NAME = "vit_tiny_patch16_224"
+    cfg.MODEL.MAE_VIT.IMG_SIZE = cfg.MODEL.MAE_VIT.SQUARE_PAD = 256
+    cfg.MODEL.MAE_VIT.WINDOW_SIZE = 8
+    cfg.MODEL.MAE_VIT.FREEZE_BLOCKS = 2
+    backbone = build_backbone(cfg)
+    names = dict(backbone.named_parameters())
+    assert "net.blocks.11.attn.rel_pos_h" in names and "simfp_2.4.norm.weight" in names
+    assert not names["net.blocks.1.mlp.fc1.weight"].requires_grad and names["net.blocks.2.mlp.fc1.weight"].requires_grad
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 256, 256))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "p2": (1, 256, 64, 64), "p3": (1, 256, 32, 32), "p4": (1, 256, 16, 16), "p5": (1, 256, 8, 8), "p6": (1, 256, 4, 4)}
+
+
+# ------------------------------------------------------------------------------------------- configs
+def _d2_vitdet_model_cfg(size: str):
+    """detectron2's own ViTDet Mask R-CNN config (model zoo), with its published L overrides."""
+    model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
+    if size == "l":
+        net = model.backbone.net
+        net.embed_dim, net.depth, net.num_heads, net.drop_path_rate = 1024, 24, 16, 0.4
+        net.window_block_indexes = list(range(0, 5)) + list(range(6, 11)) + list(range(12, 17)) + list(range(18, 23))
+    return model
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Make torch.nn.init's in-place initialisers no-ops (tensors are still allocated with real shapes)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+@pytest.mark.parametrize("size,embed,expected_m", [("b", 768, (105, 115)), ("l", 1024, (325, 345))])
+def test_configs_instantiate_with_vitdet_parameter_counts(size, embed, expected_m):
+    cfg = LazyConfig.load(str(CONFIGS / f"coco_mask_rcnn_vit_{size}.py"))
+    with _no_init():  # counts only: skip the (slow on CPU) random initialisation
+        ours = instantiate(cfg.model)
+        ref = instantiate(_d2_vitdet_model_cfg(size))
+    (n_ours, t_ours), (n_ref, t_ref) = _count(ours), _count(ref)
+    logging.getLogger(__name__).info("ViTDet-%s Mask R-CNN: ours %d params, detectron2 %d", size.upper(), n_ours, n_ref)
+    print(f"ViTDet-{size.upper()} Mask R-CNN parameters: ours {n_ours:,} (trainable {t_ours:,}), detectron2 {n_ref:,}")
+    assert n_ours - n_ref == embed  # the only difference: our (frozen, unused) cls token
+    assert t_ours == t_ref == n_ref
+    assert expected_m[0] * 1e6 < n_ours < expected_m[1] * 1e6
+    ours_names = {n for n, _ in ours.named_parameters()} - {"backbone.net.cls_token"}
+    assert ours_names == {n for n, _ in ref.named_parameters()}
+
+
+def test_recipe_values_match_vitdet():
+    b = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_b.py"))
+    l = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_l.py"))
+    h = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_h.py"))
+    for cfg, (embed, depth, heads, dp, glob, decay) in (
+        (b, (768, 12, 12, 0.1, [2, 5, 8, 11], 0.7)),
+        (l, (1024, 24, 16, 0.4, [5, 11, 17, 23], 0.8)),
+        (h, (1280, 32, 16, 0.5, [7, 15, 23, 31], 0.9)),
+    ):
+        net = cfg.model.backbone.net
+        assert (net.embed_dim, net.depth, net.num_heads, net.patch_size) == (embed, depth, heads, 16)
+        assert net.drop_path_rate == dp and list(net.global_block_indexes) == glob
+        assert net.window_size == 14 and net.use_rel_pos and net.rel_pos_input_size == 1024 and net.img_size == 224
+        f = cfg.optimizer.params.lr_factor_func
+        assert f.keywords == {"num_layers": depth, "layer_decay": decay, "backbone_prefix": "backbone.net."}
+        # multipliers as detectron2's get_vit_lr_decay_rate: embeddings decay^(L+1), block i decay^(L-i), heads 1
+        assert f("backbone.net.patch_embed.proj.weight") == pytest.approx(decay ** (depth + 1))
+        assert f("backbone.net.blocks.0.attn.qkv.weight") == pytest.approx(decay ** depth)
+        assert f(f"backbone.net.blocks.{depth - 1}.mlp.fc2.bias") == pytest.approx(decay)
+        assert f("roi_heads.box_head.conv1.weight") == 1.0
+        sfp = cfg.model.backbone
+        assert (sfp.out_channels, tuple(sfp.scale_factors), sfp.norm, sfp.square_pad) == (256, (4.0, 2.0, 1.0, 0.5), "LN", 1024)
+        rh = cfg.model.roi_heads
+        assert rh.box_head.conv_norm == rh.mask_head.conv_norm == "LN"
+        assert list(rh.box_head.conv_dims) == [256] * 4 and list(rh.box_head.fc_dims) == [1024]
+        assert list(cfg.model.proposal_generator.head.conv_dims) == [-1, -1]
+        assert cfg.model.input_format == "RGB"
+        opt = cfg.optimizer
+        assert opt._target_ is torch.optim.AdamW
+        assert (opt.lr, tuple(opt.betas), opt.weight_decay) == (1e-4, (0.9, 0.999), 0.1)
+        assert cfg.train.amp.enabled
+        aug = cfg.dataloader.train.mapper.augmentations
+        assert (aug[1].min_scale, aug[1].max_scale, aug[1].target_height, aug[1].target_width) == (0.1, 2.0, 1024, 1024)
+        assert tuple(aug[2].crop_size) == (1024, 1024) and cfg.dataloader.train.total_batch_size == 64
+        assert cfg.dataloader.test.mapper.augmentations[0].short_edge_length == 1024
+        assert "mae_pretrain_vit_" in cfg.train.init_checkpoint
+        sched = cfg.lr_multiplier
+        assert sched.warmup_length * 184375 == pytest.approx(250) and sched.warmup_factor == 0.001
+        assert list(sched.scheduler["values"]) == [1.0, 0.1, 0.01]
+    for cfg in (b, l):  # 100 epochs at batch 64
+        assert cfg.train.max_iter == 184375 and list(cfg.lr_multiplier.scheduler.milestones) == [163889, 177546]
+        assert cfg.optimizer.params.overrides == {"pos_embed": {"weight_decay": 0.0}}
+    assert h.train.max_iter == 184375 * 3 // 4  # ViTDet-H: 75 epochs
+    assert list(h.lr_multiplier.scheduler.milestones) == [163889 * 3 // 4, 177546 * 3 // 4]
+
+
+def test_vit_b_config_forward_backward_cpu_256():
+    cfg = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_b.py"))
+    cfg.model.backbone.square_pad = 256  # reduced resolution; everything else as configured
+    cfg.model.roi_heads.batch_size_per_image = 32
+    cfg.model.proposal_generator.post_nms_topk = (100, 100)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+    from detectron2.utils.events import EventStorage
+
+    inst = Instances((256, 256))
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 30.0, 120.0, 140.0]]))
+    inst.gt_classes = torch.tensor([5])
+    inst.gt_masks = PolygonMasks([[[20.0, 30.0, 120.0, 30.0, 120.0, 140.0, 20.0, 140.0]]])
+    with EventStorage(0):
+        losses = model([{"image": torch.randint(0, 255, (3, 256, 256)).float(), "instances": inst}])
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    net = model.backbone.net
+    assert net.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and net.patch_embed.proj.weight.grad is not None
+    assert net.blocks[2].attn.rel_pos_h.grad.abs().sum() > 0  # a global block's rel-pos table is trained
+    assert net.cls_token.grad is None
+
+
+# ------------------------------------------------------------------------------------------- tools/train_det.py
+TINY = str(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py")
+
+
+def _data_args(root: Path, json_name: str = "trainval.json", images: str = "images") -> list[str]:
+    j, im = str(root / json_name), str(root / images)
+    return ["--train-json", j, "--train-images", im, "--val-json", j, "--val-images", im]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+
+
+def test_tiny_config_trains_on_fruits_nuts_loss_falls(fruits_nuts, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.max_iter=10",
+            "train.eval_period=0", "train.log_period=1", "train.checkpointer.period=100", "train.seed=0",
+            "optimizer.lr=0.0005"]
+    assert run_cli(train_det.main, argv) == 0
+    rows = [m for m in _metrics(out) if "total_loss" in m]  # detectron2 logs running medians
+    assert len(rows) == 10
+    assert rows[-1]["total_loss"] < 0.95 * rows[0]["total_loss"], [r["total_loss"] for r in rows]
+    assert rows[-1]["loss_cls"] < 0.8 * rows[0]["loss_cls"], [r["loss_cls"] for r in rows]
+    assert (out / "model_final.pth").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+
+
+def _coco_tiny_subset(coco_tiny: Path, dst: Path, n: int = 3) -> Path:
+    """A few coco_tiny images (one with a crowd RLE annotation), all 80 categories kept."""
+    data = json.loads((coco_tiny / "annotations" / "instances_train2017.json").read_text())
+    crowd = {a["image_id"] for a in data["annotations"] if a.get("iscrowd")}
+    ids = sorted(crowd)[:1] + [im["id"] for im in data["images"] if im["id"] not in crowd][: n - 1]
+    data["images"] = [im for im in data["images"] if im["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    assert len(data["categories"]) == 80 and any(a.get("iscrowd") for a in data["annotations"])
+    path = dst / "subset.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_eval_only_coco_tiny_runs_coco_evaluator(coco_tiny, tmp_path):
+    sub = _coco_tiny_subset(coco_tiny, tmp_path)
+    out = tmp_path / "eval"
+    argv = ["--config", TINY, "--eval-only", "--val-json", str(sub), "--val-images", str(coco_tiny / "train2017"),
+            f"train.output_dir={out}", "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    args = train_det.build_parser().parse_intermixed_args(argv)
+    results = train_det.worker(args)
+    assert set(results) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert {"AP", "AP50", "AP75"} <= set(results[task])
+        assert 0.0 <= results[task]["AP50"] <= 100.0
+    dets = json.loads((out / "inference" / "coco_instances_results.json").read_text())
+    assert dets and {"bbox", "segmentation", "category_id", "score"} <= set(dets[0])
+
+
+def test_resume_continues_from_the_right_iteration(fruits_nuts, tmp_path):
+    out = tmp_path / "run"
+    common = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.eval_period=0",
+              "train.log_period=1", "train.checkpointer.period=1"]
+    assert run_cli(train_det.main, [*common, "train.max_iter=2"]) == 0
+    # Simulate an interruption after the first checkpoint: drop the later ones.
+    (out / "model_final.pth").unlink()
+    (out / "model_0000001.pth").unlink(missing_ok=True)
+    (out / "last_checkpoint").write_text("model_0000000.pth")
+    before = len(_metrics(out))
+    assert run_cli(train_det.main, [*common, "train.max_iter=3", "--resume"]) == 0
+    iters = [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m]
+    assert iters == [1, 2]
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert state["iteration"] == 2
+
+
+def _tiny_model():
+    cfg = LazyConfig.load(TINY)
+    cfg.model.roi_heads.num_classes = 3
+    return instantiate(cfg.model)
+
+
+def test_init_checkpoint_any_format_zero_missing_backbone_keys(tmp_path):
+    """An MAE checkpoint from tools/pretrain.py and a timm-format checkpoint both load with no missing
+    backbone keys, converted on the fly (the importer's report is logged)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from backbones.vit import create_vit
+    from mae_transfer.mae import MaskedAutoencoder
+
+    mae = MaskedAutoencoder(encoder="vit_tiny_patch16_224", img_size=96, decoder_embed_dim=64, decoder_depth=1,
+                            decoder_num_heads=2, encoder_overrides={"depth": 4})
+    torch.save({"format": "mae_transfer_pretrain", "model": mae.state_dict(), "epoch": 1}, tmp_path / "mae.pth")
+    timm_vit = create_vit("vit_tiny_patch16_224", depth=4, num_classes=10)
+    torch.save(timm_vit.state_dict(), tmp_path / "timm.pth")
+    for src, ref in (("mae.pth", mae.encoder), ("timm.pth", timm_vit)):
+        model = _tiny_model()
+        out = tmp_path / src.replace(".pth", "_out")
+        path = train_det.prepare_init_checkpoint(str(tmp_path / src), model, str(out))
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        backbone_keys = {k for k in model.state_dict() if k.startswith("backbone.net.")}
+        assert backbone_keys <= set(state), sorted(backbone_keys - set(state))[:5]  # zero missing backbone keys
+        DetectionCheckpointer(model).load(path)
+        net = model.backbone.net
+        assert torch.equal(net.blocks[3].attn.qkv.weight, ref.blocks[3].attn.qkv.weight)
+        if src == "timm.pth":  # same 224 grid; the 96 px MAE table is resampled
+            assert torch.equal(net.pos_embed, ref.pos_embed)
+
+
+def test_freeze_blocks_flag(tmp_path):
+    args = train_det.build_parser().parse_intermixed_args(["--config", TINY, "--freeze-blocks", "3"])
+    opts = [*args.opts, f"model.backbone.net.freeze_blocks={args.freeze_blocks}"]
+    cfg = train_det.load_config(TINY, opts)
+    cfg.model.roi_heads.num_classes = 3
+    model = instantiate(cfg.model).train()
+    net = model.backbone.net
+    assert not any(p.requires_grad for p in net.blocks[2].parameters())
+    assert all(p.requires_grad for p in net.blocks[3].parameters())
+    assert not net.patch_embed.proj.weight.requires_grad and not net.blocks[0].training and net.blocks[5].training
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    bad_cat = dict(data, annotations=[dict(data["annotations"][0], category_id=99)])
+    missing_img = dict(data, images=data["images"] + [dict(data["images"][0], id=999, file_name="nope.jpg")])
+    no_cats = dict(data, categories=[])
+    images = str(fruits_nuts / "images")
+    cases = {
+        "malformed json": (["--val-json", str(_write(tmp_path / "bad.json", '{"images": [')), "--val-images", images],
+                           "malformed json"),
+        "category": (["--val-json", str(_write(tmp_path / "cat.json", json.dumps(bad_cat))), "--val-images", images],
+                     "category_id 99"),
+        "missing image": (["--val-json", str(_write(tmp_path / "img.json", json.dumps(missing_img))),
+                           "--val-images", images], "image file not found"),
+        "no categories": (["--val-json", str(_write(tmp_path / "nocat.json", json.dumps(no_cats))),
+                           "--val-images", images], "'categories' is empty"),
+        "unknown key": (["train.no_such_key=1"], "no such key"),
+        "not a checkpoint": (["--val-json", str(fruits_nuts / "trainval.json"), "--val-images", images,
+                              f"train.init_checkpoint={_write(tmp_path / 'junk.pth', 'hello')}"], "junk.pth"),
+    }
+    vit_s = tmp_path / "vit_s.pth"
+    from backbones.vit import create_vit
+
+    torch.save(create_vit("vit_small_patch16_224").state_dict(), vit_s)
+    cases["wrong architecture"] = (["--val-json", str(fruits_nuts / "trainval.json"), "--val-images", images,
+                                    f"train.init_checkpoint={vit_s}"], "vit_s.pth")
+    for name, (extra, expected) in cases.items():
+        capsys.readouterr()
+        code = run_cli(train_det.main, ["--config", TINY, "--eval-only", f"train.output_dir={tmp_path / 'o'}", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, name
+        assert err and err[-1].startswith("error: ") and expected in err[-1], (name, err[-1:])

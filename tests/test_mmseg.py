@@ -1,0 +1,393 @@
+"""MMSegmentation adapter: parity with mmseg's own backbones, configs, training, evaluation, CLI errors."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import backbones.mmseg  # noqa: F401  (registers MAEViT)
+from backbones.mmseg import MAEViT
+from mae_transfer.checkpoint import load_backbone
+from mae_transfer.cli import run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+def _train_seg():
+    spec = importlib.util.spec_from_file_location("train_seg", REPO_ROOT / "tools" / "train_seg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(name: str):
+    from mmengine.config import Config
+
+    return Config.fromfile(str(CONFIGS / name))
+
+
+def _build(model_cfg):
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    init_default_scope("mmseg")
+    return revert_sync_batchnorm(MODELS.build(model_cfg))
+
+
+def _perturb(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
+    """Make every weight (biases, norms, tokens) non-trivial, so a wrong mapping shows."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+
+
+# ------------------------------------------------------------------------------------------ parity
+C, DEPTH, HEADS, OUT = 96, 4, 4, (0, 1, 3)
+
+
+def test_parity_with_mmseg_mae_at_512_with_interpolated_pos_embed(tmp_path):
+    """Our MAEViT == mmseg `MAE` (BEiT-style layer scale, cls token in the sequence) at 512 px.
+
+    Both start from one 224-px checkpoint in mmseg's MAE layout: mmseg builds the 512-px model and
+    resizes its position table at `init_weights` (bicubic), ours keeps the 224 table and interpolates
+    at run time; our weights come through `mae_transfer.checkpoint`'s mmseg importer (which folds the
+    layer-scale gammas, here random instead of 1.0, into the projections).
+    """
+    from mmseg.models.backbones import MAE
+
+    g = torch.Generator().manual_seed(0)
+    src = MAE(img_size=224, embed_dims=C, num_layers=DEPTH, num_heads=HEADS, out_indices=OUT, init_values=1.0,
+              norm_cfg=dict(type="LN", eps=1e-6))
+    src.init_weights()
+    _perturb(src, g)
+    with torch.no_grad():
+        for layer in src.layers:
+            layer.gamma_1.uniform_(0.5, 1.5, generator=g)
+            layer.gamma_2.uniform_(0.5, 1.5, generator=g)
+    # The rel-pos tables are all zero in MAE (never trained by MAE pretraining); mmseg's resize of them
+    # needs scipy's interp2d, removed in scipy 1.14, so they stay out of the file.
+    sd = {k: v for k, v in src.state_dict().items() if "relative_position" not in k}
+    path = tmp_path / "mmseg_mae_224.pth"
+    torch.save(sd, path)
+
+    ref = MAE(img_size=512, embed_dims=C, num_layers=DEPTH, num_heads=HEADS, out_indices=OUT, init_values=1.0,
+              norm_cfg=dict(type="LN", eps=1e-6), init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    ref.init_weights()
+    ref.eval()
+    assert ref.pos_embed.shape == (1, 1 + 32 * 32, C)
+    ours = MAEViT(img_size=224, embed_dim=C, depth=DEPTH, num_heads=HEADS, out_indices=OUT, drop_path_rate=0.0)
+    report = load_backbone(ours, str(path))
+    assert report.format == "mmseg_mae" and report.missing == []
+    assert ours.pos_embed.shape == (1, 1 + 14 * 14, C)  # interpolated in forward, not in the weights
+    ours.eval()
+
+    x = torch.randn(1, 3, 512, 512, generator=g)
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert len(a) == len(b) == len(OUT)
+    for fa, fb in zip(a, b):
+        assert fa.shape == fb.shape == (1, C, 32, 32)
+        assert (fa - fb).abs().max().item() <= 1e-4
+    # The comparison is sensitive: a table that is not interpolated the same way breaks it.
+    ours.pos_embed.data[:, 1:] += 0.01
+    with torch.no_grad():
+        assert (ours(x)[0] - b[0]).abs().max().item() > 1e-3
+
+
+def test_parity_without_cls_token_with_mmseg_vision_transformer():
+    """with_cls_token=False (our `forward_spatial`) == mmseg `VisionTransformer(with_cls_token=False)`,
+    both with a 224 table interpolated at run time to a 512 px input."""
+    from mmseg.models.backbones import VisionTransformer as MMViT
+
+    g = torch.Generator().manual_seed(1)
+    ref = MMViT(img_size=224, embed_dims=C, num_layers=DEPTH, num_heads=HEADS, out_indices=OUT, qkv_bias=True,
+                with_cls_token=False, final_norm=False, norm_cfg=dict(type="LN", eps=1e-6),
+                interpolate_mode="bicubic")
+    ref.init_weights()
+    _perturb(ref, g)
+    ref.eval()
+    ours = MAEViT(img_size=224, embed_dim=C, depth=DEPTH, num_heads=HEADS, out_indices=OUT, drop_path_rate=0.0,
+                  with_cls_token=False)
+    report = load_backbone(ours, ref.state_dict())
+    assert report.format == "mmseg_vit" and report.missing == []
+    assert not ours.cls_token.requires_grad  # unused in this layout
+    ours.eval()
+    x = torch.randn(1, 3, 512, 512, generator=g)
+    with torch.no_grad():
+        for fa, fb in zip(ours(x), ref(x)):
+            assert fa.shape == fb.shape == (1, C, 32, 32)
+            assert (fa - fb).abs().max().item() <= 1e-4
+
+
+def test_state_dict_keys_are_vit_keys_under_backbone():
+    cfg = _cfg("ade20k_upernet_vit_tiny_cpu.py")
+    model = _build(cfg.model)
+    keys = set(model.state_dict())
+    vit_keys = set(model.backbone.state_dict())
+    assert {f"backbone.{k}" for k in vit_keys} <= keys
+    assert "backbone.patch_embed.proj.weight" in keys and "backbone.blocks.3.mlp.fc2.bias" in keys
+    assert not any(k.startswith("backbone.net.") for k in keys)
+    # Feature2Pyramid (mmseg's neck) turns the 4 stride-16 maps into strides 4, 8, 16, 32.
+    feats = model.extract_feat(torch.randn(1, 3, 128, 128))
+    assert [f.shape[-1] for f in feats] == [32, 16, 8, 4]
+
+
+# ------------------------------------------------------------------------------------------ configs
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", ["ade20k_upernet_vit_b.py", "ade20k_upernet_vit_l.py"])
+def test_real_configs_build_and_parameter_counts_match_mmseg_mae(name, capsys):
+    """B and L build through MODELS.build; vs the same config with mmseg's `MAE` backbone the only
+    parameter differences are mmseg's layer-scale gammas, BEiT rel-pos tables and its 512-px pos table."""
+    cfg = _cfg(name)
+    model = _build(cfg.model)
+    bb = cfg.model.backbone
+    c, depth, heads = bb.embed_dim, bb.depth, bb.num_heads
+    ours_total, ours_backbone = _count(model), _count(model.backbone)
+    assert ours_backbone == _count(MAEViT(embed_dim=c, depth=depth, num_heads=heads, out_indices=bb.out_indices))
+    del model
+
+    mm_cfg = copy.deepcopy(cfg.model)
+    mm_cfg.backbone = dict(type="MAE", img_size=(512, 512), patch_size=16, embed_dims=c, num_layers=depth,
+                           num_heads=heads, mlp_ratio=4, init_values=1.0, drop_path_rate=bb.drop_path_rate,
+                           out_indices=list(bb.out_indices), norm_cfg=dict(type="LN", eps=1e-6))
+    mm = _build(mm_cfg)
+    mm_total = _count(mm)
+    grid, side = 512 // 16, 224 // 16
+    rel_rows = (2 * grid - 1) ** 2 + 3
+    expected = depth * (2 * c + rel_rows * heads) + (grid * grid - side * side) * c
+    assert mm_total - ours_total == expected
+    assert _count(mm) - _count(mm.backbone) == ours_total - ours_backbone  # same neck and heads
+    with capsys.disabled():
+        print(f"\n{name}: ours {ours_total / 1e6:.2f}M (backbone {ours_backbone / 1e6:.2f}M), "
+              f"mmseg MAE backbone {mm_total / 1e6:.2f}M, difference {expected}")
+    # published sizes: ViT-B 86M, ViT-L 304M backbones (without head); UperNet ViT-B ~ 144M in mmseg
+    assert abs(ours_backbone / 1e6 - {768: 85.8, 1024: 303.3}[c]) < 1.0
+
+
+def test_recipe_values():
+    b = _cfg("ade20k_upernet_vit_b.py")
+    # MAE paper A.4 / mmseg mae-base_upernet_8xb2-amp-160k_ade20k-512x512
+    assert b.model.backbone.type == "MAEViT" and b.custom_imports.imports == ["backbones.mmseg"]
+    assert b.model.backbone.out_indices == (3, 5, 7, 11) and b.model.backbone.drop_path_rate == 0.1
+    assert b.model.neck == dict(type="Feature2Pyramid", embed_dim=768, rescales=[4, 2, 1, 0.5],
+                                norm_cfg=dict(type="SyncBN", requires_grad=True))
+    assert b.model.decode_head.type == "UPerHead" and b.model.decode_head.channels == 768
+    assert b.model.decode_head.norm_cfg.type == "SyncBN" and b.model.decode_head.num_classes == 150
+    aux = b.model.auxiliary_head
+    assert aux.type == "FCNHead" and aux.in_index == 2 and aux.loss_decode.loss_weight == 0.4
+    assert b.model.test_cfg == dict(mode="slide", crop_size=(512, 512), stride=(341, 341))
+    pipe = {t.type: t for t in b.train_pipeline}
+    assert pipe["LoadAnnotations"].reduce_zero_label is True
+    assert pipe["RandomResize"].scale == (2048, 512) and pipe["RandomResize"].ratio_range == (0.5, 2.0)
+    assert pipe["RandomCrop"].crop_size == (512, 512) and pipe["RandomCrop"].cat_max_ratio == 0.75
+    assert "RandomFlip" in pipe and "PhotoMetricDistortion" in pipe
+    assert b.train_dataloader.dataset.type == "ADE20KDataset" and b.train_dataloader.batch_size * 8 == 16
+    assert b.val_evaluator.type == "IoUMetric" and b.val_evaluator.iou_metrics == ["mIoU"]
+    ow = b.optim_wrapper
+    assert ow.optimizer == dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    assert ow.constructor == "MaeLayerDecayOptimizerConstructor"
+    assert ow.paramwise_cfg == dict(num_layers=12, layer_decay_rate=0.65)
+    warm, poly = b.param_scheduler
+    assert warm.type == "LinearLR" and warm.end == 1500 and warm.start_factor == 1e-6 and not warm.by_epoch
+    assert poly.type == "PolyLR" and (poly.begin, poly.end, poly.power, poly.eta_min) == (1500, 160000, 1.0, 0.0)
+    assert b.train_cfg.max_iters == 160000
+
+    large = _cfg("ade20k_upernet_vit_l.py")
+    # BEiT-L ADE20K (mmseg beit-large_upernet_8xb1-160k_ade20k-640x640 / unilm BEiT)
+    assert large.model.backbone.embed_dim == 1024 and large.model.backbone.depth == 24
+    assert large.model.backbone.out_indices == (7, 11, 15, 23) and large.model.backbone.drop_path_rate == 0.2
+    assert large.model.decode_head.channels == 1024 and large.model.decode_head.in_channels == [1024] * 4
+    assert large.optim_wrapper.optimizer.lr == 2e-5 and large.optim_wrapper.optimizer.weight_decay == 0.05
+    assert large.optim_wrapper.paramwise_cfg == dict(num_layers=24, layer_decay_rate=0.95)
+    assert large.param_scheduler[0].end == 3000 and large.param_scheduler[1].end == 160000
+
+    tiny = _cfg("ade20k_upernet_vit_tiny_cpu.py")  # same code path: same types, only sizes differ
+    for key in ("type", "custom_imports"):
+        assert tiny.get(key) == b.get(key)
+    assert tiny.model.backbone.type == b.model.backbone.type and tiny.optim_wrapper.constructor == ow.constructor
+    assert [t.type for t in tiny.train_pipeline] == [t.type for t in b.train_pipeline]
+
+
+def test_b_train_step_at_reduced_size_uses_shared_llrd():
+    """One real optimisation step of the ViT-B UperNet at 64 px (the optimizer from the config's constructor)."""
+    from mmengine.optim import build_optim_wrapper
+
+    cfg = _cfg("ade20k_upernet_vit_b.py")
+    cfg.model.data_preprocessor.size = (64, 64)
+    model = _build(cfg.model)
+    model.init_weights()
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    lrs = sorted({group["lr"] for group in optim.optimizer.param_groups})
+    assert len(lrs) >= 13 and lrs[-1] == pytest.approx(1e-4)  # one lr per layer: 0.65 ** k * lr
+    assert lrs[0] == pytest.approx(1e-4 * 0.65 ** 13, rel=1e-3)
+    from mmseg.structures import SegDataSample
+    from mmengine.structures import PixelData
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(2):
+        s = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 150, (1, 64, 64), generator=g)))
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(s)
+    data = dict(inputs=[torch.randint(0, 255, (3, 64, 64), generator=g).float() for _ in range(2)],
+                data_samples=samples)
+    before = model.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    model.train()
+    log = model.train_step(data, optim)
+    assert torch.isfinite(log["loss"]) and {"decode.loss_ce", "aux.loss_ce"} <= set(log)
+    assert not torch.equal(before, model.backbone.blocks[0].attn.qkv.weight)
+
+
+# ------------------------------------------------------------------------------------------ init checkpoints
+def test_init_checkpoint_formats_and_freeze(tmp_path):
+    """An MAE pretraining checkpoint (tools/pretrain.py layout) and a timm checkpoint load with zero
+    missing backbone keys through the config's backbone; freeze_blocks freezes through the shared code."""
+    import timm
+
+    from mae_transfer.engine import CHECKPOINT_FORMAT
+    from mae_transfer.mae import MaskedAutoencoder
+
+    cfg = _cfg("ade20k_upernet_vit_tiny_cpu.py")
+    mae = MaskedAutoencoder(encoder="vit_tiny_patch16_224", img_size=96, decoder_embed_dim=64, decoder_depth=1,
+                            decoder_num_heads=4, encoder_overrides={"depth": 4})
+    torch.save({"format": CHECKPOINT_FORMAT, "model": mae.state_dict(), "epoch": 1}, tmp_path / "mae.pth")
+    tvit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, num_classes=10)
+    torch.save(tvit.state_dict(), tmp_path / "timm.pth")
+    for fname, src_block in (("mae.pth", mae.encoder.blocks[2]), ("timm.pth", tvit.blocks[2])):
+        mcfg = copy.deepcopy(cfg.model)
+        mcfg.backbone.init_checkpoint = str(tmp_path / fname)
+        mcfg.backbone.freeze_blocks = 2
+        model = _build(mcfg)
+        model.init_weights()  # what the Runner does
+        report = model.backbone.init_report
+        assert report.missing == [], (fname, report.missing)
+        assert torch.equal(model.backbone.blocks[2].mlp.fc1.weight, src_block.mlp.fc1.weight)
+        assert not model.backbone.blocks[1].attn.qkv.weight.requires_grad
+        assert not model.backbone.patch_embed.proj.weight.requires_grad
+        assert model.backbone.blocks[2].attn.qkv.weight.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ CLI on real data
+def _run(argv, capsys):
+    rc = run_cli(_train_seg().main, [str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, capsys, monkeypatch):
+    """The standard ADE20KDataset (reduce_zero_label) on the real sample, slide inference, IoUMetric,
+    and colourised ground truth | prediction pictures."""
+    from PIL import Image
+
+    cfg = _cfg("ade20k_upernet_vit_tiny_cpu.py")
+    model = _build(cfg.model)
+    model.init_weights()
+    ckpt = tmp_path / "model.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, ckpt)
+    calls = []
+    real_forward = MAEViT.forward
+    monkeypatch.setattr(MAEViT, "forward", lambda self, x: calls.append(tuple(x.shape)) or real_forward(self, x))
+    root = ade20k_sample / "ADEChallengeData2016"
+    pics = tmp_path / "pics"
+    rc, err = _run([CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--work-dir", tmp_path / "work",
+                    "--eval-only", ckpt, "--save-pictures", pics,
+                    "--cfg-options", f"test_dataloader.dataset.data_root={root}"], capsys)
+    assert rc == 0, err
+    # slide: 128-px windows, several per image (the 3 images are resized to a 128-px short side)
+    assert calls and all(s[-2:] == (128, 128) for s in calls) and len(calls) > 2 * 3
+    logs = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
+    assert "ADE20KDataset" in (tmp_path / "work").joinpath(next((tmp_path / "work").iterdir()).name,
+                                                          "vis_data", "config.py").read_text()
+    assert "mIoU" in logs and "Iter(test) [3/3]" in logs
+    files = sorted(pics.glob("*.png"))
+    assert [f.stem for f in files] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
+    img = Image.open(root / "images" / "validation" / "ADE_val_00000001.jpg")
+    pic = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert pic.shape == (img.height, 2 * img.width, 3)  # ground truth | prediction, at image size
+    assert pic.std() > 10
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
+    """2 iterations + --resume to 4 == 4 straight iterations (same weights up to fp noise)."""
+    root = ade20k_sample / "ADEChallengeData2016"
+    common = ["--cfg-options", f"train_dataloader.dataset.data_root={root}",
+              f"val_dataloader.dataset.data_root={root}", f"test_dataloader.dataset.data_root={root}",
+              "train_dataloader.batch_size=2", "model.backbone.drop_path_rate=0.0",
+              "model.decode_head.dropout_ratio=0.0", "model.auxiliary_head.dropout_ratio=0.0",
+              "train_cfg.val_interval=1000", "val_cfg=None", "val_dataloader=None", "val_evaluator=None",
+              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
+    rc, err = _run([config, "--work-dir", tmp_path / "straight", *common, "train_cfg.max_iters=4"], capsys)
+    assert rc == 0, err
+    rc, err = _run([config, "--work-dir", tmp_path / "resumed", *common, "train_cfg.max_iters=2"], capsys)
+    assert rc == 0, err
+    assert not (tmp_path / "resumed" / "iter_4.pth").exists()
+    rc, err = _run([config, "--work-dir", tmp_path / "resumed", "--resume", *common, "train_cfg.max_iters=4"], capsys)
+    assert rc == 0, err
+    a = torch.load(tmp_path / "straight" / "iter_4.pth", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "iter_4.pth", map_location="cpu", weights_only=False)
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    logs = "".join(p.read_text() for p in (tmp_path / "resumed").rglob("*.log"))
+    assert "resumed" in logs.lower()
+    start = torch.load(tmp_path / "resumed" / "iter_2.pth", map_location="cpu", weights_only=False)
+    moved = 0
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), k
+        moved += not torch.equal(v, start["state_dict"][k])
+    assert moved > 10  # iterations 3-4 really trained
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
+    from PIL import Image
+
+    config = CONFIGS / "camvid_upernet_vit_tiny_cpu.py"
+    work = ["--work-dir", tmp_path / "w"]
+    # unknown config key
+    rc, err = _run([config, *work, "--cfg-options", "model.backbone.embed_dimz=3"], capsys)
+    assert rc == 2 and "unknown config key 'model.backbone.embed_dimz'" in err and len(err.strip().splitlines()) == 1
+    # missing data root
+    rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={tmp_path / 'nope'}"], capsys)
+    assert rc == 2 and "data root not found" in err and "train_dataloader.dataset.data_root" in err
+    # label values outside the 11 classes + ignore 11 (ADE labels read with the CamVid config)
+    bad = tmp_path / "bad"
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (bad / sub).mkdir(parents=True)
+    name = sorted(os.listdir(camvid_mini / "train"))[0]
+    for img_dir, ann_dir in (("train", "trainannot"), ("val", "valannot")):
+        Image.open(camvid_mini / "train" / name).save(bad / img_dir / name)
+        label = np.asarray(Image.open(camvid_mini / "trainannot" / name)).copy()
+        label[:5, :5] = 40
+        Image.fromarray(label).save(bad / ann_dir / name)
+    rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={bad}",
+                    f"val_dataloader.dataset.data_root={bad}", f"test_dataloader.dataset.data_root={bad}"], capsys)
+    assert rc == 2 and "label values [40]" in err and "num_classes=11" in err
+    # wrong checkpoints for --eval-only: not a checkpoint, and a checkpoint of another model
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    ev = [*work, "--cfg-options", f"test_dataloader.dataset.data_root={camvid_mini}"]
+    rc, err = _run([config, "--eval-only", junk, *ev], capsys)
+    assert rc == 2 and "not a PyTorch checkpoint" in err
+    other = tmp_path / "other.pth"
+    torch.save({"state_dict": {"backbone.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}}, other)
+    rc, err = _run([config, "--eval-only", other, *ev], capsys)
+    assert rc == 2 and "does not fit the model" in err
+    # a backbone checkpoint of another width fails when the Runner initialises the model
+    tv = MAEViT(embed_dim=64, depth=4, num_heads=2, out_indices=(0, 1, 2, 3))
+    torch.save(tv.state_dict(), tmp_path / "narrow.pth")
+    rc, err = _run([config, *work, "--init-checkpoint", tmp_path / "narrow.pth",
+                    "--cfg-options", f"train_dataloader.dataset.data_root={camvid_mini}",
+                    f"val_dataloader.dataset.data_root={camvid_mini}",
+                    f"test_dataloader.dataset.data_root={camvid_mini}"], capsys)
+    assert rc == 2 and "different architecture" in err

@@ -1,0 +1,305 @@
+#!/usr/bin/env python
+"""Side-by-side speed and memory of our code against its peers, measured in one run.
+
+  python tools/benchmark.py --size base            # CPU, writes benchmarks/results.{md,json}
+  python tools/benchmark.py --size tiny --only pretrain
+
+Each measurement runs in a fresh subprocess, so peak memory (max RSS on CPU, max allocated on GPU) is
+that model's alone. Pairs:
+  pretrain: our MaskedAutoencoder vs HF ViTMAEForPreTraining (same architecture), fwd+bwd+AdamW, mask 0.75
+  det:      our ViT (windows 14, global blocks, rel-pos) vs detectron2's ViT, same weights, fwd+bwd
+  seg:      UperNet train iteration with our registered backbone vs mmseg's MAE backbone
+The machine's dense matmul rate is measured in the same run, and our achieved FLOP rate is given as a
+fraction of it (analytic FLOP counts of the matmuls; attention included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {  # name -> (timm-style model name, pretrain batch, det image size, seg crop, seg batch)
+    "tiny": ("vit_tiny_patch16_224", 8, 512, 256, 2),
+    "base": ("vit_base_patch16_224", 8, 1024, 512, 2),
+    "large": ("vit_large_patch16_224", 4, 1024, 512, 2),
+}
+GLOBAL_BLOCKS = {12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _timeit(step: Callable[[], None], warmup: int, steps: int, device: str) -> float:
+    import torch
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _vit_dims(size: str) -> dict[str, int]:
+    from backbones.vit import vit_config
+
+    return vit_config(SIZES[size][0])
+
+
+def mae_flops_per_image(dim: int, depth: int, dec_dim: int = 512, dec_depth: int = 8, patches: int = 196,
+                        patch_pixels: int = 768, mask_ratio: float = 0.75) -> float:
+    """Forward+backward FLOPs (3x forward) of one MAE image: patch embedding on all patches, encoder on
+    the visible ones + cls, decoder on all + cls."""
+    def blocks(n: int, d: int, depth_: int) -> float:
+        return depth_ * (2 * n * 12 * d * d + 4 * n * n * d)
+
+    visible = int(patches * (1 - mask_ratio)) + 1
+    forward = (2 * patches * patch_pixels * dim + blocks(visible, dim, depth) + 2 * visible * dim * dec_dim
+               + blocks(patches + 1, dec_dim, dec_depth) + 2 * (patches + 1) * dec_dim * patch_pixels)
+    return 3 * forward
+
+
+def vitdet_flops(dim: int, depth: int, grid: int, window: int, n_global: int) -> float:
+    tokens = grid * grid
+    linear = depth * 2 * tokens * 12 * dim * dim
+    attn_global = n_global * 4 * tokens * tokens * dim
+    padded = -(-grid // window) * window
+    attn_window = (depth - n_global) * 4 * padded * padded * window * window * dim
+    return 3 * (linear + attn_global + attn_window + 2 * tokens * 768 * dim)
+
+
+def worker_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n, device=args.device), torch.randn(n, n, device=args.device)
+    sec = _timeit(lambda: torch.mm(a, b), 3, 10, args.device)
+    return dict(gflops=2 * n ** 3 / sec / 1e9)
+
+
+def worker_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
+    dims = _vit_dims(args.size)
+    batch = SIZES[args.size][1]
+    imgs = torch.randn(batch, 3, 224, 224, device=args.device)
+    noise = torch.rand(batch, 196, device=args.device)
+    if args.impl == "ours":
+        import mae_transfer  # noqa: F401
+        from mae_transfer.mae import MaskedAutoencoder
+
+        model = MaskedAutoencoder(SIZES[args.size][0]).to(args.device)
+        run = lambda: model(imgs, noise=noise)[0]  # noqa: E731
+    else:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        config = ViTMAEConfig(hidden_size=dims["embed_dim"], num_hidden_layers=dims["depth"],
+                              num_attention_heads=dims["num_heads"], intermediate_size=4 * dims["embed_dim"],
+                              norm_pix_loss=True, layer_norm_eps=1e-6)
+        model = ViTMAEForPreTraining(config).to(args.device)
+        run = lambda: model(pixel_values=imgs, noise=noise).loss  # noqa: E731
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+
+    def step() -> None:
+        loss = run()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sec = _timeit(step, args.warmup, args.steps, args.device)
+    flops = mae_flops_per_image(dims["embed_dim"], dims["depth"]) * batch
+    return dict(sec_per_step=sec, img_per_s=batch / sec, gflops=flops / sec / 1e9)
+
+
+def worker_det(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
+    dims = _vit_dims(args.size)
+    img = SIZES[args.size][2]
+    glob = GLOBAL_BLOCKS[dims["depth"]]
+    x = torch.randn(1, 3, img, img, device=args.device)
+    kwargs = dict(img_size=224, patch_size=16, embed_dim=dims["embed_dim"], depth=dims["depth"],
+                  num_heads=dims["num_heads"], drop_path_rate=0.0, window_size=14, use_rel_pos=True)
+    if args.impl == "ours":
+        import mae_transfer  # noqa: F401
+        from backbones.vit import VisionTransformer
+
+        model = VisionTransformer(global_block_indexes=glob, rel_pos_input_size=img, final_norm=False, **kwargs)
+        run = lambda: model.forward_spatial(x)[0]  # noqa: E731
+    else:
+        import mae_transfer  # noqa: F401
+        from detectron2.modeling.backbone.vit import ViT
+
+        model = ViT(window_block_indexes=[i for i in range(dims["depth"]) if i not in glob],
+                    residual_block_indexes=[], use_abs_pos=True, pretrain_img_size=224,
+                    pretrain_use_cls_token=True, out_feature="last_feat", **kwargs)
+        run = lambda: model(x)["last_feat"]  # noqa: E731
+    model.to(args.device).train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        run().float().square().mean().backward()
+
+    sec = _timeit(step, args.warmup, args.steps, args.device)
+    flops = vitdet_flops(dims["embed_dim"], dims["depth"], img // 16, 14, len(glob))
+    return dict(sec_per_step=sec, img_per_s=1 / sec, gflops=flops / sec / 1e9)
+
+
+def worker_seg(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import backbones.mmseg  # noqa: F401  registers our backbone (and applies the compat shims)
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmseg.registry import MODELS
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    torch.manual_seed(0)
+    dims = _vit_dims(args.size)
+    crop, batch = SIZES[args.size][3], SIZES[args.size][4]
+    cfg = Config.fromfile(str(REPO / "configs" / "ade20k_upernet_vit_b.py"))
+    model_cfg = cfg.model
+    for part in (model_cfg.neck, model_cfg.decode_head, model_cfg.auxiliary_head):
+        part.norm_cfg = dict(type="BN", requires_grad=True)  # one process: no SyncBN
+    model_cfg.data_preprocessor.size = (crop, crop)
+    depth, dim = dims["depth"], dims["embed_dim"]
+    out_indices = tuple(int(round(depth * f)) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1))[:3] + (depth - 1,)
+    if args.impl == "ours":
+        model_cfg.backbone.update(embed_dim=dim, depth=depth, num_heads=dims["num_heads"], out_indices=out_indices)
+    else:  # mmseg's own MAE backbone (BEiT-style, layer scale 1.0), same sizes
+        model_cfg.backbone = dict(type="MAE", img_size=(crop, crop), patch_size=16, embed_dims=dim,
+                                  num_layers=depth, num_heads=dims["num_heads"], mlp_ratio=4,
+                                  init_values=1.0, drop_path_rate=0.1, out_indices=list(out_indices))
+    model_cfg.neck.embed_dim = dim
+    model_cfg.decode_head.in_channels = [dim] * 4
+    model_cfg.auxiliary_head.in_channels = dim
+    model = MODELS.build(model_cfg).to(args.device)
+    optim_wrapper = build_optim_wrapper(model, dict(type="OptimWrapper", optimizer=dict(
+        type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)))
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(crop, crop), ori_shape=(crop, crop), pad_shape=(crop, crop)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, crop, crop)))
+        samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 255, (3, crop, crop), dtype=torch.uint8) for _ in range(batch)],
+                data_samples=samples)
+    model.train()
+    sec = _timeit(lambda: model.train_step(data, optim_wrapper), args.warmup, args.steps, args.device)
+    return dict(sec_per_step=sec, img_per_s=batch / sec)
+
+
+WORKERS = {"matmul": worker_matmul, "pretrain": worker_pretrain, "det": worker_det, "seg": worker_seg}
+PEERS = {"pretrain": "HF ViTMAEForPreTraining", "det": "detectron2 ViT", "seg": "mmseg MAE backbone"}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = WORKERS[args.worker](args)
+    if args.device == "cuda":
+        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def measure(worker: str, impl: str, opts: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", worker, "--impl", impl, "--size", opts.size,
+           "--device", opts.device, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+           "--threads", str(opts.threads)]
+    print(f"[benchmark] {worker} / {impl} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"error: benchmark worker {worker}/{impl} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> Path:
+    from mae_transfer.io import atomic_write_text
+
+    peak = results["matmul_gflops"]
+    rows = ["| task | ours img/s | peer | peer img/s | speed ratio | ours peak MB | peer peak MB | memory ratio "
+            "| ours GFLOP/s (% of matmul peak) |", "|---|---|---|---|---|---|---|---|---|"]
+    for task, r in results["tasks"].items():
+        ours, peer = r["ours"], r["peer"]
+        flops = f"{ours['gflops']:.1f} ({100 * ours['gflops'] / peak:.0f}%)" if "gflops" in ours else "-"
+        rows.append(f"| {task} | {ours['img_per_s']:.3f} | {PEERS[task]} | {peer['img_per_s']:.3f} | "
+                    f"{r['speed_ratio']:.2f}x | {ours['peak_mem_mb']:.0f} | {peer['peak_mem_mb']:.0f} | "
+                    f"{r['memory_ratio']:.2f}x | {flops} |")
+    meta = results["meta"]
+    text = "\n".join([
+        f"# Benchmark results ({meta['size']}, {meta['device']})", "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
+        f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; each model in its own process.",
+        f"Dense fp32 matmul (2048^3) on this machine: **{peak:.1f} GFLOP/s**.", "",
+        *rows, "",
+        "speed ratio = ours / peer throughput (higher is better); memory ratio = ours / peer peak memory "
+        "(CPU: max RSS of the process, includes the framework; lower is better).", "",
+    ])
+    atomic_write_text(json.dumps(results, indent=2), out_dir / "results.json")
+    return atomic_write_text(text, out_dir / "results.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--only", default="pretrain,det,seg", help="comma-separated subset of pretrain,det,seg")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "peer"], default="ours", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+
+    import torch
+
+    tasks = [t.strip() for t in args.only.split(",") if t.strip()]
+    unknown = set(tasks) - set(PEERS)
+    if unknown:
+        raise SystemExit(f"error: --only: unknown task(s) {sorted(unknown)}; expected pretrain, det, seg")
+    results: dict[str, Any] = {"meta": dict(size=args.size, device=args.device, steps=args.steps,
+                                            warmup=args.warmup, threads=args.threads, torch=torch.__version__,
+                                            machine=f"{platform.machine()}, {os.cpu_count()} cores"),
+                               "tasks": {}}
+    results["matmul_gflops"] = measure("matmul", "ours", args)["gflops"]
+    for task in tasks:
+        ours, peer = measure(task, "ours", args), measure(task, "peer", args)
+        results["tasks"][task] = dict(ours=ours, peer=peer, speed_ratio=ours["img_per_s"] / peer["img_per_s"],
+                                      memory_ratio=ours["peak_mem_mb"] / peer["peak_mem_mb"])
+        print(f"[benchmark] {task}: {results['tasks'][task]['speed_ratio']:.2f}x speed, "
+              f"{results['tasks'][task]['memory_ratio']:.2f}x memory", flush=True)
+    path = write_report(results, args.out)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
