@@ -23,16 +23,14 @@ from typing import Any, Sequence
 from torch import Tensor
 
 import mae_transfer  # noqa: F401  (compat shims before mmseg is imported)
+# Importing mae_transfer.optim registers the shared LLRD optimizer-wrapper constructor
+# (`MaeLayerDecayOptimizerConstructor`) with mmengine: one implementation for detectron2 and mmseg.
+from mae_transfer.optim import freeze_blocks as _freeze_blocks
 from backbones.vit import VisionTransformer
 from mae_transfer.errors import MaeTransferError
 from mmseg.registry import MODELS
 
 logger = logging.getLogger(__name__)
-
-# Registers the shared LLRD optimizer-wrapper constructor (`MaeLayerDecayOptimizerConstructor`)
-# with mmengine: one implementation, used by detectron2 and mmseg alike.
-import mae_transfer.optim  # noqa: E402,F401
-from mae_transfer.optim import freeze_blocks as _freeze_blocks  # noqa: E402
 
 
 @MODELS.register_module()

@@ -2,8 +2,9 @@
 
 As detectron2's projects/ViTDet/configs/COCO/mask_rcnn_vitdet_h_75ep.py: global blocks 7/15/23/31,
 drop path 0.5, layer-wise lr decay 0.9 over 32 layers, no weight-decay exceptions, and 75 epochs
-(3/4 of the 100-epoch schedule). ViTDet-H uses patch 16: the MAE ViT-H/14 patch embedding is resampled
-to 16 x 16 when the checkpoint is imported (detectron2's `mae_pretrain_vit_huge_p14to16.pth`).
+(3/4 of the 100-epoch schedule). ViTDet-H uses patch 16, so it needs a patch-16 ViT-H checkpoint such as
+detectron2's `mae_pretrain_vit_huge_p14to16.pth` (MAE ViT-H/14 with the patch kernel resampled to 16 x 16);
+the importer does not resample patch kernels, so a /14 file stops with a shape error.
 """
 from functools import partial
 

@@ -29,6 +29,8 @@ model.proposal_generator.head.in_channels = 128
 model.proposal_generator.pre_nms_topk = (1000, 500)
 model.proposal_generator.post_nms_topk = (256, 100)
 model.roi_heads.batch_size_per_image = 64
+# At most 50 detections per image: on CPU, pasting 100 masks of an untrained model costs ~5 s/image.
+model.roi_heads.box_predictor.test_topk_per_image = 50
 model.roi_heads.box_head.input_shape = ShapeSpec(channels=128, height=7, width=7)
 model.roi_heads.box_head.conv_dims = [128, 128, 128, 128]
 model.roi_heads.box_head.fc_dims = [512]

@@ -107,38 +107,16 @@ def patch_mmengine_checkpoint_loading() -> bool:
 # 3. detectron2 without `detectron2._C`.
 # Why: the sal-detectron2 wheel's `_C` is compiled for CPython 3.10 and does not load on 3.11. Mask
 # R-CNN does not need it: ROIAlign and NMS come from torchvision, and COCOEvaluator already falls back
-# to pycocotools' COCOeval when `_C` is missing. Deformable conv and rotated boxes stay unavailable.
-# detectron2's checkpointer (fvcore) calls `torch.load` without `weights_only`; its own training
-# checkpoints hold non-tensor state (trainer/hook state, numpy values), so resuming needs the full
-# unpickler. We switch only detectron2's checkpointer loader, as for mmengine above.
-# When it can go: with an official detectron2 wheel for 3.11 and an fvcore release passing weights_only.
+# to pycocotools' COCOeval when `_C` is missing, so nothing is patched. Deformable conv and rotated
+# boxes stay unavailable. (detectron2's own training checkpoints load under torch's weights_only
+# default, verified, so its checkpointer needs no change either.)
+# When it can go: with an official detectron2 wheel for 3.11.
 # --------------------------------------------------------------------------------------------------
 def detectron2_has_compiled_ops() -> bool:
     try:
         importlib.import_module("detectron2._C")
     except ImportError:
         return False
-    return True
-
-
-def patch_detectron2_checkpoint_loading() -> bool:
-    if importlib.util.find_spec("detectron2") is None:
-        return False
-    import torch
-
-    DetectionCheckpointer = importlib.import_module("detectron2.checkpoint.detection_checkpoint").DetectionCheckpointer
-
-    if getattr(DetectionCheckpointer._torch_load, "_mae_transfer_patched", False):
-        return False
-
-    def _torch_load(self: Any, f: str) -> Any:
-        from detectron2.utils.file_io import PathManager
-
-        with PathManager.open(f, "rb") as fh:
-            return torch.load(fh, map_location=torch.device("cpu"), weights_only=False)
-
-    _torch_load._mae_transfer_patched = True  # type: ignore[attr-defined]
-    DetectionCheckpointer._torch_load = _torch_load
     return True
 
 
@@ -151,7 +129,6 @@ def apply() -> None:
     # Each patch runs when its package is first imported, so `import mae_transfer` stays cheap.
     _on_import("mmcv", install_mmcv_ext_stand_in)
     _on_import("mmengine.runner.checkpoint", patch_mmengine_checkpoint_loading)
-    _on_import("detectron2.checkpoint.detection_checkpoint", patch_detectron2_checkpoint_loading)
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):

@@ -1,16 +1,23 @@
-"""Unlabelled image folders for MAE pretraining.
+"""Image folders for pretraining: unlabelled (MAE) and labelled (the supervised baseline).
 
-Any folder works: ImageFolder-style (`root/class/x.jpg`) or flat, searched recursively for
-.jpg/.jpeg/.png. Labels are not used. Images are not opened at scan time (slow on large folders);
-an image that fails to decode when loaded is skipped with one warning and another image is used in
-its place, and a folder where no image can be read is a user error.
+`ImageFolderDataset`: any folder, ImageFolder-style (`root/class/x.jpg`) or flat, searched recursively
+for .jpg/.jpeg/.png; labels are not used. `LabelledImageFolder`: class = first-level subfolder (as
+torchvision's ImageFolder), images below it searched recursively; at least two classes are needed.
+Images are not opened at scan time (slow on large folders); an image that fails to decode when loaded
+is skipped with one warning and another image is used in its place (with its own label), and a folder
+where no image can be read is a user error.
+
+`coco_crops_to_imagefolder` turns a COCO instances json into a labelled folder of object crops, a small
+real labelled set for CPU runs of the supervised baseline.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -104,7 +111,8 @@ class ImageFolderDataset(Dataset):
             raise MaeTransferError(f"no readable images under {self.root}: all {len(self.files)} image files failed to load")
         return found
 
-    def __getitem__(self, index: int) -> Tensor:
+    def _read(self, index: int) -> tuple[int, Any]:
+        """(index actually used, transformed image): unreadable files are replaced by the next readable one."""
         n = len(self.files)
         for offset in range(n):
             i = (index + offset) % n
@@ -117,5 +125,96 @@ class ImageFolderDataset(Dataset):
                 self._bad.add(i)
                 logger.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
                 continue
-            return self.transform(img) if self.transform is not None else img
+            return i, (self.transform(img) if self.transform is not None else img)
         raise MaeTransferError(f"no readable images under {self.root}: all {n} image files failed to load")
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self._read(index)[1]
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the first-level subfolders of `root` that hold at least one image (the classes)."""
+    root = Path(root)
+    find_images(root)  # missing / not a folder / no images at all -> one clear error
+    classes = sorted(
+        d.name for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".")
+        and any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in d.rglob("*"))
+    )
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise MaeTransferError(
+            f"no classes in {root}: supervised pretraining needs an ImageFolder with at least 2 class subfolders "
+            f"(root/<class>/<image>), found {found}"
+        )
+    return classes
+
+
+class LabelledImageFolder(ImageFolderDataset):
+    """ImageFolder with labels: class index = position of the first-level subfolder in sorted order.
+    `__getitem__` returns (image tensor, class index); images directly in `root` are ignored."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        self.root = Path(root)
+        self.classes = find_classes(self.root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.files, self.targets = [], []
+        for c in self.classes:
+            for f in find_images(self.root / c):
+                self.files.append(f)
+                self.targets.append(self.class_to_idx[c])
+        self.transform = transform
+        self._bad = set()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:  # type: ignore[override]
+        i, img = self._read(index)
+        return img, self.targets[i]
+
+
+def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
+                              min_size: int = 16, context: float = 0.1) -> dict[str, int]:
+    """Write every non-crowd instance of a COCO json whose box is at least `min_size` px on both sides as a
+    crop (box + `context` margin on each side) to `out_dir/<category name>/<image stem>_<ann id>.jpg`.
+
+    Files are written atomically and existing crops are kept, so an interrupted run can simply be
+    repeated. Returns {class name: number of crops}.
+    """
+    from mae_transfer.io import atomic_write
+
+    json_path, images, out = Path(json_path), Path(images), Path(out_dir)
+    if not json_path.is_file():
+        raise MaeTransferError(f"annotation file not found: {json_path}")
+    if not images.is_dir():
+        raise MaeTransferError(f"image folder not found: {images}")
+    try:
+        data = json.loads(json_path.read_text())
+        cats = {c["id"]: re.sub(r"[^\w.-]+", "_", str(c["name"])) for c in data["categories"]}
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MaeTransferError(f"{json_path}: not a COCO instances json ({type(err).__name__}: {err})") from None
+    by_image: dict[Any, list[dict]] = {}
+    for ann in anns:
+        x, y, w, h = ann.get("bbox", (0, 0, 0, 0))
+        if not ann.get("iscrowd", 0) and min(w, h) >= min_size and ann.get("category_id") in cats:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    counts: dict[str, int] = {}
+    for image_id, image_anns in sorted(by_image.items(), key=lambda kv: str(kv[0])):
+        src = images / files[image_id]
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            for ann in image_anns:
+                x, y, w, h = ann["bbox"]
+                mx, my = w * context, h * context
+                box = (max(0, round(x - mx)), max(0, round(y - my)),
+                       min(im.width, round(x + w + mx)), min(im.height, round(y + h + my)))
+                name = cats[ann["category_id"]]
+                dst = out / name / f"{Path(files[image_id]).stem}_{ann['id']}.jpg"
+                if not dst.exists():
+                    crop = im.crop(box)
+                    atomic_write(dst, lambda tmp, crop=crop: crop.save(tmp, format="JPEG", quality=95))
+                counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        raise MaeTransferError(f"{json_path}: no non-crowd instances of at least {min_size} px to crop")
+    logger.info("%d crops of %d classes from %s in %s", sum(counts.values()), len(counts), json_path, out)
+    return counts

@@ -1,4 +1,12 @@
-"""MAE pretraining loop (after facebookresearch/mae `main_pretrain.py` + `engine_pretrain.py`).
+"""MAE pretraining loop (after facebookresearch/mae `main_pretrain.py` + `engine_pretrain.py`), and the
+supervised baseline on the same engine.
+
+`objective = "mae"` (default) trains a `MaskedAutoencoder` on any image folder. `objective = "supervised"`
+trains the same ViT with a linear head on the cls token (cross-entropy with `label_smoothing`) on a
+labelled ImageFolder (class = first-level subfolder, `num_classes` inferred from the folders), so MAE
+and supervised pretraining can be compared on equal data with equal data loading, schedule, AMP, DDP,
+checkpoints and TensorBoard. Both models keep the ViT under `encoder.*`, so `export_encoder` writes the
+same backbone format for either (the classifier head is left out).
 
 One function, `pretrain(cfg)`, runs single-process or under `torchrun` (DDP; gloo on CPU, nccl on
 GPU). Recipe: RandomResizedCrop(0.2-1) + flip, AdamW betas (0.9, 0.95) with weight decay 0.05 on
@@ -35,8 +43,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from backbones.vit import vit_config
-from mae_transfer.data import ImageFolderDataset, eval_transform, pretrain_transform, unnormalize
+from backbones.vit import create_vit, vit_config
+from mae_transfer.data import (ImageFolderDataset, LabelledImageFolder, eval_transform, pretrain_transform,
+                               unnormalize)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
@@ -48,9 +57,14 @@ CHECKPOINT_FORMAT = "mae_transfer_pretrain"
 BACKBONE_FORMAT = "mae_transfer_backbone"
 LAST_CHECKPOINT = "checkpoint_last.pth"
 AMP_MODES = ("none", "bf16", "fp16")
+OBJECTIVES = ("mae", "supervised")
 
 # Every key a pretraining config may set, with its default. Config files set the recipe explicitly.
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    objective="mae",  # mae | supervised (ViT classifier on a labelled ImageFolder: the baseline on equal data)
+    # supervised objective only
+    num_classes=None,  # None: the number of class subfolders of data_path (a given value must match it)
+    label_smoothing=0.1,
     # model
     encoder="vit_base_patch16_224",  # a backbones.vit name
     encoder_overrides={},  # extra VisionTransformer kwargs (e.g. depth for tiny CPU runs)
@@ -97,6 +111,10 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     cfg = {**copy.deepcopy(PRETRAIN_DEFAULTS), **copy.deepcopy(cfg)}
     vit_config(cfg["encoder"])  # unknown model name -> MaeTransferError
+    if cfg["objective"] not in OBJECTIVES:
+        raise MaeTransferError(f"objective must be one of {OBJECTIVES}, got {cfg['objective']!r}")
+    if not 0.0 <= float(cfg["label_smoothing"]) < 1.0:
+        raise MaeTransferError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']!r}")
     if cfg["amp"] not in AMP_MODES:
         raise MaeTransferError(f"amp must be one of {AMP_MODES}, got {cfg['amp']!r}")
     if cfg["masking"] not in MASKING_STRATEGIES:
@@ -116,6 +134,35 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def encoder_arch(cfg: dict[str, Any]) -> dict[str, Any]:
     """VisionTransformer kwargs of the encoder a pretraining config builds."""
     return {**vit_config(cfg["encoder"]), **cfg.get("encoder_overrides", {}), "img_size": cfg["img_size"]}
+
+
+class SupervisedClassifier(nn.Module):
+    """The supervised baseline: our ViT with a linear head on the cls token, cross-entropy loss.
+
+    The ViT sits under `encoder` as in `MaskedAutoencoder`, so checkpoints, resume and `export_encoder`
+    share one code path. `forward(imgs, labels) -> (loss, logits)`.
+    """
+
+    def __init__(self, encoder: str, img_size: int, num_classes: int, label_smoothing: float = 0.1,
+                 encoder_overrides: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        overrides = {"global_pool": "token", **(encoder_overrides or {}), "num_classes": num_classes}
+        self.encoder = create_vit(encoder, img_size=img_size, **overrides)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.encoder(imgs)
+        return self.criterion(logits.float(), labels), logits
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    """The model a (resolved) config trains: `MaskedAutoencoder` or `SupervisedClassifier`."""
+    if cfg.get("objective", "mae") == "supervised":
+        if not cfg.get("num_classes"):
+            raise MaeTransferError("objective='supervised' needs num_classes (inferred from the data folder)")
+        return SupervisedClassifier(cfg["encoder"], cfg["img_size"], int(cfg["num_classes"]),
+                                    float(cfg["label_smoothing"]), cfg["encoder_overrides"])
+    return build_mae(cfg)
 
 
 def build_mae(cfg: dict[str, Any]) -> MaskedAutoencoder:
@@ -258,7 +305,8 @@ def save_reconstruction(model: MaskedAutoencoder, imgs: torch.Tensor, path: Path
 
 # ---------------------------------------------------------------------------------------------- training
 def pretrain(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run (or resume) MAE pretraining; returns the per-epoch history [{"epoch", "loss", "lr"}, ...]."""
+    """Run (or resume) pretraining; returns the per-epoch history [{"epoch", "loss", "lr"}, ...]
+    (supervised runs add "acc", the training accuracy of the epoch)."""
     cfg = resolve_config(cfg)
     rank, world, device = init_distributed(cfg["device"])
     try:
@@ -275,8 +323,16 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         raise MaeTransferError("amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' or 'none' on CPU")
 
     # Data first: a bad folder fails before a large model is built.
-    dataset = ImageFolderDataset(cfg["data_path"], pretrain_transform(cfg["img_size"], cfg["crop_scale"]))
+    supervised = cfg["objective"] == "supervised"
+    transform = pretrain_transform(cfg["img_size"], cfg["crop_scale"])
+    dataset = LabelledImageFolder(cfg["data_path"], transform) if supervised else ImageFolderDataset(cfg["data_path"], transform)
     recon_idx = dataset.readable_indices(max(1, cfg["recon_images"]))[:cfg["recon_images"]]  # fails early if nothing decodes
+    if supervised:
+        recon_idx = []  # no reconstruction pictures for a classifier
+        found = len(dataset.classes)
+        if cfg["num_classes"] is not None and cfg["num_classes"] != found:
+            raise MaeTransferError(f"num_classes={cfg['num_classes']} but {cfg['data_path']} has {found} class folders")
+        cfg["num_classes"] = found
     per_rank = math.ceil(len(dataset) / world)
     iters = per_rank // cfg["batch_size"] // cfg["accum_iter"] * cfg["accum_iter"]
     if iters == 0:
@@ -286,7 +342,7 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         )
 
     seed_everything(cfg["seed"])  # model init
-    model = build_mae(cfg).to(device)
+    model = build_model(cfg).to(device)
     eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
     base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"]), lr=base_lr,
@@ -307,14 +363,15 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
         return history
 
-    mae = model
+    mae = model  # the unwrapped model (MaskedAutoencoder or SupervisedClassifier)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
-    recon_batch = torch.stack([eval_transform(cfg["img_size"])(dataset.load(i)) for i in recon_idx]) if main else None
+    recon_batch = (torch.stack([eval_transform(cfg["img_size"])(dataset.load(i)) for i in recon_idx])
+                   if main and recon_idx else None)
 
     writer = None
     if main:
@@ -322,8 +379,8 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch * iters // cfg["accum_iter"])
-        logger.info("MAE pretraining %s: %d images, %d process(es), effective batch %d, lr %.3g, epochs %d-%d, output %s",
-                    cfg["encoder"], len(dataset), world, eff_batch, base_lr, start_epoch + 1, cfg["epochs"], out)
+        logger.info("%s pretraining %s: %d images, %d process(es), effective batch %d, lr %.3g, epochs %d-%d, output %s",
+                    "supervised" if supervised else "MAE", cfg["encoder"], len(dataset), world, eff_batch, base_lr, start_epoch + 1, cfg["epochs"], out)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     accum = cfg["accum_iter"]
     last_good = resume_path
@@ -337,21 +394,26 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
             model.train()
             optimizer.zero_grad(set_to_none=True)
             start, loss_sum, lr = time.time(), torch.zeros((), dtype=torch.float64), base_lr
+            correct = torch.zeros((), dtype=torch.float64)
             # Only whole accumulation groups: no gradient is carried into the next epoch.
             batches = itertools.islice(loader, iters)
             progress = _progress(batches, iters, f"epoch {epoch + 1}/{cfg['epochs']}", main and cfg["progress"])
-            for it, imgs in enumerate(progress):
+            for it, batch in enumerate(progress):
                 if it % accum == 0:
                     lr = lr_at(epoch + it / iters, cfg, base_lr)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                 step_now = (it + 1) % accum == 0
-                imgs = imgs.to(device, non_blocking=True)
-                noise = mae.make_noise(imgs.shape[0], device, noise_gen)
                 sync = contextlib.nullcontext() if step_now or world == 1 else model.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss, _, _ = model(imgs, noise)
+                        if supervised:
+                            imgs, labels = (t.to(device, non_blocking=True) for t in batch)
+                            loss, logits = model(imgs, labels)
+                            correct += (logits.argmax(-1) == labels).sum().item()
+                        else:
+                            imgs = batch.to(device, non_blocking=True)
+                            loss, _, _ = model(imgs, mae.make_noise(imgs.shape[0], device, noise_gen))
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise MaeTransferError(
@@ -374,18 +436,23 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
                     writer.add_scalar("train/lr", lr, step)
                 if main and cfg["progress"]:
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            epoch_loss = loss_sum / iters
+            # Epoch sums of all processes; moved to the device because nccl reduces CUDA tensors only.
+            totals = torch.stack([loss_sum, correct]).to(device)
             if world > 1:
-                dist.all_reduce(epoch_loss)
-                epoch_loss /= world
-            record = {"epoch": epoch + 1, "loss": float(epoch_loss), "lr": lr}
+                dist.all_reduce(totals)
+            record = {"epoch": epoch + 1, "loss": float(totals[0]) / (iters * world), "lr": lr}
+            if supervised:
+                record["acc"] = float(totals[1]) / (iters * cfg["batch_size"] * world)
             history.append(record)
             if main:
                 seconds = time.time() - start
                 logger.info("epoch %d/%d  loss %.4f  lr %.3e  %.1fs  %.1f img/s", epoch + 1, cfg["epochs"],
                             record["loss"], lr, seconds, iters * cfg["batch_size"] * world / max(seconds, 1e-9))
                 writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
-                last_good = _save(cfg, mae, optimizer, scaler, history, epoch + 1, world, out, recon_batch)
+                if supervised:
+                    writer.add_scalar("train/epoch_acc", record["acc"], epoch + 1)
+                extra = {"classes": list(dataset.classes)} if supervised else {}
+                last_good = _save(cfg, mae, optimizer, scaler, history, epoch + 1, world, out, recon_batch, extra)
             if world > 1:
                 dist.barrier()  # nobody reads checkpoint_last.pth before it is complete
     finally:
@@ -402,9 +469,9 @@ def _progress(loader: Any, total: int, desc: str, enabled: bool) -> Any:
     return tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _save(cfg: dict[str, Any], mae: MaskedAutoencoder, optimizer: torch.optim.Optimizer,
+def _save(cfg: dict[str, Any], mae: nn.Module, optimizer: torch.optim.Optimizer,
           scaler: torch.amp.GradScaler | None, history: list[dict[str, Any]], epoch: int, world: int,
-          out: Path, recon_batch: torch.Tensor | None) -> Path:
+          out: Path, recon_batch: torch.Tensor | None, extra: dict[str, Any] | None = None) -> Path:
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": mae.state_dict(),
@@ -414,12 +481,13 @@ def _save(cfg: dict[str, Any], mae: MaskedAutoencoder, optimizer: torch.optim.Op
         "config": copy.deepcopy(cfg),
         "history": copy.deepcopy(history),
         "world_size": world,
+        **(extra or {}),  # supervised: "classes" (class index -> folder name)
     }
     last = out / LAST_CHECKPOINT
     if epoch % cfg["save_every"] == 0 or epoch == cfg["epochs"]:
         numbered = atomic_torch_save(state, out / f"checkpoint_{epoch:04d}.pth")
         atomic_write(last, lambda tmp: shutil.copyfile(numbered, tmp))
-        if recon_batch is not None and len(recon_batch):
+        if recon_batch is not None and len(recon_batch) and isinstance(mae, MaskedAutoencoder):
             picture = save_reconstruction(mae, recon_batch, out / f"recon_epoch{epoch:04d}.png", cfg["seed"])
             logger.info("saved %s and %s", numbered, picture)
     else:
@@ -430,17 +498,20 @@ def _save(cfg: dict[str, Any], mae: MaskedAutoencoder, optimizer: torch.optim.Op
 
 # ---------------------------------------------------------------------------------------------- export
 def export_encoder(mae_checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """Write the encoder of an MAE pretraining checkpoint alone, as a backbone checkpoint:
-    {"model": ViT state_dict (our keys, no 'encoder.' prefix), "arch": VisionTransformer kwargs,
-     "name": backbones.vit name, "format": "mae_transfer_backbone", ...}. Load with
+    """Write the encoder of a pretraining checkpoint (MAE or supervised) alone, as a backbone checkpoint:
+    {"model": ViT state_dict (our keys, no 'encoder.' prefix, no classifier head), "arch":
+     VisionTransformer kwargs, "name": backbones.vit name, "format": "mae_transfer_backbone",
+     "objective": "mae" | "supervised", ...}. Load with
     `create_vit(ckpt["name"], **ckpt["arch"]).load_state_dict(ckpt["model"])`.
     """
     path = Path(mae_checkpoint_path)
     if not path.is_file():
-        raise MaeTransferError(f"MAE checkpoint not found: {path}")
+        raise MaeTransferError(f"pretraining checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
     prefix = "encoder."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    # The supervised classifier's head is task-specific: the backbone is everything else.
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items()
+             if k.startswith(prefix) and not k.startswith(prefix + "head.")}
     if not state:
         raise MaeTransferError(f"{path} holds no 'encoder.*' weights")
     cfg = ckpt["config"]
@@ -449,6 +520,7 @@ def export_encoder(mae_checkpoint_path: str | os.PathLike, out_path: str | os.Pa
         "model": state,
         "arch": encoder_arch(cfg),
         "name": cfg["encoder"],
+        "objective": cfg.get("objective", "mae"),
         "source": str(path),
         "epoch": ckpt["epoch"],
     }

@@ -224,9 +224,9 @@ def test_recipe_values_match_vitdet():
     assert list(h.lr_multiplier.scheduler.milestones) == [163889 * 3 // 4, 177546 * 3 // 4]
 
 
-def test_vit_b_config_forward_backward_cpu_256():
+def test_vit_b_config_forward_backward_cpu_128():
     cfg = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_b.py"))
-    cfg.model.backbone.square_pad = 256  # reduced resolution; everything else as configured
+    cfg.model.backbone.square_pad = 128  # reduced resolution (CPU); everything else as configured
     cfg.model.roi_heads.batch_size_per_image = 32
     cfg.model.proposal_generator.post_nms_topk = (100, 100)
     torch.manual_seed(0)
@@ -234,12 +234,12 @@ def test_vit_b_config_forward_backward_cpu_256():
     from detectron2.structures import Boxes, Instances, PolygonMasks
     from detectron2.utils.events import EventStorage
 
-    inst = Instances((256, 256))
-    inst.gt_boxes = Boxes(torch.tensor([[20.0, 30.0, 120.0, 140.0]]))
+    inst = Instances((128, 128))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 15.0, 60.0, 70.0]]))
     inst.gt_classes = torch.tensor([5])
-    inst.gt_masks = PolygonMasks([[[20.0, 30.0, 120.0, 30.0, 120.0, 140.0, 20.0, 140.0]]])
+    inst.gt_masks = PolygonMasks([[[10.0, 15.0, 60.0, 15.0, 60.0, 70.0, 10.0, 70.0]]])
     with EventStorage(0):
-        losses = model([{"image": torch.randint(0, 255, (3, 256, 256)).float(), "instances": inst}])
+        losses = model([{"image": torch.randint(0, 255, (3, 128, 128)).float(), "instances": inst}])
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -263,18 +263,48 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
 
 
-def test_tiny_config_trains_on_fruits_nuts_loss_falls(fruits_nuts, tmp_path):
+def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, capsys):
+    """Real data, one run reused for: loss falls; TensorBoard + checkpoints written; --resume after an
+    interruption continues from the right iteration; a non-finite loss stops with one clear line and the
+    last good checkpoint stays; --infer saves a picture."""
     out = tmp_path / "run"
-    argv = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.max_iter=10",
-            "train.eval_period=0", "train.log_period=1", "train.checkpointer.period=100", "train.seed=0",
-            "optimizer.lr=0.0005"]
-    assert run_cli(train_det.main, argv) == 0
+    common = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.eval_period=0",
+              "train.log_period=1", "train.checkpointer.period=2", "train.seed=0", "optimizer.lr=0.0005"]
+    assert run_cli(train_det.main, [*common, "train.max_iter=6"]) == 0
     rows = [m for m in _metrics(out) if "total_loss" in m]  # detectron2 logs running medians
-    assert len(rows) == 10
-    assert rows[-1]["total_loss"] < 0.95 * rows[0]["total_loss"], [r["total_loss"] for r in rows]
+    assert [r["iteration"] for r in rows] == list(range(6))
+    # Medians lag: the total falls a little within 6 iterations, the classification losses clearly.
+    assert rows[-1]["total_loss"] < rows[0]["total_loss"], [r["total_loss"] for r in rows]
     assert rows[-1]["loss_cls"] < 0.8 * rows[0]["loss_cls"], [r["loss_cls"] for r in rows]
-    assert (out / "model_final.pth").is_file()
+    assert rows[-1]["loss_rpn_cls"] < rows[0]["loss_rpn_cls"], [r["loss_rpn_cls"] for r in rows]
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth"} <= {p.name for p in out.iterdir()}
+
+    # Interrupted after iteration 3: later checkpoints gone. --resume must continue at iteration 4.
+    (out / "model_final.pth").unlink()
+    (out / "model_0000005.pth").unlink(missing_ok=True)
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    before = len(_metrics(out))
+    assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume"]) == 0
+    assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+
+    # A non-finite loss stops with one clear line; the last good checkpoint stays.
+    capsys.readouterr()
+    nan_run = [*common, "train.max_iter=9", "--resume", "model.pixel_std=[0.0,0.0,0.0]"]
+    assert run_cli(train_det.main, nan_run) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: training stopped: non-finite loss") and "model_final.pth" in err, err
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+
+    # Inference mode: pictures with boxes and masks from the trained weights.
+    vis = tmp_path / "vis"
+    image = fruits_nuts / "images" / "0.jpg"
+    assert run_cli(train_det.main, ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}",
+                                    "--infer", str(image), "--output", str(vis), "--score-thresh", "0.0"]) == 0
+    from PIL import Image
+
+    assert Image.open(vis / "0_pred.png").size == Image.open(image).size
 
 
 def _coco_tiny_subset(coco_tiny: Path, dst: Path, n: int = 3) -> Path:
@@ -303,23 +333,6 @@ def test_eval_only_coco_tiny_runs_coco_evaluator(coco_tiny, tmp_path):
         assert 0.0 <= results[task]["AP50"] <= 100.0
     dets = json.loads((out / "inference" / "coco_instances_results.json").read_text())
     assert dets and {"bbox", "segmentation", "category_id", "score"} <= set(dets[0])
-
-
-def test_resume_continues_from_the_right_iteration(fruits_nuts, tmp_path):
-    out = tmp_path / "run"
-    common = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.eval_period=0",
-              "train.log_period=1", "train.checkpointer.period=1"]
-    assert run_cli(train_det.main, [*common, "train.max_iter=2"]) == 0
-    # Simulate an interruption after the first checkpoint: drop the later ones.
-    (out / "model_final.pth").unlink()
-    (out / "model_0000001.pth").unlink(missing_ok=True)
-    (out / "last_checkpoint").write_text("model_0000000.pth")
-    before = len(_metrics(out))
-    assert run_cli(train_det.main, [*common, "train.max_iter=3", "--resume"]) == 0
-    iters = [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m]
-    assert iters == [1, 2]
-    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
-    assert state["iteration"] == 2
 
 
 def _tiny_model():
@@ -364,7 +377,7 @@ def test_freeze_blocks_flag(tmp_path):
     net = model.backbone.net
     assert not any(p.requires_grad for p in net.blocks[2].parameters())
     assert all(p.requires_grad for p in net.blocks[3].parameters())
-    assert not net.patch_embed.proj.weight.requires_grad and not net.blocks[0].training and net.blocks[5].training
+    assert not net.patch_embed.proj.weight.requires_grad and not net.blocks[0].training and net.blocks[3].training
 
 
 def _write(path: Path, text: str) -> Path:

@@ -169,7 +169,7 @@ def test_real_configs_build_and_parameter_counts_match_mmseg_mae(name, capsys):
     assert _count(mm) - _count(mm.backbone) == ours_total - ours_backbone  # same neck and heads
     with capsys.disabled():
         print(f"\n{name}: ours {ours_total / 1e6:.2f}M (backbone {ours_backbone / 1e6:.2f}M), "
-              f"mmseg MAE backbone {mm_total / 1e6:.2f}M, difference {expected}")
+              f"same model with mmseg MAE backbone {mm_total / 1e6:.2f}M, difference {expected}")
     # published sizes: ViT-B 86M, ViT-L 304M backbones (without head); UperNet ViT-B ~ 144M in mmseg
     assert abs(ours_backbone / 1e6 - {768: 85.8, 1024: 303.3}[c]) < 1.0
 
@@ -357,6 +357,9 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     # unknown config key
     rc, err = _run([config, *work, "--cfg-options", "model.backbone.embed_dimz=3"], capsys)
     assert rc == 2 and "unknown config key 'model.backbone.embed_dimz'" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():  # mmengine's distributed launch is GPU-only
+        rc, err = _run([config, *work, "--launcher", "pytorch"], capsys)
+        assert rc == 2 and "needs CUDA GPUs" in err
     # missing data root
     rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={tmp_path / 'nope'}"], capsys)
     assert rc == 2 and "data root not found" in err and "train_dataloader.dataset.data_root" in err

@@ -26,6 +26,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("dst", help="output file")
     p.add_argument("--to", required=True, choices=("backbone", "detectron2", "mmseg"))
     p.add_argument("--model", default="vit_base_patch16_224", help="target ViT name (backbones.vit.VIT_SIZES)")
+    p.add_argument("--depth", type=int, default=None, help="number of blocks, if not the named model's")
     p.add_argument("--img-size", type=int, default=224, help="size the absolute pos-embed table is built for")
     p.add_argument("--no-cls-token", action="store_true", help="target without cls token (ViTDet style)")
     p.add_argument("--window-size", type=int, default=0)
@@ -42,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backbones.vit import create_vit
     from mae_transfer.checkpoint import convert_checkpoint
 
-    model = create_vit(args.model, img_size=args.img_size, class_token=not args.no_cls_token,
+    overrides = {} if args.depth is None else {"depth": args.depth}
+    model = create_vit(args.model, img_size=args.img_size, class_token=not args.no_cls_token, **overrides,
                        window_size=args.window_size, global_block_indexes=args.global_blocks,
                        use_rel_pos=args.use_rel_pos, rel_pos_input_size=args.rel_pos_input_size)
     report = convert_checkpoint(args.src, args.dst, args.to, model, allow_pickle=args.allow_pickle)

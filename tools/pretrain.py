@@ -4,6 +4,8 @@
   python tools/pretrain.py --config configs/mae_pretrain_vit_tiny_cpu.py --data IMAGES --output-dir OUT \
       [--resume [CKPT]] [key=value ...] [--opts key=value ...] [--debug]
   python tools/pretrain.py --export-encoder MAE_CKPT OUT_BACKBONE   # encoder alone, as a backbone checkpoint
+  python tools/pretrain.py --config configs/supervised_pretrain_vit_tiny_cpu.py --data IMAGEFOLDER ...
+      # the supervised baseline (objective="supervised"): same engine, class = first-level subfolder
 
 User errors (missing/empty image folder, unknown model or config key, ...) print one line, exit 2.
 """

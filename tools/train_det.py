@@ -244,15 +244,17 @@ def prepare_init_checkpoint(path: str, model: Any, output_dir: str) -> str:
     if local.endswith(".pkl"):
         return local
     if Path(local).is_file() and _looks_like_detectron2(local):
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        loaded = DetectionCheckpointer(model)._torch_load(local)
+        loaded = ckpt.read_checkpoint(local)  # weights_only by default
         state = loaded.get("model", loaded)
         _check_shapes(state, model, path)
         logger.info("init checkpoint %s: detectron2 format, loaded by DetectionCheckpointer", path)
         return local
     net = _unwrap(model).backbone.net
-    state, report = ckpt.load_backbone_state_dict(local, net)
+    try:
+        state, report = ckpt.load_backbone_state_dict(local, net)
+    except MaeTransferError as err:
+        msg = str(err)
+        raise MaeTransferError(msg if str(local) in msg else f"init checkpoint {path}: {msg}") from None
     logger.info("init checkpoint converted for detectron2:\n%s", report)
     missing = [k for k in report.missing if "rel_pos" not in k]
     if missing:

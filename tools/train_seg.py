@@ -13,6 +13,7 @@ config key) ends with one `error: ...` line and exit status 2 (`--debug` shows t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,7 +26,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 import mae_transfer  # noqa: E402,F401  (compat shims first)
-from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.cli import run_cli
+from mae_transfer.io import atomic_write_text  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 logger = logging.getLogger("train_seg")
@@ -276,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_eval_checkpoint(runner.model, args.eval_only)
         metrics = runner.test()
         logger.info("test metrics: %s", metrics)
+        # machine-readable copy for scripts (demo, studies)
+        atomic_write_text(json.dumps({k: float(v) for k, v in metrics.items()}, indent=2),
+                          Path(cfg.work_dir) / "eval_metrics.json")
     else:
         check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
         runner = Runner.from_cfg(cfg)

@@ -1,0 +1,605 @@
+"""Transfer studies: backbones x tasks x freeze_blocks x seeds, each cell a real fine-tune + evaluation.
+
+A study spec is a plain-Python config (loaded with `mae_transfer.config.load_config`):
+
+    depth = 12                                  # ViT depth: blocks fine-tuned = depth - freeze (-1 -> 0)
+    freeze_blocks = [0, 4, 8, 10, 12, -1]       # -1: whole ViT frozen (the linear-probe analogue)
+    seeds = [0]
+    backbones = {                               # name -> where its weights come from
+        "MAE": "checkpoints/mae_pretrain_vit_base.pth",   # a file in any format mae_transfer.checkpoint reads
+        "scratch": None,                                  # None / "random": random init
+        "MAE tiny": dict(checkpoint=None,                 # produced by tools/pretrain.py when missing
+                         pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data="images/",
+                                       # or crops=dict(json=..., images=..., min_size=16): a labelled
+                                       # ImageFolder of COCO object crops (coco_crops_to_imagefolder)
+                                       opts=["epochs=40"])),
+    }
+    tasks = {
+        "det": dict(kind="det", config="configs/coco_mask_rcnn_vit_b.py", iters=184375,
+                    args=["--train-json", ...], opts=["dataloader.train.total_batch_size=64"]),
+        "seg": dict(kind="seg", config="configs/ade20k_upernet_vit_b.py", iters=160000,
+                    args=["--launcher", "pytorch"], opts=["param_scheduler.1.end={iters}"],  # mmseg --cfg-options
+                    launcher=["torchrun", "--nproc_per_node", "8"]),  # replaces `python` (default)
+    }
+
+Every cell runs the real `tools/train_det.py` (detectron2) or `tools/train_seg.py` (mmseg) in a subprocess,
+with its own output folder `OUTPUT/cells/<backbone>__<task>__freeze<k>__seed<s>/`. `{iters}`, `{warmup}`
+(iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. Finished cells hold
+`done.json` (their metrics) and are skipped on a re-run; a cell with checkpoints but no `done.json` was
+interrupted and is continued with the tool's `--resume`. After every cell, `results.csv` (one row per
+finished cell) and `results.md` (rows: backbones, columns: blocks fine-tuned, cells: AP^box / AP^mask /
+mIoU, mean over seeds) are rewritten atomically, and `plot.png` (metric vs blocks fine-tuned, one line per
+backbone, one panel per metric) when the run ends, fails or is interrupted (Ctrl-C keeps every finished
+cell; a re-run with nothing left to do rewrites all three).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from mae_transfer.config import load_config
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DONE = "done.json"
+TASK_KINDS = ("det", "seg")
+# metric key in the tools' logs -> our key; our key -> label in tables and plots
+DET_METRICS = {"bbox/AP": "AP_box", "segm/AP": "AP_mask"}
+SEG_METRICS = {"mIoU": "mIoU"}
+METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU"}
+MD_LABELS = {"AP_box": "AP^box", "AP_mask": "AP^mask", "mIoU": "mIoU"}
+SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python"}
+TASK_KEYS = {"kind", "config", "iters", "args", "opts", "checkpoint_period", "launcher"}
+
+
+# ---------------------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tune + evaluation: a backbone, a task, a number of frozen blocks and a seed."""
+
+    backbone: str
+    task: str
+    freeze_blocks: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return _safe(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
+
+
+@dataclass
+class Study:
+    """A resolved spec: paths made absolute, values checked."""
+
+    name: str
+    depth: int
+    freeze_blocks: list[int]
+    seeds: list[int]
+    backbones: dict[str, Any]  # name -> None | absolute path str | dict(checkpoint=..., pretrain=...)
+    tasks: dict[str, dict[str, Any]]
+    output_dir: Path
+    spec_path: Path | None = None
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def cells(self) -> list[Cell]:
+        """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
+        return [Cell(b, t, f, s) for s in self.seeds for b in self.backbones for t in self.tasks
+                for f in self.freeze_blocks]
+
+    def blocks_tuned(self, freeze: int) -> int:
+        return 0 if freeze < 0 else self.depth - freeze
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.output_dir / "cells" / cell.name
+
+    def metrics_of(self, task: str) -> list[str]:
+        return list((DET_METRICS if self.tasks[task]["kind"] == "det" else SEG_METRICS).values())
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", text)
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """Relative paths: the current directory if the file is there, else the repository root."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute():
+        return p
+    if p.exists() or not (REPO_ROOT / p).exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()
+
+
+def _int_list(value: Any, key: str, where: str) -> list[int]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise MaeTransferError(f"{where}: {key} must be a non-empty list of integers, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> Study:
+    """Read and check a study spec (file or dict); `output_dir` overrides the spec's."""
+    if isinstance(spec, Mapping):
+        raw, where, spec_path = dict(spec), "study spec", None
+    else:
+        spec_path = Path(spec)
+        raw, where = load_config(spec_path), str(spec_path)
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise MaeTransferError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+    for key in ("depth", "backbones", "tasks", "freeze_blocks"):
+        if key not in raw:
+            raise MaeTransferError(f"{where}: missing {key!r}")
+    depth = raw["depth"]
+    if not isinstance(depth, int) or depth < 1:
+        raise MaeTransferError(f"{where}: depth must be a positive integer, got {depth!r}")
+    freezes = _int_list(raw["freeze_blocks"], "freeze_blocks", where)
+    bad = [f for f in freezes if not -1 <= f <= depth]
+    if bad:
+        raise MaeTransferError(f"{where}: freeze_blocks {bad} outside -1..{depth} (depth={depth})")
+    seeds = _int_list(raw.get("seeds", [0]), "seeds", where)
+
+    if not isinstance(raw["backbones"], Mapping) or not raw["backbones"]:
+        raise MaeTransferError(f"{where}: backbones must be a non-empty dict name -> checkpoint / None / dict(...)")
+    backbones: dict[str, Any] = {}
+    for name, entry in raw["backbones"].items():
+        if entry is None or entry == "random":
+            backbones[name] = None
+        elif isinstance(entry, (str, os.PathLike)):
+            backbones[name] = str(_resolve(entry))
+        elif isinstance(entry, Mapping):
+            extra = sorted(set(entry) - {"checkpoint", "pretrain"})
+            if extra or not (entry.get("checkpoint") or entry.get("pretrain")):
+                raise MaeTransferError(f"{where}: backbone {name!r} must be a path, None/'random', or "
+                                       "dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., opts=[...]))")
+            backbones[name] = _check_pretrain(name, dict(entry), where)
+        else:
+            raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
+
+    if not isinstance(raw["tasks"], Mapping) or not raw["tasks"]:
+        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> dict(kind='det'|'seg', config=..., iters=...)")
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, task in raw["tasks"].items():
+        if not isinstance(task, Mapping):
+            raise MaeTransferError(f"{where}: task {name!r} must be a dict, got {task!r}")
+        extra = sorted(set(task) - TASK_KEYS)
+        if extra:
+            raise MaeTransferError(f"{where}: task {name!r}: unknown key(s) {extra}; valid: {sorted(TASK_KEYS)}")
+        if task.get("kind") not in TASK_KINDS:
+            raise MaeTransferError(f"{where}: task {name!r}: kind must be one of {TASK_KINDS}, got {task.get('kind')!r}")
+        iters = task.get("iters")
+        if not isinstance(iters, int) or iters < 1:
+            raise MaeTransferError(f"{where}: task {name!r}: iters must be a positive integer, got {iters!r}")
+        if not task.get("config"):
+            raise MaeTransferError(f"{where}: task {name!r}: missing config")
+        config = _resolve(task["config"])
+        if not config.is_file():
+            raise MaeTransferError(f"{where}: task {name!r}: config file not found: {task['config']}")
+        tasks[name] = dict(kind=task["kind"], config=str(config), iters=iters,
+                           args=[str(a) for a in task.get("args", [])], opts=[str(o) for o in task.get("opts", [])],
+                           checkpoint_period=int(task.get("checkpoint_period") or max(1, iters // 2)),
+                           launcher=[str(a) for a in task.get("launcher") or []])
+
+    out = output_dir or raw.get("output_dir") or Path("work_dirs") / "studies" / (
+        raw.get("name") or (spec_path.stem if spec_path else "study"))
+    return Study(name=str(raw.get("name") or (spec_path.stem if spec_path else "study")), depth=depth,
+                 freeze_blocks=freezes, seeds=seeds, backbones=backbones, tasks=tasks,
+                 output_dir=Path(out).resolve(), spec_path=spec_path, python=raw.get("python") or sys.executable)
+
+
+def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
+    if entry.get("checkpoint"):
+        entry["checkpoint"] = str(_resolve(entry["checkpoint"]))
+    pre = entry.get("pretrain")
+    if pre is None:
+        return entry
+    if not isinstance(pre, Mapping) or not pre.get("config") or bool(pre.get("data")) == bool(pre.get("crops")):
+        raise MaeTransferError(f"{where}: backbone {name!r}: pretrain must be dict(config=..., data=FOLDER or "
+                               "crops=dict(json=..., images=..., min_size=...), opts=[...])")
+    pre = dict(pre)
+    pre["config"] = str(_resolve(pre["config"]))
+    if pre.get("data"):
+        pre["data"] = str(_resolve(pre["data"]))
+    else:
+        crops = dict(pre["crops"])
+        if not crops.get("json") or not crops.get("images"):
+            raise MaeTransferError(f"{where}: backbone {name!r}: crops needs json= and images=")
+        crops["json"], crops["images"] = str(_resolve(crops["json"])), str(_resolve(crops["images"]))
+        pre["crops"] = crops
+    pre["opts"] = [str(o) for o in pre.get("opts", [])]
+    entry["pretrain"] = pre
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _fill(items: Iterable[str], iters: int, seed: int) -> list[str]:
+    values = {"iters": iters, "warmup": max(1, iters // 10), "seed": seed}
+    return [re.sub(r"\{(iters|warmup|seed)\}", lambda m: str(values[m.group(1)]), s) for s in items]
+
+
+def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> list[str]:
+    """The tools/train_det.py or tools/train_seg.py command line of one cell."""
+    task = study.tasks[cell.task]
+    out, iters = study.cell_dir(cell), task["iters"]
+    args, opts = _fill(task["args"], iters, cell.seed), _fill(task["opts"], iters, cell.seed)
+    period = min(task["checkpoint_period"], iters)
+    if task["kind"] == "det":
+        cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "train_det.py"), "--config", task["config"], *args,
+               "--freeze-blocks", str(cell.freeze_blocks),
+               f"train.output_dir={out}", f"train.init_checkpoint={checkpoint or ''}", f"train.max_iter={iters}",
+               f"train.eval_period={iters}", f"train.checkpointer.period={period}", f"train.seed={cell.seed}", *opts]
+        return cmd + (["--resume"] if resume else [])
+    cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "train_seg.py"), task["config"], "--work-dir", str(out), *args,
+           "--freeze-blocks", str(cell.freeze_blocks)]
+    if checkpoint:
+        cmd += ["--init-checkpoint", checkpoint]
+    if resume:
+        cmd += ["--resume"]
+    # train_seg takes one --cfg-options list: everything goes there
+    return cmd + ["--cfg-options", f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
+                  f"default_hooks.checkpoint.interval={period}", f"randomness.seed={cell.seed}", *opts]
+
+
+def has_checkpoint(study: Study, cell: Cell) -> bool:
+    """detectron2 and mmengine both write `last_checkpoint` next to their checkpoints."""
+    return (study.cell_dir(cell) / "last_checkpoint").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def read_det_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
+    """The last evaluation in detectron2's `metrics.json` (one json object per line): AP^box, AP^mask."""
+    path = Path(output_dir) / "metrics.json"
+    found: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if "bbox/AP" in row:
+                found = {ours: float(row[theirs]) for theirs, ours in DET_METRICS.items() if theirs in row}
+    if not found:
+        raise MaeTransferError(f"no evaluation (bbox/AP) in {path}")
+    return found
+
+
+def read_seg_metrics(work_dir: str | os.PathLike) -> dict[str, float]:
+    """The validation with the highest step in mmengine's `<work_dir>/<timestamp>/vis_data/scalars.json`
+    (a resumed run adds a new timestamp folder): mIoU (percent)."""
+    best: tuple[int, dict[str, float]] | None = None
+    for path in sorted(Path(work_dir).glob("*/vis_data/scalars.json")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "mIoU" in row and (best is None or int(row.get("step", 0)) >= best[0]):
+                best = (int(row.get("step", 0)), {ours: float(row[theirs]) for theirs, ours in SEG_METRICS.items()})
+    if best is None:
+        raise MaeTransferError(f"no validation (mIoU) in {work_dir}/*/vis_data/scalars.json")
+    return best[1]
+
+
+# ---------------------------------------------------------------------------------------------- running
+Runner = Callable[[Study, Cell, str | None, bool], dict[str, float]]
+
+
+def _run_logged(cmd: Sequence[str], log: Path, what: str) -> None:
+    """Run a tool with its output appended to `log`; Ctrl-C reaches it too (same process group)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode in (130, -2):
+        raise KeyboardInterrupt
+    if proc.returncode != 0:
+        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        raise MaeTransferError(f"{what} failed (exit {proc.returncode}): {tail[0] if tail else ''} (log: {log})")
+
+
+def subprocess_runner(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> dict[str, float]:
+    """Run one cell through the real tool and read its metrics from the files the framework wrote."""
+    out = study.cell_dir(cell)
+    _run_logged(cell_command(study, cell, checkpoint, resume), out / "run.log", f"cell {cell.name}")
+    kind = study.tasks[cell.task]["kind"]
+    return read_det_metrics(out) if kind == "det" else read_seg_metrics(out)
+
+
+def _backbone_work(study: Study, name: str) -> Path:
+    return study.output_dir / "backbones" / _safe(name)
+
+
+def _pretrain_data(study: Study, pre: Mapping[str, Any]) -> str:
+    return pre.get("data") or str(study.output_dir / "data" / f"crops_{_safe(Path(pre['crops']['json']).stem)}")
+
+
+def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[str]]]:
+    """(checkpoint path, commands that produce it) for one backbone; no commands if nothing is to be done."""
+    entry = study.backbones[name]
+    if entry is None:
+        return None, []
+    if isinstance(entry, str):
+        return entry, []
+    pre = entry.get("pretrain")
+    work = _backbone_work(study, name)
+    ckpt = entry.get("checkpoint") or str(work / "backbone.pth")
+    if Path(ckpt).is_file() or not pre:
+        return ckpt, []
+    tool = str(REPO_ROOT / "tools" / "pretrain.py")
+    return ckpt, [
+        [study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
+         "--output-dir", str(work / "pretrain"), "--resume", *pre["opts"]],
+        [study.python, tool, "--export-encoder", str(work / "pretrain" / "checkpoint_last.pth"), ckpt],
+    ]
+
+
+def prepare_backbone(study: Study, name: str) -> str | None:
+    """Checkpoint path of a backbone, pretraining (resumably) and exporting it first when it is missing."""
+    ckpt, commands = backbone_commands(study, name)
+    if ckpt is not None and not commands and not Path(ckpt).is_file():
+        raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
+    if commands:
+        pre = study.backbones[name]["pretrain"]
+        if pre.get("crops"):
+            from mae_transfer.data import coco_crops_to_imagefolder
+
+            c = pre["crops"]
+            coco_crops_to_imagefolder(c["json"], c["images"], _pretrain_data(study, pre), int(c.get("min_size", 16)))
+        log = _backbone_work(study, name) / "run.log"
+        logger.info("backbone %s: pretraining (log: %s)", name, log)
+        start = time.time()
+        for cmd in commands:
+            _run_logged(cmd, log, f"pretraining of backbone {name!r}")
+        logger.info("backbone %s: %s written in %.0f s", name, ckpt, time.time() - start)
+    return ckpt
+
+
+def plan(study: Study) -> list[tuple[str, list[str]]]:
+    """(what, command) of everything a run would do now (finished cells and existing backbones left out)."""
+    steps: list[tuple[str, list[str]]] = []
+    checkpoints = {}
+    for name in study.backbones:
+        ckpt, commands = backbone_commands(study, name)
+        checkpoints[name] = ckpt
+        steps += [(f"backbone {name}", cmd) for cmd in commands]
+    for cell in study.cells():
+        if not (study.cell_dir(cell) / DONE).is_file():
+            steps.append((f"cell {cell.name}", cell_command(study, cell, checkpoints[cell.backbone],
+                                                          has_checkpoint(study, cell))))
+    return steps
+
+
+def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
+    """Run every unfinished cell (skipping those with `done.json`), rewriting the results after each.
+
+    Returns {"ran": [...], "skipped": [...], "failed": [(cell name, message)], "results": path of results.md}.
+    A failed cell is logged and the study goes on; the failures are raised at the end, as one error.
+    """
+    runner = runner or subprocess_runner
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    cells = study.cells()
+    todo = [c for c in cells if not (study.cell_dir(c) / DONE).is_file()]
+    skipped = [c.name for c in cells if c not in todo]
+    _warn_changed(study, [c for c in cells if c not in todo])
+    for name in dict.fromkeys(c.backbone for c in todo):  # a missing file fails now, not hours into the study
+        ckpt, commands = backbone_commands(study, name)
+        if ckpt is not None and not commands and not Path(ckpt).is_file():
+            raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
+    logger.info("study %s: %d cells, %d finished (skipped), %d to run; output %s", study.name, len(cells),
+                len(skipped), len(todo), study.output_dir)
+    ran: list[str] = []
+    failed: list[tuple[str, str]] = []
+    checkpoints: dict[str, str | None] = {}
+    try:
+        for i, cell in enumerate(todo, 1):
+            if cell.backbone not in checkpoints:
+                checkpoints[cell.backbone] = prepare_backbone(study, cell.backbone)
+            resume = has_checkpoint(study, cell)
+            logger.info("[%d/%d] %s%s", i, len(todo), cell.name, " (resuming)" if resume else "")
+            start = time.time()
+            try:
+                metrics = runner(study, cell, checkpoints[cell.backbone], resume)
+            except MaeTransferError as err:
+                logger.error("%s", err)
+                failed.append((cell.name, str(err)))
+                continue
+            seconds = time.time() - start
+            record = {"cell": cell.__dict__, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks),
+                      "checkpoint": checkpoints[cell.backbone], "metrics": metrics, "seconds": round(seconds, 1),
+                      "resumed": resume, "command": cell_command(study, cell, checkpoints[cell.backbone], False)}
+            atomic_write_text(json.dumps(record, indent=1) + "\n", study.cell_dir(cell) / DONE)
+            ran.append(cell.name)
+            logger.info("[%d/%d] %s: %s (%.0f s)", i, len(todo), cell.name,
+                        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), seconds)
+            write_results(study, plot=False)  # the tables stay current even if the study is killed
+    finally:
+        write_results(study)  # also after Ctrl-C: every finished cell is in the tables and the plot
+    if failed:
+        raise MaeTransferError(f"{len(failed)} of {len(todo)} cell(s) failed, first: {failed[0][1]}")
+    return {"ran": ran, "skipped": skipped, "failed": failed, "results": study.output_dir / "results.md"}
+
+
+def _warn_changed(study: Study, finished: list[Cell]) -> None:
+    """A finished cell is kept even if the spec changed since (e.g. more iterations): say so, once per cell."""
+    for cell in finished:
+        record = json.loads((study.cell_dir(cell) / DONE).read_text())
+        old = record.get("command")
+        if old is None:
+            continue
+        now = cell_command(study, cell, record.get("checkpoint"), False)
+        if old[1:] != now[1:]:  # the python path may differ between machines
+            logger.warning("%s finished with a different command than the spec gives now; kept (delete %s to "
+                           "run it again)", cell.name, study.cell_dir(cell))
+
+
+# ---------------------------------------------------------------------------------------------- results
+def collect(study: Study) -> list[dict[str, Any]]:
+    """One row per finished cell of this spec (read from the done markers)."""
+    rows = []
+    for cell in study.cells():
+        path = study.cell_dir(cell) / DONE
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        rows.append({"backbone": cell.backbone, "task": cell.task, "kind": study.tasks[cell.task]["kind"],
+                     "freeze_blocks": cell.freeze_blocks, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks),
+                     "seed": cell.seed, **record["metrics"], "seconds": record.get("seconds", ""),
+                     "cell_dir": str(study.cell_dir(cell))})
+    return rows
+
+
+def _mean(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _metric_columns(study: Study) -> list[tuple[str, str, str]]:
+    """(task, metric key, label) in task order; the task name joins the label when a kind repeats."""
+    kinds = [t["kind"] for t in study.tasks.values()]
+    cols = []
+    for task, spec in study.tasks.items():
+        for metric in study.metrics_of(task):
+            label = MD_LABELS[metric] if kinds.count(spec["kind"]) == 1 else f"{task} {MD_LABELS[metric]}"
+            cols.append((task, metric, label))
+    return cols
+
+
+def summarise(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], tuple[float, float, int]]:
+    """(backbone, task, metric, freeze) -> (mean over seeds, std, number of seeds)."""
+    out = {}
+    for backbone in study.backbones:
+        for task, metric, _ in _metric_columns(study):
+            for freeze in study.freeze_blocks:
+                values = [r[metric] for r in rows if (r["backbone"], r["task"], r["freeze_blocks"]) == (backbone, task, freeze)
+                          and metric in r]
+                if values:
+                    out[(backbone, task, metric, freeze)] = (*_mean(values), len(values))
+    return out
+
+
+def _freeze_order(study: Study) -> list[int]:
+    """Columns from the most blocks fine-tuned to none (linear probe last), as in the MAE paper's table."""
+    return sorted(study.freeze_blocks, key=lambda f: (study.blocks_tuned(f), f < 0), reverse=True)
+
+
+def _freeze_label(study: Study, freeze: int) -> str:
+    n = study.blocks_tuned(freeze)
+    if freeze < 0:
+        return "0 (frozen ViT)"
+    return f"{n} (all)" if n == study.depth else str(n)
+
+
+def _fmt(value: float) -> str:
+    """One decimal as in the MAE paper; two below 1 (short CPU runs) so small numbers stay comparable."""
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.2f}"
+
+
+def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
+    stats = summarise(study, rows)
+    cols = _metric_columns(study)
+    freezes = _freeze_order(study)
+    seeds = len(study.seeds)
+    lines = [
+        f"# Study `{study.name}`",
+        "",
+        f"Blocks fine-tuned (of {study.depth}; `freeze_blocks` = {study.depth} - n, 0 (frozen ViT) = `freeze_blocks=-1`). "
+        f"Each cell: {' / '.join(label for _, _, label in cols)}"
+        f"{f', mean over {seeds} seeds' if seeds > 1 else ''}; `-` = not run / failed.",
+        "",
+        "| backbone | " + " | ".join(_freeze_label(study, f) for f in freezes) + " |",
+        "|---|" + "---|" * len(freezes),
+    ]
+    for backbone in study.backbones:
+        cells = []
+        for f in freezes:
+            parts = []
+            for task, metric, _ in cols:
+                s = stats.get((backbone, task, metric, f))
+                parts.append("-" if s is None or math.isnan(s[0]) else
+                             (_fmt(s[0]) + (f"±{s[1]:.1f}" if s[2] > 1 else "")))
+            cells.append(" / ".join(parts))
+        lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
+    lines += ["", "Tasks: " + "; ".join(f"`{t}` = {s['kind']} with `{Path(s['config']).name}`, {s['iters']} iterations"
+                                       for t, s in study.tasks.items()),
+              f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.", ""]
+    return "\n".join(lines)
+
+
+def write_csv(study: Study, rows: list[dict[str, Any]]) -> Path:
+    metrics = [m for _, m, _ in _metric_columns(study)]
+    fields = ["backbone", "task", "kind", "freeze_blocks", "blocks_tuned", "seed",
+              *dict.fromkeys(metrics), "seconds", "cell_dir"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(buf.getvalue(), study.output_dir / "results.csv")
+
+
+def write_plot(study: Study, rows: list[dict[str, Any]]) -> Path:
+    """One panel per metric: mean metric vs blocks fine-tuned, one line per backbone (MAE paper, Fig. 9).
+    freeze_blocks=-1 sits at 0 blocks; when freeze_blocks=depth is also run it is drawn as an unjoined square."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summarise(study, rows)
+    cols = _metric_columns(study)
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False)
+    for ax, (task, metric, label) in zip(axes[0], cols):
+        for i, backbone in enumerate(study.backbones):
+            color = f"C{i}"
+            pts = {f: stats[(backbone, task, metric, f)][:2] for f in study.freeze_blocks
+                   if (backbone, task, metric, f) in stats and not math.isnan(stats[(backbone, task, metric, f)][0])}
+            separate = -1 in pts and study.depth in pts  # both at 0 blocks fine-tuned
+            line = sorted((study.blocks_tuned(f), m, s) for f, (m, s) in pts.items() if not (separate and f < 0))
+            if line:
+                xs, ys, es = zip(*line)
+                ax.errorbar(xs, ys, yerr=es if len(study.seeds) > 1 else None, marker="o", color=color,
+                            label=backbone, capsize=3)
+            if separate:
+                ax.plot([0], [pts[-1][0]], marker="s", color=color, markerfacecolor="none", linestyle="none")
+        ax.set_title(f"{task}: {METRIC_LABELS[metric]}")
+        ax.set_xlabel("blocks fine-tuned")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_xticks(sorted({study.blocks_tuned(f) for f in study.freeze_blocks}))
+        ax.grid(alpha=0.3)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{study.name}: partial fine-tuning", fontsize=10)
+    fig.tight_layout()
+    try:
+        return atomic_write(study.output_dir / "plot.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def write_results(study: Study, plot: bool = True) -> dict[str, Path]:
+    """results.csv, results.md (and plot.png) from the finished cells, all written atomically."""
+    rows = collect(study)
+    out = {"csv": write_csv(study, rows),
+           "md": atomic_write_text(results_markdown(study, rows), study.output_dir / "results.md")}
+    if plot:
+        out["plot"] = write_plot(study, rows)
+    return out

@@ -1,0 +1,262 @@
+"""Transfer studies (spec -> cells -> runs -> table + plot, resumable) and the supervised baseline of the
+pretraining engine (labelled ImageFolder of real COCO object crops, loss falls, backbone export)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones.vit import create_vit
+from mae_transfer.config import load_config
+from mae_transfer.engine import BACKBONE_FORMAT, export_encoder, load_checkpoint, pretrain
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.study import (DONE, Cell, cell_command, load_study, read_seg_metrics, results_markdown, run_study,
+                                collect)
+from tests.conftest import REPO_ROOT
+
+SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
+MICRO = ["encoder_overrides={'depth': 2}", "img_size=64", "batch_size=16", "num_workers=0"]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spec(tmp_path: Path, **changes) -> dict:
+    """A study spec dict with real config files; checkpoints are files in tmp_path."""
+    (tmp_path / "mae.pth").write_bytes(b"x")
+    base = dict(
+        name="unit", depth=4, freeze_blocks=[0, 2, -1], seeds=[0, 1],
+        backbones={"MAE": str(tmp_path / "mae.pth"), "scratch": None},
+        tasks={"det": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=8,
+                           args=["--train-json", "a.json", "--train-images", "imgs"], opts=["train.log_period=2"]),
+               "seg": dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=20,
+                           opts=["param_scheduler.0.end={warmup}", "param_scheduler.1.end={iters}"])},
+    )
+    base.update(changes)
+    return base
+
+
+# ------------------------------------------------------------------------------------------- spec
+def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
+    study = load_study(spec(tmp_path), tmp_path / "out")
+    cells = study.cells()
+    assert len(cells) == 2 * 2 * 3 * 2 and len({c.name for c in cells}) == len(cells)
+    assert cells[0] == Cell("MAE", "det", 0, 0) and {c.seed for c in cells[:12]} == {0}  # seed-major
+    assert [study.blocks_tuned(f) for f in study.freeze_blocks] == [4, 2, 0]
+
+    det = cell_command(study, Cell("MAE", "det", 2, 1), str(tmp_path / "mae.pth"), resume=True)
+    assert det[1].endswith("tools/train_det.py") and det[det.index("--freeze-blocks") + 1] == "2"
+    assert f"train.init_checkpoint={tmp_path / 'mae.pth'}" in det and "train.max_iter=8" in det
+    assert "train.seed=1" in det and det[-1] == "--resume" and "train.log_period=2" in det
+    assert f"train.output_dir={study.output_dir / 'cells' / 'MAE__det__freeze2__seed1'}" in det
+
+    seg = cell_command(study, Cell("scratch", "seg", -1, 0), None, resume=False)
+    assert seg[1].endswith("tools/train_seg.py") and "--init-checkpoint" not in seg and "--resume" not in seg
+    assert seg.count("--cfg-options") == 1  # train_seg takes one list: a second flag would replace the first
+    opts = seg[seg.index("--cfg-options") + 1:]
+    assert {"train_cfg.max_iters=20", "param_scheduler.0.end=2", "param_scheduler.1.end=20",
+            "randomness.seed=0"} <= set(opts)
+    assert seg[seg.index("--freeze-blocks") + 1] == "-1"
+
+    with pytest.raises(MaeTransferError, match=r"freeze_blocks \[5\] outside -1..4"):
+        load_study(spec(tmp_path, freeze_blocks=[0, 5]))
+    with pytest.raises(MaeTransferError, match="unknown key"):
+        load_study(spec(tmp_path, freeze=[0]))
+    with pytest.raises(MaeTransferError, match="kind must be one of"):
+        load_study(spec(tmp_path, tasks={"x": dict(kind="cls", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=1)}))
+    # The shipped specs load and expand.
+    cpu = load_study(REPO_ROOT / "configs" / "studies" / "cpu_shared_data.py", tmp_path / "cpu")
+    assert len(cpu.cells()) == 18 and cpu.depth == 4
+    full = load_study(REPO_ROOT / "configs" / "studies" / "coco_ade20k_full.py", tmp_path / "full")
+    assert len(full.cells()) == 36 and [full.blocks_tuned(f) for f in full.freeze_blocks] == [12, 8, 4, 2, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------- bookkeeping
+def test_resume_skips_finished_cells_and_writes_table_and_plot(tmp_path: Path) -> None:
+    study = load_study(spec(tmp_path), tmp_path / "out")
+    calls: list[tuple[str, bool]] = []
+    interrupt_at = [5]  # the 5th cell is interrupted, once
+
+    def fake_metric(cell: Cell) -> float:  # depends on every cell coordinate, so misplaced values show
+        return {"MAE": 40.0, "scratch": 10.0}[cell.backbone] + study.blocks_tuned(cell.freeze_blocks) + cell.seed
+
+    def stub(st, cell, checkpoint, resume):
+        calls.append((cell.name, resume))
+        assert checkpoint == (str(tmp_path / "mae.pth") if cell.backbone == "MAE" else None)
+        if len(calls) == interrupt_at[0]:
+            interrupt_at[0] = -1
+            (st.cell_dir(cell)).mkdir(parents=True, exist_ok=True)
+            (st.cell_dir(cell) / "last_checkpoint").write_text("model_0000004.pth")  # died after a checkpoint
+            raise KeyboardInterrupt
+        value = fake_metric(cell)
+        return {"AP_box": value, "AP_mask": value - 1} if cell.task == "det" else {"mIoU": value + 0.5}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, runner=stub)
+    assert len(collect(study)) == 4  # the 4 finished cells were kept ...
+    with open(study.output_dir / "results.csv") as f:  # ... and written out despite the interruption
+        assert len(list(csv.DictReader(f))) == 4
+    interrupted = calls[-1][0]
+
+    calls.clear()
+    result = run_study(study, runner=stub)
+    assert len(result["skipped"]) == 4 and len(result["ran"]) == 20
+    assert calls[0] == (interrupted, True)  # resumed with --resume, the rest fresh
+    assert all(not resume for _, resume in calls[1:])
+    calls.clear()
+    assert run_study(study, runner=stub)["ran"] == [] and calls == []  # everything finished: nothing runs
+
+    rows = list(csv.DictReader(open(study.output_dir / "results.csv")))
+    assert len(rows) == 24 and {r["blocks_tuned"] for r in rows} == {"4", "2", "0"}
+    row = next(r for r in rows if (r["backbone"], r["task"], r["freeze_blocks"], r["seed"]) == ("MAE", "seg", "2", "1"))
+    assert float(row["mIoU"]) == 40 + 2 + 1 + 0.5
+    md = (study.output_dir / "results.md").read_text()
+    assert "| backbone | 4 (all) | 2 | 0 (frozen ViT) |" in md
+    # mean over the two seeds (+0 / +1): MAE with 4 blocks tuned -> 44.5 AP^box, 43.5 AP^mask, 45.0 mIoU
+    assert "| MAE | 44.5±0.7 / 43.5±0.7 / 45.0±0.7 | 42.5±0.7 / 41.5±0.7 / 43.0±0.7 | 40.5±0.7 / 39.5±0.7 / 41.0±0.7 |" in md
+    assert "| scratch | 14.5±0.7" in md
+    from PIL import Image
+
+    with Image.open(study.output_dir / "plot.png") as img:
+        assert img.size[0] > 3 * img.size[1] / 2  # three panels side by side
+    assert not list(study.output_dir.glob(".*.tmp"))
+
+    # A failing cell does not stop the others; the failure is reported at the end and nothing is marked done.
+    shutil.rmtree(study.cell_dir(Cell("scratch", "seg", 0, 1)))
+    shutil.rmtree(study.cell_dir(Cell("scratch", "det", 2, 0)))
+
+    def failing(st, cell, checkpoint, resume):
+        if cell.task == "seg":
+            raise MaeTransferError("cell boom failed (exit 2)")
+        return stub(st, cell, checkpoint, resume)
+
+    with pytest.raises(MaeTransferError, match="1 of 2 cell"):
+        run_study(study, runner=failing)
+    assert (study.cell_dir(Cell("scratch", "det", 2, 0)) / DONE).is_file()
+    assert not (study.cell_dir(Cell("scratch", "seg", 0, 1)) / DONE).is_file()
+    assert "| scratch | 14.5±0.7 / 13.5±0.7 / 14.5 |" in results_markdown(study, collect(study))  # one seed left
+
+
+@pytest.mark.slow
+def test_one_real_segmentation_cell_end_to_end(tmp_path: Path, camvid_mini: Path) -> None:
+    """A real cell through tools/study.py -> tools/train_seg.py (mmseg UperNet) on 2 + 1 CamVid frames."""
+    data = tmp_path / "camvid"
+    for split in ("train", "trainannot", "val", "valannot"):
+        (data / split).mkdir(parents=True)
+        for f in sorted((camvid_mini / split).glob("*.png"))[:1 if split.startswith("val") else 2]:
+            shutil.copy(f, data / split / f.name)
+    spec_file = tmp_path / "spec.py"
+    spec_file.write_text(
+        "depth = 4\nfreeze_blocks = [-1]\nseeds = [0]\nbackbones = {'scratch': None}\n"
+        "tasks = {'seg': dict(kind='seg', config='configs/camvid_upernet_vit_tiny_cpu.py', iters=2, opts=[\n"
+        f"    'train_dataloader.dataset.data_root={data}', 'val_dataloader.dataset.data_root={data}',\n"
+        f"    'test_dataloader.dataset.data_root={data}', 'train_dataloader.batch_size=2',\n"
+        "    'param_scheduler.0.end=1', 'param_scheduler.1.begin=1', 'param_scheduler.1.end={iters}'])}\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # robust when other jobs share the cores
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file), "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + (out / "cells" / "scratch__seg__freeze-1__seed0" / "run.log").read_text()[-3000:]
+    cell = out / "cells" / "scratch__seg__freeze-1__seed0"
+    done = json.loads((cell / DONE).read_text())
+    assert done["metrics"] == read_seg_metrics(cell) and 0.0 <= done["metrics"]["mIoU"] <= 100.0
+    log = (cell / "run.log").read_text()
+    assert "freeze_blocks=-1," in log and "max_iters=2," in log  # the config train_seg ran with
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 1 and float(rows[0]["mIoU"]) == done["metrics"]["mIoU"]
+    assert (out / "plot.png").stat().st_size > 0 and "| scratch | " in (out / "results.md").read_text()
+    assert "ran 1 cell(s), skipped 0 finished" in proc.stdout
+
+
+@pytest.mark.slow
+def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real cell in-process through run_study -> tools/train_det.py (detectron2 Mask R-CNN + COCOEvaluator)
+    on 2 fruits_nuts photos; the metrics come from detectron2's metrics.json."""
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    images = data["images"][:2]
+    ids = {im["id"] for im in images}
+    data.update(images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    (tmp_path / "two.json").write_text(json.dumps(data))
+    args = ["--train-json", str(tmp_path / "two.json"), "--train-images", str(fruits_nuts / "images"),
+            "--val-json", str(tmp_path / "two.json"), "--val-images", str(fruits_nuts / "images")]
+    study = load_study(dict(depth=4, freeze_blocks=[2], seeds=[0], backbones={"scratch": None},
+                            tasks={"det": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=2,
+                                               args=args, opts=["model.roi_heads.box_predictor.test_topk_per_image=20"])}),
+                       tmp_path / "out")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the tool; robust when other jobs share the cores
+    result = run_study(study)
+    assert result["ran"] == ["scratch__det__freeze2__seed0"]
+    cell = study.cell_dir(Cell("scratch", "det", 2, 0))
+    metrics = json.loads((cell / DONE).read_text())["metrics"]
+    assert set(metrics) == {"AP_box", "AP_mask"} and all(0.0 <= v <= 100.0 for v in metrics.values())
+    rows = [json.loads(line) for line in (cell / "metrics.json").read_text().splitlines()]
+    assert metrics["AP_box"] == [r for r in rows if "bbox/AP" in r][-1]["bbox/AP"]
+    assert (cell / "model_final.pth").is_file() and "freeze_blocks: 2" in (cell / "config.yaml").read_text()
+
+
+# ------------------------------------------------------------------------------------------- supervised
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mae_transfer.data import coco_crops_to_imagefolder
+    from tests.conftest import shared_dataset
+
+    root = shared_dataset("fruits_nuts")
+    out = tmp_path_factory.mktemp("crops")
+    counts = coco_crops_to_imagefolder(root / "trainval.json", root / "images", out, min_size=16)
+    assert counts == {"date": 71, "fig": 41, "hazelnut": 53}  # non-crowd instances of >= 16 px per class
+    return out
+
+
+def test_supervised_objective_learns_on_coco_crops_and_exports_backbone(crops: Path, tmp_path: Path, one_thread) -> None:
+    cfg = load_config(SUPERVISED, [*MICRO, "epochs=5", "warmup_epochs=1", "lr=1e-3", "save_every=5"])
+    cfg.update(data_path=str(crops), output_dir=str(tmp_path / "sup"))
+    history = pretrain(cfg)
+    losses, accs = [h["loss"] for h in history], [h["acc"] for h in history]
+    # 3 classes (71/41/53 crops): always guessing the majority class scores 43%; the classifier learns.
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert max(accs[-2:]) > 0.6, accs
+    ckpt = load_checkpoint(tmp_path / "sup" / "checkpoint_last.pth")
+    assert ckpt["classes"] == ["date", "fig", "hazelnut"] and ckpt["config"]["num_classes"] == 3
+    assert ckpt["model"]["encoder.head.weight"].shape == (3, 192)
+    assert not list((tmp_path / "sup").glob("recon_*.png"))  # no reconstruction pictures for a classifier
+
+    backbone = torch.load(export_encoder(tmp_path / "sup" / "checkpoint_last.pth", tmp_path / "bb.pth"), weights_only=True)
+    assert backbone["format"] == BACKBONE_FORMAT and backbone["objective"] == "supervised"
+    assert not any(k.startswith(("head.", "encoder.")) for k in backbone["model"])
+    vit = create_vit(backbone["name"], **backbone["arch"])
+    vit.load_state_dict(backbone["model"], strict=True)
+    for key, value in vit.state_dict().items():
+        assert torch.equal(value, ckpt["model"]["encoder." + key]), key
+    # The importer used by train_det / train_seg reads it as our backbone format.
+    from mae_transfer.checkpoint import load_backbone_state_dict
+
+    state, report = load_backbone_state_dict(tmp_path / "bb.pth", create_vit(backbone["name"], **backbone["arch"]))
+    assert torch.equal(state["blocks.1.mlp.fc2.weight"], ckpt["model"]["encoder.blocks.1.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("layout", ["flat", "one_class"])
+def test_supervised_needs_two_class_folders(layout: str, crops: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    src = sorted((crops / "fig").glob("*.jpg"))[:4]
+    target = data if layout == "flat" else data / "fig"
+    target.mkdir(parents=True)
+    for f in src:
+        shutil.copy(f, target / f.name)
+    cfg = load_config(SUPERVISED, MICRO)
+    cfg.update(data_path=str(data), output_dir=str(tmp_path / "out"))
+    with pytest.raises(MaeTransferError, match="no classes in .*at least 2 class subfolders"):
+        pretrain(cfg)
+    with pytest.raises(MaeTransferError, match="num_classes=5 but .* has 3 class folders"):
+        pretrain({**cfg, "data_path": str(crops), "num_classes": 5})

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Run a transfer study: backbones x tasks x freeze_blocks x seeds through the real detectron2 / mmseg tools.
+
+  python tools/study.py --spec configs/studies/cpu_shared_data.py [--output DIR] [--dry-run]
+
+Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
+are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
+User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the running cell's tool and exits
+130 with every finished cell and the tables kept; the next run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mae_transfer.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="MAE-paper style transfer study (partial fine-tuning)",
+                                     allow_abbrev=False)
+    parser.add_argument("--spec", required=True, help="study spec, e.g. configs/studies/cpu_shared_data.py")
+    parser.add_argument("--output", help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run, run nothing")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
+    return parser.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from mae_transfer.study import load_study, plan, run_study
+
+    study = load_study(args.spec, args.output)
+    if args.dry_run:
+        cells = study.cells()
+        steps = plan(study)
+        print(f"study {study.name}: {len(cells)} cells "
+              f"({len(study.backbones)} backbones x {len(study.tasks)} tasks x {len(study.freeze_blocks)} freeze x "
+              f"{len(study.seeds)} seeds), output {study.output_dir}")
+        for what, cmd in steps:
+            print(f"# {what}\n{shlex.join(cmd)}")
+        print(f"{len(steps)} step(s) to run")
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop like Ctrl-C (running tool ended, tables written)
+    result = run_study(study)
+    print(Path(result["results"]).read_text())
+    print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
+          f"outputs: {study.output_dir}/results.csv, results.md, plot.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
