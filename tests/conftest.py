@@ -24,6 +24,15 @@ def shared_dataset(name: str) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and lose a lot when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fruits_nuts() -> Path:
     return shared_dataset("fruits_nuts")
 

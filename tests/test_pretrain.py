@@ -26,14 +26,6 @@ MICRO = ["encoder_overrides={'depth': 1}", "img_size=64", "decoder_depth=1", "de
          "batch_size=4", "recon_images=2"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and lose a lot when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_cfg(data: Path, out: Path, *overrides: str) -> dict:
     cfg = load_config(TINY, overrides)

@@ -25,13 +25,6 @@ SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
 MICRO = ["encoder_overrides={'depth': 2}", "img_size=64", "batch_size=16", "num_workers=0"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def spec(tmp_path: Path, **changes) -> dict:
     """A study spec dict with real config files; checkpoints are files in tmp_path."""
