@@ -11,6 +11,7 @@ Steps (each one runs the real tool in a subprocess, exactly as a user would):
   3. convert    tools/convert_checkpoint.py --to detectron2 (the seg run imports the MAE file directly)
   4. detect     tools/train_det.py, tiny Mask R-CNN, COCOEvaluator (bbox + segm), then --infer pictures
   5. segment    tools/train_seg.py, tiny UperNet, IoUMetric, then colourised prediction pictures
+  6. mini-study mae_transfer.study: {MAE, scratch} x {all 4 blocks fine-tuned, frozen ViT} on the seg task
 Finished steps are skipped when the demo is run again (delete --output to start over).
 """
 from __future__ import annotations
@@ -130,6 +131,7 @@ def detect(args: argparse.Namespace, out: Path, data: dict[str, Path], init: Pat
     if not any(pics.glob("*")):
         images = sorted(Path(data["det_val_images"]).glob("*"))[:4]
         run_tool(["tools/train_det.py", *cfg, *data_args, "--infer", *map(str, images), "--output", str(pics),
+                  "--score-thresh", "0.3",  # a short CPU run's scores are low; draw what it found
                   f"train.init_checkpoint={det_dir / 'model_final.pth'}", f"train.output_dir={det_dir}"],
                  out / "logs" / "infer_det.log")
     metrics = {}
@@ -162,6 +164,26 @@ def segment(args: argparse.Namespace, out: Path, data: dict[str, Path], init: Pa
     return dict(metrics=metrics, pictures=sorted(pics.glob("*.png")))
 
 
+def mini_study(args: argparse.Namespace, out: Path, data: dict[str, Path], mae_ckpt: Path) -> dict[str, Any]:
+    """2 backbones x 2 freeze settings on the segmentation task, through the study runner (resumable)."""
+    from mae_transfer.study import load_study, run_study, write_results
+
+    root = str(data["seg_root"])
+    spec = dict(
+        name="demo_mini_study", depth=4, freeze_blocks=[0, -1], seeds=[0],
+        backbones={"MAE": str(mae_ckpt), "scratch": None},
+        tasks={"seg": dict(kind="seg", config=str(REPO / "configs" / "shapes_upernet_vit_tiny_cpu.py"),
+                           iters=args.study_iters,
+                           opts=[f"train_dataloader.dataset.data_root={root}", f"val_dataloader.dataset.data_root={root}",
+                                 f"test_dataloader.dataset.data_root={root}", "param_scheduler.0.end={warmup}",
+                                 "param_scheduler.1.begin={warmup}", "param_scheduler.1.end={iters}"])},
+    )
+    study = load_study(spec, output_dir=out / "study")
+    summary = run_study(study)
+    log(f"  ran {len(summary['ran'])} cell(s), skipped {len(summary['skipped'])} finished")
+    return write_results(study)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, default=REPO / "demo_output")
@@ -172,20 +194,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mae-epochs", type=int, default=30)
     p.add_argument("--det-iters", type=int, default=200)
     p.add_argument("--seg-iters", type=int, default=60)
+    p.add_argument("--study-iters", type=int, default=40)
     args = p.parse_args(argv)
     out = args.output.resolve()
     start = time.time()
 
-    log(f"1/5 data -> {out / 'data'}")
+    log(f"1/6 data -> {out / 'data'}")
     data = prepare_data(args, out)
-    log("2/5 MAE pretraining (tiny ViT)")
+    log("2/6 MAE pretraining (tiny ViT)")
     mae = pretrain(args, out, data)
-    log("3/5 checkpoint conversion (MAE -> detectron2 layout)")
+    log("3/6 checkpoint conversion (MAE -> detectron2 layout)")
     d2_init = convert(out, mae["checkpoint"])
-    log("4/5 detectron2 Mask R-CNN fine-tuning + COCO evaluation")
+    log("4/6 detectron2 Mask R-CNN fine-tuning + COCO evaluation")
     det = detect(args, out, data, d2_init)
-    log("5/5 MMSegmentation UperNet fine-tuning + mIoU")
+    log("5/6 MMSegmentation UperNet fine-tuning + mIoU")
     seg = segment(args, out, data, mae["checkpoint"])
+    log("6/6 mini-study: MAE vs scratch x all blocks vs frozen ViT (segmentation)")
+    study = mini_study(args, out, data, mae["checkpoint"])
 
     dm, sm = det["metrics"], seg["metrics"]
     fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
@@ -196,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"AP mask {fmt(dm.get('segm/AP'))} |",
         f"| UperNet ({args.seg_iters} iters) | mIoU {fmt(sm.get('mIoU'))}, aAcc {fmt(sm.get('aAcc'))} |",
     ]))
-    print("\npictures:")
-    for path in [mae["picture"], *det["pictures"], *seg["pictures"]]:
+    print("\n" + study["md"].read_text())
+    print("pictures:")
+    for path in [mae["picture"], *det["pictures"], *seg["pictures"], study.get("plot")]:
         if path:
             print(f"  {path}")
     print(f"\n[demo] finished in {time.time() - start:.0f} s; everything is under {out}")
