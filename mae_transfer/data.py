@@ -171,6 +171,50 @@ class LabelledImageFolder(ImageFolderDataset):
         return img, self.targets[i]
 
 
+def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
+    """Read a COCO instances json after checking it against its image folder; one clear error per problem.
+
+    Checks: both paths exist, valid json with list-valued images/annotations/categories, at least one
+    category, unique category ids, every annotation's category and image known, every image file present.
+    """
+    jp, root = Path(json_path), Path(image_root)
+    if not jp.is_file():
+        raise MaeTransferError(f"annotation file not found: {jp}")
+    if not root.is_dir():
+        raise MaeTransferError(f"image folder not found: {root}")
+    try:
+        data = json.loads(jp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MaeTransferError(f"{jp}: malformed json ({err})") from None
+    if not isinstance(data, dict):
+        raise MaeTransferError(f"{jp}: expected a COCO json object with 'images', 'annotations', 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise MaeTransferError(f"{jp}: missing or non-list '{key}' (expected COCO instances format)")
+    if not data["categories"]:
+        raise MaeTransferError(f"{jp}: 'categories' is empty; at least one category is needed")
+    try:
+        cat_ids = {c["id"] for c in data["categories"]}
+        image_ids = {im["id"] for im in data["images"]}
+        files = [im["file_name"] for im in data["images"]]
+    except (KeyError, TypeError) as err:
+        raise MaeTransferError(f"{jp}: category/image entry without {err} (expected COCO instances format)") from None
+    if len(cat_ids) != len(data["categories"]):
+        raise MaeTransferError(f"{jp}: duplicate category ids")
+    for ann in data["annotations"]:
+        if ann.get("category_id") not in cat_ids:
+            raise MaeTransferError(
+                f"{jp}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
+                f"absent from 'categories' (ids: {sorted(cat_ids)})"
+            )
+        if ann.get("image_id") not in image_ids:
+            raise MaeTransferError(f"{jp}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')!r}")
+    for name in files:
+        if not (root / name).is_file():
+            raise MaeTransferError(f"{jp}: image file not found: {root / name}")
+    return data
+
+
 def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
                               min_size: int = 16, context: float = 0.1) -> dict[str, int]:
     """Write every non-crowd instance of a COCO json whose box is at least `min_size` px on both sides as a
@@ -182,17 +226,13 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
     from mae_transfer.io import atomic_write
 
     json_path, images, out = Path(json_path), Path(images), Path(out_dir)
-    if not json_path.is_file():
-        raise MaeTransferError(f"annotation file not found: {json_path}")
-    if not images.is_dir():
-        raise MaeTransferError(f"image folder not found: {images}")
+    data = read_coco_instances(json_path, images)
     try:
-        data = json.loads(json_path.read_text())
         cats = {c["id"]: re.sub(r"[^\w.-]+", "_", str(c["name"])) for c in data["categories"]}
         files = {im["id"]: im["file_name"] for im in data["images"]}
-        anns = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise MaeTransferError(f"{json_path}: not a COCO instances json ({type(err).__name__}: {err})") from None
+    anns = data["annotations"]
     by_image: dict[Any, list[dict]] = {}
     for ann in anns:
         x, y, w, h = ann.get("bbox", (0, 0, 0, 0))

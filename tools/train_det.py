@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mae_transfer  # noqa: E402,F401  (compat shims before detectron2)
 import backbones.detectron2  # noqa: E402,F401  (registers build_mae_vit_backbone)
 from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.data import read_coco_instances  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 logger = logging.getLogger("mae_transfer.train_det")
@@ -93,44 +93,8 @@ def validate_coco_json(json_path: str, image_root: str) -> list[str]:
     Categories are returned in increasing id order, which is the contiguous-id order detectron2's
     `load_coco_json` uses.
     """
-    jp, root = Path(json_path), Path(image_root)
-    if not jp.is_file():
-        raise MaeTransferError(f"annotation file not found: {jp}")
-    if not root.is_dir():
-        raise MaeTransferError(f"image folder not found: {root}")
-    try:
-        data = json.loads(jp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MaeTransferError(f"{jp}: malformed json ({err})") from None
-    if not isinstance(data, dict):
-        raise MaeTransferError(f"{jp}: expected a COCO json object with 'images', 'annotations', 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise MaeTransferError(f"{jp}: missing or non-list '{key}' (expected COCO instances format)")
-    if not data["categories"]:
-        raise MaeTransferError(f"{jp}: 'categories' is empty; at least one category is needed")
-    try:
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        cat_ids = {c["id"] for c in cats}
-        names = [str(c["name"]) for c in cats]
-        image_ids = {im["id"] for im in data["images"]}
-        files = [im["file_name"] for im in data["images"]]
-    except (KeyError, TypeError) as err:
-        raise MaeTransferError(f"{jp}: category/image entry without {err} (expected COCO instances format)") from None
-    if len(cat_ids) != len(cats):
-        raise MaeTransferError(f"{jp}: duplicate category ids")
-    for ann in data["annotations"]:
-        if ann.get("category_id") not in cat_ids:
-            raise MaeTransferError(
-                f"{jp}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                f"absent from 'categories' (ids: {sorted(cat_ids)})"
-            )
-        if ann.get("image_id") not in image_ids:
-            raise MaeTransferError(f"{jp}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')!r}")
-    for name in files:
-        if not (root / name).is_file():
-            raise MaeTransferError(f"{jp}: image file not found: {root / name}")
-    return names
+    data = read_coco_instances(json_path, image_root)
+    return [str(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"])]
 
 
 def register_coco_json(split: str, json_path: str, image_root: str) -> tuple[str, list[str]]:
