@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -306,8 +307,10 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     # slide: 128-px windows, several per image (the 3 images are resized to a 128-px short side)
     assert calls and all(s[-2:] == (128, 128) for s in calls) and len(calls) > 2 * 3
     logs = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
-    assert "ADE20KDataset" in (tmp_path / "work").joinpath(next((tmp_path / "work").iterdir()).name,
-                                                          "vis_data", "config.py").read_text()
+    run_dir = next(p for p in (tmp_path / "work").iterdir() if p.is_dir())  # mmengine's <timestamp>/ folder
+    assert "ADE20KDataset" in (run_dir / "vis_data" / "config.py").read_text()
+    metrics = json.loads((tmp_path / "work" / "eval_metrics.json").read_text())
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and "aAcc" in metrics
     assert "mIoU" in logs and "Iter(test) [3/3]" in logs
     files = sorted(pics.glob("*.png"))
     assert [f.stem for f in files] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
