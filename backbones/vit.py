@@ -94,14 +94,91 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw:
     scaled logits, which is what `scaled_dot_product_attention`'s float mask does.
     """
     h, w = hw
-    table_h = rel_pos_table(h, h, rel_pos_h)  # (h, h, d)
-    table_w = rel_pos_table(w, w, rel_pos_w)  # (w, w, d)
+    bias_h, bias_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, hw)
+    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (b, n, h, w, kh, kw)
+    return bias.reshape(q.shape[0], q.shape[1], h * w, h * w)
+
+
+# Global attention with decomposed rel-pos on CPU. SDPA's CPU kernels take no bias that needs gradients, so
+# it falls back to its math path, which materialises the (heads, N, N) bias, the logits, the probabilities
+# and their gradients in full: at 1024 px (4096 tokens, 12 heads) each is 0.8 GB, streamed through memory
+# several times. This kernel walks (head, block of query rows) chunks whose logits stay in the CPU cache,
+# adds the two rel-pos terms in place, and recomputes the probabilities in backward instead of storing them
+# (as flash attention does), so nothing of size N x N is kept between forward and backward.
+CHUNKED_ATTENTION_MIN_TOKENS = 1024  # below this (window blocks, 224-px models) SDPA's batched kernels win
+CHUNK_QUERIES = 1024  # query rows per chunk: 1024 x 4096 fp32 logits = 16 MB
+
+
+def _row_chunks(h: int, w: int) -> list[tuple[int, int]]:
+    rows = max(1, CHUNK_QUERIES // w)  # whole rows of the query grid, so rel_h / rel_w slice cleanly
+    return [(r, min(r + rows, h)) for r in range(0, h, rows)]
+
+
+def _chunk_probs(q: Tensor, k: Tensor, rel_h: Tensor, rel_w: Tensor, buf: Tensor, w: int) -> Tensor:
+    """softmax(q k^T + rel_h + rel_w) for one chunk of query rows, in `buf` (queries, keys)."""
+    torch.mm(q, k.t(), out=buf)
+    rows, kh, kw = rel_h.shape[0], rel_h.shape[-1], rel_w.shape[-1]
+    logits = buf.view(rows, w, kh, kw)
+    logits.add_(rel_h[..., None]).add_(rel_w[..., None, :])
+    return torch._softmax(buf, -1, False, out=buf)
+
+
+class _ChunkedRelPosAttention(torch.autograd.Function):
+    """softmax(scale * q k^T + rel_h[..., :, None] + rel_w[..., None, :]) v, chunked; see the note above.
+    q, k, v: (B, heads, N, d) with N = h * w; rel_h: (B, heads, h, w, h_k); rel_w: (B, heads, h, w, w_k)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
+        b, n, length, d = q.shape
+        h, w = rel_h.shape[2], rel_h.shape[3]
+        qs = (q * scale).reshape(b * n, length, d)
+        kf, vf = k.reshape(b * n, -1, d), v.reshape(b * n, -1, d)
+        rh, rw = rel_h.reshape(b * n, h, w, -1), rel_w.reshape(b * n, h, w, -1)
+        out = torch.empty_like(qs)
+        buf = qs.new_empty(min(length, max(1, CHUNK_QUERIES // w) * w), kf.shape[1])
+        for i in range(b * n):
+            for r0, r1 in _row_chunks(h, w):
+                rows = slice(r0 * w, r1 * w)
+                probs = _chunk_probs(qs[i, rows], kf[i], rh[i, r0:r1], rw[i, r0:r1], buf[: (r1 - r0) * w], w)
+                torch.mm(probs, vf[i], out=out[i, rows])
+        ctx.save_for_backward(qs, kf, vf, rh, rw, out)
+        ctx.scale, ctx.shapes = scale, (q.shape, rel_h.shape, rel_w.shape)
+        return out.view(q.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        qs, kf, vf, rh, rw, out = ctx.saved_tensors
+        q_shape, rh_shape, rw_shape = ctx.shapes
+        h, w = rh.shape[1], rh.shape[2]
+        go = grad_out.reshape(out.shape)
+        delta = (go * out).sum(-1)  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
+        drh, drw = torch.empty_like(rh), torch.empty_like(rw)
+        size = min(qs.shape[1], max(1, CHUNK_QUERIES // w) * w)
+        buf, dbuf = qs.new_empty(size, kf.shape[1]), qs.new_empty(size, kf.shape[1])
+        for i in range(qs.shape[0]):
+            for r0, r1 in _row_chunks(h, w):
+                rows, m = slice(r0 * w, r1 * w), (r1 - r0) * w
+                probs = _chunk_probs(qs[i, rows], kf[i], rh[i, r0:r1], rw[i, r0:r1], buf[:m], w)
+                dv[i].addmm_(probs.t(), go[i, rows])
+                ds = torch.mm(go[i, rows], vf[i].t(), out=dbuf[:m])
+                ds.sub_(delta[i, rows, None]).mul_(probs)
+                grid = ds.view(r1 - r0, w, rh.shape[-1], rw.shape[-1])
+                torch.sum(grid, -1, out=drh[i, r0:r1])
+                torch.sum(grid, -2, out=drw[i, r0:r1])
+                torch.mm(ds, kf[i], out=dq[i, rows])
+                dk[i].addmm_(ds.t(), qs[i, rows])
+        dq.mul_(ctx.scale)  # logits used q * scale
+        return (dq.view(q_shape), dk.view(q_shape), dv.view(q_shape), drh.view(rh_shape), drw.view(rw_shape), None)
+
+
+def decomposed_rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The two factors of the decomposed rel-pos bias: (B, heads, h, w, h) and (B, heads, h, w, w)."""
+    h, w = hw
     b, heads, _, dim = q.shape
     r_q = q.reshape(b, heads, h, w, dim)
-    bias_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, table_h)
-    bias_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, table_w)
-    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (b, n, h, w, kh, kw)
-    return bias.reshape(b, heads, h * w, h * w)
+    return (torch.einsum("bnhwc,hkc->bnhwk", r_q, rel_pos_table(h, h, rel_pos_h)),
+            torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_pos_table(w, w, rel_pos_w)))
 
 
 class Attention(nn.Module):
@@ -131,7 +208,12 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             if x.ndim != 4:
                 raise ValueError("relative position needs spatial (B, H, W, C) input")
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (shape[1], shape[2]))
+            hw = (shape[1], shape[2])
+            if x.device.type == "cpu" and hw[0] * hw[1] >= CHUNKED_ATTENTION_MIN_TOKENS:
+                rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, hw)
+                out = _ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, self.head_dim ** -0.5)
+                return self.proj(out.transpose(1, 2).reshape(b, -1, c)).reshape(shape)
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(b, -1, c)
         return self.proj(out).reshape(shape)

@@ -20,8 +20,18 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except (MaeTransferError, FileNotFoundError) as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_message(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_message(err: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (which wraps it in the worker's
+    traceback), just the original message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("MaeTransferError", "FileNotFoundError")) else last

@@ -120,6 +120,33 @@ def detectron2_has_compiled_ops() -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------------
+# 4. timm RandAugment's posterize under Pillow >= 12.
+# Why: at high magnitudes timm 1.0.31's 'PosterizeIncreasing' asks to keep 0 bits (4 - 4), which older
+# Pillow turned into a black image; Pillow 13 (our lock) raises "bits must be between or equal to 1 and
+# 8", killing a fine-tuning data loader at random. We restore the old result (0 bits kept = all zeros)
+# in timm's op table, for 0 bits only.
+# When it can go: when timm clamps the posterize level to >= 1 bit (or Pillow is pinned below 12).
+# --------------------------------------------------------------------------------------------------
+def patch_timm_posterize() -> bool:
+    aa = importlib.import_module("timm.data.auto_augment")
+    original = aa.posterize
+    if getattr(original, "_mae_transfer_patched", False):
+        return False
+
+    def posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+        if bits_to_keep <= 0:
+            return img.point([0] * 256 * len(img.getbands()))  # what Pillow < 12 returned for 0 bits
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize._mae_transfer_patched = True  # type: ignore[attr-defined]
+    aa.posterize = posterize
+    for name, op in list(aa.NAME_TO_OP.items()):
+        if op is original:
+            aa.NAME_TO_OP[name] = posterize
+    return True
+
+
 def apply() -> None:
     """Apply every workaround once (idempotent). Called by `import mae_transfer`."""
     global _APPLIED
@@ -129,6 +156,7 @@ def apply() -> None:
     # Each patch runs when its package is first imported, so `import mae_transfer` stays cheap.
     _on_import("mmcv", install_mmcv_ext_stand_in)
     _on_import("mmengine.runner.checkpoint", patch_mmengine_checkpoint_loading)
+    _on_import("timm.data.auto_augment", patch_timm_posterize)
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):

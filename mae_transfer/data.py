@@ -60,10 +60,11 @@ def pretrain_transform(img_size: int, scale: tuple[float, float] = (0.2, 1.0)) -
     ])
 
 
-def eval_transform(img_size: int) -> Callable:
-    """Deterministic view (resize + centre crop) for reconstruction pictures."""
+def eval_transform(img_size: int, crop_pct: float = 1.0) -> Callable:
+    """Deterministic view: resize the short side to img_size / crop_pct (bicubic), centre crop img_size.
+    crop_pct 1.0 for reconstruction pictures; 224/256 (0.875) for classification evaluation, as MAE/DeiT."""
     return transforms.Compose([
-        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(int(img_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -132,15 +133,22 @@ class ImageFolderDataset(Dataset):
         return self._read(index)[1]
 
 
-def find_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the first-level subfolders of `root` that hold at least one image (the classes)."""
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in folder.rglob("*"))
+
+
+def find_classes(root: str | os.PathLike, allow_empty: bool = True) -> list[str]:
+    """Sorted names of the first-level subfolders of `root` that hold at least one image (the classes).
+    With allow_empty=False a class subfolder without images is an error (a classifier's label space
+    must not silently shrink)."""
     root = Path(root)
     find_images(root)  # missing / not a folder / no images at all -> one clear error
-    classes = sorted(
-        d.name for d in root.iterdir()
-        if d.is_dir() and not d.name.startswith(".")
-        and any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in d.rglob("*"))
-    )
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    empty = [d for d in folders if not _has_images(d)]
+    if empty and not allow_empty:
+        raise MaeTransferError(f"class folder {empty[0]} has no images ({'/'.join(IMAGE_SUFFIXES)}); "
+                               "remove it or add images")
+    classes = [d.name for d in folders if d not in empty]
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise MaeTransferError(
@@ -152,11 +160,17 @@ def find_classes(root: str | os.PathLike) -> list[str]:
 
 class LabelledImageFolder(ImageFolderDataset):
     """ImageFolder with labels: class index = position of the first-level subfolder in sorted order.
-    `__getitem__` returns (image tensor, class index); images directly in `root` are ignored."""
+    `__getitem__` returns (image tensor, class index); images directly in `root` are ignored.
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+    strict=True (classification fine-tuning and evaluation): an empty class folder or an image that does
+    not decode is an error naming the file, instead of being skipped (a skipped image would change the
+    evaluation set silently).
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, strict: bool = False) -> None:
         self.root = Path(root)
-        self.classes = find_classes(self.root)
+        self.strict = strict
+        self.classes = find_classes(self.root, allow_empty=not strict)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.files, self.targets = [], []
         for c in self.classes:
@@ -167,6 +181,13 @@ class LabelledImageFolder(ImageFolderDataset):
         self._bad = set()
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:  # type: ignore[override]
+        if self.strict:
+            try:
+                img = self.load(index)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                raise MaeTransferError(f"cannot read image {self.files[index]} ({type(err).__name__}: {err}); "
+                                       "fix or remove it") from None
+            return (self.transform(img) if self.transform is not None else img), self.targets[index]
         i, img = self._read(index)
         return img, self.targets[i]
 
@@ -216,13 +237,18 @@ def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathL
 
 
 def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
-                              min_size: int = 16, context: float = 0.1) -> dict[str, int]:
+                              min_size: int = 16, context: float = 0.1, val_fraction: float = 0.0) -> dict[str, int]:
     """Write every non-crowd instance of a COCO json whose box is at least `min_size` px on both sides as a
     crop (box + `context` margin on each side) to `out_dir/<category name>/<image stem>_<ann id>.jpg`.
 
+    val_fraction > 0 splits by photo (crops of one photo never straddle the split): that fraction of the
+    photos, evenly spaced in image-id order, goes to `out_dir/val/<category>/`, the rest to
+    `out_dir/train/<category>/` — the train/val ImageFolder layout of tools/finetune_cls.py.
     Files are written atomically and existing crops are kept, so an interrupted run can simply be
-    repeated. Returns {class name: number of crops}.
+    repeated. Returns {class name: number of crops} ({"train/<name>" / "val/<name>": ...} when split).
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise MaeTransferError(f"val_fraction must be in [0, 1), got {val_fraction}")
     from mae_transfer.io import atomic_write
 
     json_path, images, out = Path(json_path), Path(images), Path(out_dir)
@@ -239,7 +265,14 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
         if not ann.get("iscrowd", 0) and min(w, h) >= min_size and ann.get("category_id") in cats:
             by_image.setdefault(ann["image_id"], []).append(ann)
     counts: dict[str, int] = {}
-    for image_id, image_anns in sorted(by_image.items(), key=lambda kv: str(kv[0])):
+    ordered = sorted(by_image, key=str)
+    n_val = max(1, round(len(ordered) * val_fraction)) if val_fraction > 0 else 0
+    if n_val and n_val >= len(ordered):
+        raise MaeTransferError(f"{json_path}: {len(ordered)} photo(s) with crops cannot be split with val_fraction={val_fraction}")
+    val_ids = {ordered[int((j + 0.5) * len(ordered) / n_val)] for j in range(n_val)}
+    for image_id in ordered:
+        image_anns = by_image[image_id]
+        split = ("val/" if image_id in val_ids else "train/") if n_val else ""
         src = images / files[image_id]
         with Image.open(src) as im:
             im = im.convert("RGB")
@@ -248,7 +281,7 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
                 mx, my = w * context, h * context
                 box = (max(0, round(x - mx)), max(0, round(y - my)),
                        min(im.width, round(x + w + mx)), min(im.height, round(y + h + my)))
-                name = cats[ann["category_id"]]
+                name = split + cats[ann["category_id"]]
                 dst = out / name / f"{Path(files[image_id]).stem}_{ann['id']}.jpg"
                 if not dst.exists():
                     crop = im.crop(box)
@@ -256,5 +289,6 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
                 counts[name] = counts.get(name, 0) + 1
     if not counts:
         raise MaeTransferError(f"{json_path}: no non-crowd instances of at least {min_size} px to crop")
-    logger.info("%d crops of %d classes from %s in %s", sum(counts.values()), len(counts), json_path, out)
+    logger.info("%d crops of %d classes from %s in %s", sum(counts.values()), len({n.split("/")[-1] for n in counts}),
+                json_path, out)
     return counts

@@ -244,16 +244,18 @@ def find_resume_checkpoint(cfg: dict[str, Any]) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a pretraining checkpoint (plain tensors/containers only, so weights_only loading suffices)."""
+def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT,
+                    tool: str = "tools/pretrain.py") -> dict[str, Any]:
+    """Read a training checkpoint of format `fmt` (plain tensors/containers only: weights_only loading)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise MaeTransferError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); expected a checkpoint written by tools/pretrain.py"
+            f"cannot read checkpoint {path} ({type(err).__name__}); expected a checkpoint written by {tool}"
         ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise MaeTransferError(f"{path} is not an MAE pretraining checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or "model" not in ckpt:
+        raise MaeTransferError(f"{path} is not a checkpoint of {tool} (expected format {fmt!r}, "
+                               f"found {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
     return ckpt
 
 
@@ -483,17 +485,25 @@ def _save(cfg: dict[str, Any], mae: nn.Module, optimizer: torch.optim.Optimizer,
         "world_size": world,
         **(extra or {}),  # supervised: "classes" (class index -> folder name)
     }
-    last = out / LAST_CHECKPOINT
-    if epoch % cfg["save_every"] == 0 or epoch == cfg["epochs"]:
+    last, numbered = save_epoch_checkpoint(state, out, epoch, cfg["save_every"], cfg["epochs"], history)
+    if numbered is not None and recon_batch is not None and len(recon_batch) and isinstance(mae, MaskedAutoencoder):
+        picture = save_reconstruction(mae, recon_batch, out / f"recon_epoch{epoch:04d}.png", cfg["seed"])
+        logger.info("saved %s and %s", numbered, picture)
+    return last
+
+
+def save_epoch_checkpoint(state: dict[str, Any], out: Path, epoch: int, save_every: int, epochs: int,
+                          history: list[dict[str, Any]]) -> tuple[Path, Path | None]:
+    """`checkpoint_last.pth` every epoch, `checkpoint_XXXX.pth` every `save_every` epochs and at the end, and
+    `log.jsonl` (one line per epoch), all written to a temp file and renamed. Returns (last, numbered or None)."""
+    last, numbered = out / LAST_CHECKPOINT, None
+    if epoch % save_every == 0 or epoch == epochs:
         numbered = atomic_torch_save(state, out / f"checkpoint_{epoch:04d}.pth")
         atomic_write(last, lambda tmp: shutil.copyfile(numbered, tmp))
-        if recon_batch is not None and len(recon_batch) and isinstance(mae, MaskedAutoencoder):
-            picture = save_reconstruction(mae, recon_batch, out / f"recon_epoch{epoch:04d}.png", cfg["seed"])
-            logger.info("saved %s and %s", numbered, picture)
     else:
         atomic_torch_save(state, last)
     atomic_write_text("".join(json.dumps(r) + "\n" for r in history), out / "log.jsonl")
-    return last
+    return last, numbered
 
 
 # ---------------------------------------------------------------------------------------------- export

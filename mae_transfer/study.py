@@ -15,6 +15,8 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
                                        opts=["epochs=40"])),
     }
     tasks = {
+        "cls": dict(kind="cls", config="configs/cls_finetune_vit_b.py", epochs=100,   # classification:
+                    args=["--data", "/path/to/imagenet"]),                        # length in epochs
         "det": dict(kind="det", config="configs/coco_mask_rcnn_vit_b.py", iters=184375,
                     args=["--train-json", ...], opts=["dataloader.train.total_batch_size=64"]),
         "seg": dict(kind="seg", config="configs/ade20k_upernet_vit_b.py", iters=160000,
@@ -22,13 +24,14 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
                     launcher=["torchrun", "--nproc_per_node", "8"]),  # replaces `python` (default)
     }
 
-Every cell runs the real `tools/train_det.py` (detectron2) or `tools/train_seg.py` (mmseg) in a subprocess,
+Every cell runs the real `tools/train_det.py` (detectron2), `tools/train_seg.py` (mmseg) or
+`tools/finetune_cls.py` (classification: its `epochs` replace `iters`) in a subprocess,
 with its own output folder `OUTPUT/cells/<backbone>__<task>__freeze<k>__seed<s>/`. `{iters}`, `{warmup}`
 (iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. Finished cells hold
 `done.json` (their metrics) and are skipped on a re-run; a cell with checkpoints but no `done.json` was
 interrupted and is continued with the tool's `--resume`. After every cell, `results.csv` (one row per
-finished cell) and `results.md` (rows: backbones, columns: blocks fine-tuned, cells: AP^box / AP^mask /
-mIoU, mean over seeds) are rewritten atomically, and `plot.png` (metric vs blocks fine-tuned, one line per
+finished cell) and `results.md` (rows: backbones, columns: blocks fine-tuned, cells: top-1 / AP^box /
+AP^mask / mIoU, mean over seeds) are rewritten atomically, and `plot.png` (metric vs blocks fine-tuned, one line per
 backbone, one panel per metric) when the run ends, fails or is interrupted (Ctrl-C keeps every finished
 cell; a re-run with nothing left to do rewrites all three).
 """
@@ -56,14 +59,16 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE = "done.json"
-TASK_KINDS = ("det", "seg")
+TASK_KINDS = ("det", "seg", "cls")
 # metric key in the tools' logs -> our key; our key -> label in tables and plots
 DET_METRICS = {"bbox/AP": "AP_box", "segm/AP": "AP_mask"}
 SEG_METRICS = {"mIoU": "mIoU"}
-METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU"}
-MD_LABELS = {"AP_box": "AP^box", "AP_mask": "AP^mask", "mIoU": "mIoU"}
+CLS_METRICS = {"acc1": "top1"}
+KIND_METRICS = {"det": DET_METRICS, "seg": SEG_METRICS, "cls": CLS_METRICS}
+METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU", "top1": "top-1"}
+MD_LABELS = {"AP_box": "AP^box", "AP_mask": "AP^mask", "mIoU": "mIoU", "top1": "top-1"}
 SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python"}
-TASK_KEYS = {"kind", "config", "iters", "args", "opts", "checkpoint_period", "launcher"}
+TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher"}
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -107,7 +112,7 @@ class Study:
         return self.output_dir / "cells" / cell.name
 
     def metrics_of(self, task: str) -> list[str]:
-        return list((DET_METRICS if self.tasks[task]["kind"] == "det" else SEG_METRICS).values())
+        return list(KIND_METRICS[self.tasks[task]["kind"]].values())
 
 
 def _safe(text: str) -> str:
@@ -171,7 +176,7 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
             raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
 
     if not isinstance(raw["tasks"], Mapping) or not raw["tasks"]:
-        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> dict(kind='det'|'seg', config=..., iters=...)")
+        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> dict(kind='det'|'seg'|'cls', config=..., iters=...)")
     tasks: dict[str, dict[str, Any]] = {}
     for name, task in raw["tasks"].items():
         if not isinstance(task, Mapping):
@@ -181,9 +186,13 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
             raise MaeTransferError(f"{where}: task {name!r}: unknown key(s) {extra}; valid: {sorted(TASK_KEYS)}")
         if task.get("kind") not in TASK_KINDS:
             raise MaeTransferError(f"{where}: task {name!r}: kind must be one of {TASK_KINDS}, got {task.get('kind')!r}")
-        iters = task.get("iters")
+        length = "epochs" if task["kind"] == "cls" else "iters"  # classification runs are counted in epochs
+        if task.get("iters" if length == "epochs" else "epochs") is not None:
+            raise MaeTransferError(f"{where}: task {name!r}: kind {task['kind']!r} takes {length}=, not "
+                                   f"{'iters' if length == 'epochs' else 'epochs'}=")
+        iters = task.get(length)
         if not isinstance(iters, int) or iters < 1:
-            raise MaeTransferError(f"{where}: task {name!r}: iters must be a positive integer, got {iters!r}")
+            raise MaeTransferError(f"{where}: task {name!r}: {length} must be a positive integer, got {iters!r}")
         if not task.get("config"):
             raise MaeTransferError(f"{where}: task {name!r}: missing config")
         config = _resolve(task["config"])
@@ -232,11 +241,16 @@ def _fill(items: Iterable[str], iters: int, seed: int) -> list[str]:
 
 
 def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> list[str]:
-    """The tools/train_det.py or tools/train_seg.py command line of one cell."""
+    """The tools/train_det.py, tools/train_seg.py or tools/finetune_cls.py command line of one cell."""
     task = study.tasks[cell.task]
     out, iters = study.cell_dir(cell), task["iters"]
     args, opts = _fill(task["args"], iters, cell.seed), _fill(task["opts"], iters, cell.seed)
     period = min(task["checkpoint_period"], iters)
+    if task["kind"] == "cls":  # iters are epochs here; the tool checkpoints every epoch anyway
+        cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "finetune_cls.py"), "--config", task["config"],
+               *args, "--output-dir", str(out), "--freeze-blocks", str(cell.freeze_blocks),
+               f"finetune={checkpoint or ''}", f"epochs={iters}", f"save_every={period}", f"seed={cell.seed}", *opts]
+        return cmd + (["--resume"] if resume else [])
     if task["kind"] == "det":
         cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "train_det.py"), "--config", task["config"], *args,
                "--freeze-blocks", str(cell.freeze_blocks),
@@ -255,8 +269,10 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
 
 
 def has_checkpoint(study: Study, cell: Cell) -> bool:
-    """detectron2 and mmengine both write `last_checkpoint` next to their checkpoints."""
-    return (study.cell_dir(cell) / "last_checkpoint").is_file()
+    """detectron2 and mmengine both write `last_checkpoint` next to their checkpoints; finetune_cls.py
+    writes `checkpoint_last.pth`."""
+    name = "checkpoint_last.pth" if study.tasks[cell.task]["kind"] == "cls" else "last_checkpoint"
+    return (study.cell_dir(cell) / name).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -294,6 +310,21 @@ def read_seg_metrics(work_dir: str | os.PathLike) -> dict[str, float]:
     return best[1]
 
 
+def read_cls_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
+    """The final evaluation tools/finetune_cls.py wrote to `eval_metrics.json`: top-1 (percent)."""
+    path = Path(output_dir) / "eval_metrics.json"
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        row = {}
+    if "acc1" not in row:
+        raise MaeTransferError(f"no evaluation (acc1) in {path}")
+    return {ours: float(row[theirs]) for theirs, ours in CLS_METRICS.items()}
+
+
+METRIC_READERS = {"det": read_det_metrics, "seg": read_seg_metrics, "cls": read_cls_metrics}
+
+
 # ---------------------------------------------------------------------------------------------- running
 Runner = Callable[[Study, Cell, str | None, bool], dict[str, float]]
 
@@ -317,8 +348,7 @@ def subprocess_runner(study: Study, cell: Cell, checkpoint: str | None, resume: 
     """Run one cell through the real tool and read its metrics from the files the framework wrote."""
     out = study.cell_dir(cell)
     _run_logged(cell_command(study, cell, checkpoint, resume), out / "run.log", f"cell {cell.name}")
-    kind = study.tasks[cell.task]["kind"]
-    return read_det_metrics(out) if kind == "det" else read_seg_metrics(out)
+    return METRIC_READERS[study.tasks[cell.task]["kind"]](out)
 
 
 def _backbone_work(study: Study, name: str) -> Path:
@@ -539,8 +569,8 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
                              (_fmt(s[0]) + (f"±{s[1]:.1f}" if s[2] > 1 else "")))
             cells.append(" / ".join(parts))
         lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
-    lines += ["", "Tasks: " + "; ".join(f"`{t}` = {s['kind']} with `{Path(s['config']).name}`, {s['iters']} iterations"
-                                       for t, s in study.tasks.items()),
+    lines += ["", "Tasks: " + "; ".join(f"`{t}` = {s['kind']} with `{Path(s['config']).name}`, {s['iters']} "
+                                       f"{'epochs' if s['kind'] == 'cls' else 'iterations'}" for t, s in study.tasks.items()),
               f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.", ""]
     return "\n".join(lines)
 

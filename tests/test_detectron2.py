@@ -78,13 +78,22 @@ def test_pyramid_matches_detectron2_vit_sfp_1024():
         assert diff <= 1e-4, (k, diff)
 
 
-def test_vit_blocks_match_detectron2_vit_block_by_block():
+@pytest.mark.parametrize("img_size", [320, 512])
+def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
     """Issue 4 acceptance: window partition (with padding: 20x20 grid, window 14), global blocks and
-    decomposed rel-pos equal detectron2's ViT block by block (outputs and input gradients)."""
-    ref, ours = _pair(320)
+    decomposed rel-pos equal detectron2's ViT block by block (outputs, input and rel-pos gradients).
+    At 512 px (32x32 = 1024 tokens) the global blocks take the chunked CPU attention, here in 4 chunks."""
+    import backbones.vit as vit_module
+
+    monkeypatch.setattr(vit_module, "CHUNK_QUERIES", 256)
+    ref, ours = _pair(img_size)
     _perturb(ref)
     ours.load_state_dict(ref.state_dict(), strict=False)
-    img = torch.randn(2, 3, 320, 320)
+    grid = img_size // 16
+    chunked = []
+    real_apply = vit_module._ChunkedRelPosAttention.apply
+    monkeypatch.setattr(vit_module._ChunkedRelPosAttention, "apply", lambda *a: chunked.append(1) or real_apply(*a))
+    img = torch.randn(2, 3, img_size, img_size)
     with torch.no_grad():
         x_ref = ref.patch_embed(img)
         from detectron2.modeling.backbone.utils import get_abs_pos
@@ -93,7 +102,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block():
         x_ours = ours.patch_embed(img)
         from backbones.vit import interpolate_abs_pos
 
-        x_ours = x_ours + interpolate_abs_pos(ours.pos_embed, (20, 20), True)
+        x_ours = x_ours + interpolate_abs_pos(ours.pos_embed, (grid, grid), True)
     assert (x_ref - x_ours).abs().max() <= 1e-6
     x = x_ref
     for i, (rb, ob) in enumerate(zip(ref.blocks, ours.blocks)):
@@ -106,7 +115,11 @@ def test_vit_blocks_match_detectron2_vit_block_by_block():
         out_ref.backward(g)
         out_ours.backward(g)
         assert (xi.grad - yi.grad).abs().max() <= 1e-4, i
+        for name in ("rel_pos_h", "rel_pos_w"):
+            ga, gb = getattr(rb.attn, name).grad, getattr(ob.attn, name).grad
+            assert (ga - gb).abs().max() <= 1e-4 * max(1.0, ga.abs().max().item()), (i, name)
         x = out_ref.detach()
+    assert len(chunked) == (len(GLOBAL) if grid * grid >= vit_module.CHUNKED_ATTENTION_MIN_TOKENS else 0)
     with torch.no_grad():
         assert (ours(img)["last_feat"] - ref(img)["last_feat"]).abs().max() <= 1e-5
 

@@ -351,6 +351,30 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
     assert moved > 10  # iterations 3-4 really trained
 
 
+@pytest.mark.slow
+def test_resume_at_the_last_iteration_still_validates(ade20k_sample, tmp_path, capsys):
+    """mmengine saves the last checkpoint before the last validation: a run killed between the two resumes
+    with nothing to train. train_seg.py must then run the final validation (studies read its mIoU)."""
+    import shutil
+
+    from mae_transfer.study import read_seg_metrics
+
+    root = ade20k_sample / "ADEChallengeData2016"
+    argv = [CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--work-dir", tmp_path / "w", "--cfg-options",
+            *(f"{split}_dataloader.dataset.data_root={root}" for split in ("train", "val", "test")),
+            "train_dataloader.batch_size=2", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
+            "default_hooks.checkpoint.interval=2"]
+    rc, err = _run(argv, capsys)
+    assert rc == 0, err
+    for run_dir in [p for p in (tmp_path / "w").iterdir() if p.is_dir()]:
+        shutil.rmtree(run_dir)  # as if killed right after iter_2.pth was written: no validation on record
+    with pytest.raises(Exception, match="no validation"):
+        read_seg_metrics(tmp_path / "w")
+    rc, err = _run([*argv[:3], "--resume", *argv[3:]], capsys)
+    assert rc == 0, err
+    assert 0.0 <= read_seg_metrics(tmp_path / "w")["mIoU"] <= 100.0
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     from PIL import Image

@@ -161,7 +161,7 @@ def test_checkpoint_format_atomic_and_encoder_export(coco_run: tuple[Path, list[
     for key, value in vit.state_dict().items():
         assert torch.equal(value, ckpt["model"]["encoder." + key]), key
     assert vit.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 37, 192)
-    with pytest.raises(MaeTransferError, match="not an MAE pretraining checkpoint"):
+    with pytest.raises(MaeTransferError, match="not a checkpoint of tools/pretrain.py"):
         export_encoder(backbone_path, tmp_path / "again.pth")
 
 

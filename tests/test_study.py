@@ -68,10 +68,24 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     with pytest.raises(MaeTransferError, match="unknown key"):
         load_study(spec(tmp_path, freeze=[0]))
     with pytest.raises(MaeTransferError, match="kind must be one of"):
-        load_study(spec(tmp_path, tasks={"x": dict(kind="cls", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=1)}))
+        load_study(spec(tmp_path, tasks={"x": dict(kind="pose", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=1)}))
+    with pytest.raises(MaeTransferError, match="takes epochs=, not iters="):
+        load_study(spec(tmp_path, tasks={"x": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", iters=1)}))
+    # classification cells: tools/finetune_cls.py with the backbone as `finetune=`, epochs in place of iterations
+    cls_study = load_study(spec(tmp_path, tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py",
+                                                             epochs=3, args=["--data", "crops"])}))
+    cell = next(c for c in cls_study.cells() if c.freeze_blocks == 2)
+    cmd = cell_command(cls_study, cell, "/ckpt/mae.pth", resume=True)
+    assert cmd[1].endswith("tools/finetune_cls.py") and cmd[cmd.index("--data") + 1] == "crops"
+    assert {"finetune=/ckpt/mae.pth", "epochs=3", "seed=0"} <= set(cmd) and cmd[-1] == "--resume"
+    assert cmd[cmd.index("--freeze-blocks") + 1] == "2" and cmd[cmd.index("--output-dir") + 1] == str(cls_study.cell_dir(cell))
+    assert cls_study.metrics_of("cls") == ["top1"]
     # The shipped specs load and expand.
     cpu = load_study(REPO_ROOT / "configs" / "studies" / "cpu_shared_data.py", tmp_path / "cpu")
     assert len(cpu.cells()) == 18 and cpu.depth == 4
+    assert len(load_study(REPO_ROOT / "configs" / "studies" / "cpu_cls_crops.py", tmp_path / "cls").cells()) == 9
+    pft = load_study(REPO_ROOT / "configs" / "studies" / "imagenet_partial_ft.py", tmp_path / "pft")
+    assert [pft.blocks_tuned(f) for f in pft.freeze_blocks] == [24, 18, 12, 6, 4, 2, 1, 0] and len(pft.cells()) == 16
     full = load_study(REPO_ROOT / "configs" / "studies" / "coco_ade20k_full.py", tmp_path / "full")
     assert len(full.cells()) == 36 and [full.blocks_tuned(f) for f in full.freeze_blocks] == [12, 8, 4, 2, 0, 0]
 

@@ -255,6 +255,20 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
     return written
 
 
+def _start_iteration_hook() -> Any:
+    """An mmengine hook that records the iteration training starts from (after a resume) in `.iteration`."""
+    from mmengine.hooks import Hook
+
+    class StartIteration(Hook):
+        priority = "LOWEST"
+        iteration: int | None = None
+
+        def before_train(self, runner) -> None:
+            self.iteration = runner.iter
+
+    return StartIteration()
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
@@ -284,7 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
         runner = Runner.from_cfg(cfg)
+        start = _start_iteration_hook()
+        runner.register_hook(start, priority="LOWEST")
         runner.train()
+        if start.iteration is not None and start.iteration >= runner.max_iters and runner.val_loop is not None:
+            # mmengine saves the last checkpoint before the last validation: a run stopped between the two
+            # resumes with nothing to train and would never validate. Validate now.
+            logger.info("resumed at the last iteration (%d): running the final validation", start.iteration)
+            runner.val_loop.run()
     if args.save_pictures:
         save_pictures(runner, cfg, args.save_pictures, args.num_pictures)
     return 0

@@ -1,0 +1,493 @@
+"""Image classification on top of the one ViT: the MAE paper's own evaluation protocol.
+
+After facebookresearch/mae `main_finetune.py` / `main_linprobe.py` + `engine_finetune.py`, with timm's data
+pipeline (RandAugment, random erasing, Mixup/CutMix, soft-target losses, LARS) and this project's shared
+pieces: `backbones.vit` (the model), `mae_transfer.checkpoint` (any pretrained format), `mae_transfer.optim`
+(layer-wise lr decay, `freeze_blocks`) and the pretraining engine's runtime (DDP, per-epoch reseeding for
+exact resume, lr schedule, atomic checkpoints).
+
+Modes:
+  finetune  end to end (or partially: `freeze_blocks=k` freezes patch embedding + blocks 0..k-1, -1 all but the
+            head); global average pooling + `fc_norm` + linear head, AdamW with LLRD, mixup/cutmix, label
+            smoothing, RandAugment, random erasing, drop path, warmup + cosine.
+  linprobe  frozen encoder; cls-token feature (after the final norm) -> BatchNorm1d(affine=False) -> linear,
+            LARS (momentum 0.9, trust ratio on weight matrices only), no weight decay, crop + flip only.
+
+Data: an ImageFolder root with `train/<class>/...` and `val/<class>/...` (same class folders). Outputs in
+`output_dir`: `checkpoint_last.pth` every epoch and `checkpoint_XXXX.pth` every `save_every` epochs (atomic),
+`log.jsonl` (one line per epoch: train loss, lr, val top-1/top-5), `eval_metrics.json` (the final
+evaluation) and TensorBoard scalars in `tensorboard/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from backbones.vit import VisionTransformer, create_vit, vit_config
+from mae_transfer.checkpoint import load_backbone_state_dict
+from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
+from mae_transfer.engine import (AMP_MODES, _load_state, _progress, epoch_seed, find_resume_checkpoint,
+                                 init_distributed, load_checkpoint, lr_at, save_epoch_checkpoint, seed_everything)
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
+from mae_transfer.optim import freeze_blocks, param_groups
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_FORMAT = "mae_transfer_classifier"
+MODES = ("finetune", "linprobe")
+OPTIMIZERS = ("adamw", "lars", "sgd")
+TOOL = "tools/finetune_cls.py"
+
+# Every key a classification config may set, with its default (the ViT-B fine-tuning recipe).
+CLS_DEFAULTS: dict[str, Any] = dict(
+    mode="finetune",  # finetune | linprobe
+    # model
+    model="vit_base_patch16_224",  # a backbones.vit name
+    encoder_overrides={},  # extra VisionTransformer kwargs (e.g. depth for tiny CPU runs)
+    img_size=224,
+    num_classes=None,  # None: the number of class folders (a given value must match it)
+    global_pool="avg",  # avg (+ fc_norm; fine-tuning) | token (cls token after the final norm; linear probe)
+    drop_path=0.1,
+    finetune="",  # pretrained weights in any format mae_transfer.checkpoint reads; "" = random init
+    allow_pickle=False,  # let `finetune` be a pickled (non weights-only) file
+    freeze_blocks=0,  # partial fine-tuning: k blocks frozen (-1: everything but the head)
+    head_init_std=2e-5,  # trunc-normal std of the new head's weights (MAE: 2e-5 fine-tune, 0.01 linear probe)
+    # data: root/train/<class>/*, root/val/<class>/*
+    data_path=None,
+    batch_size=32,  # per process
+    accum_iter=1,
+    num_workers=10,
+    crop_scale=(0.08, 1.0),
+    auto_augment="rand-m9-mstd0.5-inc1",  # timm RandAugment string; None: off
+    color_jitter=None,
+    reprob=0.25,  # random erasing probability
+    remode="pixel",
+    recount=1,
+    eval_crop_pct=224 / 256,  # eval: resize to img_size / crop_pct, centre crop img_size
+    mixup=0.8,  # mixup alpha (0: off)
+    cutmix=1.0,  # cutmix alpha (0: off)
+    cutmix_minmax=None,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    mixup_mode="batch",
+    smoothing=0.1,  # label smoothing
+    # optimisation
+    optimizer="adamw",  # adamw | lars | sgd (momentum)
+    epochs=100,
+    warmup_epochs=5,
+    blr=5e-4,  # base lr: lr = blr * batch_size * accum_iter * world_size / 256
+    lr=None,  # absolute lr; overrides blr when set
+    min_lr=1e-6,
+    weight_decay=0.05,
+    layer_decay=0.65,
+    betas=(0.9, 0.999),
+    momentum=0.9,  # lars / sgd
+    clip_grad=None,  # max gradient norm (None: no clipping)
+    amp="none",  # none | bf16 | fp16 (GPU only, with GradScaler)
+    # run
+    seed=0,
+    device="auto",
+    output_dir=None,
+    resume="",  # "" (fresh), "auto" (output_dir/checkpoint_last.pth if present) or a checkpoint path
+    save_every=10,
+    eval_every=1,  # evaluate on val every N epochs (and after the last)
+    progress=True,
+)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and values checked; unknown keys and bad values raise `MaeTransferError`."""
+    unknown = sorted(set(cfg) - set(CLS_DEFAULTS))
+    if unknown:
+        raise MaeTransferError(f"unknown classification config key(s) {', '.join(map(repr, unknown))}; "
+                               f"valid keys: {', '.join(sorted(CLS_DEFAULTS))}")
+    cfg = {**copy.deepcopy(CLS_DEFAULTS), **copy.deepcopy(cfg)}
+    vit_config(cfg["model"])  # unknown model name -> MaeTransferError
+    for key, allowed in (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES),
+                         ("global_pool", ("avg", "token"))):
+        if cfg[key] not in allowed:
+            raise MaeTransferError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
+    for key in ("batch_size", "accum_iter", "epochs", "save_every", "eval_every", "img_size"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise MaeTransferError(f"config key {key!r} must be a positive integer, got {cfg[key]!r}")
+    if not isinstance(cfg["freeze_blocks"], int) or cfg["freeze_blocks"] < -1:
+        raise MaeTransferError(f"freeze_blocks must be -1, 0 or a number of blocks, got {cfg['freeze_blocks']!r}")
+    if cfg["mode"] == "linprobe" and cfg["freeze_blocks"] != -1:
+        raise MaeTransferError("mode='linprobe' trains the head only: set freeze_blocks=-1 (or use mode='finetune')")
+    if mixup_active(cfg) and cfg["batch_size"] % 2:
+        raise MaeTransferError(f"mixup/cutmix need an even batch_size, got {cfg['batch_size']}")
+    if not 0.0 <= float(cfg["smoothing"]) < 1.0:
+        raise MaeTransferError(f"smoothing must be in [0, 1), got {cfg['smoothing']!r}")
+    if not cfg["data_path"]:
+        raise MaeTransferError("no data given: set data_path in the config or pass --data ROOT (ROOT/train, ROOT/val)")
+    if not cfg["output_dir"]:
+        raise MaeTransferError("no output folder given: set output_dir in the config or pass --output-dir PATH")
+    return cfg
+
+
+def mixup_active(cfg: dict[str, Any]) -> bool:
+    return cfg["mixup"] > 0 or cfg["cutmix"] > 0 or cfg["cutmix_minmax"] is not None
+
+
+# ---------------------------------------------------------------------------------------------- data
+def train_transform(cfg: dict[str, Any]) -> Any:
+    """timm's ImageNet training pipeline: RandomResizedCrop (bicubic) + flip [+ RandAugment, colour jitter,
+    random erasing]. With auto_augment=None and reprob=0 it is the linear probe's crop + flip."""
+    from timm.data import create_transform
+
+    return create_transform(cfg["img_size"], is_training=True, scale=tuple(cfg["crop_scale"]),
+                            color_jitter=cfg["color_jitter"], auto_augment=cfg["auto_augment"] or None,
+                            interpolation="bicubic", re_prob=cfg["reprob"], re_mode=cfg["remode"],
+                            re_count=cfg["recount"], mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def build_datasets(cfg: dict[str, Any]) -> tuple[LabelledImageFolder, LabelledImageFolder]:
+    """(train, val) ImageFolders under data_path; their class folders must be the same."""
+    root = Path(cfg["data_path"])
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise MaeTransferError(f"{root / split} not found: the data root needs train/<class>/ and val/<class>/ folders")
+    train = LabelledImageFolder(root / "train", train_transform(cfg), strict=True)
+    val = LabelledImageFolder(root / "val", eval_transform(cfg["img_size"], cfg["eval_crop_pct"]), strict=True)
+    if val.classes != train.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise MaeTransferError(f"{root}: train and val class folders differ (only in train: {only_train}, "
+                               f"only in val: {only_val})")
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_classifier(cfg: dict[str, Any], num_classes: int) -> VisionTransformer:
+    """Our ViT with a classification head: `fc_norm` + linear (global_pool='avg'), or, for the linear probe,
+    `head = Sequential(BatchNorm1d(affine=False), Linear)` on the cls token (the official linprobe layout,
+    so its checkpoints use `head.1.weight`)."""
+    vit = create_vit(cfg["model"], img_size=cfg["img_size"], **{
+        **cfg["encoder_overrides"], "num_classes": num_classes, "global_pool": cfg["global_pool"],
+        "drop_path_rate": cfg["drop_path"]})
+    if cfg["mode"] == "linprobe":
+        vit.head = nn.Sequential(nn.BatchNorm1d(vit.embed_dim, affine=False, eps=1e-6), vit.head)
+    return vit
+
+
+def classifier_head(model: VisionTransformer) -> nn.Linear:
+    return model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
+
+
+def init_from_pretrained(model: VisionTransformer, path: str, cfg: dict[str, Any]) -> None:
+    """Load pretrained weights (any supported format, pos-embed resampled) and start a new head, as the
+    official fine-tuning does: a head in the checkpoint is not kept; fc_norm is kept if present."""
+    sd, report = load_backbone_state_dict(path, model, cfg["allow_pickle"])
+    model.load_state_dict(sd, strict=True)
+    logger.info("%s", report)
+    head = classifier_head(model)
+    nn.init.trunc_normal_(head.weight, std=cfg["head_init_std"])
+    nn.init.zeros_(head.bias)
+
+
+def load_for_eval(model: VisionTransformer, path: str | Path, allow_pickle: bool = False) -> None:
+    """Load a whole fine-tuned classifier (ours, official MAE fine-tuned / linprobe, timm, DeiT, HF ...):
+    every tensor must be there and the head must have the data's number of classes."""
+    sd, report = load_backbone_state_dict(str(path), model, allow_pickle)
+    head_notes = [n for n in report.notes if n.startswith("'head")]
+    if head_notes:
+        raise MaeTransferError(f"{path}: checkpoint head does not match the data's "
+                               f"{classifier_head(model).out_features} classes ({head_notes[0]})")
+    if report.missing:
+        raise MaeTransferError(f"{path}: not a fine-tuned classifier for this config: {len(report.missing)} tensor(s) "
+                               f"missing, e.g. {report.missing[0]!r} (mode/global_pool must match the checkpoint)")
+    model.load_state_dict(sd, strict=True)
+    logger.info("%s", report)
+
+
+# ---------------------------------------------------------------------------------------------- optimiser
+def build_optimizer(model: VisionTransformer, cfg: dict[str, Any], base_lr: float) -> torch.optim.Optimizer:
+    """AdamW with layer-wise lr decay (the shared `param_groups`), or LARS / SGD for the linear probe.
+    Every group carries `lr_scale`; the schedule sets `lr = lr_at(...) * lr_scale`."""
+    groups = param_groups(model, base_lr, cfg["weight_decay"], cfg["layer_decay"], num_layers=len(model.blocks))
+    if not groups:
+        raise MaeTransferError("nothing to train: every parameter is frozen")
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg["betas"]))
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr, momentum=cfg["momentum"])
+    from timm.optim import Lars
+
+    # The official MAE LARS scales the update of weight matrices only (not biases / norms), even with no
+    # weight decay: timm's Lars does that per group with always_adapt.
+    for g in groups:
+        g["always_adapt"] = any(p.ndim > 1 for p in g["params"])
+    return Lars(groups, lr=base_lr, momentum=cfg["momentum"], trust_coeff=0.001)
+
+
+def build_criterion(cfg: dict[str, Any]) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active(cfg):
+        return SoftTargetCrossEntropy()  # mixup produces smoothed soft targets
+    if cfg["smoothing"] > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    return nn.CrossEntropyLoss()
+
+
+def build_mixup(cfg: dict[str, Any], num_classes: int) -> Any:
+    if not mixup_active(cfg):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg["mixup"], cutmix_alpha=cfg["cutmix"], cutmix_minmax=cfg["cutmix_minmax"],
+                 prob=cfg["mixup_prob"], switch_prob=cfg["mixup_switch_prob"], mode=cfg["mixup_mode"],
+                 label_smoothing=cfg["smoothing"], num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             amp_dtype: torch.dtype | None = None, world: int = 1) -> dict[str, float]:
+    """Top-1 / top-k (k = min(5, classes)) accuracy in percent and cross-entropy over the loader's images;
+    under DDP every process evaluates its own shard and the sums are reduced (exact, no padding)."""
+    model.eval()
+    k = min(5, num_classes)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-k, count
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(imgs)
+        logits = logits.float()
+        topk = logits.topk(k, dim=-1).indices
+        totals += torch.stack([
+            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            (topk[:, 0] == labels).sum().double(),
+            (topk == labels[:, None]).any(-1).sum().double(),
+            torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(totals)
+    n = max(float(totals[3]), 1.0)
+    return {"acc1": 100.0 * float(totals[1]) / n, "acc5": 100.0 * float(totals[2]) / n, "topk": k,
+            "loss": float(totals[0]) / n, "num_images": int(totals[3])}
+
+
+def _val_loader(val: LabelledImageFolder, cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> DataLoader:
+    shard = Subset(val, range(rank, len(val), world)) if world > 1 else val
+    return DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
+                      pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def finetune(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train (or resume) a classifier; returns the per-epoch history (loss, lr, acc1, acc5, ...)."""
+    cfg = resolve_config(cfg)
+    rank, world, device = init_distributed(cfg["device"])
+    try:
+        return _finetune(cfg, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
+    """`--eval`: load a fine-tuned classifier, evaluate it on data_path/val, write output_dir/eval_metrics.json."""
+    cfg = resolve_config(cfg)
+    rank, world, device = init_distributed(cfg["device"])
+    try:
+        _, val = build_datasets(cfg)
+        nc = _num_classes(cfg, val)
+        model = build_classifier(cfg, nc)
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise MaeTransferError(f"checkpoint not found: {path}")
+        load_for_eval(model, path, cfg["allow_pickle"])
+        model.to(device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        metrics = evaluate(model, _val_loader(val, cfg, rank, world, device), device, nc, amp_dtype, world)
+        metrics["checkpoint"] = str(path)
+        if rank == 0:
+            _write_metrics(Path(cfg["output_dir"]), metrics)
+        return metrics
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _num_classes(cfg: dict[str, Any], dataset: LabelledImageFolder) -> int:
+    found = len(dataset.classes)
+    if cfg["num_classes"] is not None and cfg["num_classes"] != found:
+        raise MaeTransferError(f"num_classes={cfg['num_classes']} but {dataset.root} has {found} class folders")
+    return found
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(json.dumps(metrics, indent=1) + "\n", out / "eval_metrics.json")
+
+
+def _finetune(cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
+    main = rank == 0
+    out = Path(cfg["output_dir"])
+    if cfg["amp"] == "fp16" and device.type != "cuda":
+        raise MaeTransferError("amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' or 'none' on CPU")
+    train, val = build_datasets(cfg)  # bad data fails before a large model is built
+    nc = _num_classes(cfg, train)
+    cfg["num_classes"] = nc
+    per_rank = math.ceil(len(train) / world)
+    iters = per_rank // cfg["batch_size"] // cfg["accum_iter"] * cfg["accum_iter"]
+    if iters == 0:
+        raise MaeTransferError(f"{len(train)} training images give no full step of batch_size={cfg['batch_size']} x "
+                               f"accum_iter={cfg['accum_iter']} per process ({world} process(es)); lower batch_size")
+
+    seed_everything(cfg["seed"])  # model init
+    model = build_classifier(cfg, nc)
+    if cfg["finetune"]:
+        if not Path(cfg["finetune"]).exists():
+            raise MaeTransferError(f"pretrained checkpoint not found: {cfg['finetune']}")
+        init_from_pretrained(model, cfg["finetune"], cfg)
+    else:
+        nn.init.trunc_normal_(classifier_head(model).weight, std=cfg["head_init_std"])
+        logger.info("no pretrained weights (finetune=''): training from random init")
+    if cfg["freeze_blocks"]:
+        freeze_blocks(model, cfg["freeze_blocks"])
+    model.to(device)
+    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
+    base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
+    optimizer = build_optimizer(model, cfg, base_lr)
+    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
+    criterion, mixup = build_criterion(cfg), build_mixup(cfg, nc)
+
+    start_epoch, history = 0, []
+    resume_path = find_resume_checkpoint(cfg)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path, CLASSIFIER_FORMAT, TOOL)
+        if ckpt.get("classes") != train.classes:
+            raise MaeTransferError(f"cannot resume from {resume_path}: it was trained on classes {ckpt.get('classes')}, "
+                                   f"the data has {train.classes}")
+        _load_state(model, ckpt["model"], "model", resume_path)
+        _load_state(optimizer, ckpt["optimizer"], "optimizer", resume_path)
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
+        logger.info("resumed from %s (%d epoch(s) done)", resume_path, start_epoch)
+    if start_epoch >= cfg["epochs"]:
+        logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
+        return history
+
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    loader_gen = torch.Generator()
+    loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
+                        pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
+    val_loader = _val_loader(val, cfg, rank, world, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    writer = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch * iters // cfg["accum_iter"])
+        logger.info("%s %s: %d classes, %d train / %d val images, %d process(es), effective batch %d, lr %.3g, "
+                    "freeze_blocks %d, epochs %d-%d, output %s", cfg["mode"], cfg["model"], nc, len(train), len(val),
+                    world, eff_batch, base_lr, cfg["freeze_blocks"], start_epoch + 1, cfg["epochs"], out)
+    accum = cfg["accum_iter"]
+    last_good = resume_path
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            seed = epoch_seed(cfg["seed"], epoch, rank)
+            seed_everything(seed)  # augmentation, mixup (numpy) and drop path: exact on resume
+            loader_gen.manual_seed(seed)
+            sampler.set_epoch(epoch)
+            net.train()
+            optimizer.zero_grad(set_to_none=True)
+            start, loss_sum, lr = time.time(), 0.0, base_lr
+            progress = _progress(itertools.islice(loader, iters), iters, f"epoch {epoch + 1}/{cfg['epochs']}",
+                                 main and cfg["progress"])
+            for it, (imgs, labels) in enumerate(progress):
+                if it % accum == 0:
+                    lr = lr_at(epoch + it / iters, cfg, base_lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                targets = labels
+                if mixup is not None:
+                    imgs, targets = mixup(imgs, labels)
+                step_now = (it + 1) % accum == 0
+                sync = contextlib.nullcontext() if step_now or world == 1 else net.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss = criterion(net(imgs).float(), targets)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise MaeTransferError(f"loss is {loss_value} at epoch {epoch + 1} iteration {it + 1}; stopped "
+                                               f"(last good checkpoint: {last_good or 'none'}); try a lower lr")
+                    loss = loss / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                if step_now:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if cfg["clip_grad"]:
+                        nn.utils.clip_grad_norm_(trainable, cfg["clip_grad"])
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss_value
+                if writer is not None and step_now:
+                    step = (epoch * iters + it) // accum
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/lr", lr, step)
+                if main and cfg["progress"]:
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            total = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(total)
+            record = {"epoch": epoch + 1, "loss": float(total[0]) / (iters * world), "lr": lr,
+                      "seconds": round(time.time() - start, 1)}
+            if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
+                metrics = evaluate(net, val_loader, device, nc, amp_dtype, world)
+                record.update({"acc1": metrics["acc1"], "acc5": metrics["acc5"], "val_loss": metrics["loss"]})
+            history.append(record)
+            if main:
+                logger.info("epoch %d/%d  loss %.4f  lr %.3e  %.1fs%s", epoch + 1, cfg["epochs"], record["loss"], lr,
+                            record["seconds"], f"  val top-1 {record['acc1']:.2f}  top-{min(5, nc)} {record['acc5']:.2f}"
+                            if "acc1" in record else "")
+                writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
+                if "acc1" in record:
+                    writer.add_scalar("val/acc1", record["acc1"], epoch + 1)
+                    writer.add_scalar("val/acc5", record["acc5"], epoch + 1)
+                    writer.add_scalar("val/loss", record["val_loss"], epoch + 1)
+                state = {"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
+                         "config": copy.deepcopy(cfg), "history": copy.deepcopy(history), "classes": list(train.classes),
+                         "world_size": world}
+                last_good, _ = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"], history)
+            if world > 1:
+                dist.barrier()  # nobody reads checkpoint_last.pth before it is complete
+    finally:
+        if writer is not None:
+            writer.close()
+    if main:
+        final = {k: history[-1][k] for k in ("acc1", "acc5") if k in history[-1]}
+        evaluated = [h["acc1"] for h in history if "acc1" in h]
+        _write_metrics(out, {**final, "topk": min(5, nc), "loss": history[-1].get("val_loss"),
+                             "max_acc1": max(evaluated) if evaluated else None, "epoch": history[-1]["epoch"],
+                             "num_images": len(val), "classes": list(train.classes), "mode": cfg["mode"],
+                             "freeze_blocks": cfg["freeze_blocks"], "finetune": cfg["finetune"]})
+    return history

@@ -1,0 +1,259 @@
+"""The demo job's own logic (tools/demo.py): data layouts and up-front input checks, settings of an output
+folder, and its resumability: DONE markers, Ctrl-C / kill of a running step, re-run. The steps themselves
+are the real tools, tested in their own files; here a tiny stand-in tool takes their place."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mae_transfer.cli import run_cli
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.synthetic import make_shapes_dataset
+from tests.conftest import REPO_ROOT
+
+DEMO_PATH = REPO_ROOT / "tools" / "demo.py"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("demo_tool", DEMO_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_seg():
+    spec = importlib.util.spec_from_file_location("train_seg_for_demo", REPO_ROOT / "tools" / "train_seg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------- data layouts
+def test_seg_data_finds_ade20k_and_its_options_fit_the_config(demo, ade20k_sample: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    """The real ADE20K sample (validation only): found from the root and from ADEChallengeData2016, trained on
+    validation with a warning; a copy with a training split trains on it. The options are keys of the config
+    train_seg.py accepts, and its own data check (label values vs 150 classes) passes on them."""
+    from mmengine.config import Config
+
+    inner = ade20k_sample / "ADEChallengeData2016"
+    for root in (ade20k_sample, inner):
+        seg = demo.find_seg_data(root)
+        assert (seg.layout, seg.root, seg.train_split) == ("ade20k", inner.resolve(), "validation")
+        assert "no training split" in capsys.readouterr().out
+    assert seg.config.name == "ade20k_upernet_vit_tiny_cpu.py"
+    assert "train_dataloader.dataset.data_prefix.img_path=images/validation" in seg.cfg_options()
+
+    full = tmp_path / "ade" / "ADEChallengeData2016"
+    for kind in ("images", "annotations"):
+        shutil.copytree(inner / kind / "validation", full / kind / "validation")
+        shutil.copytree(inner / kind / "validation", full / kind / "training")
+    seg = demo.find_seg_data(tmp_path / "ade")
+    assert (seg.root, seg.train_split) == (full, "training") and "warning" not in capsys.readouterr().out
+
+    train_seg = _train_seg()
+    cfg = Config.fromfile(str(seg.config))
+    train_seg.apply_cfg_options(cfg, seg.cfg_options(), str(seg.config))  # unknown keys would raise
+    assert cfg.train_dataloader.dataset.data_prefix.img_path == "images/training"
+    assert cfg.val_dataloader.dataset.data_prefix.img_path == "images/validation"
+    assert cfg.test_dataloader.dataset.data_root == str(full)
+    train_seg.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+
+
+def test_seg_data_builtin_layout_and_unknown_layout(demo, tmp_path: Path) -> None:
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, size=48)
+    seg = demo.find_seg_data(shapes)
+    assert (seg.layout, seg.root, seg.config.name) == ("builtin", shapes.resolve(), "shapes_upernet_vit_tiny_cpu.py")
+    roots = [f"{split}_dataloader.dataset.data_root={shapes.resolve()}" for split in ("train", "val", "test")]
+    assert seg.cfg_options() == roots
+
+    (tmp_path / "other" / "train").mkdir(parents=True)
+    with pytest.raises(MaeTransferError) as err:
+        demo.find_seg_data(tmp_path / "other")
+    msg = str(err.value)
+    assert str(tmp_path / "other") in msg and "ADEChallengeData2016" in msg and "labels/{train,val}" in msg
+    assert "\n" not in msg
+
+    for f in (shapes / "labels" / "val").iterdir():
+        f.unlink()
+    with pytest.raises(MaeTransferError, match="no label maps"):
+        demo.find_seg_data(shapes)
+
+
+# ------------------------------------------------------------------------------------------- up-front checks
+def _bad_coco(tmp_path: Path) -> Path:
+    (tmp_path / "imgs").mkdir()
+    js = tmp_path / "bad.json"
+    js.write_text(json.dumps(dict(images=[dict(id=1, file_name="missing.jpg", width=8, height=8)], annotations=[],
+                                  categories=[dict(id=1, name="a")])))
+    return js
+
+
+@pytest.mark.parametrize("case", ["seg_layout", "seg_missing", "images_empty", "det_image_missing", "det_val_only",
+                                  "det_data_layout", "det_both"])
+def test_bad_input_is_one_error_line_before_anything_runs(demo, tmp_path: Path, capsys, case: str) -> None:
+    (tmp_path / "empty").mkdir()
+    args = {
+        "seg_layout": ["--seg-data", str(tmp_path / "empty")],
+        "seg_missing": ["--seg-root", str(tmp_path / "nope")],  # the old name still works
+        "images_empty": ["--images", str(tmp_path / "empty")],
+        "det_image_missing": ["--det-train-json", str(_bad_coco(tmp_path)),
+                              "--det-train-images", str(tmp_path / "imgs")] if case == "det_image_missing" else [],
+        "det_val_only": ["--det-val-json", "a.json", "--det-val-images", "imgs"],
+        "det_data_layout": ["--det-data", str(tmp_path / "empty")],
+        "det_both": ["--det-data", str(tmp_path), "--det-train-json", "a.json", "--det-train-images", "imgs"],
+    }[case]
+    expect = {"seg_layout": "not a known layout", "seg_missing": "folder not found",
+              "images_empty": "--images: no images",
+              "det_image_missing": "image file not found: ", "det_val_only": "needs --det-train-json",
+              "det_data_layout": "not the COCO layout", "det_both": "not both"}[case]
+    out = tmp_path / "out"
+    assert run_cli(demo.main, ["--output", str(out), *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert not out.exists()  # nothing was run or written
+
+
+def test_det_data_coco_root_with_one_split(demo, coco_tiny: Path, capsys) -> None:
+    import argparse
+
+    ns = argparse.Namespace(det_data=str(coco_tiny), det_train_json=None, det_train_images=None,
+                            det_val_json=None, det_val_images=None)
+    det = demo.find_det_data(ns)
+    assert det.train_json == det.val_json == (coco_tiny / "annotations" / "instances_train2017.json").resolve()
+    assert "only train2017" in capsys.readouterr().out
+    pictures = demo.check_det_data(det)
+    assert len(pictures) == demo.NUM_PICTURES and all(p.is_file() for p in pictures)
+
+
+def test_output_folder_keeps_its_settings(demo, tmp_path: Path) -> None:
+    settings = dict(images="built-in", det_iters=200, seg_data="built-in")
+    demo.check_settings(tmp_path, settings)
+    demo.check_settings(tmp_path, dict(settings))  # same settings: continue
+    with pytest.raises(MaeTransferError, match=r"det_iters: 200 -> 40.*another --output"):
+        demo.check_settings(tmp_path, dict(settings, det_iters=40))
+
+
+def test_det_metrics_last_evaluation_and_cut_lines(demo, tmp_path: Path) -> None:
+    rows = [dict(iteration=9, total_loss=1.0), {"bbox/AP": 1.0, "segm/AP": 0.5, "iteration": 9},
+            dict(iteration=4, total_loss=2.0), {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0, "iteration": 9}]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3, "tot')
+    assert demo.read_det_metrics(tmp_path) == {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0}
+
+
+# ------------------------------------------------------------------------------------------- interrupt + re-run
+FAKE_TOOL = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    runs = Path(sys.argv[1]) / "runs"
+    first = not runs.exists()
+    try:
+        with open(runs, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        print("tool started", flush=True)
+        if first:  # the first run works until it is stopped
+            time.sleep(120)
+    except KeyboardInterrupt:
+        print("tool stopped by SIGINT", flush=True)
+        sys.exit(130)
+    if len(sys.argv) > 2:
+        sys.exit(int(sys.argv[2]))
+""")
+DRIVER = textwrap.dedent("""
+    import importlib.util, sys
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("demo", sys.argv[1])
+    demo = sys.modules["demo"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = Path(sys.argv[2])
+
+    def run():
+        demo.run_step("fake step", out / "DONE", [sys.argv[3], str(out), *sys.argv[4:]], out / "fake.log")
+        return 0
+
+    sys.exit(demo.run_cli(lambda argv: demo.stop_cleanly(out, run)))
+""")
+
+
+def _scripts(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "tool.py").write_text(FAKE_TOOL)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    return tmp_path / "tool.py", tmp_path / "driver.py"
+
+
+def _drive(tmp_path: Path, out: Path, *extra: str, stop: signal.Signals | None = None, group: bool = True):
+    """Run the driver in its own session (a terminal's process group); optionally send `stop` once the tool runs."""
+    tool, driver = _scripts(tmp_path)
+    out.mkdir(exist_ok=True)
+    runs = out / "runs"
+    before = len(runs.read_text().split()) if runs.exists() else 0
+    proc = subprocess.Popen([sys.executable, str(driver), str(DEMO_PATH), str(out), str(tool), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if stop is not None:
+        deadline = time.time() + 60
+        while not (runs.exists() and len(runs.read_text().split()) > before):
+            assert time.time() < deadline and proc.poll() is None, "the tool never started"
+            time.sleep(0.05)
+        (os.killpg if group else os.kill)(proc.pid, stop)
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stdout, stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["ctrl-c-process-group", "sigint-demo-only"])
+def test_ctrl_c_stops_step_cleanly_and_rerun_finishes_then_skips(tmp_path: Path, group: bool) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = _drive(tmp_path, out, stop=signal.SIGINT, group=group)
+    assert code == 130
+    assert "Traceback" not in stdout + stderr
+    assert stderr.strip().splitlines() == [f"[demo] interrupted: finished steps are kept in {out}; run the same "
+                                           "command again to continue"]
+    assert not (out / "DONE").exists()
+    tool_pid = int((out / "runs").read_text().split()[0])
+    assert not _alive(tool_pid)  # the tool was stopped, not left running
+    assert "tool stopped by SIGINT" in (out / "fake.log").read_text()  # it got SIGINT (forwarded if needed)
+    if not group:
+        return
+
+    code, stdout, _ = _drive(tmp_path, out)  # re-run: the interrupted step runs again and finishes
+    assert code == 0 and "done in" in stdout
+    record = json.loads((out / "DONE").read_text())
+    assert record["step"] == "fake step" and record["command"][1] == str(out)
+    assert len((out / "runs").read_text().split()) == 2
+    assert (out / "fake.log").read_text().count("$ ") == 2  # both attempts are in the log
+
+    code, stdout, _ = _drive(tmp_path, out)  # finished: skipped, the tool does not run
+    assert code == 0 and "fake step: skipped, finished in an earlier run" in stdout
+    assert len((out / "runs").read_text().split()) == 2
+
+
+def test_kill_leaves_no_marker_and_failures_name_the_log(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, _ = _drive(tmp_path, out, stop=signal.SIGKILL)  # kill -9 of the whole process group
+    assert code == -signal.SIGKILL and not (out / "DONE").exists()
+    assert not list(out.glob(".DONE.*"))  # no half-written marker either
+    code, _, stderr = _drive(tmp_path, out, "3")  # re-run; this time the tool fails (exit 3)
+    assert code == 2 and "error: step failed (exit 3)" in stderr and str(out / "fake.log") in stderr
+    assert not (out / "DONE").exists()
+
+
