@@ -42,7 +42,7 @@ from mae_transfer.engine import (AMP_MODES, _load_state, _progress, epoch_seed, 
                                  init_distributed, load_checkpoint, lr_at, save_epoch_checkpoint, seed_everything)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.optim import freeze_blocks, param_groups
+from mae_transfer.optim import adamw, freeze_blocks, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def build_optimizer(model: VisionTransformer, cfg: dict[str, Any], base_lr: floa
     if not groups:
         raise MaeTransferError("nothing to train: every parameter is frozen")
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg["betas"]))
+        return adamw(groups, base_lr, cfg["betas"])
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=base_lr, momentum=cfg["momentum"])
     from timm.optim import Lars

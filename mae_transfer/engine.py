@@ -49,7 +49,7 @@ from mae_transfer.data import (ImageFolderDataset, LabelledImageFolder, eval_tra
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
-from mae_transfer.optim import no_weight_decay
+from mae_transfer.optim import adamw, no_weight_decay
 
 logger = logging.getLogger(__name__)
 
@@ -347,8 +347,7 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
     model = build_model(cfg).to(device)
     eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
     base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"]), lr=base_lr,
-                                  betas=tuple(cfg["betas"]))
+    optimizer = adamw(param_groups_weight_decay(model, cfg["weight_decay"]), base_lr, cfg["betas"])
     scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
 
     start_epoch, history = 0, []

@@ -6,7 +6,8 @@
 
 Each measurement runs in a fresh subprocess, so peak memory (max RSS on CPU, max allocated on GPU) is
 that model's alone. Pairs:
-  pretrain: our MaskedAutoencoder vs HF ViTMAEForPreTraining (same architecture), fwd+bwd+AdamW, mask 0.75
+  pretrain: our MaskedAutoencoder vs HF ViTMAEForPreTraining (same architecture, HF's default SDPA
+            attention), fwd+bwd+AdamW (fused, both), mask 0.75
   det:      our ViT (windows 14, global blocks, rel-pos) vs detectron2's ViT, same weights, fwd+bwd
   seg:      UperNet train iteration with our registered backbone vs mmseg's MAE backbone
 The machine's dense matmul rate is measured in the same run, and our achieved FLOP rate is given as a
@@ -112,7 +113,12 @@ def worker_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         model = ViTMAEForPreTraining(config).to(args.device)
         run = lambda: model(pixel_values=imgs, noise=noise).loss  # noqa: E731
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    # Both sides: torch's fused AdamW with no decay on 1-D tensors — our engine's optimizer, and HF Trainer's
+    # default (optim="adamw_torch_fused" on torch >= 2.8, bias/LayerNorm without decay).
+    from mae_transfer.engine import param_groups_weight_decay
+    from mae_transfer.optim import adamw
+
+    opt = adamw(param_groups_weight_decay(model, 0.05), 1e-4, (0.9, 0.95))
 
     def step() -> None:
         loss = run()
