@@ -106,19 +106,6 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw:
 # adds the two rel-pos terms in place, and recomputes the probabilities in backward instead of storing them
 # (as flash attention does), so nothing of size N x N is kept between forward and backward.
 CHUNKED_ATTENTION_MIN_TOKENS = 1024  # below this (window blocks, 224-px models) SDPA's batched kernels win
-# Training on CPU with short sequences (MAE encoder 50 / decoder 197 tokens, 14x14 windows): SDPA's CPU flash
-# kernel has a slow backward there; its math backend (plain batched matmuls + softmax) is ~8% faster per
-# MAE-B step (measured: 3.69 s vs 3.91 s, batch 8, 2 threads). Inference and long sequences keep the default.
-CPU_MATH_ATTENTION_MAX_TOKENS = 256
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_TOKENS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 CHUNK_QUERIES = 1024  # query rows per chunk: 1024 x 4096 fp32 logits = 16 MB
 
 
@@ -227,7 +214,7 @@ class Attention(nn.Module):
                 out = _ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, self.head_dim ** -0.5)
                 return self.proj(out.transpose(1, 2).reshape(b, -1, c)).reshape(shape)
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
-        out = _sdpa(q, k, v, bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(1, 2).reshape(b, -1, c)
         return self.proj(out).reshape(shape)
 
