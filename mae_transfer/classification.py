@@ -39,7 +39,8 @@ from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer.checkpoint import load_backbone_state_dict
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
 from mae_transfer.engine import (AMP_MODES, _load_state, _progress, epoch_seed, find_resume_checkpoint,
-                                 init_distributed, load_checkpoint, lr_at, save_epoch_checkpoint, seed_everything)
+                                 init_distributed, load_checkpoint, log_iteration, lr_at, optimizer_step,
+                                 save_epoch_checkpoint, seed_everything)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.optim import adamw, freeze_blocks, param_groups
@@ -438,23 +439,10 @@ def _finetune(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
                     loss = loss / accum
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 if step_now:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if cfg["clip_grad"]:
-                        nn.utils.clip_grad_norm_(trainable, cfg["clip_grad"])
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(optimizer, scaler, cfg["clip_grad"], trainable)
                 loss_sum += loss_value
-                if writer is not None and step_now:
-                    step = (epoch * iters + it) // accum
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                if main and cfg["progress"]:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                log_iteration(writer if step_now else None, progress if main and cfg["progress"] else None,
+                              loss_value, lr, (epoch * iters + it) // accum)
             total = torch.tensor([loss_sum], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(total)

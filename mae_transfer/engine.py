@@ -424,19 +424,10 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
                     loss = loss / accum
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 if step_now:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(optimizer, scaler)
                 loss_sum += loss_value
-                if writer is not None and step_now:
-                    step = (epoch * iters + it) // accum
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                if main and cfg["progress"]:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                log_iteration(writer if step_now else None, progress if main and cfg["progress"] else None,
+                              loss_value, lr, (epoch * iters + it) // accum)
             # Epoch sums of all processes; moved to the device because nccl reduces CUDA tensors only.
             totals = torch.stack([loss_sum, correct]).to(device)
             if world > 1:
@@ -460,6 +451,30 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         if writer is not None:
             writer.close()
     return history
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   clip_grad: float | None = None, params: list[nn.Parameter] | None = None) -> None:
+    """One update after the (accumulated) backward passes: unscale (fp16) + clip if asked, step, zero grads."""
+    if clip_grad:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params or [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def log_iteration(writer: Any, progress: Any, loss: float, lr: float, step: int) -> None:
+    """TensorBoard scalars of an optimizer step (writer None: not a step / not rank 0) and the progress bar."""
+    if writer is not None:
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/lr", lr, step)
+    if progress is not None:
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
 
 def _progress(loader: Any, total: int, desc: str, enabled: bool) -> Any:

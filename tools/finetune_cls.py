@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.cli import run_cli, setup_training_cli  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 
@@ -44,13 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.resume and "=" in args.resume and not Path(args.resume).exists():
-        args.overrides.insert(0, args.resume)  # `--resume key=value`: a bare --resume
-        args.resume = "auto"
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    rank = setup_training_cli(args)
     if not args.config:
         raise MaeTransferError("--config is required (e.g. configs/cls_finetune_vit_tiny_cpu.py)")
     from mae_transfer.classification import evaluate_checkpoint, finetune
