@@ -86,7 +86,8 @@ def worker_matmul(args: argparse.Namespace) -> dict[str, Any]:
 
     n = 2048
     a, b = torch.randn(n, n, device=args.device), torch.randn(n, n, device=args.device)
-    sec = _timeit(lambda: torch.mm(a, b), 3, 10, args.device)
+    # Best of 8 rounds: shared / boosting cloud cores give single readings from ~100 to ~180 GFLOP/s here.
+    sec = min(_timeit(lambda: torch.mm(a, b), 2 if i == 0 else 0, 5, args.device) for i in range(8))
     return dict(gflops=2 * n ** 3 / sec / 1e9)
 
 
@@ -260,7 +261,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         f"# Benchmark results ({meta['size']}, {meta['device']})", "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
         f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; each model in its own process.",
-        f"Dense fp32 matmul (2048^3) on this machine: **{peak:.1f} GFLOP/s**.", "",
+        f"Dense fp32 matmul (2048^3) on this machine: **{peak:.1f} GFLOP/s** (best of 8 rounds, measured before and "
+        f"after the models: {' / '.join(f'{g:.1f}' for g in results.get('matmul_gflops_start_end', [peak]))}).", "",
         *rows, "",
         "speed ratio = ours / peer throughput (higher is better); memory ratio = ours / peer peak memory "
         "(CPU: max RSS of the process, includes the framework; lower is better).", "",
@@ -302,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                                       memory_ratio=ours["peak_mem_mb"] / peer["peak_mem_mb"])
         print(f"[benchmark] {task}: {results['tasks'][task]['speed_ratio']:.2f}x speed, "
               f"{results['tasks'][task]['memory_ratio']:.2f}x memory", flush=True)
+    # Measured again at the end: the peak the fractions use is the higher of the two readings.
+    results["matmul_gflops_start_end"] = [results["matmul_gflops"], measure("matmul", "ours", args)["gflops"]]
+    results["matmul_gflops"] = max(results["matmul_gflops_start_end"])
     path = write_report(results, args.out)
     print(path.read_text())
     return 0
