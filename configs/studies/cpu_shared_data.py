@@ -8,10 +8,11 @@ configs/mae_pretrain_vit_tiny_cpu.py; labels unused) and with the supervised obj
 (configs/supervised_pretrain_vit_tiny_cpu.py); and random init. Tasks: Mask R-CNN on fruits_nuts (18
 photos; trained and evaluated on the same images: there is no held-out split) and UperNet on camvid_mini
 (60 train / 20 val). freeze_blocks 0 / 2 / -1 = 4 / 2 / 0 blocks fine-tuned. The iteration counts are
-what fits ~10-12 minutes on 2 CPU cores (measured per cell, one thread: pretraining ~3 s/epoch, a det
-cell ~15 s + 1.5 s/iter, a seg cell ~16 s + 0.3 s/iter): a smoke-scale comparison of the pipeline, not
-a result. When other jobs share the cores, run it with OMP_NUM_THREADS=1 (inherited by every tool):
-oversubscribed OpenMP threads made the same cells 5-10x slower here.
+what fits ~10 minutes on 2 CPU cores (measured: 8 min 59 s for both pretrainings and all 18 cells, nothing
+else running; per cell, one thread: pretraining ~3 s/epoch, a det cell ~15 s + 1.5 s/iter, a seg cell
+~16 s + 0.3 s/iter): a smoke-scale comparison of the pipeline, not a result. When other jobs share the
+cores, run it with OMP_NUM_THREADS=1 (inherited by every tool): oversubscribed OpenMP threads made the same
+cells 5-10x slower here.
 """
 name = "cpu_shared_data"
 depth = 4
