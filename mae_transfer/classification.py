@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer.checkpoint import load_backbone_state_dict
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
-from mae_transfer.engine import (AMP_MODES, _load_state, _progress, epoch_seed, find_resume_checkpoint,
-                                 init_distributed, load_checkpoint, log_iteration, lr_at, optimizer_step,
+from mae_transfer.engine import (AMP_MODES, _progress, epoch_seed, find_resume_checkpoint, init_distributed,
+                                 load_checkpoint, log_iteration, lr_at, optimizer_step, restore_training_state,
                                  save_epoch_checkpoint, seed_everything)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
@@ -375,12 +375,7 @@ def _finetune(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         if ckpt.get("classes") != train.classes:
             raise MaeTransferError(f"cannot resume from {resume_path}: it was trained on classes {ckpt.get('classes')}, "
                                    f"the data has {train.classes}")
-        _load_state(model, ckpt["model"], "model", resume_path)
-        _load_state(optimizer, ckpt["optimizer"], "optimizer", resume_path)
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
-        logger.info("resumed from %s (%d epoch(s) done)", resume_path, start_epoch)
+        start_epoch, history = restore_training_state(ckpt, resume_path, model, optimizer, scaler)
     if start_epoch >= cfg["epochs"]:
         logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
         return history

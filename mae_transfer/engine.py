@@ -279,6 +279,19 @@ def _load_state(module: Any, state: dict[str, Any], what: str, path: Path) -> No
         raise MaeTransferError(f"cannot resume from {path}: {what} does not match the config ({' '.join(first[:2])})") from err
 
 
+def restore_training_state(ckpt: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> tuple[int, list[dict[str, Any]]]:
+    """Load model, optimizer and scaler state from a training checkpoint (read by `load_checkpoint`);
+    returns (completed epochs, history)."""
+    _load_state(model, ckpt["model"], "model", path)
+    _load_state(optimizer, ckpt["optimizer"], "optimizer", path)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    start_epoch = int(ckpt["epoch"])
+    logger.info("resumed from %s (%d epoch(s) done)", path, start_epoch)
+    return start_epoch, list(ckpt.get("history", []))
+
+
 # ---------------------------------------------------------------------------------------------- pictures
 @torch.no_grad()
 def save_reconstruction(model: MaskedAutoencoder, imgs: torch.Tensor, path: Path, seed: int) -> Path:
@@ -353,13 +366,7 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
     start_epoch, history = 0, []
     resume_path = find_resume_checkpoint(cfg)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        _load_state(model, ckpt["model"], "model", resume_path)
-        _load_state(optimizer, ckpt["optimizer"], "optimizer", resume_path)
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, history = int(ckpt["epoch"]), list(ckpt.get("history", []))
-        logger.info("resumed from %s (%d epoch(s) done)", resume_path, start_epoch)
+        start_epoch, history = restore_training_state(load_checkpoint(resume_path), resume_path, model, optimizer, scaler)
     if start_epoch >= cfg["epochs"]:
         logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
         return history
