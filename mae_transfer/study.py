@@ -276,21 +276,27 @@ def has_checkpoint(study: Study, cell: Cell) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def read_det_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
-    """The last evaluation in detectron2's `metrics.json` (one json object per line): AP^box, AP^mask."""
+def last_det_evaluation(output_dir: str | os.PathLike) -> dict[str, float]:
+    """bbox/* and segm/* of the last evaluation in detectron2's `metrics.json` (one json object per line; a
+    line cut by a kill is skipped; a resumed run appends); {} when there is none."""
     path = Path(output_dir) / "metrics.json"
     found: dict[str, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if "bbox/AP" in row:
-                found = {ours: float(row[theirs]) for theirs, ours in DET_METRICS.items() if theirs in row}
-    if not found:
-        raise MaeTransferError(f"no evaluation (bbox/AP) in {path}")
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "bbox/AP" in row:
+            found = {k: v for k, v in row.items() if k.startswith(("bbox/", "segm/"))}
     return found
+
+
+def read_det_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
+    """The last evaluation in detectron2's `metrics.json`: AP^box, AP^mask."""
+    row = last_det_evaluation(output_dir)
+    if not row:
+        raise MaeTransferError(f"no evaluation (bbox/AP) in {Path(output_dir) / 'metrics.json'}")
+    return {ours: float(row[theirs]) for theirs, ours in DET_METRICS.items() if theirs in row}
 
 
 def read_seg_metrics(work_dir: str | os.PathLike) -> dict[str, float]:

@@ -146,11 +146,14 @@ def test_output_folder_keeps_its_settings(demo, tmp_path: Path) -> None:
         demo.check_settings(tmp_path, dict(settings, det_iters=40))
 
 
-def test_det_metrics_last_evaluation_and_cut_lines(demo, tmp_path: Path) -> None:
+def test_det_metrics_last_evaluation_and_cut_lines(tmp_path: Path) -> None:
+    from mae_transfer.study import last_det_evaluation, read_det_metrics
+
     rows = [dict(iteration=9, total_loss=1.0), {"bbox/AP": 1.0, "segm/AP": 0.5, "iteration": 9},
             dict(iteration=4, total_loss=2.0), {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0, "iteration": 9}]
     (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3, "tot')
-    assert demo.read_det_metrics(tmp_path) == {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0}
+    assert last_det_evaluation(tmp_path) == {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0}  # what the demo prints
+    assert read_det_metrics(tmp_path) == {"AP_box": 7.0, "AP_mask": 3.0}  # what a study cell records
 
 
 # ------------------------------------------------------------------------------------------- interrupt + re-run

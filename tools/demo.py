@@ -396,21 +396,6 @@ def convert(out: Path, mae_ckpt: Path) -> Path:
     return dst
 
 
-def read_det_metrics(det_dir: Path) -> dict[str, float]:
-    """bbox/* and segm/* of the last evaluation in detectron2's metrics.json (json lines; a line cut by a
-    kill is skipped; a restarted run appends)."""
-    metrics: dict[str, float] = {}
-    path = det_dir / "metrics.json"
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "bbox/AP" in row:
-            metrics = {k: v for k, v in row.items() if k.startswith(("bbox/", "segm/"))}
-    return metrics
-
-
 def detect(args: argparse.Namespace, out: Path, data: dict[str, Any], init: Path) -> dict[str, Any]:
     det_dir = out / "det"
     cfg = ["--config", DET_CONFIG, *data["det"].args()]
@@ -433,7 +418,9 @@ def detect(args: argparse.Namespace, out: Path, data: dict[str, Any], init: Path
               "--score-thresh", "0.2",  # a short CPU run ranks well (AP) but scores low
               f"train.init_checkpoint={det_dir / 'model_final.pth'}", f"train.output_dir={det_dir}"],
              out / "logs" / "infer_det.log")
-    return dict(metrics=read_det_metrics(det_dir), pictures=sorted(pics.glob("*.png")))
+    from mae_transfer.study import last_det_evaluation
+
+    return dict(metrics=last_det_evaluation(det_dir), pictures=sorted(pics.glob("*.png")))
 
 
 def segment(args: argparse.Namespace, out: Path, data: dict[str, Any], init: Path) -> dict[str, Any]:
