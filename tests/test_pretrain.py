@@ -199,8 +199,17 @@ def test_gradient_accumulation_matches_the_larger_batch(coco_tiny: Path, tmp_pat
     big = load_checkpoint(tmp_path / "big" / "checkpoint_last.pth")
     accum = load_checkpoint(tmp_path / "accum" / "checkpoint_last.pth")
     assert abs(big["history"][0]["loss"] - accum["history"][0]["loss"]) < 1e-5
+    # Adam's moments are linear / quadratic in the gradients, so they show a wrong accumulation directly (a
+    # missing 1/accum_iter doubles them), whereas Adam's update g / (|g| + eps) is scale-free.
+    for index, state in big["optimizer"]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            scale = state[moment].abs().max().item()
+            torch.testing.assert_close(accum["optimizer"]["state"][index][moment], state[moment],
+                                       rtol=0, atol=1e-4 * scale)
+    # Weights: where a gradient is as small as eps, last-bit differences of the summation order (which depend
+    # on the CPU's BLAS kernels) move that element's Adam step by a few % of lr; 3e-5 = 3 % of one step.
     for key, value in big["model"].items():
-        torch.testing.assert_close(accum["model"][key], value, rtol=1e-4, atol=1e-5)  # Adam: ~1% of one lr step
+        torch.testing.assert_close(accum["model"][key], value, rtol=1e-4, atol=3e-5)
     init = build_mae(resolve_config(big["config"]))  # same seed -> the same initial weights
     assert not torch.equal(init.state_dict()["decoder_pred.weight"], big["model"]["decoder_pred.weight"])
 
