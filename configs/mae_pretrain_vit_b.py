@@ -31,6 +31,7 @@ min_lr = 0.0
 weight_decay = 0.05
 betas = (0.9, 0.95)
 amp = "bf16"  # the official code uses fp16 + GradScaler (amp="fp16", GPU only); bf16 needs no scaler
+compile = False  # True: torch.compile the training step (first steps slower while inductor compiles)
 
 # run
 seed = 0

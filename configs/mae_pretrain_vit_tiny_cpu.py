@@ -21,6 +21,7 @@ epochs = 40
 warmup_epochs = 4
 lr = 1.0e-3
 amp = "none"  # no bf16 hardware on these CPUs: autocast would be slower
+compile = False  # on this CPU compiling costs ~1-2 min and gives no measurable speed-up (benchmarks/README.md)
 device = "cpu"
 save_every = 10
 progress = False

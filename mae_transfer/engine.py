@@ -90,6 +90,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.05,
     betas=(0.9, 0.95),
     amp="none",  # none | bf16 | fp16 (GPU only, with GradScaler)
+    compile=False,  # torch.compile (inductor) the training forward+backward; checkpoints hold the plain model
     # run
     seed=0,
     device="auto",  # auto | cpu | cuda
@@ -119,6 +120,8 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise MaeTransferError(f"amp must be one of {AMP_MODES}, got {cfg['amp']!r}")
     if cfg["masking"] not in MASKING_STRATEGIES:
         raise MaeTransferError(f"masking must be one of {MASKING_STRATEGIES}, got {cfg['masking']!r}")
+    if not isinstance(cfg["compile"], bool):
+        raise MaeTransferError(f"compile must be True or False, got {cfg['compile']!r}")
     if not isinstance(cfg["encoder_overrides"], dict):
         raise MaeTransferError(f"encoder_overrides must be a dict, got {cfg['encoder_overrides']!r}")
     for key in ("batch_size", "accum_iter", "epochs", "save_every", "img_size"):
@@ -372,6 +375,8 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         return history
 
     mae = model  # the unwrapped model (MaskedAutoencoder or SupervisedClassifier)
+    if cfg["compile"]:
+        model = torch.compile(model)  # inside DDP: DDP's gradient hooks stay eager, checkpoints keep plain keys
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])

@@ -225,6 +225,22 @@ def test_bf16_autocast_runs_and_fp16_needs_a_gpu(coco_tiny: Path, tmp_path: Path
             pretrain(tiny_cfg(images, tmp_path / "fp16", *MICRO, "amp=fp16", "device=cpu"))
 
 
+def test_compiled_training_step_matches_eager(coco_tiny: Path, tmp_path: Path, one_thread) -> None:
+    images = copy_images(coco_tiny / "train2017", tmp_path / "images", 8)
+    common = [*MICRO, "epochs=2", "warmup_epochs=0", "lr=1e-3", "recon_images=1"]
+    eager = pretrain(tiny_cfg(images, tmp_path / "eager", *common))
+    compiled = pretrain(tiny_cfg(images, tmp_path / "compiled", *common, "compile=True"))
+    for a, b in zip(eager, compiled, strict=True):  # inductor fuses and reorders float sums: equal up to rounding
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (eager, compiled)
+    weights = load_checkpoint(tmp_path / "compiled" / "checkpoint_last.pth")["model"]
+    reference = load_checkpoint(tmp_path / "eager" / "checkpoint_last.pth")["model"]
+    assert weights.keys() == reference.keys()  # plain keys, no "_orig_mod." prefix
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-4)
+    with pytest.raises(MaeTransferError, match="compile must be True or False"):
+        resolve_config(tiny_cfg(images, tmp_path / "x", "compile='yes'"))
+
+
 def test_nonfinite_loss_stops_with_clear_error(coco_tiny: Path, tmp_path: Path, one_thread) -> None:
     images = copy_images(coco_tiny / "train2017", tmp_path / "images", 4)
     cfg = tiny_cfg(images, tmp_path / "out", *MICRO, "epochs=2", "warmup_epochs=0", "lr=1e30")
