@@ -2,12 +2,16 @@
 """Side-by-side speed and memory of our code against its peers, measured in one run.
 
   python tools/benchmark.py --size base            # CPU, writes benchmarks/results.{md,json}
-  python tools/benchmark.py --size tiny --only pretrain
+  python tools/benchmark.py --size base --only pretrain --rounds 10   # update one row
 
-Each measurement runs in a fresh subprocess, so peak memory (max RSS on CPU, max allocated on GPU) is
-that model's alone. Pairs:
+Speed: ours and the peer are built in one fresh process and their training steps interleaved (ours, peer,
+peer, ours per round), so both see the same machine from second to second; the ratio is the median over
+neighbouring steps. Memory: each side alone in its own fresh process (max RSS on CPU, max allocated on
+GPU), so the peak is that model's alone. Pairs:
   pretrain: our MaskedAutoencoder vs HF ViTMAEForPreTraining (same architecture, HF's default SDPA
             attention), fwd+bwd+AdamW (fused, both), mask 0.75
+  pretrain_compiled: the same with our model under torch.compile (the engine's compile=True) vs HF's
+            default (eager, as its Trainer runs unless torch_compile=True)
   det:      our ViT (windows 14, global blocks, rel-pos) vs detectron2's ViT, same weights, fwd+bwd
   seg:      UperNet train iteration with our registered backbone vs mmseg's MAE backbone
 The machine's dense matmul rate is measured in the same run, and our achieved FLOP rate is given as a
@@ -24,6 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
+from statistics import median
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +45,15 @@ GLOBAL_BLOCKS = {12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
 
 
 # ---------------------------------------------------------------------------------------------- workers
+@dataclass
+class Bench:
+    """One training step of one implementation, ready to call repeatedly."""
+
+    step: Callable[[], None]
+    images: int  # images per step
+    flops: float | None = None  # analytic FLOPs per step, where we have a count
+
+
 def _timeit(step: Callable[[], None], warmup: int, steps: int, device: str) -> float:
     import torch
 
@@ -91,7 +107,7 @@ def worker_matmul(args: argparse.Namespace) -> dict[str, Any]:
     return dict(gflops=2 * n ** 3 / sec / 1e9)
 
 
-def worker_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = False) -> Bench:
     import torch
 
     torch.manual_seed(0)
@@ -99,12 +115,13 @@ def worker_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     batch = SIZES[args.size][1]
     imgs = torch.randn(batch, 3, 224, 224, device=args.device)
     noise = torch.rand(batch, 196, device=args.device)
-    if args.impl == "ours":
+    if impl == "ours":
         import mae_transfer  # noqa: F401
         from mae_transfer.mae import MaskedAutoencoder
 
         model = MaskedAutoencoder(SIZES[args.size][0]).to(args.device)
-        run = lambda: model(imgs, noise=noise)[0]  # noqa: E731
+        forward = torch.compile(model) if compile_ours else model  # as the engine's compile=True
+        run = lambda: forward(imgs, noise=noise)[0]  # noqa: E731
     else:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
@@ -127,12 +144,10 @@ def worker_pretrain(args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    sec = _timeit(step, args.warmup, args.steps, args.device)
-    flops = mae_flops_per_image(dims["embed_dim"], dims["depth"]) * batch
-    return dict(sec_per_step=sec, img_per_s=batch / sec, gflops=flops / sec / 1e9)
+    return Bench(step, batch, mae_flops_per_image(dims["embed_dim"], dims["depth"]) * batch)
 
 
-def worker_det(args: argparse.Namespace) -> dict[str, Any]:
+def build_det(impl: str, args: argparse.Namespace) -> Bench:
     import torch
 
     torch.manual_seed(0)
@@ -142,7 +157,7 @@ def worker_det(args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(1, 3, img, img, device=args.device)
     kwargs = dict(img_size=224, patch_size=16, embed_dim=dims["embed_dim"], depth=dims["depth"],
                   num_heads=dims["num_heads"], drop_path_rate=0.0, window_size=14, use_rel_pos=True)
-    if args.impl == "ours":
+    if impl == "ours":
         import mae_transfer  # noqa: F401
         from backbones.vit import VisionTransformer
 
@@ -162,12 +177,10 @@ def worker_det(args: argparse.Namespace) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         run().float().square().mean().backward()
 
-    sec = _timeit(step, args.warmup, args.steps, args.device)
-    flops = vitdet_flops(dims["embed_dim"], dims["depth"], img // 16, 14, len(glob))
-    return dict(sec_per_step=sec, img_per_s=1 / sec, gflops=flops / sec / 1e9)
+    return Bench(step, 1, vitdet_flops(dims["embed_dim"], dims["depth"], img // 16, 14, len(glob)))
 
 
-def worker_seg(args: argparse.Namespace) -> dict[str, Any]:
+def build_seg(impl: str, args: argparse.Namespace) -> Bench:
     import torch
 
     import backbones.mmseg  # noqa: F401  registers our backbone (and applies the compat shims)
@@ -189,7 +202,7 @@ def worker_seg(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg.data_preprocessor.size = (crop, crop)
     depth, dim = dims["depth"], dims["embed_dim"]
     out_indices = tuple(int(round(depth * f)) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1))[:3] + (depth - 1,)
-    if args.impl == "ours":
+    if impl == "ours":
         model_cfg.backbone.update(embed_dim=dim, depth=depth, num_heads=dims["num_heads"], out_indices=out_indices)
     else:  # mmseg's own MAE backbone (BEiT-style, layer scale 1.0), same sizes
         model_cfg.backbone = dict(type="MAE", img_size=(crop, crop), patch_size=16, embed_dims=dim,
@@ -209,12 +222,63 @@ def worker_seg(args: argparse.Namespace) -> dict[str, Any]:
     data = dict(inputs=[torch.randint(0, 255, (3, crop, crop), dtype=torch.uint8) for _ in range(batch)],
                 data_samples=samples)
     model.train()
-    sec = _timeit(lambda: model.train_step(data, optim_wrapper), args.warmup, args.steps, args.device)
-    return dict(sec_per_step=sec, img_per_s=batch / sec)
+    return Bench(lambda: model.train_step(data, optim_wrapper), batch)
 
 
-WORKERS = {"matmul": worker_matmul, "pretrain": worker_pretrain, "det": worker_det, "seg": worker_seg}
-PEERS = {"pretrain": "HF ViTMAEForPreTraining", "det": "detectron2 ViT", "seg": "mmseg MAE backbone"}
+BUILDERS: dict[str, Callable[[str, argparse.Namespace], Bench]] = {
+    "pretrain": build_pretrain, "pretrain_compiled": partial(build_pretrain, compile_ours=True),
+    "det": build_det, "seg": build_seg}
+
+
+def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one implementation alone in this process, over two steps: the second one runs with
+    the optimizer state (AdamW moments) that the first created, next to its activations and gradients."""
+    bench = BUILDERS[args.task](args.impl, args)
+    for _ in range(2):
+        bench.step()
+    return {}
+
+
+def worker_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Both implementations in one process, steps interleaved ours, peer, peer, ours (ABBA) for
+    `args.steps` rounds; the speed ratio is the median of the ratios of neighbouring steps. The cores of
+    this cloud machine drift by 10-20 % between minutes (and processes); neighbouring steps see nearly
+    the same machine, so their ratio is far steadier than that of separate runs."""
+    import torch
+
+    benches = {impl: BUILDERS[args.task](impl, args) for impl in ("ours", "peer")}
+    times: dict[str, list[float]] = {"ours": [], "peer": []}
+
+    def timed(impl: str) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        benches[impl].step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        times[impl].append(time.perf_counter() - start)
+        return times[impl][-1]
+
+    for bench in benches.values():
+        for _ in range(args.warmup):
+            bench.step()
+    ratios = []
+    for _ in range(args.steps):
+        ours_first, peer_first = timed("ours"), timed("peer")
+        peer_second, ours_second = timed("peer"), timed("ours")
+        ratios += [peer_first / ours_first, peer_second / ours_second]
+    result: dict[str, Any] = dict(speed_ratio=median(ratios), pair_ratios=ratios)
+    for impl, bench in benches.items():
+        sec = median(times[impl])
+        result[impl] = dict(sec_per_step=sec, img_per_s=bench.images / sec)
+        if bench.flops is not None:
+            result[impl]["gflops"] = bench.flops / sec / 1e9
+    return result
+
+
+WORKERS = {"matmul": worker_matmul, "memory": worker_memory, "speed": worker_speed}
+PEERS = {"pretrain": "HF ViTMAEForPreTraining", "pretrain_compiled": "HF ViTMAEForPreTraining",
+         "det": "detectron2 ViT", "seg": "mmseg MAE backbone"}
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -232,42 +296,58 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def measure(worker: str, impl: str, opts: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", worker, "--impl", impl, "--size", opts.size,
-           "--device", opts.device, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+# ABBA rounds per task by default: a ViT-B MAE step takes seconds on this CPU, a 1024-px detection or
+# 512-px UperNet step half a minute to a minute.
+DEFAULT_ROUNDS = {"pretrain": 6, "pretrain_compiled": 6, "det": 1, "seg": 1}
+
+
+def measure(worker: str, opts: argparse.Namespace, task: str = "", impl: str = "ours", rounds: int = 0) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", worker, "--task", task or "pretrain", "--impl", impl,
+           "--size", opts.size, "--device", opts.device, "--steps", str(rounds), "--warmup", str(opts.warmup),
            "--threads", str(opts.threads)]
-    print(f"[benchmark] {worker} / {impl} ...", flush=True)
+    print(f"[benchmark] {worker} {task} {impl if worker == 'memory' else ''}...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"error: benchmark worker {worker}/{impl} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"error: benchmark worker {worker} {task} {impl} failed:\n{proc.stderr[-2000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def measure_task(task: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of each side in its own process; speed of both interleaved in one process."""
+    memory = {impl: measure("memory", opts, task, impl)["peak_mem_mb"] for impl in ("ours", "peer")}
+    speed = measure("speed", opts, task, rounds=opts.rounds or DEFAULT_ROUNDS[task])
+    ours, peer = (dict(speed[impl], peak_mem_mb=memory[impl]) for impl in ("ours", "peer"))
+    return dict(ours=ours, peer=peer, speed_ratio=speed["speed_ratio"], pair_ratios=speed["pair_ratios"],
+                memory_ratio=memory["ours"] / memory["peer"], measured=time.strftime("%Y-%m-%d %H:%M"))
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     from mae_transfer.io import atomic_write_text
 
     peak = results["matmul_gflops"]
-    rows = ["| task | ours img/s | peer | peer img/s | speed ratio | ours peak MB | peer peak MB | memory ratio "
+    rows = ["| task | ours img/s | peer | peer img/s | speed ratio (range) | ours peak MB | peer peak MB | memory ratio "
             "| ours GFLOP/s (% of matmul peak) | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
         ours, peer = r["ours"], r["peer"]
         flops = f"{ours['gflops']:.1f} ({100 * ours['gflops'] / peak:.0f}%)" if "gflops" in ours else "-"
-        rounds = r.get("round_ratios", [])
-        per_round = f" (rounds: {', '.join(f'{x:.2f}x' for x in rounds)})" if len(rounds) > 1 else ""
+        pairs = r["pair_ratios"]
         rows.append(f"| {task} | {ours['img_per_s']:.3f} | {PEERS[task]} | {peer['img_per_s']:.3f} | "
-                    f"{r['speed_ratio']:.2f}x{per_round} | {ours['peak_mem_mb']:.0f} | {peer['peak_mem_mb']:.0f} | "
-                    f"{r['memory_ratio']:.2f}x | {flops} | {r.get('measured', '-')} |")
+                    f"**{r['speed_ratio']:.2f}x** ({min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} pairs) | "
+                    f"{ours['peak_mem_mb']:.0f} | {peer['peak_mem_mb']:.0f} | "
+                    f"{r['memory_ratio']:.2f}x | {flops} | {r['measured']} |")
     meta = results["meta"]
     text = "\n".join([
         f"# Benchmark results ({meta['size']}, {meta['device']})", "",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
-        f"{meta['steps']} timed steps after {meta['warmup']} warm-up steps; each model in its own process.",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; {meta['warmup']} warm-up "
+        "step(s) per side.",
         f"Dense fp32 matmul (2048^3) on this machine: **{peak:.1f} GFLOP/s** (best of 8 rounds, measured before and "
         f"after the models: {' / '.join(f'{g:.1f}' for g in results.get('matmul_gflops_start_end', [peak]))}).", "",
         *rows, "",
-        "speed ratio = ours / peer throughput (higher is better); memory ratio = ours / peer peak memory "
-        "(CPU: max RSS of the process, includes the framework; lower is better).", "",
+        "Speed: both implementations in one process, steps interleaved ours, peer, peer, ours; speed ratio = median "
+        "over neighbouring steps of peer time / our time (higher is better), range = lowest-highest of those "
+        "ratios; img/s = median per side. Memory: each side alone in a fresh process for two steps (CPU: max RSS, "
+        "includes the framework; GPU: max allocated); memory ratio = ours / peer (lower is better).", "",
     ])
     atomic_write_text(json.dumps(results, indent=2), out_dir / "results.json")
     return atomic_write_text(text, out_dir / "results.md")
@@ -277,14 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--only", default="pretrain,det,seg", help="comma-separated subset of pretrain,det,seg")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="pretrain,det,seg",
+                        help=f"comma-separated subset of {','.join(PEERS)} (pretrain_compiled: ~2 min of compiling)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help=f"ABBA rounds (ours, peer, peer, ours) per task; default {DEFAULT_ROUNDS}")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1, help="alternating ours/peer rounds per pair; best of each")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=list(BUILDERS), default="pretrain", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "peer"], default="ours", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)  # worker: ABBA rounds
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args)
@@ -295,32 +378,25 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = set(tasks) - set(PEERS)
     if unknown:
-        raise SystemExit(f"error: --only: unknown task(s) {sorted(unknown)}; expected pretrain, det, seg")
-    results: dict[str, Any] = {"meta": dict(size=args.size, device=args.device, steps=args.steps,
-                                            warmup=args.warmup, threads=args.threads, torch=torch.__version__,
+        raise SystemExit(f"error: --only: unknown task(s) {sorted(unknown)}; expected some of {', '.join(PEERS)}")
+    results: dict[str, Any] = {"meta": dict(size=args.size, device=args.device, warmup=args.warmup,
+                                            threads=args.threads, torch=torch.__version__,
                                             machine=f"{platform.machine()}, {os.cpu_count()} cores"),
                                "tasks": {}}
-    results["matmul_gflops"] = measure("matmul", "ours", args)["gflops"]
+    results["matmul_gflops"] = measure("matmul", args)["gflops"]
     previous = args.out / "results.json"
-    if set(tasks) != set(PEERS) and previous.is_file():  # --only: update those rows, keep the others
+    if previous.is_file():  # keep the rows of tasks not measured now (--only)
         old = json.loads(previous.read_text())
         if old.get("meta", {}).get("size") == args.size and old.get("meta", {}).get("device") == args.device:
-            results["tasks"] = {t: r for t, r in old.get("tasks", {}).items() if t not in tasks}
+            results["tasks"] = {t: r for t, r in old.get("tasks", {}).items() if t not in tasks and "pair_ratios" in r}
     for task in tasks:
-        # Rounds alternate ours / peer in fresh processes; each side keeps its fastest round (shared cloud
-        # cores drift by +-10% between minutes, which one round per side cannot tell from a real difference).
-        runs = [(measure(task, "ours", args), measure(task, "peer", args)) for _ in range(args.rounds)]
-        ours = max((r[0] for r in runs), key=lambda m: m["img_per_s"])
-        peer = max((r[1] for r in runs), key=lambda m: m["img_per_s"])
-        results["tasks"][task] = dict(ours=ours, peer=peer, speed_ratio=ours["img_per_s"] / peer["img_per_s"],
-                                      memory_ratio=ours["peak_mem_mb"] / peer["peak_mem_mb"], rounds=args.rounds,
-                                      round_ratios=[a["img_per_s"] / b["img_per_s"] for a, b in runs],
-                                      measured=time.strftime("%Y-%m-%d %H:%M"))
-        print(f"[benchmark] {task}: {results['tasks'][task]['speed_ratio']:.2f}x speed, "
-              f"{results['tasks'][task]['memory_ratio']:.2f}x memory", flush=True)
+        results["tasks"][task] = r = measure_task(task, args)
+        print(f"[benchmark] {task}: {r['speed_ratio']:.2f}x speed ({min(r['pair_ratios']):.2f}-"
+              f"{max(r['pair_ratios']):.2f}), {r['memory_ratio']:.2f}x memory", flush=True)
     # Measured again at the end: the peak the fractions use is the higher of the two readings.
-    results["matmul_gflops_start_end"] = [results["matmul_gflops"], measure("matmul", "ours", args)["gflops"]]
+    results["matmul_gflops_start_end"] = [results["matmul_gflops"], measure("matmul", args)["gflops"]]
     results["matmul_gflops"] = max(results["matmul_gflops_start_end"])
+    results["tasks"] = {t: results["tasks"][t] for t in PEERS if t in results["tasks"]}
     path = write_report(results, args.out)
     print(path.read_text())
     return 0
