@@ -159,8 +159,13 @@ class MaskedAutoencoder(nn.Module):
 
     def forward_encoder(self, imgs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         enc = self.encoder
-        x = enc.patch_embed(imgs).flatten(1, 2) + enc.pos_embed[:, 1:]
-        x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
+        # The patch embedding is one linear map per patch, so masking the pixels first and embedding only the
+        # visible quarter gives the tokens the official embed-then-mask order gives, for a quarter of the work.
+        pixels, mask, ids_restore = random_masking(patchify(imgs, self.patch_size), self.mask_ratio, noise)
+        ids_keep = torch.argsort(ids_restore, dim=1)[:, : pixels.shape[1]]  # the inverse permutation's head
+        pos = enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1)
+        pos = torch.gather(pos, 1, ids_keep[..., None].expand(-1, -1, pos.shape[2]))
+        x = enc.patch_embed.embed_patches(pixels) + pos
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = enc.run_blocks(torch.cat([cls, x], dim=1))
         return enc.norm(x), mask, ids_restore
