@@ -10,6 +10,8 @@ neighbouring steps. Memory: each side alone in its own fresh process (max RSS on
 GPU), so the peak is that model's alone. Pairs:
   pretrain: our MaskedAutoencoder vs HF ViTMAEForPreTraining (same architecture, HF's default SDPA
             attention), fwd+bwd+AdamW (fused, both), mask 0.75
+  pretrain_bf16: the same step under bf16 autocast on both sides (the ViT-B pretraining config's amp="bf16";
+            HF Trainer's bf16=True)
   pretrain_compiled: the same with our model under torch.compile (the engine's compile=True) vs HF's
             default (eager, as its Trainer runs unless torch_compile=True)
   det:      our ViT (windows 14, global blocks, rel-pos) vs detectron2's ViT, same weights, fwd+bwd
@@ -107,7 +109,7 @@ def worker_matmul(args: argparse.Namespace) -> dict[str, Any]:
     return dict(gflops=2 * n ** 3 / sec / 1e9)
 
 
-def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = False) -> Bench:
+def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = False, bf16: bool = False) -> Bench:
     import torch
 
     torch.manual_seed(0)
@@ -139,7 +141,9 @@ def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = Fal
     opt = adamw(param_groups_weight_decay(model, 0.05), 1e-4, (0.9, 0.95))
 
     def step() -> None:
-        loss = run()
+        # bf16: autocast around the forward and loss only, as our engine's amp="bf16" and HF Trainer's bf16=True
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=bf16):
+            loss = run()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -226,7 +230,8 @@ def build_seg(impl: str, args: argparse.Namespace) -> Bench:
 
 
 BUILDERS: dict[str, Callable[[str, argparse.Namespace], Bench]] = {
-    "pretrain": build_pretrain, "pretrain_compiled": partial(build_pretrain, compile_ours=True),
+    "pretrain": build_pretrain, "pretrain_bf16": partial(build_pretrain, bf16=True),
+    "pretrain_compiled": partial(build_pretrain, compile_ours=True),
     "det": build_det, "seg": build_seg}
 
 
@@ -277,7 +282,8 @@ def worker_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 WORKERS = {"matmul": worker_matmul, "memory": worker_memory, "speed": worker_speed}
-PEERS = {"pretrain": "HF ViTMAEForPreTraining", "pretrain_compiled": "HF ViTMAEForPreTraining",
+PEERS = {"pretrain": "HF ViTMAEForPreTraining", "pretrain_bf16": "HF ViTMAEForPreTraining",
+         "pretrain_compiled": "HF ViTMAEForPreTraining",
          "det": "detectron2 ViT", "seg": "mmseg MAE backbone"}
 
 
@@ -298,7 +304,7 @@ def run_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 # ABBA rounds per task by default: a ViT-B MAE step takes seconds on this CPU, a 1024-px detection or
 # 512-px UperNet step half a minute to a minute.
-DEFAULT_ROUNDS = {"pretrain": 6, "pretrain_compiled": 6, "det": 1, "seg": 1}
+DEFAULT_ROUNDS = {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "det": 1, "seg": 1}
 
 
 def measure(worker: str, opts: argparse.Namespace, task: str = "", impl: str = "ours", rounds: int = 0) -> dict[str, Any]:
@@ -322,6 +328,17 @@ def measure_task(task: str, opts: argparse.Namespace) -> dict[str, Any]:
                 memory_ratio=memory["ours"] / memory["peer"], measured=time.strftime("%Y-%m-%d %H:%M"))
 
 
+def cpu_model() -> str:
+    """The CPU's name (Linux), else the architecture: the cloud hosts this runs on vary between sessions."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     from mae_transfer.io import atomic_write_text
 
@@ -330,7 +347,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
             "| ours GFLOP/s (% of matmul peak) | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
         ours, peer = r["ours"], r["peer"]
-        flops = f"{ours['gflops']:.1f} ({100 * ours['gflops'] / peak:.0f}%)" if "gflops" in ours else "-"
+        flops = "-"
+        if "gflops" in ours:  # the peak is an fp32 matmul: bf16 rows run on other units (AMX where present)
+            flops = f"{ours['gflops']:.1f} " + ("(bf16)" if task.endswith("_bf16") else f"({100 * ours['gflops'] / peak:.0f}%)")
         pairs = r["pair_ratios"]
         rows.append(f"| {task} | {ours['img_per_s']:.3f} | {PEERS[task]} | {peer['img_per_s']:.3f} | "
                     f"**{r['speed_ratio']:.2f}x** ({min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} pairs) | "
@@ -357,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--only", default="pretrain,det,seg",
+    parser.add_argument("--only", default="pretrain,pretrain_bf16,det,seg",
                         help=f"comma-separated subset of {','.join(PEERS)} (pretrain_compiled: ~2 min of compiling)")
     parser.add_argument("--rounds", type=int, default=0,
                         help=f"ABBA rounds (ours, peer, peer, ours) per task; default {DEFAULT_ROUNDS}")
@@ -381,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --only: unknown task(s) {sorted(unknown)}; expected some of {', '.join(PEERS)}")
     results: dict[str, Any] = {"meta": dict(size=args.size, device=args.device, warmup=args.warmup,
                                             threads=args.threads, torch=torch.__version__,
-                                            machine=f"{platform.machine()}, {os.cpu_count()} cores"),
+                                            machine=f"{cpu_model()}, {os.cpu_count()} cores"),
                                "tasks": {}}
     results["matmul_gflops"] = measure("matmul", args)["gflops"]
     previous = args.out / "results.json"
