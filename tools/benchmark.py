@@ -249,19 +249,11 @@ def worker_speed(args: argparse.Namespace) -> dict[str, Any]:
     `args.steps` rounds; the speed ratio is the median of the ratios of neighbouring steps. The cores of
     this cloud machine drift by 10-20 % between minutes (and processes); neighbouring steps see nearly
     the same machine, so their ratio is far steadier than that of separate runs."""
-    import torch
-
     benches = {impl: BUILDERS[args.task](impl, args) for impl in ("ours", "peer")}
     times: dict[str, list[float]] = {"ours": [], "peer": []}
 
     def timed(impl: str) -> float:
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        benches[impl].step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times[impl].append(time.perf_counter() - start)
+        times[impl].append(_timeit(benches[impl].step, 0, 1, args.device))
         return times[impl][-1]
 
     for bench in benches.values():
