@@ -76,18 +76,23 @@ def masking_noise(batch: int, grid: tuple[int, int], mask_ratio: float, strategy
     raise MaeTransferError(f"unknown masking strategy {strategy!r}; expected one of {MASKING_STRATEGIES}")
 
 
+def take_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """Per sample, the tokens of x (B, N, C) at the positions ids (B, K), in that order: (B, K, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
 def random_masking(x: Tensor, mask_ratio: float, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the (1 - ratio) patches with the smallest noise, per sample, by shuffle/unshuffle.
 
     Returns the kept tokens (B, K, C), the binary mask (B, N; 1 = masked) in the original order, and
     `ids_restore` that unshuffles a [kept, masked] sequence back to the original order.
     """
-    b, n, c = x.shape
+    b, n = x.shape[:2]
     keep = int(n * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
-    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, c))
+    x_kept = take_tokens(x, ids_keep)
     mask = torch.ones(b, n, device=x.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
@@ -163,8 +168,7 @@ class MaskedAutoencoder(nn.Module):
         # visible quarter gives the tokens the official embed-then-mask order gives, for a quarter of the work.
         pixels, mask, ids_restore = random_masking(patchify(imgs, self.patch_size), self.mask_ratio, noise)
         ids_keep = torch.argsort(ids_restore, dim=1)[:, : pixels.shape[1]]  # the inverse permutation's head
-        pos = enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1)
-        pos = torch.gather(pos, 1, ids_keep[..., None].expand(-1, -1, pos.shape[2]))
+        pos = take_tokens(enc.pos_embed[:, 1:].expand(imgs.shape[0], -1, -1), ids_keep)
         x = enc.patch_embed.embed_patches(pixels) + pos
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = enc.run_blocks(torch.cat([cls, x], dim=1))
@@ -175,7 +179,7 @@ class MaskedAutoencoder(nn.Module):
         b, n = ids_restore.shape
         mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [kept, masked], shuffled order
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        patches = take_tokens(patches, ids_restore)
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = self.encoder._run_block(block, x)
