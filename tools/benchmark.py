@@ -246,7 +246,7 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Both implementations in one process, steps interleaved ours, peer, peer, ours (ABBA) for
-    `args.steps` rounds; the speed ratio is the median of the ratios of neighbouring steps. The cores of
+    `args.rounds` rounds; the speed ratio is the median of the ratios of neighbouring steps. The cores of
     this cloud machine drift by 10-20 % between minutes (and processes); neighbouring steps see nearly
     the same machine, so their ratio is far steadier than that of separate runs."""
     benches = {impl: BUILDERS[args.task](impl, args) for impl in ("ours", "peer")}
@@ -260,7 +260,7 @@ def worker_speed(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.warmup):
             bench.step()
     ratios = []
-    for _ in range(args.steps):
+    for _ in range(args.rounds):
         ours_first, peer_first = timed("ours"), timed("peer")
         peer_second, ours_second = timed("peer"), timed("ours")
         ratios += [peer_first / ours_first, peer_second / ours_second]
@@ -301,7 +301,7 @@ DEFAULT_ROUNDS = {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "de
 
 def measure(worker: str, opts: argparse.Namespace, task: str = "", impl: str = "ours", rounds: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", worker, "--task", task or "pretrain", "--impl", impl,
-           "--size", opts.size, "--device", opts.device, "--steps", str(rounds), "--warmup", str(opts.warmup),
+           "--size", opts.size, "--device", opts.device, "--rounds", str(rounds), "--warmup", str(opts.warmup),
            "--threads", str(opts.threads)]
     print(f"[benchmark] {worker} {task} {impl if worker == 'memory' else ''}...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -378,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=list(BUILDERS), default="pretrain", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "peer"], default="ours", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)  # worker: ABBA rounds
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args)
