@@ -43,6 +43,7 @@ class MAEViT(VisionTransformer):
     init_checkpoint: any checkpoint format `mae_transfer.checkpoint` imports (our MAE, official MAE,
         timm, HF, mmseg, ...); loaded in `init_weights`, i.e. when the Runner initialises the model, with
         a load report in the log.
+    allow_pickle: let `init_checkpoint` hold pickled Python objects (only for files you trust).
     freeze_blocks: freeze the patch embedding, position table and the first k blocks
         (`mae_transfer.optim.freeze_blocks`); -1 freezes the whole backbone.
     """
@@ -61,6 +62,7 @@ class MAEViT(VisionTransformer):
         out_indices: Sequence[int] = (3, 5, 7, 11),
         with_cls_token: bool = True,
         init_checkpoint: str | None = None,
+        allow_pickle: bool = False,
         freeze_blocks: int = 0,
         grad_checkpointing: bool = False,
     ) -> None:
@@ -82,6 +84,7 @@ class MAEViT(VisionTransformer):
         self.out_indices = out_indices
         self.with_cls_token = with_cls_token
         self.init_checkpoint = init_checkpoint
+        self.allow_pickle = allow_pickle
         self.frozen_blocks = int(freeze_blocks)
         self.init_report: Any = None  # mae_transfer.checkpoint.LoadReport after init_weights
         if not with_cls_token:
@@ -96,7 +99,7 @@ class MAEViT(VisionTransformer):
         super().init_weights()
         path = getattr(self, "init_checkpoint", None)  # unset while VisionTransformer.__init__ runs
         if path:
-            self.init_report = load_backbone_checkpoint(self, path)
+            self.init_report = load_backbone_checkpoint(self, path, self.allow_pickle)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -114,7 +117,7 @@ class MAEViT(VisionTransformer):
         return tuple(outs)
 
 
-def load_backbone_checkpoint(vit: VisionTransformer, path: str) -> Any:
+def load_backbone_checkpoint(vit: VisionTransformer, path: str, allow_pickle: bool = False) -> Any:
     """Import `path` (any supported format) into `vit` through `mae_transfer.checkpoint`.
 
     The load report (format, loaded / missing / unexpected keys, resized tables) goes to the
@@ -124,6 +127,6 @@ def load_backbone_checkpoint(vit: VisionTransformer, path: str) -> Any:
 
     from mae_transfer.checkpoint import load_backbone
 
-    report = load_backbone(vit, path)
+    report = load_backbone(vit, path, allow_pickle)
     print_log(f"backbone init_checkpoint load report:\n{report}", logger="current")
     return report

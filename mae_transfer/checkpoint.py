@@ -29,7 +29,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.vit import VisionTransformer, resize_rel_pos
-from mae_transfer.errors import MaeTransferError
+from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -87,25 +87,27 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _needs_pickle_error(path: str, err: Exception) -> MaeTransferError:
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    return MaeTransferError(
+def needs_pickle_error(path: str | os.PathLike, what: str = "") -> PickledCheckpointError:
+    """The one message for a file that only the full unpickler reads; `what` names the object or kind."""
+    return PickledCheckpointError(
         f"{path}: the checkpoint contains pickled Python objects that the safe loader refuses"
-        + (f" ({found.group(1)})" if found else "")
+        + (f" ({what})" if what else "")
         + "; if you trust this file, opt in with allow_pickle=True (CLI: --allow-pickle)")
 
 
-def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, safe_globals: Sequence[Any] = ()) -> Any:
     """Load a checkpoint file (or a Hugging Face model folder) on CPU without running pickled code.
 
     Raises `MaeTransferError` with one line for: missing file, not a checkpoint, truncated/corrupt file,
-    and files that need pickled objects (unless `allow_pickle`).
+    and files that need pickled objects (unless `allow_pickle`). `safe_globals` allows exactly these
+    extra types while this file loads (`torch.serialization.safe_globals`), e.g. a framework's own
+    checkpoint metadata.
     """
     p = Path(path)
     if p.is_dir():  # Hugging Face `save_pretrained` folder
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (p / name).is_file():
-                return read_checkpoint(p / name, allow_pickle)
+                return read_checkpoint(p / name, allow_pickle, safe_globals)
         raise MaeTransferError(f"{p}: folder has no model.safetensors or pytorch_model.bin")
     if not p.is_file():
         raise MaeTransferError(f"{p}: checkpoint file not found")
@@ -127,10 +129,12 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     if is_zip and not zipfile.is_zipfile(p):
         raise MaeTransferError(f"{p}: the checkpoint archive is truncated or corrupt (no zip directory at its end)")
     try:
-        return torch.load(p, map_location="cpu", weights_only=not allow_pickle)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(p, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if not allow_pickle and "weights only load failed" in str(err).lower():
-            raise _needs_pickle_error(str(p), err) from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise needs_pickle_error(p, found.group(1) if found else "") from None
         raise MaeTransferError(f"{p}: cannot unpickle the checkpoint (truncated or corrupt?): {_one_line(err)}") from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as err:
         if allow_pickle and is_legacy_pickle and "magic number" in str(err):

@@ -42,6 +42,7 @@ from mae_transfer.engine import (AMP_MODES, _progress, epoch_seed, find_resume_c
                                  load_checkpoint, log_iteration, lr_at, optimizer_step, restore_training_state,
                                  save_epoch_checkpoint, seed_everything)
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.hardware import autocast_dtype
 from mae_transfer.io import atomic_write_text
 from mae_transfer.optim import adamw, freeze_blocks, param_groups
 
@@ -313,7 +314,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
             raise MaeTransferError(f"checkpoint not found: {path}")
         load_for_eval(model, path, cfg["allow_pickle"])
         model.to(device)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
         metrics = evaluate(model, _val_loader(val, cfg, rank, world, device), device, nc, amp_dtype, world)
         metrics["checkpoint"] = str(path)
         if rank == 0:
@@ -388,7 +389,7 @@ def _finetune(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
     loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
     val_loader = _val_loader(val, cfg, rank, world, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+    amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     writer = None

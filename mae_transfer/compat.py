@@ -71,36 +71,12 @@ def install_mmcv_ext_stand_in() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. mmengine checkpoint loading under torch 2.14.
-# Why: mmengine 0.10.7 calls `torch.load(filename, map_location=...)`; torch >= 2.6 defaults to
-# `weights_only=True`, and mmengine's own Runner checkpoints hold pickled objects (message hub,
-# numpy scalars, config meta), so Runner resume/load fails. We re-register mmengine's local-file
-# loader with `weights_only=False` for files the user points mmengine at (their own training runs).
-# Foreign checkpoints imported by `mae_transfer.checkpoint` are still read with weights_only=True.
-# When it can go: when mmengine passes `weights_only` itself (fixed upstream after 0.10.7).
+# 2. mmengine checkpoint loading under torch 2.14: not a patch here. mmengine 0.10.7 calls `torch.load`
+# without `weights_only`, so its own Runner checkpoints (message hub, numpy values) no longer load under
+# torch >= 2.6. `mae_transfer.framework_checkpoints.use_safe_mmengine_loading` registers our safe reader through
+# mmengine's own loader registry, called explicitly by tools/train_seg.py; it never unpickles arbitrary
+# objects unless the user opts in (--allow-pickle).
 # --------------------------------------------------------------------------------------------------
-def patch_mmengine_checkpoint_loading() -> bool:
-    if importlib.util.find_spec("mmengine") is None:
-        return False
-    import os.path as osp
-
-    import torch
-
-    mm_ckpt = importlib.import_module("mmengine.runner.checkpoint")
-
-    if getattr(mm_ckpt.load_from_local, "_mae_transfer_patched", False):
-        return False
-
-    def load_from_local(filename: str, map_location: Any) -> Any:
-        filename = osp.expanduser(filename)
-        if not osp.isfile(filename):
-            raise FileNotFoundError(f"{filename} can not be found.")
-        return torch.load(filename, map_location=map_location, weights_only=False)
-
-    load_from_local._mae_transfer_patched = True  # type: ignore[attr-defined]
-    mm_ckpt.CheckpointLoader.register_scheme(prefixes="", force=True)(load_from_local)
-    mm_ckpt.load_from_local = load_from_local
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,8 +84,8 @@ def patch_mmengine_checkpoint_loading() -> bool:
 # Why: the sal-detectron2 wheel's `_C` is compiled for CPython 3.10 and does not load on 3.11. Mask
 # R-CNN does not need it: ROIAlign and NMS come from torchvision, and COCOEvaluator already falls back
 # to pycocotools' COCOeval when `_C` is missing, so nothing is patched. Deformable conv and rotated
-# boxes stay unavailable. (detectron2's own training checkpoints load under torch's weights_only
-# default, verified, so its checkpointer needs no change either.)
+# boxes stay unavailable. (detectron2's checkpointer reads files through
+# `mae_transfer.framework_checkpoints.detection_checkpointer`.)
 # When it can go: with an official detectron2 wheel for 3.11.
 # --------------------------------------------------------------------------------------------------
 def detectron2_has_compiled_ops() -> bool:
@@ -155,7 +131,6 @@ def apply() -> None:
     _APPLIED = True
     # Each patch runs when its package is first imported, so `import mae_transfer` stays cheap.
     _on_import("mmcv", install_mmcv_ext_stand_in)
-    _on_import("mmengine.runner.checkpoint", patch_mmengine_checkpoint_loading)
     _on_import("timm.data.auto_augment", patch_timm_posterize)
 
 

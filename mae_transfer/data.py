@@ -7,15 +7,20 @@ Images are not opened at scan time (slow on large folders); an image that fails 
 is skipped with one warning and another image is used in its place (with its own label), and a folder
 where no image can be read is a user error.
 
-`coco_crops_to_imagefolder` turns a COCO instances json into a labelled folder of object crops, a small
-real labelled set for CPU runs of the supervised baseline.
+`read_coco_instances` reads a COCO instances json for every tool that takes one (tools/train_det.py,
+tools/demo.py, `coco_crops_to_imagefolder`): a file that is wrong is a one-line error, single invalid
+annotations (degenerate or outside boxes, empty masks) are skipped with one warning per kind, so that
+all of them train on the same annotations. `coco_crops_to_imagefolder` turns such a json into a labelled
+folder of object crops, a small real labelled set for CPU runs of the supervised baseline.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -192,11 +197,92 @@ class LabelledImageFolder(ImageFolderDataset):
         return img, self.targets[i]
 
 
-def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
-    """Read a COCO instances json after checking it against its image folder; one clear error per problem.
+# Why an annotation is skipped (kind -> the words of its warning), in the order the warnings are printed.
+# Skipped, not an error: real datasets (COCO itself) hold a few degenerate annotations among good ones.
+COCO_SKIP_REASONS = {
+    "ignore": "marked 'ignore' (not supported by detectron2)",
+    "iscrowd": "with iscrowd other than 0 or 1",
+    "bbox": "without a valid bbox (expected [x, y, width, height], 4 finite numbers)",
+    "box_size": "with non-positive box width/height",
+    "outside": "with a box entirely outside the image",
+    "empty_segmentation": "with an empty segmentation ([], no polygon of at least 3 points, or an empty RLE)",
+    "bad_segmentation": "with a malformed segmentation (expected polygons of numbers, or an RLE of the image's size)",
+}
+# A file where more than this fraction of the annotations is invalid is wrong as a whole (another box
+# format, another image set): an error, rather than training on what is left.
+MAX_INVALID_FRACTION = 0.5
 
-    Checks: both paths exist, valid json with list-valued images/annotations/categories, at least one
-    category, unique category ids, every annotation's category and image known, every image file present.
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def coco_annotation_problem(ann: dict, width: float, height: float) -> str | None:
+    """Why detectron2 should not train on this annotation (a key of COCO_SKIP_REASONS), or None.
+
+    A box that overhangs the image is usable (detectron2 clips it; rounding makes such boxes common);
+    "outside" means nothing of the box lies inside the width x height image.
+    """
+    if ann.get("ignore", 0):
+        return "ignore"
+    if ann.get("iscrowd", 0) not in (0, 1):
+        return "iscrowd"
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and all(map(_finite_number, box))):
+        return "bbox"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return "box_size"
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return "outside"
+    if "segmentation" not in ann:  # box-only annotation: detectron2 reads it as such
+        return None
+    return _segmentation_problem(ann["segmentation"], width, height)
+
+
+def _segmentation_problem(segm: Any, width: float, height: float) -> str | None:
+    if isinstance(segm, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+        if not all(isinstance(p, list) and all(map(_finite_number, p)) for p in segm):
+            return "bad_segmentation"
+        # detectron2 drops polygons of < 3 points and then the instances left without any
+        return None if any(len(p) >= 6 and len(p) % 2 == 0 for p in segm) else "empty_segmentation"
+    if not isinstance(segm, dict):
+        return "bad_segmentation"
+    if not segm:
+        return "empty_segmentation"
+    counts, size = segm.get("counts"), segm.get("size")
+    if size != [height, width]:  # an RLE is a mask of the whole image
+        return "bad_segmentation"
+    if isinstance(counts, list):  # uncompressed RLE: run lengths, background first
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or \
+                sum(counts) != height * width:
+            return "bad_segmentation"
+        return None if sum(counts[1::2]) else "empty_segmentation"
+    if not isinstance(counts, (str, bytes)):
+        return "bad_segmentation"
+    if not counts:
+        return "empty_segmentation"
+    from pycocotools import mask as mask_utils  # compressed RLE: its area needs decoding
+
+    return None if mask_utils.area(dict(segm)) else "empty_segmentation"
+
+
+@dataclass
+class CocoInstances:
+    """A checked COCO instances json: `data` without the invalid annotations, whose ids are `skipped_ids`."""
+    data: dict[str, Any]
+    skipped_ids: set[Any] = field(default_factory=set)
+
+
+def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> CocoInstances:
+    """Read a COCO instances json after checking it against its image folder.
+
+    Errors (MaeTransferError, one line): missing paths, malformed json, non-list images/annotations/
+    categories, no or duplicate categories, an image without file_name or positive width/height, a
+    missing image file, an annotation without a unique id, an unknown category_id or image_id, and more
+    than MAX_INVALID_FRACTION of the annotations invalid. Invalid annotations otherwise (see
+    COCO_SKIP_REASONS) are removed from `data`, with one warning per kind naming the file, how many
+    and the first id.
     """
     jp, root = Path(json_path), Path(image_root)
     if not jp.is_file():
@@ -216,24 +302,60 @@ def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathL
         raise MaeTransferError(f"{jp}: 'categories' is empty; at least one category is needed")
     try:
         cat_ids = {c["id"] for c in data["categories"]}
-        image_ids = {im["id"] for im in data["images"]}
+        sizes = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
         files = [im["file_name"] for im in data["images"]]
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise MaeTransferError(f"{jp}: category/image entry without {err} (expected COCO instances format)") from None
     if len(cat_ids) != len(data["categories"]):
         raise MaeTransferError(f"{jp}: duplicate category ids")
-    for ann in data["annotations"]:
-        if ann.get("category_id") not in cat_ids:
-            raise MaeTransferError(
-                f"{jp}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                f"absent from 'categories' (ids: {sorted(cat_ids)})"
-            )
-        if ann.get("image_id") not in image_ids:
-            raise MaeTransferError(f"{jp}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')!r}")
+    for image_id, (w, h) in sizes.items():
+        if not (_finite_number(w) and _finite_number(h) and w > 0 and h > 0):
+            raise MaeTransferError(f"{jp}: image {image_id!r} has width {w!r}, height {h!r}; "
+                                   "positive numbers expected (the image size in pixels)")
     for name in files:
         if not (root / name).is_file():
             raise MaeTransferError(f"{jp}: image file not found: {root / name}")
-    return data
+    ann_ids: set[Any] = set()
+    problems: dict[str, list[Any]] = {}
+    for index, ann in enumerate(data["annotations"]):
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if ann_id is None or not isinstance(ann_id, (int, str)) or ann_id in ann_ids:
+            what = "has no id" if ann_id is None else f"has id {ann_id!r}, " + (
+                "not an integer or string" if not isinstance(ann_id, (int, str)) else "which is not unique")
+            raise MaeTransferError(f"{jp}: annotation #{index} {what} (COCO annotations need unique ids)")
+        ann_ids.add(ann_id)
+        if ann.get("category_id") not in cat_ids:
+            raise MaeTransferError(
+                f"{jp}: annotation {ann_id} has category_id {ann.get('category_id')!r}, "
+                f"absent from 'categories' (ids: {sorted(cat_ids)})"
+            )
+        if ann.get("image_id") not in sizes:
+            raise MaeTransferError(f"{jp}: annotation {ann_id} refers to unknown image_id {ann.get('image_id')!r}")
+        kind = coco_annotation_problem(ann, *sizes[ann["image_id"]])
+        if kind:
+            problems.setdefault(kind, []).append(ann_id)
+    num_invalid, total = sum(map(len, problems.values())), len(data["annotations"])
+    if num_invalid > MAX_INVALID_FRACTION * total:
+        kind, ids = max(problems.items(), key=lambda item: len(item[1]))
+        raise MaeTransferError(
+            f"{jp}: {num_invalid} of {total} annotations are invalid, {len(ids)} of them "
+            f"{COCO_SKIP_REASONS[kind]} (first: id {ids[0]}); expected COCO instances (bbox [x, y, width, height] "
+            "in pixels of the image)"
+        )
+    for kind, reason in COCO_SKIP_REASONS.items():
+        if kind in problems:
+            ids = problems[kind]
+            logger.warning("%s: skipped %d annotation%s %s (first: id %s)", jp, len(ids), "" if len(ids) == 1 else "s",
+                           reason, ids[0])
+    skipped = {i for ids in problems.values() for i in ids}
+    if skipped:
+        data["annotations"] = [a for a in data["annotations"] if a["id"] not in skipped]
+    return CocoInstances(data, skipped)
+
+
+def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
+    """The json of `check_coco_instances` (errors raised, invalid annotations removed with a warning)."""
+    return check_coco_instances(json_path, image_root).data
 
 
 def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
@@ -260,9 +382,9 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
         raise MaeTransferError(f"{json_path}: not a COCO instances json ({type(err).__name__}: {err})") from None
     anns = data["annotations"]
     by_image: dict[Any, list[dict]] = {}
-    for ann in anns:
-        x, y, w, h = ann.get("bbox", (0, 0, 0, 0))
-        if not ann.get("iscrowd", 0) and min(w, h) >= min_size and ann.get("category_id") in cats:
+    for ann in anns:  # all with a valid box and a known category (read_coco_instances)
+        x, y, w, h = ann["bbox"]
+        if not ann.get("iscrowd", 0) and min(w, h) >= min_size:
             by_image.setdefault(ann["image_id"], []).append(ann)
     counts: dict[str, int] = {}
     ordered = sorted(by_image, key=str)

@@ -44,9 +44,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from backbones.vit import create_vit, vit_config
+from mae_transfer.checkpoint import read_checkpoint
 from mae_transfer.data import (ImageFolderDataset, LabelledImageFolder, eval_transform, pretrain_transform,
                                unnormalize)
-from mae_transfer.errors import MaeTransferError
+from mae_transfer.errors import MaeTransferError, PickledCheckpointError
+from mae_transfer.hardware import autocast_dtype
 from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
 from mae_transfer.optim import adamw, no_weight_decay
@@ -249,13 +251,15 @@ def find_resume_checkpoint(cfg: dict[str, Any]) -> Path | None:
 
 def load_checkpoint(path: str | os.PathLike, fmt: str = CHECKPOINT_FORMAT,
                     tool: str = "tools/pretrain.py") -> dict[str, Any]:
-    """Read a training checkpoint of format `fmt` (plain tensors/containers only: weights_only loading)."""
+    """Read a training checkpoint of format `fmt`. These hold only tensors and plain values, so a file with
+    pickled objects is never one of them and is refused without an opt-in."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise MaeTransferError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); expected a checkpoint written by {tool}"
-        ) from err
+        ckpt = read_checkpoint(path)
+    except PickledCheckpointError:
+        raise MaeTransferError(f"{path}: holds pickled Python objects, which checkpoints written by {tool} never do; "
+                               "refusing to unpickle it") from None
+    except MaeTransferError as err:
+        raise MaeTransferError(f"{err}; expected a checkpoint written by {tool}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or "model" not in ckpt:
         raise MaeTransferError(f"{path} is not a checkpoint of {tool} (expected format {fmt!r}, "
                                f"found {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})")
@@ -394,7 +398,7 @@ def _pretrain(cfg: dict[str, Any], rank: int, world: int, device: torch.device) 
         writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch * iters // cfg["accum_iter"])
         logger.info("%s pretraining %s: %d images, %d process(es), effective batch %d, lr %.3g, epochs %d-%d, output %s",
                     "supervised" if supervised else "MAE", cfg["encoder"], len(dataset), world, eff_batch, base_lr, start_epoch + 1, cfg["epochs"], out)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+    amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
     accum = cfg["accum_iter"]
     last_good = resume_path
     try:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from mae_transfer.checkpoint import read_checkpoint
 from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write, atomic_write_text
@@ -99,6 +100,7 @@ class Study:
     output_dir: Path
     spec_path: Path | None = None
     python: str = field(default_factory=lambda: sys.executable)
+    allow_pickle: bool = False  # backbone files may hold pickled objects (passed to every cell as --allow-pickle)
 
     def cells(self) -> list[Cell]:
         """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
@@ -136,7 +138,8 @@ def _int_list(value: Any, key: str, where: str) -> list[int]:
     return list(dict.fromkeys(items))
 
 
-def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> Study:
+def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os.PathLike | None = None,
+               allow_pickle: bool = False) -> Study:
     """Read and check a study spec (file or dict); `output_dir` overrides the spec's."""
     if isinstance(spec, Mapping):
         raw, where, spec_path = dict(spec), "study spec", None
@@ -207,7 +210,8 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
         raw.get("name") or (spec_path.stem if spec_path else "study"))
     return Study(name=str(raw.get("name") or (spec_path.stem if spec_path else "study")), depth=depth,
                  freeze_blocks=freezes, seeds=seeds, backbones=backbones, tasks=tasks,
-                 output_dir=Path(out).resolve(), spec_path=spec_path, python=raw.get("python") or sys.executable)
+                 output_dir=Path(out).resolve(), spec_path=spec_path, python=raw.get("python") or sys.executable,
+                 allow_pickle=allow_pickle)
 
 
 def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -245,6 +249,8 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
     task = study.tasks[cell.task]
     out, iters = study.cell_dir(cell), task["iters"]
     args, opts = _fill(task["args"], iters, cell.seed), _fill(task["opts"], iters, cell.seed)
+    if study.allow_pickle:
+        args = ["--allow-pickle", *args]
     period = min(task["checkpoint_period"], iters)
     if task["kind"] == "cls":  # iters are epochs here; the tool checkpoints every epoch anyway
         cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "finetune_cls.py"), "--config", task["config"],
@@ -433,10 +439,15 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
     todo = [c for c in cells if not (study.cell_dir(c) / DONE).is_file()]
     skipped = [c.name for c in cells if c not in todo]
     _warn_changed(study, [c for c in cells if c not in todo])
-    for name in dict.fromkeys(c.backbone for c in todo):  # a missing file fails now, not hours into the study
+    for name in dict.fromkeys(c.backbone for c in todo):  # a bad file fails now, not hours into the study
         ckpt, commands = backbone_commands(study, name)
-        if ckpt is not None and not commands and not Path(ckpt).is_file():
-            raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
+        if ckpt is not None and not commands:
+            if not Path(ckpt).is_file():
+                raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
+            try:  # readable, and safe to read unless the user opted in; the cells read it again themselves
+                read_checkpoint(ckpt, study.allow_pickle)
+            except MaeTransferError as err:
+                raise MaeTransferError(f"backbone {name!r}: {err}") from None
     logger.info("study %s: %d cells, %d finished (skipped), %d to run; output %s", study.name, len(cells),
                 len(skipped), len(todo), study.output_dir)
     ran: list[str] = []

@@ -300,7 +300,7 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     before = len(_metrics(out))
     assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume"]) == 0
     assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
-    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
 
     # A non-finite loss stops with one clear line; the last good checkpoint stays.
     capsys.readouterr()
@@ -308,7 +308,7 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     assert run_cli(train_det.main, nan_run) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: training stopped: non-finite loss") and "model_final.pth" in err, err
-    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 5
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
 
     # Inference mode: pictures with boxes and masks from the trained weights.
     vis = tmp_path / "vis"

@@ -180,9 +180,13 @@ def test_mmseg_uperhead_train_step_and_iou_metric(ade20k_sample: Path) -> None:
 
 
 def test_mmengine_runner_checkpoint_save_and_resume(tmp_path: Path) -> None:
-    """mmengine's Runner saves and resumes under torch 2.14's weights_only default (compat shim)."""
+    """mmengine's Runner saves and resumes under torch 2.14 through our safe reader (as tools/train_seg.py uses it)."""
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
+
+    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
+
+    use_safe_mmengine_loading()
 
     class Regressor(BaseModel):
         def __init__(self) -> None:
@@ -217,6 +221,6 @@ def test_mmengine_runner_checkpoint_save_and_resume(tmp_path: Path) -> None:
     second = make_runner(8, resume=True)
     second.train()
     assert second.iter == 8
-    resumed = torch.load(tmp_path / "iter_4.pth", map_location="cpu", weights_only=False)
+    resumed = read_mmengine_checkpoint(tmp_path / "iter_4.pth")
     assert torch.equal(resumed["state_dict"]["linear.weight"], saved)
     assert resumed["meta"]["iter"] == 4

@@ -15,6 +15,7 @@ import backbones.mmseg  # noqa: F401  (registers MAEViT)
 from backbones.mmseg import MAEViT
 from mae_transfer.checkpoint import load_backbone
 from mae_transfer.cli import run_cli
+from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -338,12 +339,12 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
     assert not (tmp_path / "resumed" / "iter_4.pth").exists()
     rc, err = _run([config, "--work-dir", tmp_path / "resumed", "--resume", *common, "train_cfg.max_iters=4"], capsys)
     assert rc == 0, err
-    a = torch.load(tmp_path / "straight" / "iter_4.pth", map_location="cpu", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "iter_4.pth", map_location="cpu", weights_only=False)
+    a = read_mmengine_checkpoint(tmp_path / "straight" / "iter_4.pth")
+    b = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_4.pth")
     assert a["meta"]["iter"] == b["meta"]["iter"] == 4
     logs = "".join(p.read_text() for p in (tmp_path / "resumed").rglob("*.log"))
     assert "resumed" in logs.lower()
-    start = torch.load(tmp_path / "resumed" / "iter_2.pth", map_location="cpu", weights_only=False)
+    start = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_2.pth")
     moved = 0
     for k, v in a["state_dict"].items():
         assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), k

@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="resume from CKPT, or (no value) from OUTPUT_DIR/checkpoint_last.pth if present")
     parser.add_argument("--eval", metavar="CKPT", help="evaluate a fine-tuned classifier on DATA/val and exit")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="trust --finetune / --eval files: let them hold pickled Python objects (unsafe otherwise)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     for key, value in (("data_path", args.data), ("output_dir", args.output_dir), ("finetune", args.finetune),
-                       ("freeze_blocks", args.freeze_blocks), ("resume", args.resume)):
+                       ("freeze_blocks", args.freeze_blocks), ("resume", args.resume),
+                       ("allow_pickle", args.allow_pickle or None)):
         if value is not None:
             cfg[key] = value
     if not cfg.get("output_dir"):

@@ -28,6 +28,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      allow_abbrev=False)
     parser.add_argument("--spec", required=True, help="study spec, e.g. configs/studies/cpu_shared_data.py")
     parser.add_argument("--output", help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="trust the backbone checkpoints: let them hold pickled Python objects (passed to every cell)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run, run nothing")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from mae_transfer.study import load_study, plan, run_study
 
-    study = load_study(args.spec, args.output)
+    study = load_study(args.spec, args.output, args.allow_pickle)
     if args.dry_run:
         cells = study.cells()
         steps = plan(study)

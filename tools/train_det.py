@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mae_transfer  # noqa: E402,F401  (compat shims before detectron2)
 import backbones.detectron2  # noqa: E402,F401  (registers build_mae_vit_backbone)
 from mae_transfer.cli import run_cli  # noqa: E402
-from mae_transfer.data import read_coco_instances  # noqa: E402
+from mae_transfer.detectron2_data import register_coco_instances_checked  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
+from mae_transfer.framework_checkpoints import detection_checkpointer, local_checkpoint_path  # noqa: E402
 
 logger = logging.getLogger("mae_transfer.train_det")
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="LazyConfig file, e.g. configs/coco_mask_rcnn_vit_b.py")
     p.add_argument("--resume", action="store_true", help="continue from train.output_dir/last_checkpoint")
     p.add_argument("--eval-only", action="store_true", help="evaluate train.init_checkpoint (or the last checkpoint)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="trust the checkpoints given: let them hold pickled objects (e.g. model-zoo .pkl files)")
     p.add_argument("--freeze-blocks", type=int, default=None,
                    help="freeze patch embed + the first k ViT blocks (-1: the whole ViT)")
     p.add_argument("--train-json", help="COCO-format annotation json for training (instead of coco_2017_train)")
@@ -87,28 +90,13 @@ def load_config(path: str, overrides: Sequence[str]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- datasets
-def validate_coco_json(json_path: str, image_root: str) -> list[str]:
-    """Check a COCO instances json + image folder before detectron2 reads it; returns category names.
-
-    Categories are returned in increasing id order, which is the contiguous-id order detectron2's
-    `load_coco_json` uses.
-    """
-    data = read_coco_instances(json_path, image_root)
-    return [str(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"])]
-
-
 def register_coco_json(split: str, json_path: str, image_root: str) -> tuple[str, list[str]]:
-    """register_coco_instances under a name derived from the paths (idempotent); returns (name, classes)."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-
-    names = validate_coco_json(json_path, image_root)
+    """Check a COCO instances json + image folder (errors; invalid annotations skipped with a warning)
+    and register it, minus the skipped annotations, under a name derived from the paths; returns
+    (name, class names in category-id order, detectron2's contiguous-id order)."""
     key = hashlib.sha1(f"{Path(json_path).resolve()}|{Path(image_root).resolve()}".encode()).hexdigest()[:8]
     name = f"{split}_{Path(json_path).stem}_{key}"
-    if name not in DatasetCatalog.list():
-        register_coco_instances(name, {}, str(json_path), str(image_root))
-        MetadataCatalog.get(name).set(thing_classes=names)
-    return name, names
+    return name, register_coco_instances_checked(name, json_path, image_root)
 
 
 def check_builtin_coco(name: str) -> None:
@@ -158,67 +146,37 @@ def setup_datasets(cfg: Any, args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-def _looks_like_detectron2(path: str) -> bool | None:
-    """True for detectron2 model files (ViTDet `backbone.net.*`, our training checkpoints with heads).
-
-    Read safely (weights_only); training checkpoints also hold trainer state that only the full
-    unpickler reads, so for those the pickled key names are checked without unpickling.
-    """
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as zf:
-            pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            data = zf.read(pkl) if pkl else b""
-        return b"backbone.net." in data or (b"backbone." in data and b"roi_heads." in data)
-    except Exception:  # noqa: BLE001  (not a torch file: the importer gives the verdict)
-        return None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        return False
-    keys = [str(k) for k in state]
-    return any(k.startswith("backbone.net.") for k in keys) or (
-        any(k.startswith("backbone.") for k in keys) and any(k.startswith("roi_heads.") for k in keys))
-
-
-def prepare_init_checkpoint(path: str, model: Any, output_dir: str) -> str:
+def prepare_init_checkpoint(path: str, model: Any, output_dir: str, allow_pickle: bool = False) -> str:
     """Return a file DetectionCheckpointer can load for `path`, converting foreign formats on the fly.
 
     detectron2 files (ours, ViTDet's `backbone.net.*`, .pkl model-zoo files) are used as they are after
     a shape check; anything else goes through `mae_transfer.checkpoint` (our MAE pretraining, official
     MAE, timm, HF, mmseg, ...), whose load report is logged, and is written as a detectron2 file
-    (`backbone.net.<key>`) in `output_dir`.
+    (`backbone.net.<key>`) in `output_dir`. Files are read safely unless `allow_pickle`.
     """
-    from detectron2.utils.file_io import PathManager
-
     from mae_transfer import checkpoint as ckpt
 
     if not path:
         return path
-    local = PathManager.get_local_path(path) if "://" in path else path
+    local = local_checkpoint_path(path)
     if not Path(local).exists():
         raise MaeTransferError(f"init checkpoint not found: {path}")
-    if local.endswith(".pkl"):
+    if local.endswith((".pkl", ".pyth")):  # model-zoo pickles: detectron2's own reader (needs the opt-in)
+        if not allow_pickle:
+            raise ckpt.needs_pickle_error(local, "a pickle file (detectron2 model-zoo format)")
         return local
-    if Path(local).is_file() and _looks_like_detectron2(local):
-        loaded = ckpt.read_checkpoint(local)  # weights_only by default
-        state = loaded.get("model", loaded)
-        _check_shapes(state, model, path)
-        logger.info("init checkpoint %s: detectron2 format, loaded by DetectionCheckpointer", path)
-        return local
-    net = _unwrap(model).backbone.net
+    raw = ckpt.read_checkpoint(local, allow_pickle)
     try:
-        state, report = ckpt.load_backbone_state_dict(local, net)
+        state, meta = ckpt.unwrap_state_dict(raw, path)
+        if ckpt.detect_format(state, meta) == "detectron2_vitdet":
+            _check_shapes(state, model, path)
+            logger.info("init checkpoint %s: detectron2 format, loaded by DetectionCheckpointer", path)
+            return local
+        state, report = ckpt.load_backbone_state_dict(raw, _unwrap(model).backbone.net)
     except MaeTransferError as err:
         msg = str(err)
-        raise MaeTransferError(msg if str(local) in msg else f"init checkpoint {path}: {msg}") from None
+        raise MaeTransferError(msg if str(path) in msg else f"init checkpoint {path}: {msg}") from None
+    report.source = path
     logger.info("init checkpoint converted for detectron2:\n%s", report)
     missing = [k for k in report.missing if "rel_pos" not in k]
     if missing:
@@ -296,7 +254,6 @@ def build_model(cfg: Any) -> Any:
 
 
 def do_train(args: argparse.Namespace, cfg: Any) -> dict:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import instantiate
     from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
     from detectron2.engine.defaults import create_ddp_model
@@ -307,7 +264,7 @@ def do_train(args: argparse.Namespace, cfg: Any) -> dict:
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, args.allow_pickle, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -318,7 +275,8 @@ def do_train(args: argparse.Namespace, cfg: Any) -> dict:
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
     resuming = args.resume and checkpointer.has_checkpoint()
-    init = "" if resuming else prepare_init_checkpoint(cfg.train.init_checkpoint, model, cfg.train.output_dir)
+    init = "" if resuming else prepare_init_checkpoint(cfg.train.init_checkpoint, model, cfg.train.output_dir,
+                                                       args.allow_pickle)
     checkpointer.resume_or_load(init, resume=args.resume)
     start_iter = trainer.iter + 1 if resuming else 0
     if resuming:
@@ -334,22 +292,20 @@ def do_train(args: argparse.Namespace, cfg: Any) -> dict:
     return {}
 
 
-def do_eval_only(cfg: Any) -> dict:
-    from detectron2.checkpoint import DetectionCheckpointer
+def do_eval_only(cfg: Any, allow_pickle: bool = False) -> dict:
     from detectron2.engine.defaults import create_ddp_model
 
     model = build_model(cfg)
     model = create_ddp_model(model)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
     init = cfg.train.init_checkpoint or (checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else "")
-    checkpointer.load(prepare_init_checkpoint(init, model, cfg.train.output_dir))
+    checkpointer.load(prepare_init_checkpoint(init, model, cfg.train.output_dir, allow_pickle))
     return do_test(cfg, model)
 
 
-def do_infer(cfg: Any, images: Sequence[str], output: str, score_thresh: float) -> list[str]:
+def do_infer(cfg: Any, images: Sequence[str], output: str, score_thresh: float, allow_pickle: bool = False) -> list[str]:
     """Run the model on images and save pictures with boxes and masks (detectron2 Visualizer)."""
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import instantiate
     from detectron2.data import MetadataCatalog
     from detectron2.data import detection_utils as utils
@@ -368,11 +324,11 @@ def do_infer(cfg: Any, images: Sequence[str], output: str, score_thresh: float) 
     if not files:
         raise MaeTransferError("--infer: no images found")
     model = build_model(cfg).eval()
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
     weights = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else cfg.train.init_checkpoint
     if not weights:
         raise MaeTransferError("--infer needs trained weights: none in train.output_dir and no train.init_checkpoint")
-    checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir))
+    checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir, allow_pickle))
     augs = T.AugmentationList([instantiate(a) for a in cfg.dataloader.test.mapper.augmentations])
     fmt = cfg.dataloader.train.mapper.image_format
     metadata = MetadataCatalog.get(cfg.dataloader.test.dataset.names
@@ -422,15 +378,18 @@ def setup(args: argparse.Namespace) -> Any:
 
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     setup_datasets(cfg, args)
+    resuming = args.resume and Path(cfg.train.output_dir, "last_checkpoint").is_file()
+    if cfg.train.init_checkpoint and not resuming:  # a URL is fetched (or refused) before the model is built
+        cfg.train.init_checkpoint = local_checkpoint_path(cfg.train.init_checkpoint)
     return cfg
 
 
 def worker(args: argparse.Namespace) -> Any:
     cfg = setup(args)
     if args.infer:
-        return do_infer(cfg, args.infer, args.output, args.score_thresh)
+        return do_infer(cfg, args.infer, args.output, args.score_thresh, args.allow_pickle)
     if args.eval_only:
-        return do_eval_only(cfg)
+        return do_eval_only(cfg, args.allow_pickle)
     return do_train(args, cfg)
 
 

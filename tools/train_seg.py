@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none",
                    help="mmengine distributed launcher (multi-GPU / multi-node)")
     p.add_argument("--init-checkpoint", help="backbone weights, any format mae_transfer.checkpoint imports")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="trust the checkpoints given: let them hold pickled Python objects (unsafe for untrusted files)")
     p.add_argument("--freeze-blocks", type=int, help="freeze patch embedding + the first k blocks (-1: all)")
     p.add_argument("--eval-only", metavar="CKPT", help="evaluate a train_seg.py checkpoint on the test set")
     p.add_argument("--save-pictures", metavar="DIR",
@@ -110,6 +112,8 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     if args.init_checkpoint:
         cfg.model.backbone.init_checkpoint = args.init_checkpoint
+    if args.allow_pickle:
+        cfg.model.backbone.allow_pickle = True
     if args.freeze_blocks is not None:
         cfg.model.backbone.freeze_blocks = args.freeze_blocks
     if args.resume:
@@ -196,15 +200,14 @@ def check_init_checkpoint(path: str) -> None:
         raise MaeTransferError(f"init checkpoint not found: {path}")
 
 
-def check_eval_checkpoint(model: Any, path: str) -> None:
+def check_eval_checkpoint(model: Any, path: str, allow_pickle: bool = False) -> None:
     """The --eval-only checkpoint must be a full model checkpoint that fits this config's model."""
     import torch
 
-    from mae_transfer.checkpoint import read_checkpoint
+    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
 
-    # Our own training checkpoints hold mmengine metadata (message hub, config): full unpickler, as
-    # mmengine itself uses for them. Missing / truncated / non-checkpoint files give one clear line.
-    obj = read_checkpoint(path, allow_pickle=True)
+    # Missing / truncated / non-checkpoint / pickled files give one clear line.
+    obj = read_mmengine_checkpoint(path, allow_pickle)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MaeTransferError(f"{path} holds no model state_dict (expected a checkpoint written by train_seg.py)")
@@ -275,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import backbones.mmseg  # noqa: F401  (registers MAEViT + the LLRD constructor)
     from mmengine.runner import Runner
 
+    from mae_transfer.framework_checkpoints import use_safe_mmengine_loading
+
+    use_safe_mmengine_loading(args.allow_pickle)  # load_from, resume and --eval-only read through it
+
     cfg = build_config(args)
     if args.init_checkpoint:
         check_init_checkpoint(args.init_checkpoint)
@@ -289,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.load_from = args.eval_only
         cfg.resume = False
         runner = Runner.from_cfg(cfg)
-        check_eval_checkpoint(runner.model, args.eval_only)
+        check_eval_checkpoint(runner.model, args.eval_only, args.allow_pickle)
         metrics = runner.test()
         logger.info("test metrics: %s", metrics)
         # machine-readable copy for scripts (demo, studies)

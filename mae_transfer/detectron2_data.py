@@ -1,0 +1,59 @@
+"""Register a user's COCO instances json in detectron2 after `mae_transfer.data.check_coco_instances`.
+
+detectron2 reads a registered json itself (the training records through `load_coco_json`, the
+COCOEvaluator's ground truth through pycocotools), so annotations our check skips would still be trained
+and evaluated on, and some (an empty segmentation) crash the evaluation. When the check skips any,
+detectron2 is given a cleaned copy of the json instead, kept for the life of the process.
+detectron2 is imported only when registering.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mae_transfer.data import check_coco_instances
+
+logger = logging.getLogger(__name__)
+
+_clean_dir: Path | None = None
+
+
+def _cleaned_copy_path(json_file: str, name: str) -> Path:
+    global _clean_dir
+    if _clean_dir is None:
+        _clean_dir = Path(tempfile.mkdtemp(prefix="mae_transfer_coco_"))
+        atexit.register(shutil.rmtree, _clean_dir, True)
+    return _clean_dir / f"{name}_{Path(json_file).name}"
+
+
+def register_coco_instances_checked(name: str, json_path: str | os.PathLike,
+                                    image_root: str | os.PathLike) -> list[str]:
+    """Check the json (errors raised, invalid annotations warned about), then `register_coco_instances`
+    it under `name`, or a copy without the skipped annotations. Registering a name again replaces it (the
+    file may have changed). Returns the class names in category-id order (detectron2's contiguous ids).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    checked = check_coco_instances(json_path, image_root)
+    json_file = str(json_path)
+    if checked.skipped_ids:
+        clean = _cleaned_copy_path(json_file, name)
+        clean.write_text(json.dumps(checked.data))
+        logger.info("%s: training and evaluating %s on %s, a copy without the %d skipped annotations",
+                    json_file, name, clean, len(checked.skipped_ids))
+        json_file = str(clean)
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
+    register_coco_instances(name, {}, json_file, str(image_root))
+    categories = sorted(checked.data["categories"], key=lambda c: c["id"])
+    # the raw names, as load_coco_json sets them again when the dataset is loaded; set now for --infer,
+    # which draws with the metadata without loading the dataset
+    MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
+    return [str(c["name"]) for c in categories]
