@@ -3,6 +3,7 @@
 
   python tools/benchmark.py --size base            # CPU, writes benchmarks/results.{md,json}
   python tools/benchmark.py --size base --only pretrain --rounds 10   # update one row
+  python tools/benchmark.py --size base --device cuda --out benchmarks/gpu/benchmark   # on a GPU
 
 Speed: ours and the peer are built in one fresh process and their training steps interleaved (ours, peer,
 peer, ours per round), so both see the same machine from second to second; the ratio is the median over
@@ -18,19 +19,22 @@ GPU), so the peak is that model's alone. Pairs:
   seg:      UperNet train iteration with our registered backbone vs mmseg's MAE backbone
 The machine's dense matmul rate is measured in the same run, and our achieved FLOP rate is given as a
 fraction of it (analytic FLOP counts of the matmuls; attention included).
+
+bf16 rows on a CPU without bf16 units (no AVX512-BF16 / AMX-BF16; bf16 is emulated there, tens of times
+slower) are not run: the report says so, with the CPU model (MAE_TRANSFER_CPU_BF16=1 runs them anyway).
+Sizes: tiny / base / large as named; micro is a 4-block, 64-wide ViT at 64 px for the tool's tests.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from statistics import median
 from typing import Any, Callable
@@ -38,12 +42,31 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SIZES = {  # name -> (timm-style model name, pretrain batch, det image size, seg crop, seg batch)
-    "tiny": ("vit_tiny_patch16_224", 8, 512, 256, 2),
-    "base": ("vit_base_patch16_224", 8, 1024, 512, 2),
-    "large": ("vit_large_patch16_224", 4, 1024, 512, 2),
+from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.errors import MaeTransferError  # noqa: E402
+from mae_transfer.hardware import cpu_has_native_bf16, cpu_model, no_bf16_reason  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    model: str  # timm-style name of the ViT
+    pretrain_batch: int
+    det_img: int
+    seg_crop: int
+    seg_batch: int
+    pretrain_img: int = 224
+    decoder: tuple[int, int, int] = (512, 8, 16)  # MAE decoder width, depth, heads (the paper's)
+    arch: dict[str, int] = field(default_factory=dict)  # overrides of the named ViT's width / depth / heads
+
+
+SIZES = {
+    "micro": Size("vit_tiny_patch16_224", 4, 128, 64, 2, pretrain_img=64, decoder=(64, 1, 2),
+                  arch=dict(embed_dim=64, depth=4, num_heads=2)),
+    "tiny": Size("vit_tiny_patch16_224", 8, 512, 256, 2),
+    "base": Size("vit_base_patch16_224", 8, 1024, 512, 2),
+    "large": Size("vit_large_patch16_224", 4, 1024, 512, 2),
 }
-GLOBAL_BLOCKS = {12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
+GLOBAL_BLOCKS = {4: (1, 3), 12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -74,7 +97,12 @@ def _timeit(step: Callable[[], None], warmup: int, steps: int, device: str) -> f
 def _vit_dims(size: str) -> dict[str, int]:
     from backbones.vit import vit_config
 
-    return vit_config(SIZES[size][0])
+    return {**vit_config(SIZES[size].model), **SIZES[size].arch}
+
+
+def is_bf16(task: str) -> bool:
+    """Tasks whose steps run under bf16 autocast."""
+    return task.endswith("_bf16")
 
 
 def mae_flops_per_image(dim: int, depth: int, dec_dim: int = 512, dec_depth: int = 8, patches: int = 196,
@@ -113,15 +141,17 @@ def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = Fal
     import torch
 
     torch.manual_seed(0)
-    dims = _vit_dims(args.size)
-    batch = SIZES[args.size][1]
-    imgs = torch.randn(batch, 3, 224, 224, device=args.device)
-    noise = torch.rand(batch, 196, device=args.device)
+    dims, size = _vit_dims(args.size), SIZES[args.size]
+    batch, img, (dec_dim, dec_depth, dec_heads) = size.pretrain_batch, size.pretrain_img, size.decoder
+    patches = (img // dims["patch_size"]) ** 2
+    imgs = torch.randn(batch, 3, img, img, device=args.device)
+    noise = torch.rand(batch, patches, device=args.device)
     if impl == "ours":
         import mae_transfer  # noqa: F401
         from mae_transfer.mae import MaskedAutoencoder
 
-        model = MaskedAutoencoder(SIZES[args.size][0]).to(args.device)
+        model = MaskedAutoencoder(size.model, img_size=img, decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
+                                  decoder_num_heads=dec_heads, encoder_overrides=size.arch).to(args.device)
         forward = torch.compile(model) if compile_ours else model  # as the engine's compile=True
         run = lambda: forward(imgs, noise=noise)[0]  # noqa: E731
     else:
@@ -129,7 +159,9 @@ def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = Fal
 
         config = ViTMAEConfig(hidden_size=dims["embed_dim"], num_hidden_layers=dims["depth"],
                               num_attention_heads=dims["num_heads"], intermediate_size=4 * dims["embed_dim"],
-                              norm_pix_loss=True, layer_norm_eps=1e-6)
+                              image_size=img, patch_size=dims["patch_size"], decoder_hidden_size=dec_dim,
+                              decoder_num_hidden_layers=dec_depth, decoder_num_attention_heads=dec_heads,
+                              decoder_intermediate_size=4 * dec_dim, norm_pix_loss=True, layer_norm_eps=1e-6)
         model = ViTMAEForPreTraining(config).to(args.device)
         run = lambda: model(pixel_values=imgs, noise=noise).loss  # noqa: E731
     model.train()
@@ -148,7 +180,9 @@ def build_pretrain(impl: str, args: argparse.Namespace, compile_ours: bool = Fal
         loss.backward()
         opt.step()
 
-    return Bench(step, batch, mae_flops_per_image(dims["embed_dim"], dims["depth"]) * batch)
+    flops = mae_flops_per_image(dims["embed_dim"], dims["depth"], dec_dim, dec_depth, patches,
+                                3 * dims["patch_size"] ** 2)
+    return Bench(step, batch, flops * batch)
 
 
 def build_det(impl: str, args: argparse.Namespace) -> Bench:
@@ -156,7 +190,7 @@ def build_det(impl: str, args: argparse.Namespace) -> Bench:
 
     torch.manual_seed(0)
     dims = _vit_dims(args.size)
-    img = SIZES[args.size][2]
+    img = SIZES[args.size].det_img
     glob = GLOBAL_BLOCKS[dims["depth"]]
     x = torch.randn(1, 3, img, img, device=args.device)
     kwargs = dict(img_size=224, patch_size=16, embed_dim=dims["embed_dim"], depth=dims["depth"],
@@ -198,7 +232,7 @@ def build_seg(impl: str, args: argparse.Namespace) -> Bench:
     register_all_modules(init_default_scope=True)
     torch.manual_seed(0)
     dims = _vit_dims(args.size)
-    crop, batch = SIZES[args.size][3], SIZES[args.size][4]
+    crop, batch = SIZES[args.size].seg_crop, SIZES[args.size].seg_batch
     cfg = Config.fromfile(str(REPO / "configs" / "ade20k_upernet_vit_b.py"))
     model_cfg = cfg.model
     for part in (model_cfg.neck, model_cfg.decode_head, model_cfg.auxiliary_head):
@@ -295,8 +329,11 @@ def run_worker(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 # ABBA rounds per task by default: a ViT-B MAE step takes seconds on this CPU, a 1024-px detection or
-# 512-px UperNet step half a minute to a minute.
-DEFAULT_ROUNDS = {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "det": 1, "seg": 1}
+# 512-px UperNet step half a minute to a minute. On a GPU every step takes well under a second.
+DEFAULT_ROUNDS = {"cpu": {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "det": 1, "seg": 1},
+                  "cuda": {"pretrain": 20, "pretrain_bf16": 20, "pretrain_compiled": 20, "det": 10, "seg": 10}}
+# Warm-up steps per side: on a GPU the first steps also pay for kernel selection and allocator growth.
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
 
 
 def measure(worker: str, opts: argparse.Namespace, task: str = "", impl: str = "ours", rounds: int = 0) -> dict[str, Any]:
@@ -314,21 +351,17 @@ def measure(worker: str, opts: argparse.Namespace, task: str = "", impl: str = "
 def measure_task(task: str, opts: argparse.Namespace) -> dict[str, Any]:
     """Peak memory of each side in its own process; speed of both interleaved in one process."""
     memory = {impl: measure("memory", opts, task, impl)["peak_mem_mb"] for impl in ("ours", "peer")}
-    speed = measure("speed", opts, task, rounds=opts.rounds or DEFAULT_ROUNDS[task])
+    speed = measure("speed", opts, task, rounds=opts.rounds or DEFAULT_ROUNDS[opts.device][task])
     ours, peer = (dict(speed[impl], peak_mem_mb=memory[impl]) for impl in ("ours", "peer"))
     return dict(ours=ours, peer=peer, speed_ratio=speed["speed_ratio"], pair_ratios=speed["pair_ratios"],
                 memory_ratio=memory["ours"] / memory["peer"], measured=time.strftime("%Y-%m-%d %H:%M"))
 
 
-def cpu_model() -> str:
-    """The CPU's name (Linux), else the architecture: the cloud hosts this runs on vary between sessions."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+def skip_reason(task: str, device: str) -> str | None:
+    """Why a task is not run here, or None: bf16 rows on a CPU whose bf16 would be emulated."""
+    if is_bf16(task) and device == "cpu" and not cpu_has_native_bf16():
+        return f"skipped on {no_bf16_reason()}"
+    return None
 
 
 def write_report(results: dict[str, Any], out_dir: Path) -> Path:
@@ -338,10 +371,13 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     rows = ["| task | ours img/s | peer | peer img/s | speed ratio (range) | ours peak MB | peer peak MB | memory ratio "
             "| ours GFLOP/s (% of matmul peak) | measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, r in results["tasks"].items():
+        if "skipped" in r:
+            rows.append(f"| {task} | - | {PEERS[task]} | - | {r['skipped']} | - | - | - | - | {r['measured']} |")
+            continue
         ours, peer = r["ours"], r["peer"]
         flops = "-"
         if "gflops" in ours:  # the peak is an fp32 matmul: bf16 rows run on other units (AMX where present)
-            flops = f"{ours['gflops']:.1f} " + ("(bf16)" if task.endswith("_bf16") else f"({100 * ours['gflops'] / peak:.0f}%)")
+            flops = f"{ours['gflops']:.1f} " + ("(bf16)" if is_bf16(task) else f"({100 * ours['gflops'] / peak:.0f}%)")
         pairs = r["pair_ratios"]
         rows.append(f"| {task} | {ours['img_per_s']:.3f} | {PEERS[task]} | {peer['img_per_s']:.3f} | "
                     f"**{r['speed_ratio']:.2f}x** ({min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} pairs) | "
@@ -372,13 +408,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(PEERS)} (pretrain_compiled: ~2 min of compiling)")
     parser.add_argument("--rounds", type=int, default=0,
                         help=f"ABBA rounds (ours, peer, peer, ours) per task; default {DEFAULT_ROUNDS}")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per side; default {DEFAULT_WARMUP}")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=list(BUILDERS), default="pretrain", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=["ours", "peer"], default="ours", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = DEFAULT_WARMUP[args.device]
     if args.worker:
         run_worker(args)
         return 0
@@ -388,10 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = set(tasks) - set(PEERS)
     if unknown:
-        raise SystemExit(f"error: --only: unknown task(s) {sorted(unknown)}; expected some of {', '.join(PEERS)}")
+        raise MaeTransferError(f"--only: unknown task(s) {sorted(unknown)}; expected some of {', '.join(PEERS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MaeTransferError(f"--device cuda: no CUDA device (torch {torch.__version__}: torch.cuda.is_available() "
+                               "is False); run on a GPU machine or use --device cpu")
+    skipped = {task: skip_reason(task, args.device) for task in tasks}  # before any measuring: fails fast
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {machine}"
     results: dict[str, Any] = {"meta": dict(size=args.size, device=args.device, warmup=args.warmup,
-                                            threads=args.threads, torch=torch.__version__,
-                                            machine=f"{cpu_model()}, {os.cpu_count()} cores"),
+                                            threads=args.threads, torch=torch.__version__, machine=machine),
                                "tasks": {}}
     results["matmul_gflops"] = measure("matmul", args)["gflops"]
     previous = args.out / "results.json"
@@ -400,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         if old.get("meta", {}).get("size") == args.size and old.get("meta", {}).get("device") == args.device:
             results["tasks"] = {t: r for t, r in old.get("tasks", {}).items() if t not in tasks and "pair_ratios" in r}
     for task in tasks:
+        reason = skipped[task]
+        if reason:
+            results["tasks"][task] = dict(skipped=reason, measured=time.strftime("%Y-%m-%d %H:%M"))
+            print(f"[benchmark] {task}: {reason}", flush=True)
+            continue
         results["tasks"][task] = r = measure_task(task, args)
         print(f"[benchmark] {task}: {r['speed_ratio']:.2f}x speed ({min(r['pair_ratios']):.2f}-"
               f"{max(r['pair_ratios']):.2f}), {r['memory_ratio']:.2f}x memory", flush=True)
@@ -413,4 +462,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

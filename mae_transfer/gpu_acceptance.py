@@ -1,0 +1,536 @@
+"""GPU acceptance run: the GPU paths of this project measured on one CUDA GPU, one table at the end.
+
+Rows, each in its own process with its own time budget (a row that fails or runs out of time is recorded
+in the table and the run goes on; the exit status is then 1):
+  pytest_cuda      pytest -m cuda: fp16 autocast + GradScaler in the pretraining engine, an nccl process
+                   group with DDP, SDPA with a rel-pos bias that needs gradients, CUDA vs CPU attention
+  det_vit_b/_l     ViTDet Mask R-CNN train iterations at 1024 px (configs/coco_mask_rcnn_vit_{b,l}.py under
+                   their AMP: detectron2's AMPTrainer, fp16 autocast + GradScaler) on synthetic 1024x1024
+                   images with boxes + polygon masks: s/image and peak memory, beside ViTDet's published
+                   A100 numbers (0.314 / 0.603 s/im, 10.9 / 20.9 GB)
+  seg_vit_b_amp    UperNet ViT-B train iterations at 512 px, batch 2 (configs/ade20k_upernet_vit_b.py)
+  seg_vit_b        with mmseg's AmpOptimWrapper (fp16, as mmseg's MAE run: 9.96 GB) / the config's
+                   OptimWrapper (fp32): s/iteration and peak memory
+  mae_vit_b/_l     MAE pretraining steps of configs/mae_pretrain_vit_{b,l}.py (batch 64, bf16): img/s, memory
+  bench_*          tools/benchmark.py --device cuda --size base, one task each: ours vs HF ViTMAE (fp32 and
+                   bf16), detectron2's ViT, mmseg's MAE backbone
+Peak memory is torch.cuda.max_memory_allocated (what detectron2 and mmengine log). The table is printed
+and written as results.md + results.json to --out (default benchmarks/gpu/), with each row's log in
+logs/. Without a CUDA GPU it stops at once with one error line: it never falls back to the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any, Callable
+
+from mae_transfer.errors import MaeTransferError
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str
+    budget_s: int  # wall-clock limit of the row's process(es), start-up included
+    reference: str = "-"
+    reference_memory: str = "-"
+
+
+# Run in this order: the correctness row first, the benchmark pairs (the most processes) last.
+ROWS = [
+    Row("pytest_cuda", "pytest -m cuda (tests/test_cuda.py)", 150),
+    Row("det_vit_b", "Mask R-CNN ViT-B train iter, 1024 px, config AMP (fp16 + GradScaler)", 100,
+        "0.314 s/im (ViTDet, A100)", "10.9 GB"),
+    Row("det_vit_l", "Mask R-CNN ViT-L train iter, 1024 px, config AMP (fp16 + GradScaler)", 130,
+        "0.603 s/im (ViTDet, A100)", "20.9 GB"),
+    Row("seg_vit_b_amp", "UperNet ViT-B train iter, 512 px, fp16 AmpOptimWrapper", 80,
+        "-", "9.96 GB (mmseg MAE, V100)"),
+    Row("seg_vit_b", "UperNet ViT-B train iter, 512 px, config OptimWrapper (fp32)", 80),
+    Row("mae_vit_b", "MAE ViT-B pretraining step, config batch + AMP", 70),
+    Row("mae_vit_l", "MAE ViT-L pretraining step, config batch + AMP", 80),
+    Row("bench_pretrain", "benchmark: MAE ViT-B step vs HF ViTMAE, fp32", 80),
+    Row("bench_pretrain_bf16", "benchmark: MAE ViT-B step vs HF ViTMAE, bf16", 80),
+    Row("bench_det", "benchmark: ViTDet-B backbone 1024 px vs detectron2 ViT", 90),
+    Row("bench_seg", "benchmark: UperNet ViT-B iter vs mmseg MAE backbone", 90),
+]
+ROW_NAMES = [row.name for row in ROWS]
+DEFAULT_BUDGET_S = 540  # all rows together: with set-up and start-up the run stays under 10 minutes
+BENCH_ROUNDS = {"pretrain": 10, "pretrain_bf16": 10, "det": 5, "seg": 5}
+NOTES = [
+    "Peak memory: torch.cuda.max_memory_allocated over the row's process (weights, optimizer state, "
+    "activations), in GiB, as detectron2 and mmengine report it.",
+    "ViTDet's published numbers come from 64-GPU training with 1 image per GPU (so they include gradient "
+    "all-reduce); det rows here use one GPU, --det-batch images per iteration (default 1), synthetic 1024x1024 "
+    "images with 8 boxes + polygon masks each, the learning rate of the first warm-up iteration.",
+    "mmseg's 9.96 GB: its MAE ViT-B UperNet run (fp16, 2 images per V100); seg rows use the config's batch "
+    "of 2 random 512x512 images.",
+    "bench_* rows: tools/benchmark.py (both sides interleaved in one process; memory each side alone); "
+    "its own report is in benchmark/.",
+]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def peak_memory_gib(device: str) -> float:
+    """Peak allocated GPU memory of this process; on the CPU (tests) the peak resident set."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / GIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def timed_steps(step: Callable[[], Any], device: str, warmup: int, iters: int, deadline: float) -> list[float]:
+    """Seconds of each of up to `iters` steps after `warmup` untimed ones; from the third step on, stops at
+    `deadline` (time.time()), so a slow row still reports what it measured."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times: list[float] = []
+    while len(times) < iters and (len(times) < 2 or time.time() < deadline):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def synthetic_detection_batch(images: int, size: int, num_classes: int, instances: int = 8,
+                              seed: int = 0) -> list[dict[str, Any]]:
+    """detectron2 training inputs: random size x size RGB images, each with `instances` boxes and an octagon
+    polygon mask filling each box (the box of the polygon is the box), random classes."""
+    import numpy as np
+    import torch
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    gen = torch.Generator().manual_seed(seed)
+    angles = np.arange(8) * (2 * math.pi / 8)
+    batch = []
+    for _ in range(images):
+        boxes, polygons = [], []
+        for _ in range(instances):
+            w, h = (int(v) for v in torch.randint(size // 16, size // 2, (2,), generator=gen))
+            x0 = int(torch.randint(0, size - w, (1,), generator=gen))
+            y0 = int(torch.randint(0, size - h, (1,), generator=gen))
+            boxes.append([x0, y0, x0 + w, y0 + h])
+            xs, ys = x0 + w / 2 * (1 + np.cos(angles)), y0 + h / 2 * (1 + np.sin(angles))
+            polygons.append([np.stack([xs, ys], 1).reshape(-1)])
+        target = Instances((size, size))
+        target.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        target.gt_classes = torch.randint(0, num_classes, (instances,), generator=gen)
+        target.gt_masks = PolygonMasks(polygons)
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
+        batch.append({"image": image, "height": size, "width": size, "instances": target})
+    return batch
+
+
+def measure_detection(config: str | Path, device: str, images_per_iter: int = 1, warmup: int = 3, iters: int = 10,
+                      deadline: float = math.inf) -> dict[str, Any]:
+    """Mask R-CNN train iterations of a LazyConfig as tools/train_det.py runs them: detectron2's AMPTrainer
+    (fp16 autocast + GradScaler) when train.amp.enabled, else SimpleTrainer; input size = the pyramid's
+    square_pad (1024 for the ViTDet configs)."""
+    import torch
+
+    import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.engine import AMPTrainer, SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    cfg = LazyConfig.load(str(config))
+    size = int(cfg.model.backbone.square_pad)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    # The schedule's value at iteration 0 (inside the warm-up), as in the first iterations of a real run: a
+    # randomly initialised Mask R-CNN at the full rate can reach a non-finite loss within these few steps.
+    factor = instantiate(cfg.lr_multiplier)(0.0)
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    amp = bool(cfg.train.amp.enabled)
+    batch = synthetic_detection_batch(images_per_iter, size, int(cfg.model.roi_heads.num_classes))
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, itertools.repeat(batch), optimizer)
+    with EventStorage(0) as storage:
+        counter = itertools.count()
+
+        def step() -> None:
+            trainer.iter = storage.iter = next(counter)
+            trainer.run_step()
+
+        times = timed_steps(step, device, warmup, iters, deadline)
+        loss = storage.history("total_loss").latest()
+    sec = median(times)
+    return dict(config=str(config), image_size=size, images_per_iter=images_per_iter,
+                amp="fp16 autocast + GradScaler (AMPTrainer)" if amp else "fp32", iters_timed=len(times),
+                sec_per_iter=sec, sec_per_image=sec / images_per_iter, total_loss=loss,
+                peak_mem_gib=peak_memory_gib(device))
+
+
+def measure_segmentation(config: str | Path, device: str, amp: bool = False, warmup: int = 3, iters: int = 10,
+                         deadline: float = math.inf) -> dict[str, Any]:
+    """UperNet train iterations (model.train_step: data preprocessor, forward, backward, optimizer step) of an
+    mmseg config at its crop size and per-GPU batch; amp=True swaps in mmengine's AmpOptimWrapper (fp16)."""
+    import torch
+
+    import backbones.mmseg  # noqa: F401  (registers our backbone and the LLRD optimizer constructor)
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    cfg = Config.fromfile(str(config))
+    for part in (cfg.model.neck, cfg.model.decode_head, cfg.model.auxiliary_head):
+        part.norm_cfg = dict(type="BN", requires_grad=True)  # one process: no SyncBN (as tools/train_seg.py)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).to(device)
+    model.train()
+    wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
+    if amp:
+        wrapper_cfg.update(type="AmpOptimWrapper", loss_scale="dynamic")
+    optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
+    h, w = cfg.crop_size
+    batch = int(cfg.train_dataloader.batch_size)
+    num_classes = int(cfg.model.decode_head.num_classes)
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(batch):
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w), generator=gen))
+        samples.append(sample)
+    data = dict(inputs=[torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for _ in range(batch)],
+                data_samples=samples)
+    losses: list[float] = []
+
+    def step() -> None:
+        log_vars = model.train_step(data, optim_wrapper)
+        losses.append(float(log_vars["loss"]))
+
+    times = timed_steps(step, device, warmup, iters, deadline)
+    if not all(math.isfinite(v) for v in losses):
+        raise MaeTransferError(f"non-finite segmentation loss: {losses}")
+    sec = median(times)
+    return dict(config=str(config), crop=[h, w], images_per_iter=batch, optim_wrapper=wrapper_cfg.type,
+                iters_timed=len(times), sec_per_iter=sec, img_per_s=batch / sec, loss=losses[-1],
+                peak_mem_gib=peak_memory_gib(device))
+
+
+def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters: int = 10,
+                        deadline: float = math.inf) -> dict[str, Any]:
+    """MAE pretraining steps as mae_transfer.engine runs them (autocast from the config's amp, GradScaler for
+    fp16, fused AdamW on the engine's parameter groups) at the config's per-process batch, random images."""
+    import torch
+
+    from mae_transfer.config import load_config
+    from mae_transfer.engine import build_mae, optimizer_step, param_groups_weight_decay, resolve_config
+    from mae_transfer.hardware import autocast_dtype, resolve_amp
+    from mae_transfer.optim import adamw
+
+    cfg = resolve_config({**load_config(config), "data_path": "unused", "output_dir": "unused"})
+    torch.manual_seed(0)
+    model = build_mae(cfg).to(device)
+    model.train()
+    batch, img = cfg["batch_size"], cfg["img_size"]
+    optimizer = adamw(param_groups_weight_decay(model, cfg["weight_decay"]), cfg["blr"] * batch / 256, cfg["betas"])
+    amp = resolve_amp(cfg["amp"], device)
+    dtype = autocast_dtype(amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    imgs = torch.randn(batch, 3, img, img, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _, _ = model(imgs, model.make_noise(batch, device, gen))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        optimizer_step(optimizer, scaler)
+        losses.append(loss.detach())
+
+    times = timed_steps(step, device, warmup, iters, deadline)
+    values = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in values):
+        raise MaeTransferError(f"non-finite MAE loss: {values}")
+    sec = median(times)
+    return dict(config=str(config), encoder=cfg["encoder"], batch=batch, amp=amp if dtype is not None else "fp32",
+                iters_timed=len(times), sec_per_iter=sec, img_per_s=batch / sec, loss=values[-1],
+                peak_mem_gib=peak_memory_gib(device))
+
+
+def _det(name: str) -> Callable[..., dict[str, Any]]:
+    return lambda args, deadline: measure_detection(REPO / "configs" / f"coco_mask_rcnn_{name}.py", "cuda",
+                                                    args.det_batch, args.warmup, args.iters, deadline)
+
+
+def _seg(amp: bool) -> Callable[..., dict[str, Any]]:
+    return lambda args, deadline: measure_segmentation(REPO / "configs" / "ade20k_upernet_vit_b.py", "cuda", amp,
+                                                       args.warmup, args.iters, deadline)
+
+
+def _mae(name: str) -> Callable[..., dict[str, Any]]:
+    return lambda args, deadline: measure_pretraining(REPO / "configs" / f"mae_pretrain_{name}.py", "cuda",
+                                                      args.warmup, args.iters, deadline)
+
+
+# Rows measured in a child process of this module (always on CUDA: the parent checked for it).
+CHILD_ROWS: dict[str, Callable[[argparse.Namespace, float], dict[str, Any]]] = {
+    "det_vit_b": _det("vit_b"), "det_vit_l": _det("vit_l"), "seg_vit_b_amp": _seg(True), "seg_vit_b": _seg(False),
+    "mae_vit_b": _mae("vit_b"), "mae_vit_l": _mae("vit_l")}
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def row_cells(name: str, data: dict[str, Any]) -> tuple[str, str]:
+    """(result, memory) table cells of a row's measurements."""
+    if name.startswith("det_"):
+        return (f"{data['sec_per_image']:.3f} s/im ({data['images_per_iter']} im/iter, {data['iters_timed']} iters)",
+                f"{data['peak_mem_gib']:.1f} GB")
+    if name.startswith("seg_"):
+        return (f"{data['sec_per_iter']:.3f} s/iter ({data['images_per_iter']} im/iter, {data['iters_timed']} iters)",
+                f"{data['peak_mem_gib']:.1f} GB")
+    if name.startswith("mae_"):
+        return (f"{data['img_per_s']:.0f} img/s (batch {data['batch']}, {data['amp']}, {data['iters_timed']} iters)",
+                f"{data['peak_mem_gib']:.1f} GB")
+    if name.startswith("bench_"):
+        ours, peer = data["ours"], data["peer"]
+        return (f"ours {ours['img_per_s']:.1f} vs peer {peer['img_per_s']:.1f} img/s: **{data['speed_ratio']:.2f}x** "
+                f"speed", f"{ours['peak_mem_mb'] / 1024:.1f} vs {peer['peak_mem_mb'] / 1024:.1f} GB "
+                f"({data['memory_ratio']:.2f}x)")
+    if name == "pytest_cuda":
+        return data["summary"], "-"
+    raise KeyError(name)
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """Counts from pytest's final summary line, e.g. '3 passed, 1 skipped, 200 deselected in 9.1s'."""
+    summary = [ln for ln in output.strip().splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected|no tests)", ln)]
+    counts: dict[str, int] = {}
+    for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
+                                   summary[-1] if summary else ""):
+        counts["errors" if word.startswith("error") else word] = int(number)
+    return counts
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| row | what | result | reference | peak memory | reference memory | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['what']} | {r['result']} | {r['reference']} | {r['memory']} | "
+                     f"{r['reference_memory']} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def write_report(meta: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> str:
+    from mae_transfer.io import atomic_write_text
+
+    table = format_table(rows)
+    text = "\n".join([f"# GPU acceptance run ({meta['date']})", "",
+                      f"GPU: {meta['gpu']}; torch {meta['torch']} (CUDA {meta['cuda']}); commit {meta['commit']}; "
+                      f"{meta['seconds']:.0f} s for the rows.", "", table, "", *[f"- {n}" for n in NOTES], ""])
+    atomic_write_text(json.dumps(dict(meta=meta, rows=rows), indent=2), out / "results.json")
+    atomic_write_text(text, out / "results.md")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def require_cuda() -> None:
+    """One clear MaeTransferError unless torch sees a CUDA GPU: this run never falls back to the CPU."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a driver too old: folded into the one line
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return
+    why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU: torch.cuda.is_available() is False")
+    if caught:
+        why += f" ({str(caught[0].message).strip().splitlines()[0]})"
+    raise MaeTransferError(f"{why}; the GPU acceptance run measures the GPU code paths and never falls back to the CPU")
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -> int | None:
+    """Run `cmd` (and whatever it starts) with output to `log`; None if it ran past `timeout` and was killed."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            return proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: benchmark workers too
+            proc.wait()
+            return None
+
+
+def last_error(log: Path) -> str:
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|error)\b", ln)]
+    return ((errors or lines or ["no output"])[-1])[:300].replace("|", "/")
+
+
+def child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+
+def run_one(row: Row, args: argparse.Namespace, timeout: float) -> tuple[str, dict[str, Any]]:
+    """Measure one row in its own process(es): (status, measurements)."""
+    log = args.out / "logs" / f"{row.name}.log"
+    env = child_env()
+    if row.name in CHILD_ROWS:
+        result = args.out / "logs" / f"{row.name}.json"
+        result.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "mae_transfer.gpu_acceptance", "--row", row.name, "--row-result", str(result),
+               "--row-deadline", str(time.time() + timeout - 10), "--det-batch", str(args.det_batch),
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        rc = run_logged(cmd, log, timeout, env)
+        if rc is None:
+            return f"FAILED: over its {timeout:.0f} s budget (log: logs/{log.name})", {}
+        if rc != 0 or not result.is_file():
+            return f"FAILED: {last_error(log)}", {}
+        return "ok", json.loads(result.read_text())
+    if row.name.startswith("bench_"):
+        task = row.name[len("bench_"):]
+        bench_out = args.out / "benchmark"
+        cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--device", "cuda", "--size", "base",
+               "--only", task, "--rounds", str(BENCH_ROUNDS[task]), "--out", str(bench_out)]
+        rc = run_logged(cmd, log, timeout, env)
+        if rc is None:
+            return f"FAILED: over its {timeout:.0f} s budget (log: logs/{log.name})", {}
+        if rc != 0:
+            return f"FAILED: {last_error(log)}", {}
+        return "ok", json.loads((bench_out / "results.json").read_text())["tasks"][task]
+    if row.name == "pytest_cuda":
+        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider"]
+        rc = run_logged(cmd, log, timeout, env)
+        if rc is None:
+            return f"FAILED: over its {timeout:.0f} s budget (log: logs/{log.name})", {}
+        counts = pytest_counts(log.read_text(errors="replace"))
+        summary = ", ".join(f"{n} {w}" for w, n in counts.items() if w != "deselected") or "no result line"
+        problem = ("some failed" if counts.get("failed") or counts.get("errors") else
+                   "none passed" if not counts.get("passed") else f"exit status {rc}" if rc else "")
+        status = f"FAILED: {problem} (log: logs/{log.name})" if problem else "ok"
+        return status, dict(counts=counts, summary=summary)
+    raise KeyError(row.name)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+GPU_PROBE = ("import json, torch; p = torch.cuda.get_device_properties(0); x = torch.ones(1024, 1024, device='cuda'); "
+             "print(json.dumps(dict(gpu=f'{p.name}, {p.total_memory / 2 ** 30:.0f} GiB', count=torch.cuda.device_count(), "
+             "torch=torch.__version__, cuda=torch.version.cuda, check=float((x @ x)[0, 0]))))")
+
+
+def run_all(args: argparse.Namespace) -> int:
+    require_cuda()
+    selected = [row for row in ROWS if row.name in args.only]
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The device's name from a child process: the parent itself never creates a CUDA context (it would hold
+    # GPU memory during every row).
+    probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    info = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else {}
+    if info.get("check") != 1024.0:
+        raise MaeTransferError(f"CUDA is visible but a first matrix product on it failed: {probe.stderr.strip()[-300:]}")
+    meta = dict(gpu=f"{info['gpu']} (x{info['count']})" if info["count"] > 1 else info["gpu"], torch=info["torch"],
+                cuda=info["cuda"], commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"), budget_s=args.budget)
+    print(f"[gpu_acceptance] {meta['gpu']}, torch {meta['torch']}: {len(selected)} rows, budget {args.budget} s; "
+          f"logs in {args.out / 'logs'}", flush=True)
+    start = time.time()
+    deadline = start + args.budget
+    rows = []
+    for row in selected:
+        left = deadline - time.time()
+        began = time.time()
+        if left < 20:
+            status, data = f"not run: the {args.budget} s budget was used up", {}
+        else:
+            print(f"[gpu_acceptance] {row.name} (up to {min(row.budget_s, left):.0f} s) ...", flush=True)
+            status, data = run_one(row, args, min(row.budget_s, left))
+        shown = bool(data) and (status == "ok" or row.name == "pytest_cuda")  # pytest counts show failures too
+        result, memory = row_cells(row.name, data) if shown else ("-", "-")
+        rows.append(dict(name=row.name, what=row.what, result=result, reference=row.reference, memory=memory,
+                         reference_memory=row.reference_memory, status=status, seconds=round(time.time() - began, 1),
+                         data=data))
+        print(f"[gpu_acceptance] {row.name}: {status}  {result}  {memory}", flush=True)
+    meta["seconds"] = time.time() - start
+    table = write_report(meta, rows, args.out)
+    print(f"\n{table}\n\nwritten: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    failed = [r["name"] for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"[gpu_acceptance] FAILED rows: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_child(args: argparse.Namespace) -> int:
+    data = CHILD_ROWS[args.row](args, args.row_deadline)
+    from mae_transfer.io import atomic_write_text
+
+    atomic_write_text(json.dumps(data), args.row_result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scripts/gpu_acceptance.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "gpu",
+                        help="folder for results.md, results.json, logs/ and benchmark/ (default: benchmarks/gpu)")
+    parser.add_argument("--only", default=",".join(ROW_NAMES),
+                        help=f"comma-separated rows to run, in this order: {', '.join(ROW_NAMES)}")
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for all rows together (default {DEFAULT_BUDGET_S}); rows left when it is "
+                             "used up are reported as not run")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per row (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before them (default 3)")
+    parser.add_argument("--det-batch", type=int, default=1,
+                        help="images per detection iteration (default 1, the per-GPU load of ViTDet's runs)")
+    parser.add_argument("--row", choices=list(CHILD_ROWS), help=argparse.SUPPRESS)
+    parser.add_argument("--row-result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--row-deadline", type=float, default=math.inf, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.row:
+        return run_child(args)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(ROW_NAMES))
+    if unknown:
+        raise MaeTransferError(f"--only: unknown row(s) {unknown}; expected some of {', '.join(ROW_NAMES)}")
+    if min(args.iters, args.budget, args.det_batch) < 1 or args.warmup < 0:
+        raise MaeTransferError("--iters, --budget and --det-batch must be positive, --warmup not negative")
+    args.only = only
+    args.out = args.out.resolve()
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    from mae_transfer.cli import run_cli
+
+    sys.exit(run_cli(main))

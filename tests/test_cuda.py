@@ -1,0 +1,322 @@
+"""The CUDA branches (marked `cuda`, skipped without a GPU; `pytest -m cuda` runs them, and so does
+scripts/gpu_acceptance.sh): fp16 autocast + GradScaler in the pretraining engine, nccl with DDP, SDPA with a
+rel-pos bias that needs gradients, and the attention paths that differ between CPU and CUDA (backbones/vit.py:
+the CPU's chunked rel-pos kernel and explicit bf16 attention, SDPA on CUDA). Unmarked: what of
+scripts/gpu_acceptance.sh a CPU can check (help, the one-line refusal without a GPU, every row's
+measuring code on the tiny CPU configs, the table)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from backbones.vit import VisionTransformer, attention
+from mae_transfer import gpu_acceptance as acceptance
+from mae_transfer.config import load_config
+from mae_transfer.engine import load_checkpoint, pretrain
+from mae_transfer.mae import MaskedAutoencoder
+from mae_transfer.synthetic import make_shapes_dataset
+from tests.conftest import REPO_ROOT
+
+DEVICE = "cuda"
+CONFIGS = REPO_ROOT / "configs"
+SCRIPT = REPO_ROOT / "scripts" / "gpu_acceptance.sh"
+# Small ViTDet-style model: windows of 14 in blocks 0 and 2, global blocks 1 and 3, decomposed rel-pos.
+SMALL_DET = dict(embed_dim=64, depth=4, num_heads=2, window_size=14, global_block_indexes=(1, 3), use_rel_pos=True)
+
+
+def cuda_test(test):
+    """Marked `cuda` (pytest -m cuda selects it) and skipped, with the reason, without a GPU."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return pytest.mark.cuda(skip(test))
+
+
+@pytest.fixture
+def ieee_fp32():
+    """TF32 off (cuDNN uses it for fp32 convolutions by default), so CUDA fp32 agrees with the CPU to rounding."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def max_rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    reference = reference.detach().float().cpu()
+    return ((value.detach().float().cpu() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+
+
+def norm_rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.detach().float().cpu()
+    return ((value.detach().float().cpu() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter (rel-pos tables, LayerNorms, biases too) away from its trivial init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: str,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output of model.forward_spatial and the gradients of all parameters and of the input, on `device`
+    (under autocast to `dtype` if given)."""
+    model = copy.deepcopy(model).to(device)
+    x = x.to(device).requires_grad_()
+    with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = model.forward_spatial(x)[0]
+    out.backward(grad.to(device, out.dtype))
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad
+    return out, grads
+
+
+# ------------------------------------------------------------------------------------------- attention on CUDA
+@pytest.mark.parametrize("tokens,with_bias", [(50, False), (197, False), (196, True), (1024, True)])
+@pytest.mark.usefixtures("ieee_fp32")
+@cuda_test
+def test_attention_on_cuda_matches_cpu_at_fp32(tokens: int, with_bias: bool) -> None:
+    """backbones.vit.attention (SDPA) on CUDA, forward and backward, against the CPU at fp32: 1e-4. With a
+    bias, its gradient too (a learned rel-pos bias)."""
+    torch.manual_seed(0)
+    shape = (2, 4, tokens, 32)
+    inputs = [torch.randn(shape) for _ in range(3)] + ([torch.randn(2, 4, tokens, tokens)] if with_bias else [])
+    grad = torch.randn(shape)
+
+    def run(device: str) -> list[torch.Tensor]:
+        leaves = [t.to(device).requires_grad_() for t in inputs]
+        out = attention(*leaves[:3], leaves[3] if with_bias else None)
+        out.backward(grad.to(device))
+        return [out] + [t.grad for t in leaves]
+
+    for name, got, want in zip(["out", "q", "k", "v", "bias"], run(DEVICE), run("cpu")):
+        assert max_rel_error(got, want) < 1e-4, name
+
+
+@pytest.mark.usefixtures("ieee_fp32")
+@cuda_test
+def test_rel_pos_vit_on_cuda_matches_cpu_and_detectron2_at_fp32() -> None:
+    """Our ViTDet-style ViT at 512 px (global blocks of 1024 tokens, where the CPU runs its chunked rel-pos
+    kernel; CUDA runs SDPA with the rel-pos bias, which needs gradients) against the CPU and against
+    detectron2's ViT on CUDA (explicit attention), same weights: outputs and every gradient to 1e-4."""
+    from detectron2.modeling import ViT
+
+    torch.manual_seed(0)
+    ours = randomise(VisionTransformer(img_size=224, rel_pos_input_size=512, final_norm=False, **SMALL_DET))
+    x, grad = torch.randn(1, 3, 512, 512), torch.randn(1, 64, 32, 32)
+    out_cuda, grads_cuda = forward_backward(ours, x, grad, DEVICE)
+    out_cpu, grads_cpu = forward_backward(ours, x, grad, "cpu")
+    assert max_rel_error(out_cuda, out_cpu) < 1e-4
+    assert grads_cuda.keys() == grads_cpu.keys() and "blocks.1.attn.rel_pos_h" in grads_cuda
+    for name, g in grads_cpu.items():
+        assert max_rel_error(grads_cuda[name], g) < 1e-4, name
+
+    ref = ViT(img_size=512, patch_size=16, embed_dim=64, depth=4, num_heads=2, window_size=14,
+              window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False, pretrain_img_size=224,
+              norm_layer=partial(nn.LayerNorm, eps=1e-6)).to(DEVICE)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and unexpected == ["cls_token"]
+    xr = x.to(DEVICE).requires_grad_()
+    out_ref = ref(xr)["last_feat"]
+    out_ref.backward(grad.to(DEVICE))
+    assert max_rel_error(out_cuda, out_ref) < 1e-4
+    assert max_rel_error(grads_cuda["input"], xr.grad) < 1e-4
+    for name, p in ref.named_parameters():
+        assert max_rel_error(grads_cuda[name], p.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+@pytest.mark.usefixtures("ieee_fp32")
+@cuda_test
+def test_autocast_training_on_cuda_stays_close_to_fp32(dtype: torch.dtype, tolerance: float) -> None:
+    """The mixed-precision paths the configs use on GPUs (bf16 pretraining / fine-tuning, fp16 detectron2 AMP)
+    through SDPA with and without a rel-pos bias: output and gradients within a few units of the format's
+    rounding of the fp32 CPU reference (relative 2-norm error)."""
+    torch.manual_seed(0)
+    ours = randomise(VisionTransformer(img_size=224, rel_pos_input_size=256, final_norm=False, **SMALL_DET))
+    x, grad = torch.randn(2, 3, 256, 256), torch.randn(2, 64, 16, 16)
+    out, grads = forward_backward(ours, x, grad, DEVICE, dtype)
+    out_ref, grads_ref = forward_backward(ours, x, grad, "cpu")
+    assert torch.isfinite(out).all()
+    assert norm_rel_error(out, out_ref) < tolerance
+    for name in ("input", "patch_embed.proj.weight", "blocks.1.attn.rel_pos_h", "blocks.1.attn.qkv.weight",
+                 "blocks.0.attn.rel_pos_w", "blocks.3.mlp.fc2.weight"):
+        assert norm_rel_error(grads[name], grads_ref[name]) < tolerance, name
+
+
+@pytest.mark.usefixtures("ieee_fp32")
+@cuda_test
+def test_mae_on_cuda_matches_cpu_at_fp32() -> None:
+    """MaskedAutoencoder (masking gathers, visible-patch embedding, decoder unshuffle) with the same noise on
+    CUDA and on the CPU: loss to 1e-5, gradients to 1e-4."""
+    torch.manual_seed(0)
+    model = randomise(MaskedAutoencoder("vit_tiny_patch16_224", img_size=64, decoder_embed_dim=64, decoder_depth=2,
+                                        decoder_num_heads=2, encoder_overrides={"depth": 2}))
+    imgs, noise = torch.randn(4, 3, 64, 64), torch.rand(4, 16)
+    results = {}
+    for device in (DEVICE, "cpu"):
+        m = copy.deepcopy(model).to(device)
+        loss, _, _ = m(imgs.to(device), noise.to(device))
+        loss.backward()
+        results[device] = loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    (loss, grads), (loss_ref, grads_ref) = results[DEVICE], results["cpu"]
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        assert max_rel_error(grads[name], g) < 1e-4, name
+
+
+# ------------------------------------------------------------------------------------------- engine on CUDA
+@pytest.fixture(scope="module")
+def shapes_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=16, num_val=2, size=96)
+    return root / "images" / "train"
+
+
+def micro_pretrain_cfg(images: Path, out: Path, *overrides: str) -> dict:
+    cfg = load_config(CONFIGS / "mae_pretrain_vit_tiny_cpu.py", [
+        "encoder_overrides={'depth': 2}", "img_size=64", "decoder_depth=1", "decoder_embed_dim=64", "batch_size=4",
+        "recon_images=1", "warmup_epochs=1", "lr=1e-3", *overrides])
+    cfg.update(data_path=str(images), output_dir=str(out))
+    return cfg
+
+
+@cuda_test
+def test_fp16_grad_scaler_pretraining_on_cuda(shapes_images: Path, tmp_path: Path) -> None:
+    """The engine's amp='fp16' branch (autocast + GradScaler, GPU only): a few epochs of tiny pretraining on
+    CUDA give finite, falling losses, fp32 master weights and a saved scaler state."""
+    history = pretrain(micro_pretrain_cfg(shapes_images, tmp_path, "amp=fp16", f"device={DEVICE}", "epochs=6"))
+    losses = [h["loss"] for h in history]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth")
+    assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0  # GradScaler state, for an exact resume
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+@cuda_test
+def test_nccl_process_group_with_ddp(tmp_path: Path) -> None:
+    """One process, world size 1: nccl reduces the engine's float64 epoch totals on the GPU, and a
+    DDP-wrapped MAE (as the engine wraps it) under fp16 autocast + GradScaler gets the plain model's gradients."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        totals = torch.tensor([1.5, 2.0], dtype=torch.float64, device=DEVICE)
+        dist.all_reduce(totals)
+        assert totals.tolist() == [1.5, 2.0]
+        torch.manual_seed(0)
+        plain = MaskedAutoencoder("vit_tiny_patch16_224", img_size=64, decoder_embed_dim=64, decoder_depth=1,
+                                  decoder_num_heads=2, encoder_overrides={"depth": 2}).to(DEVICE)
+        ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(plain), device_ids=[torch.cuda.current_device()])
+        imgs, noise = torch.randn(4, 3, 64, 64, device=DEVICE), torch.rand(4, 16, device=DEVICE)
+        grads = []
+        for model in (plain, ddp):
+            scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss, _, _ = model(imgs, noise)
+            scaler.scale(loss).backward()
+            grads.append({n.removeprefix("module."): p.grad / 1024.0 for n, p in model.named_parameters()
+                          if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys()
+        for name, g in grads[0].items():
+            assert torch.isfinite(g).all() and max_rel_error(grads[1][name], g) < 1e-3, name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl takes one GPU per process)")
+@pytest.mark.cuda
+def test_torchrun_two_gpus_nccl_fp16(shapes_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO_ROOT / "tools" / "pretrain.py"), "--config", str(CONFIGS / "mae_pretrain_vit_tiny_cpu.py"),
+           "--data", str(shapes_images), "--output-dir", str(out), "encoder_overrides={'depth': 2}", "img_size=64",
+           "decoder_depth=1", "decoder_embed_dim=64", "batch_size=2", "recon_images=1", "epochs=1", "device=cuda",
+           "amp=fp16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), effective batch 4" in proc.stderr
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
+    assert ckpt["world_size"] == 2 and ckpt["scaler"] and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+# ------------------------------------------------------------------------------------------- the acceptance run
+def run_script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    # The test's own interpreter, as it is: no set-up step (which could reinstall into a shared .venv).
+    env = {**os.environ, "MAE_TRANSFER_PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT, env=env)
+
+
+def test_acceptance_script_help_says_what_it_measures() -> None:
+    proc = run_script("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "GPU acceptance run" in proc.stdout and "never falls back to the CPU" in proc.stdout
+    for row in acceptance.ROW_NAMES:
+        assert row in proc.stdout
+    assert "0.314 / 0.603 s/im, 10.9 / 20.9 GB" in proc.stdout  # ViTDet's published numbers, side by side
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_acceptance_script_without_a_gpu_fails_with_one_line(tmp_path: Path) -> None:
+    proc = run_script("--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: torch ") and "never falls back to the CPU" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_acceptance_rows_measure_the_tiny_cpu_configs(tmp_path: Path, one_thread: None) -> None:
+    """Each GPU row's measuring function, run on the CPU with the tiny configs (same code: config loading,
+    model and optimizer building, the trainers, timing, the table); the CLI itself only ever passes cuda."""
+    det = acceptance.measure_detection(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py", "cpu", 1, warmup=1, iters=2)
+    assert det["image_size"] == 256 and det["amp"] == "fp32" and det["iters_timed"] == 2
+    assert det["sec_per_image"] > 0 and det["peak_mem_gib"] > 0 and torch.isfinite(torch.tensor(det["total_loss"]))
+    seg = acceptance.measure_segmentation(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
+    assert seg["crop"] == [128, 128] and seg["images_per_iter"] == 4 and seg["optim_wrapper"] == "OptimWrapper"
+    assert seg["sec_per_iter"] > 0 and seg["loss"] > 0
+    mae = acceptance.measure_pretraining(CONFIGS / "mae_pretrain_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
+    assert mae["batch"] == 16 and mae["amp"] == "fp32" and mae["img_per_s"] > 0 and mae["loss"] > 0
+
+    bench = json.loads((REPO_ROOT / "benchmarks" / "results.json").read_text())["tasks"]["det"]
+    measured = {"det_vit_b": det, "seg_vit_b": seg, "mae_vit_b": mae, "bench_det": bench,
+                "pytest_cuda": {"summary": "5 passed, 1 skipped"}}
+    rows = []
+    for row in acceptance.ROWS:
+        if row.name in measured:
+            result, memory = acceptance.row_cells(row.name, measured[row.name])
+            rows.append(dict(name=row.name, what=row.what, result=result, reference=row.reference, memory=memory,
+                             reference_memory=row.reference_memory, status="ok", data=measured[row.name]))
+    meta = dict(date="today", gpu="test", torch=torch.__version__, cuda=None, commit="abc", seconds=1.0)
+    table = acceptance.write_report(meta, rows, tmp_path)
+    assert table.count("\n") == 1 + len(rows)
+    what = {row.name: row.what for row in acceptance.ROWS}
+    assert f"| det_vit_b | {what['det_vit_b']} | {det['sec_per_image']:.3f} s/im (1 im/iter, 2 iters) | " \
+           "0.314 s/im (ViTDet, A100) |" in table
+    assert "| pytest_cuda | " in table and "5 passed, 1 skipped" in table
+    assert table in (tmp_path / "results.md").read_text()
+    assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == [
+        "pytest_cuda", "det_vit_b", "seg_vit_b", "mae_vit_b", "bench_det"]  # the run's order
+
+
+def test_pytest_summary_counts() -> None:
+    assert acceptance.pytest_counts("....\n5 passed, 1 skipped, 300 deselected in 42.10s\n") == dict(
+        passed=5, skipped=1, deselected=300)
+    assert acceptance.pytest_counts("F.\n=== 1 failed, 1 passed, 2 errors in 3.0s ===") == dict(
+        failed=1, passed=1, errors=2)
+    assert acceptance.pytest_counts("collected 0 items\n") == {}
