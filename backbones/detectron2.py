@@ -8,6 +8,8 @@ The pyramid (deconv / identity / max-pool + LastLevelMaxPool p6) and the heads a
 
 LazyConfig users put `L(ViTBackbone)(...)` in place of detectron2's `ViT` (see configs/coco_mask_rcnn_vit_b.py);
 yacs users set `MODEL.BACKBONE.NAME = "build_mae_vit_backbone"` after `add_mae_vit_config(cfg)`.
+Layer-wise lr decay needs no registration in detectron2: configs pass the shared rule's functions
+(`backbones.lr_decay.lr_decay_factor` / `d2_param_groups`) to the optimizer directly.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-import mae_transfer  # noqa: F401  (compat shims before detectron2)
 from backbones.vit import VisionTransformer, vit_config
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
@@ -35,7 +36,7 @@ class ViTBackbone(VisionTransformer, Backbone):
     keyword arguments override it). `img_size` is the *pretraining* size the absolute position table
     was built for (it is interpolated to the input grid); `rel_pos_input_size` is the detection input
     size the global blocks' rel-pos tables are sized for (ViTDet: 1024). `freeze_blocks=k` freezes the
-    patch embedding and blocks 0..k-1 (-1: the whole ViT) with the shared `mae_transfer.optim` rule.
+    patch embedding and blocks 0..k-1 (-1: the whole ViT) with `VisionTransformer.freeze_blocks`.
     """
 
     def __init__(
@@ -74,11 +75,7 @@ class ViTBackbone(VisionTransformer, Backbone):
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: self.embed_dim}
         self._out_feature_strides = {out_feature: self.patch_size}
-        self.freeze_blocks = freeze_blocks
-        if freeze_blocks:
-            from mae_transfer.optim import freeze_blocks as _freeze_blocks
-
-            _freeze_blocks(self, freeze_blocks)
+        self.freeze_blocks(freeze_blocks)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
         return {self.out_feature: self.forward_spatial(x)[0]}

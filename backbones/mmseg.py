@@ -1,8 +1,8 @@
-"""MMSegmentation adapter: our `VisionTransformer` registered in mmseg's `MODELS` as `MAEViT`.
+"""MMSegmentation adapter: our `VisionTransformer` registered in mmseg's `MODELS` as `MAEViT`, and the
+layer-wise lr decay optimizer-wrapper constructor registered in mmengine as `MaeLayerDecayOptimizerConstructor`.
 
-Importing this module registers the backbone (a config can do it with
-`custom_imports=dict(imports=['backbones.mmseg'], allow_failed_imports=False)`). It also imports
-`mae_transfer.optim`, whose mmengine optimizer-wrapper constructor (layer-wise lr decay) the configs use.
+Importing this module registers both (a config does it with
+`custom_imports=dict(imports=['backbones.mmseg'], allow_failed_imports=False)`).
 
 The backbone *is* our ViT (a subclass, no wrapper module), so its parameters are named
 `backbone.<ViT keys>` inside mmseg's `EncoderDecoder` and converted checkpoints map 1:1. It returns
@@ -20,15 +20,18 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
-import mae_transfer  # noqa: F401  (compat shims before mmseg is imported)
-# Importing mae_transfer.optim registers the shared LLRD optimizer-wrapper constructor
-# (`MaeLayerDecayOptimizerConstructor`) with mmengine: one implementation for detectron2 and mmseg.
-from mae_transfer.optim import freeze_blocks as _freeze_blocks
+from backbones import compat
+from backbones.errors import BackboneError
+from backbones.lr_decay import param_groups
 from backbones.vit import VisionTransformer
-from mae_transfer.errors import MaeTransferError
-from mmseg.registry import MODELS
+
+compat.apply_for_mmseg()  # mmcv-lite has no compiled ops, which `import mmseg` asks for (see backbones.compat)
+
+from mmengine.optim import DefaultOptimWrapperConstructor  # noqa: E402
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class MAEViT(VisionTransformer):
         a load report in the log.
     allow_pickle: let `init_checkpoint` hold pickled Python objects (only for files you trust).
     freeze_blocks: freeze the patch embedding, position table and the first k blocks
-        (`mae_transfer.optim.freeze_blocks`); -1 freezes the whole backbone.
+        (`VisionTransformer.freeze_blocks`); -1 freezes the whole backbone.
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class MAEViT(VisionTransformer):
         if not out_indices or list(out_indices) != sorted(set(out_indices)) or not (
             0 <= out_indices[0] and out_indices[-1] < depth
         ):
-            raise MaeTransferError(
+            raise BackboneError(
                 f"backbone out_indices must be increasing block indices in [0, {depth - 1}], got {out_indices}"
             )
         # No final norm / pooling / head: UperNet reads block outputs before any final norm (as
@@ -85,13 +88,11 @@ class MAEViT(VisionTransformer):
         self.with_cls_token = with_cls_token
         self.init_checkpoint = init_checkpoint
         self.allow_pickle = allow_pickle
-        self.frozen_blocks = int(freeze_blocks)
         self.init_report: Any = None  # mae_transfer.checkpoint.LoadReport after init_weights
         if not with_cls_token:
             # Kept so checkpoints load 1:1, but unused: no gradient (DDP would flag it as unused).
             self.cls_token.requires_grad_(False)
-        if self.frozen_blocks:
-            _freeze_blocks(self, self.frozen_blocks)
+        self.freeze_blocks(int(freeze_blocks))
 
     # ------------------------------------------------------------------ weights
     def init_weights(self) -> None:
@@ -125,8 +126,35 @@ def load_backbone_checkpoint(vit: VisionTransformer, path: str, allow_pickle: bo
     """
     from mmengine.logging import print_log
 
+    # The one use of mae_transfer in backbones/ (only with init_checkpoint set): the any-format checkpoint
+    # reader lives there and has not moved below the line yet.
     from mae_transfer.checkpoint import load_backbone
 
     report = load_backbone(vit, path, allow_pickle)
     print_log(f"backbone init_checkpoint load report:\n{report}", logger="current")
     return report
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class MaeLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
+    """mmengine optimizer-wrapper constructor whose parameter groups are `backbones.lr_decay.param_groups`
+    (`constructor="MaeLayerDecayOptimizerConstructor"` in `optim_wrapper`).
+
+    paramwise_cfg: layer_decay_rate (or decay_rate), num_layers (default: counted from the model),
+    backbone_prefix (default 'backbone.'). Base lr and weight decay come from the optimizer config.
+    Registered in mmengine's root registry, which mmseg's registry finds through its parent.
+    """
+
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None) -> None:
+        cfg = dict(paramwise_cfg or {})
+        self.layer_decay = float(cfg.pop("layer_decay_rate", cfg.pop("decay_rate", 1.0)))
+        self.num_layers = cfg.pop("num_layers", None)
+        self.backbone_prefix = cfg.pop("backbone_prefix", "backbone.")
+        if cfg:
+            raise BackboneError(f"MaeLayerDecayOptimizerConstructor: unknown paramwise_cfg keys {sorted(cfg)}")
+        # A non-empty paramwise_cfg makes the base class call add_params (else it takes model.parameters()).
+        super().__init__(optim_wrapper_cfg, {"layer_decay_rate": self.layer_decay})
+
+    def add_params(self, params: list[dict], module: nn.Module, **kwargs: Any) -> None:
+        params.extend(param_groups(module, self.base_lr, self.base_wd or 0.0, self.layer_decay,
+                                   self.num_layers, self.backbone_prefix))

@@ -4,7 +4,9 @@ Parameter names follow timm's `VisionTransformer` (and so the official MAE encod
 checkpoints load without renaming. Options used downstream (all off by default):
 window attention with a few global blocks and decomposed relative position (ViTDet), absolute
 position embeddings interpolated to any input size, drop path, activation checkpointing, and
-intermediate block outputs as feature maps.
+intermediate block outputs as feature maps, partial fine-tuning (`freeze_blocks`).
+
+Attention goes through `backbones.kernels.attention` (SDPA, or a CPU kernel where SDPA is slow there).
 
 Two layouts go through the same blocks:
   tokens  (B, N, C): classification / MAE (cls token, visible patches only);
@@ -12,6 +14,7 @@ Two layouts go through the same blocks:
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Any, Callable, Sequence
@@ -21,7 +24,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from mae_transfer.errors import MaeTransferError
+from backbones.errors import BackboneError
+from backbones.kernels import attention
+
+logger = logging.getLogger(__name__)
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -53,7 +59,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, H/p, W/p, C)."""
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
-            raise MaeTransferError(
+            raise BackboneError(
                 f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}"
             )
         return self.proj(x).permute(0, 2, 3, 1)
@@ -93,112 +99,9 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     return rel_pos[relative.long()]
 
 
-def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> Tensor:
-    """ViTDet/MViTv2 decomposed relative position as an additive attention bias.
-
-    q: (B, heads, H*W, head_dim), unscaled. Returns (B, heads, H*W, H*W), to be added to the
-    scaled logits, which is what `scaled_dot_product_attention`'s float mask does.
-    """
-    h, w = hw
-    bias_h, bias_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, hw)
-    bias = bias_h[..., :, None] + bias_w[..., None, :]  # (b, n, h, w, kh, kw)
-    return bias.reshape(q.shape[0], q.shape[1], h * w, h * w)
-
-
-# Global attention with decomposed rel-pos on CPU. SDPA's CPU kernels take no bias that needs gradients, so
-# it falls back to its math path, which materialises the (heads, N, N) bias, the logits, the probabilities
-# and their gradients in full: at 1024 px (4096 tokens, 12 heads) each is 0.8 GB, streamed through memory
-# several times. This kernel walks (head, block of query rows) chunks whose logits stay in the CPU cache,
-# adds the two rel-pos terms in place, and recomputes the probabilities in backward instead of storing them
-# (as flash attention does), so nothing of size N x N is kept between forward and backward.
-CHUNKED_ATTENTION_MIN_TOKENS = 1024  # below this (window blocks, 224-px models) SDPA's batched kernels win
-CHUNK_QUERIES = 1024  # query rows per chunk: 1024 x 4096 fp32 logits = 16 MB
-
-
-def _row_chunks(h: int, w: int) -> list[tuple[int, int]]:
-    rows = max(1, CHUNK_QUERIES // w)  # whole rows of the query grid, so rel_h / rel_w slice cleanly
-    return [(r, min(r + rows, h)) for r in range(0, h, rows)]
-
-
-def _chunk_probs(q: Tensor, k: Tensor, rel_h: Tensor, rel_w: Tensor, buf: Tensor, w: int) -> Tensor:
-    """softmax(q k^T + rel_h + rel_w) for one chunk of query rows, in `buf` (queries, keys)."""
-    torch.mm(q, k.t(), out=buf)
-    rows, kh, kw = rel_h.shape[0], rel_h.shape[-1], rel_w.shape[-1]
-    logits = buf.view(rows, w, kh, kw)
-    logits.add_(rel_h[..., None]).add_(rel_w[..., None, :])
-    return torch._softmax(buf, -1, False, out=buf)
-
-
-class _ChunkedRelPosAttention(torch.autograd.Function):
-    """softmax(scale * q k^T + rel_h[..., :, None] + rel_w[..., None, :]) v, chunked; see the note above.
-    q, k, v: (B, heads, N, d) with N = h * w; rel_h: (B, heads, h, w, h_k); rel_w: (B, heads, h, w, w_k)."""
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
-        b, n, length, d = q.shape
-        h, w = rel_h.shape[2], rel_h.shape[3]
-        qs = (q * scale).reshape(b * n, length, d)
-        kf, vf = k.reshape(b * n, -1, d), v.reshape(b * n, -1, d)
-        rh, rw = rel_h.reshape(b * n, h, w, -1), rel_w.reshape(b * n, h, w, -1)
-        out = torch.empty_like(qs)
-        buf = qs.new_empty(min(length, max(1, CHUNK_QUERIES // w) * w), kf.shape[1])
-        for i in range(b * n):
-            for r0, r1 in _row_chunks(h, w):
-                rows = slice(r0 * w, r1 * w)
-                probs = _chunk_probs(qs[i, rows], kf[i], rh[i, r0:r1], rw[i, r0:r1], buf[: (r1 - r0) * w], w)
-                torch.mm(probs, vf[i], out=out[i, rows])
-        ctx.save_for_backward(qs, kf, vf, rh, rw, out)
-        ctx.scale, ctx.shapes = scale, (q.shape, rel_h.shape, rel_w.shape)
-        return out.view(q.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        qs, kf, vf, rh, rw, out = ctx.saved_tensors
-        q_shape, rh_shape, rw_shape = ctx.shapes
-        h, w = rh.shape[1], rh.shape[2]
-        go = grad_out.reshape(out.shape)
-        delta = (go * out).sum(-1)  # softmax backward: dS = P * (dP - rowsum(dO * O))
-        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
-        drh, drw = torch.empty_like(rh), torch.empty_like(rw)
-        size = min(qs.shape[1], max(1, CHUNK_QUERIES // w) * w)
-        buf, dbuf = qs.new_empty(size, kf.shape[1]), qs.new_empty(size, kf.shape[1])
-        for i in range(qs.shape[0]):
-            for r0, r1 in _row_chunks(h, w):
-                rows, m = slice(r0 * w, r1 * w), (r1 - r0) * w
-                probs = _chunk_probs(qs[i, rows], kf[i], rh[i, r0:r1], rw[i, r0:r1], buf[:m], w)
-                dv[i].addmm_(probs.t(), go[i, rows])
-                ds = torch.mm(go[i, rows], vf[i].t(), out=dbuf[:m])
-                ds.sub_(delta[i, rows, None]).mul_(probs)
-                grid = ds.view(r1 - r0, w, rh.shape[-1], rw.shape[-1])
-                torch.sum(grid, -1, out=drh[i, r0:r1])
-                torch.sum(grid, -2, out=drw[i, r0:r1])
-                torch.mm(ds, kf[i], out=dq[i, rows])
-                dk[i].addmm_(ds.t(), qs[i, rows])
-        dq.mul_(ctx.scale)  # logits used q * scale
-        return (dq.view(q_shape), dk.view(q_shape), dv.view(q_shape), drh.view(rh_shape), drw.view(rw_shape), None)
-
-
-# Training in bf16 on CPU. SDPA's CPU flash kernel is slow in backward for bf16 (on an AMX host, 197 tokens:
-# forward 4 ms, backward 30 ms per layer of 8 x 16 heads, against 7 ms for the backward of the plain
-# matmul-softmax-matmul, whose GEMMs run on the bf16 matrix units). For short sequences the explicit form, as
-# timm's non-fused attention computes it, is faster overall; it stores the (heads, N, N) probabilities for
-# backward, which at <= 256 tokens is a few MB per layer. Longer sequences, fp32, inference and GPUs keep SDPA.
-EXPLICIT_BF16_ATTENTION_MAX_TOKENS = 256
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v for q, k, v: (B, heads, N, d); SDPA except as noted above."""
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-            and max(q.shape[-2], k.shape[-2]) <= EXPLICIT_BF16_ATTENTION_MAX_TOKENS):
-        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
 def decomposed_rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """The two factors of the decomposed rel-pos bias: (B, heads, h, w, h) and (B, heads, h, w, w)."""
+    """The two factors of the ViTDet/MViTv2 decomposed rel-pos bias, from the unscaled q (B, heads, h*w, d):
+    (B, heads, h, w, h) and (B, heads, h, w, w); `kernels.attention(..., rel_pos=...)` adds them to the logits."""
     h, w = hw
     b, heads, _, dim = q.shape
     r_q = q.reshape(b, heads, h, w, dim)
@@ -229,17 +132,12 @@ class Attention(nn.Module):
         tokens = x.reshape(b, -1, c)
         qkv = self.qkv(tokens).reshape(b, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = None
+        rel_pos = None
         if self.use_rel_pos:
             if x.ndim != 4:
                 raise ValueError("relative position needs spatial (B, H, W, C) input")
-            hw = (shape[1], shape[2])
-            if x.device.type == "cpu" and hw[0] * hw[1] >= CHUNKED_ATTENTION_MIN_TOKENS:
-                rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, hw)
-                out = _ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, self.head_dim ** -0.5)
-                return self.proj(out.transpose(1, 2).reshape(b, -1, c)).reshape(shape)
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, hw)
-        out = attention(q, k, v, bias)
+            rel_pos = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (shape[1], shape[2]))
+        out = attention(q, k, v, rel_pos=rel_pos)
         out = out.transpose(1, 2).reshape(b, -1, c)
         return self.proj(out).reshape(shape)
 
@@ -336,7 +234,7 @@ class VisionTransformer(nn.Module):
         """
         super().__init__()
         if global_pool not in ("token", "avg", ""):
-            raise MaeTransferError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            raise BackboneError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -346,6 +244,7 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.window_size = window_size
         self.global_block_indexes = tuple(global_block_indexes)
+        self.frozen_blocks = 0  # set by `freeze_blocks`
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
@@ -387,6 +286,46 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+    # ------------------------------------------------------------------ partial fine-tuning
+    def freeze_blocks(self, k: int) -> list[str]:
+        """Freeze the first `k` blocks in place; returns the frozen parameter names.
+
+        k > 0: patch embedding, cls/pos embedding and blocks 0..k-1 frozen; k == -1: the whole backbone
+        except `head` (linear-probe style); k == 0: nothing. Frozen parameters get requires_grad=False (so
+        LLRD param groups leave them out and autograd keeps no activations for them), and `train()` keeps
+        the frozen modules in eval mode.
+        """
+        depth = len(self.blocks)
+        if k < -1 or k > depth:
+            raise BackboneError(f"freeze_blocks must be -1 (whole backbone), 0 or 1..{depth}, got {k}")
+        if k == 0:
+            return []
+        if k == -1:
+            names = [n for n, _ in self.named_parameters() if not n.startswith("head.")]
+        else:
+            prefixes = ("patch_embed.", *(f"blocks.{i}." for i in range(k)))
+            names = [n for n, _ in self.named_parameters()
+                     if n.startswith(prefixes) or n in ("cls_token", "pos_embed")]
+        params = dict(self.named_parameters())
+        for n in names:
+            params[n].requires_grad_(False)
+        self.frozen_blocks = k
+        self.train(self.training)
+        logger.info("freeze_blocks=%d: %d parameter tensors frozen", k, len(names))
+        return names
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules `freeze_blocks` froze (empty when nothing is frozen)."""
+        if self.frozen_blocks == -1:
+            return [m for n, m in self.named_children() if n != "head"]
+        return [self.patch_embed, *self.blocks[: self.frozen_blocks]] if self.frozen_blocks else []
+
+    def train(self, mode: bool = True) -> VisionTransformer:
+        super().train(mode)
+        for module in self.frozen_modules():  # frozen parts: no drop path / dropout in training either
+            module.train(False)
+        return self
 
     # ------------------------------------------------------------------ blocks
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
@@ -457,7 +396,7 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
 def vit_config(name: str) -> dict[str, Any]:
     """Architecture keyword arguments of a named ViT."""
     if name not in VIT_SIZES:
-        raise MaeTransferError(f"unknown model name {name!r}; expected one of: {', '.join(VIT_SIZES)}")
+        raise BackboneError(f"unknown model name {name!r}; expected one of: {', '.join(VIT_SIZES)}")
     embed_dim, depth, num_heads, patch_size = VIT_SIZES[name]
     return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
 

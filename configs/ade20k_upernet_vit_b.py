@@ -5,7 +5,7 @@
 # 1500-iter linear warmup then poly (power 1, eta_min 0), 160k iters, 8 GPUs x 2 images,
 # slide inference 512 / stride 341, mIoU.
 # Backbone: our ViT (`backbones/mmseg.py`, type='MAEViT'); neck: mmseg's Feature2Pyramid;
-# heads: mmseg's UPerHead + FCNHead. LLRD and freezing: `mae_transfer.optim` (shared with detectron2).
+# heads: mmseg's UPerHead + FCNHead. LLRD: `backbones.lr_decay` (shared with detectron2).
 # Train: python tools/train_seg.py configs/ade20k_upernet_vit_b.py --init-checkpoint mae_pretrain.pth
 custom_imports = dict(imports=['backbones.mmseg'], allow_failed_imports=False)
 default_scope = 'mmseg'
@@ -127,7 +127,7 @@ warmup_iters = 1500
 optim_wrapper = dict(
     type='OptimWrapper',  # AmpOptimWrapper on GPUs for the paper's fp16
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    constructor='MaeLayerDecayOptimizerConstructor',  # mae_transfer.optim (shared LLRD + no-decay rules)
+    constructor='MaeLayerDecayOptimizerConstructor',  # backbones.mmseg (shared LLRD + no-decay rules)
     paramwise_cfg=dict(num_layers=num_layers, layer_decay_rate=0.65))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),

@@ -19,7 +19,7 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from backbones.detectron2 import ViTBackbone
-from mae_transfer.optim import lr_decay_factor
+from backbones.lr_decay import lr_decay_factor
 
 # ---------------------------------------------------------------- model
 # detectron2's ViTDet Mask R-CNN (SimpleFeaturePyramid, LN heads, 4conv1fc, 2-conv RPN) ...
@@ -78,7 +78,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 # AdamW (detectron2's parameter grouping: no weight decay on norms and pos_embed) + layer-wise lr
-# decay from the shared mae_transfer.optim rule (patch/pos embed = layer 0, block i = i + 1,
+# decay from the shared backbones.lr_decay rule (patch/pos embed = layer 0, block i = i + 1,
 # everything outside the ViT = depth + 1), the same multipliers as detectron2's get_vit_lr_decay_rate.
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=12, layer_decay=0.7,

@@ -13,7 +13,7 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-from mae_transfer.optim import lr_decay_factor
+from backbones.lr_decay import lr_decay_factor
 
 from .coco_mask_rcnn_vit_b import dataloader, lr_multiplier, model, optimizer, train
 

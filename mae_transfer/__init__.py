@@ -1,9 +1,9 @@
-"""mae-transfer: MAE pretraining of a plain ViT and transfer to detectron2 and MMSegmentation."""
-from mae_transfer import compat as _compat
+"""mae-transfer: MAE pretraining of a plain ViT and transfer to detectron2 and MMSegmentation.
 
-_compat.apply()
-
-from mae_transfer.errors import MaeTransferError  # noqa: E402
+Importing the package applies no framework workaround: the places that enter a framework apply what it
+needs (see `mae_transfer.compat`).
+"""
+from mae_transfer.errors import MaeTransferError
 
 __all__ = ["MaeTransferError"]
 __version__ = "0.1.0"

@@ -151,6 +151,9 @@ def train_transform(cfg: dict[str, Any]) -> Any:
     random erasing]. With auto_augment=None and reprob=0 it is the linear probe's crop + flip."""
     from timm.data import create_transform
 
+    from mae_transfer.compat import patch_timm_posterize
+
+    patch_timm_posterize()  # RandAugment's posterize can ask Pillow 13 for 0 bits (see mae_transfer.compat)
     return create_transform(cfg["img_size"], is_training=True, scale=tuple(cfg["crop_scale"]),
                             color_jitter=cfg["color_jitter"], auto_augment=cfg["auto_augment"] or None,
                             interpolation="bicubic", re_prob=cfg["reprob"], re_mode=cfg["remode"],

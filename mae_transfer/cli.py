@@ -8,20 +8,23 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mae_transfer.errors import MaeTransferError
+from backbones.errors import BackboneError
 
 EXIT_USER_ERROR = 2
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`; a `MaeTransferError` (or a missing file) prints `error: <message>` and exits 2."""
+    """Run `main(argv)`; a user error (or a missing file) prints `error: <message>` and exits 2.
+
+    User errors: `MaeTransferError` and the backbones' `BackboneError`, which is its base class.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
     try:
         return int(main(argv) or 0)
-    except (MaeTransferError, FileNotFoundError) as err:
+    except (BackboneError, FileNotFoundError) as err:  # BackboneError includes MaeTransferError
         if debug:
             raise
         print(f"error: {_one_message(err)}", file=sys.stderr)
@@ -38,7 +41,8 @@ def _one_message(err: BaseException) -> str:
     if "Original Traceback" not in text:
         return text
     last = text.strip().splitlines()[-1]
-    return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("MaeTransferError", "FileNotFoundError")) else last
+    user_error = last.split(": ", 1)[0].endswith(("MaeTransferError", "BackboneError", "FileNotFoundError"))
+    return last.split(": ", 1)[1] if user_error else last
 
 
 def setup_training_cli(args: argparse.Namespace) -> int:
@@ -55,3 +59,42 @@ def setup_training_cli(args: argparse.Namespace) -> int:
                         format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     return rank
+
+
+# ------------------------------------------------------------------------------------------- shared flags
+def default_argument_parser(description: str, config_help: str = "config file", *, resume: bool = True,
+                            eval_only: bool = True, allow_pickle: bool = True) -> argparse.ArgumentParser:
+    """The vocabulary every tool shares (detectron2's `default_argument_parser` idea): `--config`,
+    `--output-dir`, `--resume [CKPT]`, `--eval-only [CKPT]`, `--allow-pickle`, `--debug`. Each tool adds its own
+    flags and keeps its framework's override style (`key=value` positionals, or mmengine's `--cfg-options`).
+
+    `--resume` / `--eval-only` without a value mean "the output folder's last checkpoint" ("auto").
+    Call `finish_args(args)` after parsing: a `key=value` that argparse took as the optional value goes back
+    to the overrides.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--output-dir", help="output folder: checkpoints, logs, TensorBoard scalars, eval_metrics.json")
+    if resume:
+        p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                       help="continue training: from CKPT, or (no value) from the output folder's last checkpoint")
+    if eval_only:
+        p.add_argument("--eval-only", nargs="?", const="auto", default=None, metavar="CKPT",
+                       help="evaluate CKPT (no value: the output folder's last checkpoint) and exit")
+    if allow_pickle:
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="trust the checkpoints given: let them hold pickled Python objects (unsafe otherwise)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
+    return p
+
+
+def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argparse.Namespace:
+    """`--resume key=value` / `--eval-only key=value`: argparse gives the optional value the first override;
+    such a value (with '=', not an existing file) goes back to the front of `args.<overrides>`."""
+    for flag in ("eval_only", "resume"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and "=" in value and not Path(value).exists():
+            getattr(args, overrides).insert(0, value)
+            setattr(args, flag, "auto")
+    return args

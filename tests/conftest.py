@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import mae_transfer  # noqa: F401  (compat shims before any framework import)
+from mae_transfer.compat import apply_for_mmseg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MAE_TRANSFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Several tests import mmseg directly (its own backbones as parity references), not through backbones.mmseg,
+# which applies this itself.
+apply_for_mmseg()
 
 
 def shared_dataset(name: str) -> Path:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import mae_transfer  # noqa: F401  (compat shims first)
 from backbones.detectron2 import ViTBackbone, add_mae_vit_config, build_vit_sfp
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
@@ -83,16 +82,16 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
     """Issue 4 acceptance: window partition (with padding: 20x20 grid, window 14), global blocks and
     decomposed rel-pos equal detectron2's ViT block by block (outputs, input and rel-pos gradients).
     At 512 px (32x32 = 1024 tokens) the global blocks take the chunked CPU attention, here in 4 chunks."""
-    import backbones.vit as vit_module
+    import backbones.kernels as kernels
 
-    monkeypatch.setattr(vit_module, "CHUNK_QUERIES", 256)
+    monkeypatch.setattr(kernels, "CHUNK_QUERIES", 256)
     ref, ours = _pair(img_size)
     _perturb(ref)
     ours.load_state_dict(ref.state_dict(), strict=False)
     grid = img_size // 16
     chunked = []
-    real_apply = vit_module._ChunkedRelPosAttention.apply
-    monkeypatch.setattr(vit_module._ChunkedRelPosAttention, "apply", lambda *a: chunked.append(1) or real_apply(*a))
+    real_apply = kernels.ChunkedRelPosAttention.apply
+    monkeypatch.setattr(kernels.ChunkedRelPosAttention, "apply", lambda *a: chunked.append(1) or real_apply(*a))
     img = torch.randn(2, 3, img_size, img_size)
     with torch.no_grad():
         x_ref = ref.patch_embed(img)
@@ -119,7 +118,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
             ga, gb = getattr(rb.attn, name).grad, getattr(ob.attn, name).grad
             assert (ga - gb).abs().max() <= 1e-4 * max(1.0, ga.abs().max().item()), (i, name)
         x = out_ref.detach()
-    assert len(chunked) == (len(GLOBAL) if grid * grid >= vit_module.CHUNKED_ATTENTION_MIN_TOKENS else 0)
+    assert len(chunked) == (len(GLOBAL) if grid * grid >= kernels.CHUNKED_ATTENTION_MIN_TOKENS else 0)
     with torch.no_grad():
         assert (ours(img)["last_feat"] - ref(img)["last_feat"]).abs().max() <= 1e-5
 

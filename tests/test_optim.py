@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import mae_transfer  # noqa: F401
+from backbones.errors import BackboneError
 from backbones.vit import VisionTransformer, create_vit
-from mae_transfer.errors import MaeTransferError
 from mae_transfer.optim import (d2_lr_factor_func, d2_param_groups, freeze_blocks, layer_id, lr_decay_factor,
                                 param_groups)
 
@@ -98,6 +97,8 @@ def test_mmseg_parity_and_constructor():
     from mmseg.engine.optimizers import LearningRateDecayOptimizerConstructor
     from mmseg.models.backbones import MAE
     from mmseg.utils import register_all_modules
+
+    import backbones.mmseg  # noqa: F401  (registers MaeLayerDecayOptimizerConstructor, like custom_imports)
 
     register_all_modules(init_default_scope=True)  # as tools/train.py does: default scope 'mmseg'
     depth, opt = 4, dict(type="AdamW", lr=1e-3, weight_decay=0.05)
@@ -229,5 +230,5 @@ def test_freezing_saves_activations_and_validates():
         assert torch.equal(vit.forward_features(x), vit.forward_features(x))
         unfrozen = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.9).train()
         assert not torch.equal(unfrozen.forward_features(x), unfrozen.forward_features(x))
-    with pytest.raises(MaeTransferError, match="freeze_blocks must be"):
+    with pytest.raises(BackboneError, match="freeze_blocks must be"):
         freeze_blocks(VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2), 5)

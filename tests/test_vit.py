@@ -6,7 +6,7 @@ import timm
 import torch
 
 from backbones.vit import VisionTransformer, create_vit, vit_config
-from mae_transfer.errors import MaeTransferError
+from backbones.errors import BackboneError
 
 SMALL = dict(embed_dim=96, depth=3, num_heads=3, patch_size=16)
 
@@ -59,7 +59,7 @@ def test_timm_names_and_shapes_for_named_sizes() -> None:
         assert set(ours_sd) == set(ref_sd)
         assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
     assert vit_config("vit_huge_patch14_224") == dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14)
-    with pytest.raises(MaeTransferError, match="unknown model name 'vit_gigantic'"):
+    with pytest.raises(BackboneError, match="unknown model name 'vit_gigantic'"):
         create_vit("vit_gigantic")
 
 
@@ -114,7 +114,7 @@ def test_drop_path_is_stochastic_in_train_and_off_in_eval() -> None:
 
 def test_bad_input_size_is_a_clear_error() -> None:
     model = VisionTransformer(img_size=64, **SMALL)
-    with pytest.raises(MaeTransferError, match="not divisible by the patch size 16"):
+    with pytest.raises(BackboneError, match="not divisible by the patch size 16"):
         model(torch.randn(1, 3, 60, 64))
 
 
@@ -141,7 +141,7 @@ def test_bf16_cpu_training_matches_timm_non_fused_attention() -> None:
 
 @pytest.mark.parametrize("tokens,with_bias", [(197, False), (50, False), (196, True)])
 def test_bf16_cpu_training_attention_is_about_as_accurate_as_sdpa(tokens: int, with_bias: bool) -> None:
-    from backbones.vit import attention
+    from backbones.kernels import attention
 
     torch.manual_seed(0)
     shape = (4, 6, tokens, 32)

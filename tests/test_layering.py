@@ -1,0 +1,108 @@
+"""Layering: backbones/ never loads mae_transfer; the core loads no framework and installs no import hooks;
+framework workarounds are applied by whoever enters the framework. Each check runs in a fresh interpreter,
+since this test session has already imported everything."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO_ROOT
+
+FRAMEWORKS = ("detectron2", "mmseg", "mmengine", "mmcv")
+
+
+def run_fresh(code: str) -> dict:
+    """Run `code` in a new interpreter at the repo root; it prints one json object as its last line."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_backbone_vit_does_not_load_mae_transfer() -> None:
+    # The acceptance one-liner, verbatim.
+    proc = subprocess.run([sys.executable, "-c", "import backbones.vit, sys; assert 'mae_transfer' not in sys.modules"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_backbones_module_loads_mae_transfer() -> None:
+    result = run_fresh("""
+        import json, sys
+        import backbones.vit, backbones.kernels, backbones.lr_decay, backbones.errors, backbones.compat
+        core = sorted(m for m in sys.modules if m.split('.')[0] == 'mae_transfer')
+        import backbones.detectron2, backbones.mmseg
+        adapters = sorted(m for m in sys.modules if m.split('.')[0] == 'mae_transfer')
+        print(json.dumps({"core": core, "adapters": adapters}))
+    """)
+    assert result == {"core": [], "adapters": []}
+
+
+def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
+    result = run_fresh(f"""
+        import json, sys
+        hooks_before = list(sys.meta_path)
+        import mae_transfer
+        after_package = list(sys.meta_path)
+        import mae_transfer.mae
+        after_mae = list(sys.meta_path)
+        mae_frameworks = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})
+        import mae_transfer.optim, mae_transfer.checkpoint, mae_transfer.engine, mae_transfer.classification
+        print(json.dumps({{
+            "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
+            "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,
+            "core_frameworks": sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}),
+            "stand_in": "mmcv._ext" in sys.modules,
+        }}))
+    """)
+    assert result == {"package_hooks": True, "mae_hooks": True, "all_hooks": True, "mae_frameworks": [],
+                      "core_frameworks": [], "stand_in": False}
+
+
+def test_mmseg_adapter_applies_its_workaround_and_registers_its_hooks() -> None:
+    """Importing only the adapter (what a config's custom_imports does) is enough for mmseg on mmcv-lite,
+    and registers the LLRD constructor; with no import hook of ours left behind (mmseg's own imports, e.g.
+    transformers, add finders of their own)."""
+    result = run_fresh("""
+        import json, sys
+        import backbones.mmseg
+        from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+        from mmseg.registry import MODELS
+        print(json.dumps({
+            "stand_in": getattr(sys.modules.get("mmcv._ext"), "MAE_TRANSFER_STAND_IN", False),
+            "constructor": OPTIM_WRAPPER_CONSTRUCTORS.get("MaeLayerDecayOptimizerConstructor").__module__,
+            "backbone": MODELS.get("MAEViT").__module__,
+            "our_hooks": [type(h).__module__ for h in sys.meta_path
+                          if type(h).__module__.split(".")[0] in ("backbones", "mae_transfer")],
+        }))
+    """)
+    assert result == {"stand_in": True, "constructor": "backbones.mmseg", "backbone": "backbones.mmseg",
+                      "our_hooks": []}
+
+
+def test_timm_posterize_is_patched_only_where_randaugment_is_built() -> None:
+    result = run_fresh("""
+        import json
+        import timm.data.auto_augment as aa
+        import mae_transfer.classification as cls
+        before = getattr(aa.NAME_TO_OP["PosterizeIncreasing"], "_mae_transfer_patched", False)
+        cfg = dict(cls.CLS_DEFAULTS, img_size=32)
+        transform = cls.train_transform(cfg)
+        after = getattr(aa.NAME_TO_OP["PosterizeIncreasing"], "_mae_transfer_patched", False)
+        from PIL import Image
+        black = aa.NAME_TO_OP["PosterizeIncreasing"](Image.new("RGB", (4, 4), (200, 100, 50)), 0)
+        print(json.dumps({"before": before, "after": after, "zero_bits": list(black.getpixel((0, 0)))}))
+    """)
+    # Pillow 13 refuses 0 bits; the patched op returns what older Pillow did: an all-black image.
+    assert result == {"before": False, "after": True, "zero_bits": [0, 0, 0]}
+
+
+def test_llrd_rule_has_one_implementation() -> None:
+    import backbones.lr_decay as lr_decay
+    import mae_transfer.optim as optim
+
+    for name in ("layer_id", "lr_decay_factor", "no_weight_decay", "count_blocks", "param_groups",
+                 "d2_param_groups", "d2_lr_factor_func"):
+        assert getattr(optim, name) is getattr(lr_decay, name), name
