@@ -99,7 +99,8 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     return rel_pos[relative.long()]
 
 
-def decomposed_rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def decomposed_rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
+                             hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """The two factors of the ViTDet/MViTv2 decomposed rel-pos bias, from the unscaled q (B, heads, h*w, d):
     (B, heads, h, w, h) and (B, heads, h, w, w); `kernels.attention(..., rel_pos=...)` adds them to the logits."""
     h, w = hw

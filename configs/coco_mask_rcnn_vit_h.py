@@ -9,7 +9,7 @@ the importer does not resample patch kernels, so a /14 file stops with a shape e
 from functools import partial
 
 from .coco_mask_rcnn_vit_b import (
-    dataloader,
+    dataloader,  # noqa: F401 -- re-exported: LazyConfig.load builds the config from module globals
     lr_decay_factor,
     lr_multiplier,
     model,

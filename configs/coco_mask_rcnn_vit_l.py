@@ -6,9 +6,9 @@ drop path 0.4, layer-wise lr decay 0.8 over 24 layers.
 from functools import partial
 
 from .coco_mask_rcnn_vit_b import (
-    dataloader,
+    dataloader,  # noqa: F401 -- re-exported: LazyConfig.load builds the config from module globals
     lr_decay_factor,
-    lr_multiplier,
+    lr_multiplier,  # noqa: F401 -- re-exported: LazyConfig.load builds the config from module globals
     model,
     optimizer,
     train,

@@ -80,8 +80,10 @@ class LoadReport:
             lines.append("  resized:    " + ", ".join(
                 f"{k} {tuple(a)} -> {tuple(b)}" for k, (a, b) in list(self.resized.items())[:8])
                 + (f", ... (+{len(self.resized) - 8})" if len(self.resized) > 8 else ""))
-        lines.append(f"  missing:    {len(self.missing)}" + (f" (model init kept: {names(self.missing)})" if self.missing else ""))
-        lines.append(f"  unexpected: {len(self.unexpected)}" + (f" (ignored: {names(self.unexpected)})" if self.unexpected else ""))
+        lines.append(f"  missing:    {len(self.missing)}"
+                     + (f" (model init kept: {names(self.missing)})" if self.missing else ""))
+        lines.append(f"  unexpected: {len(self.unexpected)}"
+                     + (f" (ignored: {names(self.unexpected)})" if self.unexpected else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -121,7 +123,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, safe_gl
             from safetensors.torch import load_file
             return load_file(str(p), device="cpu")
         except Exception as err:  # safetensors raises its own error types
-            raise MaeTransferError(f"{p}: cannot read safetensors file (truncated or corrupt?): {_one_line(err)}") from None
+            raise MaeTransferError(f"{p}: cannot read safetensors file (truncated or corrupt?): "
+                                   f"{_one_line(err)}") from None
     is_zip = head.startswith(b"PK\x03\x04")
     is_legacy_pickle = head[:1] == b"\x80"
     if not is_zip and not is_legacy_pickle:
@@ -135,7 +138,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, safe_gl
         if not allow_pickle and "weights only load failed" in str(err).lower():
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             raise needs_pickle_error(p, found.group(1) if found else "") from None
-        raise MaeTransferError(f"{p}: cannot unpickle the checkpoint (truncated or corrupt?): {_one_line(err)}") from None
+        raise MaeTransferError(f"{p}: cannot unpickle the checkpoint (truncated or corrupt?): "
+                               f"{_one_line(err)}") from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, OSError) as err:
         if allow_pickle and is_legacy_pickle and "magic number" in str(err):
             return _plain_pickle_load(p)  # a plain pickle, e.g. a detectron2 model-zoo .pkl
@@ -185,7 +189,8 @@ def unwrap_state_dict(obj: Any, source: str = "<dict>") -> tuple[StateDict, dict
     tensors = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in sd.items()
                if isinstance(k, str) and isinstance(v, Tensor | np.ndarray)}
     if not tensors:
-        raise MaeTransferError(f"{source}: no tensors found in the checkpoint (keys: {', '.join(map(str, list(obj)[:6]))})")
+        raise MaeTransferError(f"{source}: no tensors found in the checkpoint "
+                               f"(keys: {', '.join(map(str, list(obj)[:6]))})")
     if all(k.startswith("module.") for k in tensors):  # DDP-wrapped
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors, meta
@@ -335,7 +340,8 @@ def _filter_mmseg(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
         if w is not None and f"blocks.{i}.attn.qkv.bias" not in out:
             q, vb = extra.get(f"{i}.attn.q_bias"), extra.get(f"{i}.attn.v_bias")
             zeros = w.new_zeros(w.shape[0] // 3)
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([zeros if q is None else q, zeros, zeros if vb is None else vb])
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([zeros if q is None else q, zeros,
+                                                          zeros if vb is None else vb])
         # Layer scale: x + g * (W h + b) == x + (diag(g) W) h + g b, exactly.
         for gamma, lin in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
             g = extra.get(f"{i}.{gamma}")
@@ -355,7 +361,8 @@ def _filter_mmseg(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
 
 
 # (format name, detector on keys, filter). First match wins; order matters (specific before generic).
-_FORMATS: list[tuple[str, Callable[[StateDict, dict], bool], Callable[[StateDict], tuple[StateDict, list[str], list[str]]]]] = [
+_FORMATS: list[tuple[str, Callable[[StateDict, dict], bool],
+                     Callable[[StateDict], tuple[StateDict, list[str], list[str]]]]] = [
     ("mae_transfer_backbone", lambda sd, meta: meta.get("format") == BACKBONE_FORMAT, _filter_timm),
     ("mae_transfer_pretrain", lambda sd, meta: "encoder.patch_embed.proj.weight" in sd, _filter_our_pretrain),
     ("detectron2_vitdet", lambda sd, meta: DETECTRON2_PREFIX + "patch_embed.proj.weight" in sd, _filter_detectron2),
@@ -370,7 +377,8 @@ _FORMATS: list[tuple[str, Callable[[StateDict, dict], bool], Callable[[StateDict
                                        for k in sd), _filter_mmseg),
     ("mae_official_pretrain", lambda sd, meta: "patch_embed.proj.weight" in sd
      and ("decoder_embed.weight" in sd or "mask_token" in sd), _filter_timm),
-    ("mae_official_finetune", lambda sd, meta: "patch_embed.proj.weight" in sd and "fc_norm.weight" in sd, _filter_timm),
+    ("mae_official_finetune", lambda sd, meta: "patch_embed.proj.weight" in sd and "fc_norm.weight" in sd,
+     _filter_timm),
     ("deit", lambda sd, meta: "patch_embed.proj.weight" in sd and "dist_token" in sd, _filter_timm),
     ("timm", lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd, _filter_timm),
     # Our ViT nested anywhere else (e.g. an adapter's `backbone.net.vit.`): strip the prefix.
@@ -396,7 +404,8 @@ def detect_format(sd: StateDict, meta: Mapping[str, Any] | None = None) -> str:
     raise MaeTransferError(f"unknown checkpoint format (first keys: {sample}); supported: {', '.join(FORMATS)}")
 
 
-def convert_state_dict(sd: StateDict, meta: Mapping[str, Any] | None = None) -> tuple[StateDict, str, list[str], list[str]]:
+def convert_state_dict(sd: StateDict,
+                       meta: Mapping[str, Any] | None = None) -> tuple[StateDict, str, list[str], list[str]]:
     """Map a raw state dict to our key names. Returns (state_dict, format, dropped_keys, notes)."""
     fmt = detect_format(sd, meta)
     filt = next(f for name, _, f in _FORMATS if name == fmt)
@@ -452,7 +461,8 @@ def fit_state_dict(sd: StateDict, model: VisionTransformer, report: LoadReport) 
     for key, ref in target.items():
         if key not in sd:
             if _CORE.match(key):
-                raise MaeTransferError(f"checkpoint ({report.format}) has no '{key}', which the model needs (shape {tuple(ref.shape)})")
+                raise MaeTransferError(f"checkpoint ({report.format}) has no '{key}', which the model needs "
+                                       f"(shape {tuple(ref.shape)})")
             report.missing.append(key)
             out[key] = ref
             continue
@@ -545,12 +555,14 @@ def _as_state_dict(model_or_sd: VisionTransformer | Mapping[str, Tensor]) -> Sta
 
 
 def save_backbone(model_or_sd: VisionTransformer | Mapping[str, Tensor], path: str | os.PathLike,
-                  arch: Mapping[str, Any] | None = None) -> Path:
-    """Encoder-only export: {"model": our ViT state dict, "arch": {...}, "format": "mae_transfer_backbone"}."""
+                  arch: Mapping[str, Any] | None = None, **info: Any) -> Path:
+    """The one backbone file (encoder-only export): {"format": "mae_transfer_backbone", "model": our ViT state
+    dict, "arch": VisionTransformer kwargs, **info}; `info` holds plain values such as "name" (the backbones.vit
+    name: `create_vit(ckpt["name"], **ckpt["arch"])` rebuilds the model) and where the weights come from."""
     if arch is None and isinstance(model_or_sd, VisionTransformer):
         arch = _arch_of(model_or_sd)
-    return atomic_torch_save({"model": _as_state_dict(model_or_sd), "arch": dict(arch or {}),
-                              "format": BACKBONE_FORMAT}, path)
+    return atomic_torch_save({**info, "format": BACKBONE_FORMAT, "model": _as_state_dict(model_or_sd),
+                              "arch": dict(arch or {})}, path)
 
 
 def to_detectron2(model_or_sd: VisionTransformer | Mapping[str, Tensor], path: str | os.PathLike,

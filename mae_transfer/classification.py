@@ -3,8 +3,8 @@
 After facebookresearch/mae `main_finetune.py` / `main_linprobe.py` + `engine_finetune.py`, with timm's data
 pipeline (RandAugment, random erasing, Mixup/CutMix, soft-target losses, LARS) and this project's shared
 pieces: `backbones.vit` (the model), `mae_transfer.checkpoint` (any pretrained format), `mae_transfer.optim`
-(layer-wise lr decay, `freeze_blocks`) and the pretraining engine's runtime (DDP, per-epoch reseeding for
-exact resume, lr schedule, atomic checkpoints).
+(layer-wise lr decay, `freeze_blocks`) and the training loop of `mae_transfer.runtime` (DDP, AMP, per-epoch
+reseeding for exact resume, lr schedule, atomic checkpoints), which `finetune` runs with `ClassificationTask`.
 
 Modes:
   finetune  end to end (or partially: `freeze_blocks=k` freezes patch embedding + blocks 0..k-1, -1 all but the
@@ -16,35 +16,29 @@ Modes:
 Data: an ImageFolder root with `train/<class>/...` and `val/<class>/...` (same class folders). Outputs in
 `output_dir`: `checkpoint_last.pth` every epoch and `checkpoint_XXXX.pth` every `save_every` epochs (atomic),
 `log.jsonl` (one line per epoch: train loss, lr, val top-1/top-5), `eval_metrics.json` (the final
-evaluation) and TensorBoard scalars in `tensorboard/`.
+evaluation, `mae_transfer.metrics`: task "cls", metrics top1 / top5 / loss) and TensorBoard scalars in `tensorboard/`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
-import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from backbones.vit import VisionTransformer, create_vit, vit_config
+from mae_transfer import runtime
 from mae_transfer.checkpoint import load_backbone_state_dict
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
-from mae_transfer.engine import (AMP_MODES, _progress, epoch_seed, find_resume_checkpoint, init_distributed,
-                                 load_checkpoint, log_iteration, lr_at, optimizer_step, restore_training_state,
-                                 save_epoch_checkpoint, seed_everything)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import autocast_dtype
-from mae_transfer.io import atomic_write_text
+from mae_transfer.metrics import write_eval_metrics
 from mae_transfer.optim import adamw, freeze_blocks, param_groups
+from mae_transfer.runtime import AMP_MODES, LAST_CHECKPOINT, Task
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +159,8 @@ def build_datasets(cfg: dict[str, Any]) -> tuple[LabelledImageFolder, LabelledIm
     root = Path(cfg["data_path"])
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise MaeTransferError(f"{root / split} not found: the data root needs train/<class>/ and val/<class>/ folders")
+            raise MaeTransferError(f"{root / split} not found: "
+                                   "the data root needs train/<class>/ and val/<class>/ folders")
     train = LabelledImageFolder(root / "train", train_transform(cfg), strict=True)
     val = LabelledImageFolder(root / "val", eval_transform(cfg["img_size"], cfg["eval_crop_pct"]), strict=True)
     if val.classes != train.classes:
@@ -286,33 +281,92 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
             "loss": float(totals[0]) / n, "num_images": int(totals[3])}
 
 
-def _val_loader(val: LabelledImageFolder, cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> DataLoader:
+def _val_loader(val: LabelledImageFolder, cfg: dict[str, Any], rank: int, world: int,
+                device: torch.device) -> DataLoader:
     shard = Subset(val, range(rank, len(val), world)) if world > 1 else val
     return DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
                       pin_memory=device.type == "cuda")
 
 
+# ---------------------------------------------------------------------------------------------- task
+class ClassificationTask(Task):
+    """Classifier on train/, mixup/cutmix + the config's criterion; val/ top-1 / top-5 every `eval_every` epochs
+    and after the last (`acc1`, `acc5`, `val_loss` in the history); `eval_metrics.json` at the end."""
+
+    checkpoint_format = CLASSIFIER_FORMAT
+    tool = TOOL
+    epoch_scalars = {"acc1": "val/acc1", "acc5": "val/acc5", "val_loss": "val/loss"}
+
+    def build_data(self) -> LabelledImageFolder:
+        cfg = self.cfg
+        self.train_set, self.val_set = build_datasets(cfg)
+        self.num_classes = cfg["num_classes"] = _num_classes(cfg, self.train_set)
+        self.val_loader = _val_loader(self.val_set, cfg, self.rank, self.world, self.device)
+        self.criterion, self.mixup = build_criterion(cfg), build_mixup(cfg, self.num_classes)
+        return self.train_set
+
+    def build_model(self) -> VisionTransformer:
+        cfg = self.cfg
+        model = build_classifier(cfg, self.num_classes)
+        if cfg["finetune"]:
+            if not Path(cfg["finetune"]).exists():
+                raise MaeTransferError(f"pretrained checkpoint not found: {cfg['finetune']}")
+            init_from_pretrained(model, cfg["finetune"], cfg)
+        else:
+            nn.init.trunc_normal_(classifier_head(model).weight, std=cfg["head_init_std"])
+            logger.info("no pretrained weights (finetune=''): training from random init")
+        if cfg["freeze_blocks"]:
+            freeze_blocks(model, cfg["freeze_blocks"])
+        return model
+
+    def build_optimizer(self, model: nn.Module, base_lr: float) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.cfg, base_lr)
+
+    def forward(self, net: nn.Module, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        imgs, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        targets = labels
+        if self.mixup is not None:
+            imgs, targets = self.mixup(imgs, labels)  # (element-wise and indexing ops: autocast leaves them fp32)
+        return self.criterion(net(imgs).float(), targets), {}
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"{cfg['mode']} {cfg['model']}: {self.num_classes} classes, {len(self.train_set)} train / "
+                f"{len(self.val_set)} val images, freeze_blocks {cfg['freeze_blocks']}")
+
+    def end_epoch(self, net: nn.Module, record: dict[str, Any], totals: dict[str, float], seconds: float) -> None:
+        record["seconds"] = round(seconds, 1)
+        if record["epoch"] % self.cfg["eval_every"] == 0 or record["epoch"] == self.cfg["epochs"]:
+            metrics = evaluate(net, self.val_loader, self.device, self.num_classes, self.amp_dtype, self.world)
+            record.update({"acc1": metrics["acc1"], "acc5": metrics["acc5"], "val_loss": metrics["loss"]})
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"classes": list(self.train_set.classes)}
+
+    def finish(self, history: list[dict[str, Any]]) -> None:
+        last = history[-1]  # the last epoch is always evaluated
+        _write_metrics(self.cfg, {"acc1": last["acc1"], "acc5": last["acc5"], "loss": last["val_loss"],
+                                  "topk": min(5, self.num_classes), "num_images": len(self.val_set)},
+                       self.train_set.classes, Path(self.cfg["output_dir"]) / LAST_CHECKPOINT, last["epoch"],
+                       max_acc1=max(h["acc1"] for h in history if "acc1" in h))
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def finetune(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """Train (or resume) a classifier; returns the per-epoch history (loss, lr, acc1, acc5, ...)."""
-    cfg = resolve_config(cfg)
-    rank, world, device = init_distributed(cfg["device"])
-    try:
-        return _finetune(cfg, rank, world, device)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return runtime.train(ClassificationTask(resolve_config(cfg)))
 
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
-    """`--eval`: load a fine-tuned classifier, evaluate it on data_path/val, write output_dir/eval_metrics.json."""
+    """`--eval-only`: load a fine-tuned classifier ("auto": output_dir/checkpoint_last.pth), evaluate it on
+    data_path/val, write output_dir/eval_metrics.json. Returns {"acc1", "acc5", "topk", "loss", "num_images",
+    "checkpoint"}."""
     cfg = resolve_config(cfg)
-    rank, world, device = init_distributed(cfg["device"])
-    try:
+    with runtime.distributed(cfg["device"]) as (rank, world, device):
         _, val = build_datasets(cfg)
         nc = _num_classes(cfg, val)
         model = build_classifier(cfg, nc)
-        path = Path(checkpoint)
+        path = Path(cfg["output_dir"]) / LAST_CHECKPOINT if str(checkpoint) == "auto" else Path(checkpoint)
         if not path.is_file():
             raise MaeTransferError(f"checkpoint not found: {path}")
         load_for_eval(model, path, cfg["allow_pickle"])
@@ -321,11 +375,13 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
         metrics = evaluate(model, _val_loader(val, cfg, rank, world, device), device, nc, amp_dtype, world)
         metrics["checkpoint"] = str(path)
         if rank == 0:
-            _write_metrics(Path(cfg["output_dir"]), metrics)
+            _write_metrics(cfg, metrics, val.classes, path, None)
         return metrics
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by `finetune` (`runtime.load_checkpoint` of this format)."""
+    return runtime.load_checkpoint(path, CLASSIFIER_FORMAT, TOOL)
 
 
 def _num_classes(cfg: dict[str, Any], dataset: LabelledImageFolder) -> int:
@@ -335,146 +391,12 @@ def _num_classes(cfg: dict[str, Any], dataset: LabelledImageFolder) -> int:
     return found
 
 
-def _write_metrics(out: Path, metrics: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(json.dumps(metrics, indent=1) + "\n", out / "eval_metrics.json")
-
-
-def _finetune(cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
-    main = rank == 0
-    out = Path(cfg["output_dir"])
-    if cfg["amp"] == "fp16" and device.type != "cuda":
-        raise MaeTransferError("amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' or 'none' on CPU")
-    train, val = build_datasets(cfg)  # bad data fails before a large model is built
-    nc = _num_classes(cfg, train)
-    cfg["num_classes"] = nc
-    per_rank = math.ceil(len(train) / world)
-    iters = per_rank // cfg["batch_size"] // cfg["accum_iter"] * cfg["accum_iter"]
-    if iters == 0:
-        raise MaeTransferError(f"{len(train)} training images give no full step of batch_size={cfg['batch_size']} x "
-                               f"accum_iter={cfg['accum_iter']} per process ({world} process(es)); lower batch_size")
-
-    seed_everything(cfg["seed"])  # model init
-    model = build_classifier(cfg, nc)
-    if cfg["finetune"]:
-        if not Path(cfg["finetune"]).exists():
-            raise MaeTransferError(f"pretrained checkpoint not found: {cfg['finetune']}")
-        init_from_pretrained(model, cfg["finetune"], cfg)
-    else:
-        nn.init.trunc_normal_(classifier_head(model).weight, std=cfg["head_init_std"])
-        logger.info("no pretrained weights (finetune=''): training from random init")
-    if cfg["freeze_blocks"]:
-        freeze_blocks(model, cfg["freeze_blocks"])
-    model.to(device)
-    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
-    base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
-    optimizer = build_optimizer(model, cfg, base_lr)
-    scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
-    criterion, mixup = build_criterion(cfg), build_mixup(cfg, nc)
-
-    start_epoch, history = 0, []
-    resume_path = find_resume_checkpoint(cfg)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, CLASSIFIER_FORMAT, TOOL)
-        if ckpt.get("classes") != train.classes:
-            raise MaeTransferError(f"cannot resume from {resume_path}: it was trained on classes {ckpt.get('classes')}, "
-                                   f"the data has {train.classes}")
-        start_epoch, history = restore_training_state(ckpt, resume_path, model, optimizer, scaler)
-    if start_epoch >= cfg["epochs"]:
-        logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
-        return history
-
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
-    loader_gen = torch.Generator()
-    loader = DataLoader(train, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=device.type == "cuda", drop_last=True, generator=loader_gen)
-    val_loader = _val_loader(val, cfg, rank, world, device)
-    amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    writer = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch * iters // cfg["accum_iter"])
-        logger.info("%s %s: %d classes, %d train / %d val images, %d process(es), effective batch %d, lr %.3g, "
-                    "freeze_blocks %d, epochs %d-%d, output %s", cfg["mode"], cfg["model"], nc, len(train), len(val),
-                    world, eff_batch, base_lr, cfg["freeze_blocks"], start_epoch + 1, cfg["epochs"], out)
-    accum = cfg["accum_iter"]
-    last_good = resume_path
-    try:
-        for epoch in range(start_epoch, cfg["epochs"]):
-            seed = epoch_seed(cfg["seed"], epoch, rank)
-            seed_everything(seed)  # augmentation, mixup (numpy) and drop path: exact on resume
-            loader_gen.manual_seed(seed)
-            sampler.set_epoch(epoch)
-            net.train()
-            optimizer.zero_grad(set_to_none=True)
-            start, loss_sum, lr = time.time(), 0.0, base_lr
-            progress = _progress(itertools.islice(loader, iters), iters, f"epoch {epoch + 1}/{cfg['epochs']}",
-                                 main and cfg["progress"])
-            for it, (imgs, labels) in enumerate(progress):
-                if it % accum == 0:
-                    lr = lr_at(epoch + it / iters, cfg, base_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                targets = labels
-                if mixup is not None:
-                    imgs, targets = mixup(imgs, labels)
-                step_now = (it + 1) % accum == 0
-                sync = contextlib.nullcontext() if step_now or world == 1 else net.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = criterion(net(imgs).float(), targets)
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise MaeTransferError(f"loss is {loss_value} at epoch {epoch + 1} iteration {it + 1}; stopped "
-                                               f"(last good checkpoint: {last_good or 'none'}); try a lower lr")
-                    loss = loss / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                if step_now:
-                    optimizer_step(optimizer, scaler, cfg["clip_grad"], trainable)
-                loss_sum += loss_value
-                log_iteration(writer if step_now else None, progress if main and cfg["progress"] else None,
-                              loss_value, lr, (epoch * iters + it) // accum)
-            total = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(total)
-            record = {"epoch": epoch + 1, "loss": float(total[0]) / (iters * world), "lr": lr,
-                      "seconds": round(time.time() - start, 1)}
-            if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                metrics = evaluate(net, val_loader, device, nc, amp_dtype, world)
-                record.update({"acc1": metrics["acc1"], "acc5": metrics["acc5"], "val_loss": metrics["loss"]})
-            history.append(record)
-            if main:
-                logger.info("epoch %d/%d  loss %.4f  lr %.3e  %.1fs%s", epoch + 1, cfg["epochs"], record["loss"], lr,
-                            record["seconds"], f"  val top-1 {record['acc1']:.2f}  top-{min(5, nc)} {record['acc5']:.2f}"
-                            if "acc1" in record else "")
-                writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
-                if "acc1" in record:
-                    writer.add_scalar("val/acc1", record["acc1"], epoch + 1)
-                    writer.add_scalar("val/acc5", record["acc5"], epoch + 1)
-                    writer.add_scalar("val/loss", record["val_loss"], epoch + 1)
-                state = {"format": CLASSIFIER_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
-                         "config": copy.deepcopy(cfg), "history": copy.deepcopy(history), "classes": list(train.classes),
-                         "world_size": world}
-                last_good, _ = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"], history)
-            if world > 1:
-                dist.barrier()  # nobody reads checkpoint_last.pth before it is complete
-    finally:
-        if writer is not None:
-            writer.close()
-    if main:
-        final = {k: history[-1][k] for k in ("acc1", "acc5") if k in history[-1]}
-        evaluated = [h["acc1"] for h in history if "acc1" in h]
-        _write_metrics(out, {**final, "topk": min(5, nc), "loss": history[-1].get("val_loss"),
-                             "max_acc1": max(evaluated) if evaluated else None, "epoch": history[-1]["epoch"],
-                             "num_images": len(val), "classes": list(train.classes), "mode": cfg["mode"],
-                             "freeze_blocks": cfg["freeze_blocks"], "finetune": cfg["finetune"]})
-    return history
+def _write_metrics(cfg: dict[str, Any], metrics: dict[str, Any], classes: list[str], checkpoint: Path,
+                   epoch: int | None, **details: Any) -> Path:
+    """eval_metrics.json (`mae_transfer.metrics`): task "cls", metrics top1 / top5 (percent) / loss (val
+    cross-entropy); details: num_images, topk, classes, mode, freeze_blocks, finetune, ..."""
+    return write_eval_metrics(
+        cfg["output_dir"], "cls", {"top1": metrics["acc1"], "top5": metrics["acc5"], "loss": metrics["loss"]},
+        tool=TOOL, epoch=epoch, checkpoint=checkpoint,
+        details={"num_images": metrics["num_images"], "topk": metrics["topk"], "classes": list(classes),
+                 "mode": cfg["mode"], "freeze_blocks": cfg["freeze_blocks"], "finetune": cfg["finetune"], **details})

@@ -6,7 +6,7 @@ mmengine 0.10.7, timm 1.0.31 with Pillow 13. Importing `mae_transfer` applies no
 
   1. `apply_for_mmseg()` (mmcv._ext stand-in): `backbones/mmseg.py` calls it before `import mmseg`. It is
      defined in `backbones.compat` (backbones/ imports nothing from here) and re-exported below.
-  2. mmengine checkpoint loading: `framework_checkpoints.use_safe_mmengine_loading`, by tools/train_seg.py.
+  2. mmengine checkpoint loading: `framework_checkpoints.use_safe_mmengine_loading`, by mae_transfer/segmentation.py.
   3. detectron2 without `detectron2._C`: nothing to apply.
   4. `patch_timm_posterize()`: `mae_transfer.classification.train_transform`, where RandAugment is built.
 """
@@ -28,7 +28,7 @@ __all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_st
 # 2. mmengine checkpoint loading under torch 2.14: not a patch here. mmengine 0.10.7 calls `torch.load`
 # without `weights_only`, so its own Runner checkpoints (message hub, numpy values) no longer load under
 # torch >= 2.6. `mae_transfer.framework_checkpoints.use_safe_mmengine_loading` registers our safe reader through
-# mmengine's own loader registry, called explicitly by tools/train_seg.py; it never unpickles arbitrary
+# mmengine's own loader registry, called explicitly by mae_transfer/segmentation.py; it never unpickles arbitrary
 # objects unless the user opts in (--allow-pickle).
 # --------------------------------------------------------------------------------------------------
 

@@ -74,7 +74,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             if not isinstance(child, dict):
                 valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a dict)"
                 where = ".".join(parents[:i]) or "config"
-                raise MaeTransferError(f"unknown config key {key!r}: {part!r} is not a dict in {where}; valid keys: {valid}")
+                raise MaeTransferError(f"unknown config key {key!r}: {part!r} is not a dict in {where}; "
+                                       f"valid keys: {valid}")
             node = child
         # Nested dicts (e.g. encoder_overrides) accept new keys; the top level does not.
         if not parents and leaf not in node:

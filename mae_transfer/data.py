@@ -1,7 +1,7 @@
 """Image folders for pretraining: unlabelled (MAE) and labelled (the supervised baseline).
 
 `ImageFolderDataset`: any folder, ImageFolder-style (`root/class/x.jpg`) or flat, searched recursively
-for .jpg/.jpeg/.png; labels are not used. `LabelledImageFolder`: class = first-level subfolder (as
+for `IMAGE_SUFFIXES`; labels are not used. `LabelledImageFolder`: class = first-level subfolder (as
 torchvision's ImageFolder), images below it searched recursively; at least two classes are needed.
 Images are not opened at scan time (slow on large folders); an image that fails to decode when loaded
 is skipped with one warning and another image is used in its place (with its own label), and a folder
@@ -34,13 +34,15 @@ from mae_transfer.errors import MaeTransferError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The image files every tool looks for (pretraining folders, detection --infer folders, segmentation data checks):
+# the formats PIL, detectron2's read_image and mmcv's imread all decode.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """All .jpg/.jpeg/.png files below `root` (recursive, sorted, hidden files skipped)."""
+    """All image files (`IMAGE_SUFFIXES`) below `root` (recursive, sorted, hidden files skipped)."""
     root = Path(root)
     if not root.exists():
         raise MaeTransferError(f"image folder not found: {root}")
@@ -114,7 +116,8 @@ class ImageFolderDataset(Dataset):
                 continue
             found.append(i)
         if not found:
-            raise MaeTransferError(f"no readable images under {self.root}: all {len(self.files)} image files failed to load")
+            raise MaeTransferError(f"no readable images under {self.root}: "
+                                   f"all {len(self.files)} image files failed to load")
         return found
 
     def _read(self, index: int) -> tuple[int, Any]:
@@ -390,7 +393,8 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
     ordered = sorted(by_image, key=str)
     n_val = max(1, round(len(ordered) * val_fraction)) if val_fraction > 0 else 0
     if n_val and n_val >= len(ordered):
-        raise MaeTransferError(f"{json_path}: {len(ordered)} photo(s) with crops cannot be split with val_fraction={val_fraction}")
+        raise MaeTransferError(f"{json_path}: {len(ordered)} photo(s) with crops cannot be split with "
+                               f"val_fraction={val_fraction}")
     val_ids = {ordered[int((j + 0.5) * len(ordered) / n_val)] for j in range(n_val)}
     for image_id in ordered:
         image_anns = by_image[image_id]

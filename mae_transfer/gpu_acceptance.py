@@ -39,8 +39,8 @@ from statistics import median
 from typing import Any, Callable
 
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 
 
@@ -238,21 +238,21 @@ def measure_segmentation(config: str | Path, device: str, amp: bool = False, war
 
 def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters: int = 10,
                         deadline: float = math.inf) -> dict[str, Any]:
-    """MAE pretraining steps as mae_transfer.engine runs them (autocast from the config's amp, GradScaler for
-    fp16, fused AdamW on the engine's parameter groups) at the config's per-process batch, random images."""
+    """MAE pretraining steps as mae_transfer.runtime runs them (autocast from the config's amp, GradScaler for
+    fp16, fused AdamW on pretraining's parameter groups) at the config's per-process batch, random images."""
     import torch
 
     from mae_transfer.config import load_config
-    from mae_transfer.engine import build_mae, optimizer_step, param_groups_weight_decay, resolve_config
     from mae_transfer.hardware import autocast_dtype, resolve_amp
-    from mae_transfer.optim import adamw
+    from mae_transfer.pretraining import build_mae, build_optimizer, resolve_config
+    from mae_transfer.runtime import optimizer_step
 
     cfg = resolve_config({**load_config(config), "data_path": "unused", "output_dir": "unused"})
     torch.manual_seed(0)
     model = build_mae(cfg).to(device)
     model.train()
     batch, img = cfg["batch_size"], cfg["img_size"]
-    optimizer = adamw(param_groups_weight_decay(model, cfg["weight_decay"]), cfg["blr"] * batch / 256, cfg["betas"])
+    optimizer = build_optimizer(model, cfg, cfg["blr"] * batch / 256)
     amp = resolve_amp(cfg["amp"], device)
     dtype = autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
@@ -278,17 +278,17 @@ def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters:
 
 
 def _det(name: str) -> Callable[..., dict[str, Any]]:
-    return lambda args, deadline: measure_detection(REPO / "configs" / f"coco_mask_rcnn_{name}.py", "cuda",
+    return lambda args, deadline: measure_detection(REPO_ROOT / "configs" / f"coco_mask_rcnn_{name}.py", "cuda",
                                                     args.det_batch, args.warmup, args.iters, deadline)
 
 
 def _seg(amp: bool) -> Callable[..., dict[str, Any]]:
-    return lambda args, deadline: measure_segmentation(REPO / "configs" / "ade20k_upernet_vit_b.py", "cuda", amp,
+    return lambda args, deadline: measure_segmentation(REPO_ROOT / "configs" / "ade20k_upernet_vit_b.py", "cuda", amp,
                                                        args.warmup, args.iters, deadline)
 
 
 def _mae(name: str) -> Callable[..., dict[str, Any]]:
-    return lambda args, deadline: measure_pretraining(REPO / "configs" / f"mae_pretrain_{name}.py", "cuda",
+    return lambda args, deadline: measure_pretraining(REPO_ROOT / "configs" / f"mae_pretrain_{name}.py", "cuda",
                                                       args.warmup, args.iters, deadline)
 
 
@@ -322,7 +322,8 @@ def row_cells(name: str, data: dict[str, Any]) -> tuple[str, str]:
 
 def pytest_counts(output: str) -> dict[str, int]:
     """Counts from pytest's final summary line, e.g. '3 passed, 1 skipped, 200 deselected in 9.1s'."""
-    summary = [ln for ln in output.strip().splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected|no tests)", ln)]
+    summary = [ln for ln in output.strip().splitlines()
+               if re.search(r"\d+ (passed|failed|error|skipped|deselected|no tests)", ln)]
     counts: dict[str, int] = {}
     for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
                                    summary[-1] if summary else ""):
@@ -362,7 +363,8 @@ def require_cuda() -> None:
     if available:
         return
     why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
-           f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU: torch.cuda.is_available() is False")
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU: "
+           "torch.cuda.is_available() is False")
     if caught:
         why += f" ({str(caught[0].message).strip().splitlines()[0]})"
     raise MaeTransferError(f"{why}; the GPU acceptance run measures the GPU code paths and never falls back to the CPU")
@@ -372,7 +374,8 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str]) -
     """Run `cmd` (and whatever it starts) with output to `log`; None if it ran past `timeout` and was killed."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True)
         try:
             return proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -389,7 +392,8 @@ def last_error(log: Path) -> str:
 
 def child_env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
 
 
 def run_one(row: Row, args: argparse.Namespace, timeout: float) -> tuple[str, dict[str, Any]]:
@@ -411,8 +415,8 @@ def run_one(row: Row, args: argparse.Namespace, timeout: float) -> tuple[str, di
     if row.name.startswith("bench_"):
         task = row.name[len("bench_"):]
         bench_out = args.out / "benchmark"
-        cmd = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--device", "cuda", "--size", "base",
-               "--only", task, "--rounds", str(BENCH_ROUNDS[task]), "--out", str(bench_out)]
+        cmd = [sys.executable, str(REPO_ROOT / "tools" / "benchmark.py"), "--device", "cuda", "--size", "base",
+               "--only", task, "--rounds", str(BENCH_ROUNDS[task]), "--output-dir", str(bench_out)]
         rc = run_logged(cmd, log, timeout, env)
         if rc is None:
             return f"FAILED: over its {timeout:.0f} s budget (log: logs/{log.name})", {}
@@ -435,14 +439,16 @@ def run_one(row: Row, args: argparse.Namespace, timeout: float) -> tuple[str, di
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
+                             timeout=10)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 GPU_PROBE = ("import json, torch; p = torch.cuda.get_device_properties(0); x = torch.ones(1024, 1024, device='cuda'); "
-             "print(json.dumps(dict(gpu=f'{p.name}, {p.total_memory / 2 ** 30:.0f} GiB', count=torch.cuda.device_count(), "
+             "print(json.dumps(dict(gpu=f'{p.name}, {p.total_memory / 2 ** 30:.0f} GiB', "
+             "count=torch.cuda.device_count(), "
              "torch=torch.__version__, cuda=torch.version.cuda, check=float((x @ x)[0, 0]))))")
 
 
@@ -452,10 +458,12 @@ def run_all(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # The device's name from a child process: the parent itself never creates a CUDA context (it would hold
     # GPU memory during every row).
-    probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    probe = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True, timeout=120,
+                           cwd=REPO_ROOT)
     info = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else {}
     if info.get("check") != 1024.0:
-        raise MaeTransferError(f"CUDA is visible but a first matrix product on it failed: {probe.stderr.strip()[-300:]}")
+        raise MaeTransferError(f"CUDA is visible but a first matrix product on it failed: "
+                               f"{probe.stderr.strip()[-300:]}")
     meta = dict(gpu=f"{info['gpu']} (x{info['count']})" if info["count"] > 1 else info["gpu"], torch=info["torch"],
                 cuda=info["cuda"], commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"), budget_s=args.budget)
     print(f"[gpu_acceptance] {meta['gpu']}, torch {meta['torch']}: {len(selected)} rows, budget {args.budget} s; "
@@ -498,7 +506,7 @@ def run_child(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/gpu_acceptance.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "gpu",
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "gpu",
                         help="folder for results.md, results.json, logs/ and benchmark/ (default: benchmarks/gpu)")
     parser.add_argument("--only", default=",".join(ROW_NAMES),
                         help=f"comma-separated rows to run, in this order: {', '.join(ROW_NAMES)}")

@@ -50,7 +50,8 @@ def masking_noise(batch: int, grid: tuple[int, int], mask_ratio: float, strategy
         return uniform
     if strategy == "grid":
         if abs(mask_ratio - 0.75) > 1e-6:
-            raise MaeTransferError(f"grid masking keeps 1 of every 2x2 patches (ratio 0.75), got mask_ratio={mask_ratio}")
+            raise MaeTransferError(f"grid masking keeps 1 of every 2x2 patches (ratio 0.75), "
+                                   f"got mask_ratio={mask_ratio}")
         rows = torch.arange(gh, device=device)[:, None] % 2
         cols = torch.arange(gw, device=device)[None, :] % 2
         masked = ((rows + cols) > 0).reshape(1, num).float()

@@ -5,7 +5,8 @@
      "iteration": 1000 | null, "epoch": 100 | null,   # when the evaluated weights were trained to
      "checkpoint": "path/of/the/evaluated/weights" | null,
      "tool": "tools/train_det.py",
-     "details": {...}}                                 # anything else the tool wants to keep (all COCO AP variants, ...)
+     "details": {...}}                                 # anything else the tool wants to keep
+                                                       # (all COCO AP variants, ...)
 
 Metric names are the study table's (`METRIC_NAMES`): the study runner and the demo read this file only, never
 a framework's own logs. Written atomically; a missing or malformed file is one clear error.
@@ -26,7 +27,8 @@ METRIC_NAMES = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1", 
 
 
 def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mapping[str, float], *, tool: str,
-                       iteration: int | None = None, epoch: int | None = None, checkpoint: str | os.PathLike | None = None,
+                       iteration: int | None = None, epoch: int | None = None,
+                       checkpoint: str | os.PathLike | None = None,
                        details: Mapping[str, Any] | None = None) -> Path:
     """Write `output_dir/eval_metrics.json`; `metrics` must hold the task's `METRIC_NAMES` (finite or NaN numbers)."""
     if task not in METRIC_NAMES:
@@ -53,8 +55,10 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MaeTransferError(f"{path}: malformed json ({err})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) or record.get("task") not in METRIC_NAMES:
-        raise MaeTransferError(f"{path}: not an eval_metrics.json record (expected task, metrics, ...; see mae_transfer/metrics.py)")
+    if (not isinstance(record, dict) or not isinstance(record.get("metrics"), dict)
+            or record.get("task") not in METRIC_NAMES):
+        raise MaeTransferError(f"{path}: not an eval_metrics.json record "
+                               "(expected task, metrics, ...; see mae_transfer/metrics.py)")
     if task is not None and record["task"] != task:
         raise MaeTransferError(f"{path}: metrics of a {record['task']!r} run, expected {task!r}")
     missing = [m for m in METRIC_NAMES[record["task"]] if m not in record["metrics"]]

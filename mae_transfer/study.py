@@ -27,8 +27,9 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
 Every cell runs the real `tools/train_det.py` (detectron2), `tools/train_seg.py` (mmseg) or
 `tools/finetune_cls.py` (classification: its `epochs` replace `iters`) in a subprocess,
 with its own output folder `OUTPUT/cells/<backbone>__<task>__freeze<k>__seed<s>/`. `{iters}`, `{warmup}`
-(iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. Finished cells hold
-`done.json` (their metrics) and are skipped on a re-run; a cell with checkpoints but no `done.json` was
+(iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. A cell's metrics are
+what its tool wrote to `eval_metrics.json` (`mae_transfer.metrics`; no framework log is read). Finished cells
+hold `done.json` (their metrics) and are skipped on a re-run; a cell with checkpoints but no `done.json` was
 interrupted and is continued with the tool's `--resume`. After every cell, `results.csv` (one row per
 finished cell) and `results.md` (rows: backbones, columns: blocks fine-tuned, cells: top-1 / AP^box /
 AP^mask / mIoU, mean over seeds) are rewritten atomically, and `plot.png` (metric vs blocks fine-tuned, one line per
@@ -44,28 +45,26 @@ import logging
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 from mae_transfer.checkpoint import read_checkpoint
 from mae_transfer.config import load_config
-from mae_transfer.errors import MaeTransferError
+from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_write, atomic_write_text
+from mae_transfer.launch import run_logged
+from mae_transfer.metrics import read_eval_metrics
+from mae_transfer.paths import REPO_ROOT, resolve_path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DONE = "done.json"
 TASK_KINDS = ("det", "seg", "cls")
-# metric key in the tools' logs -> our key; our key -> label in tables and plots
-DET_METRICS = {"bbox/AP": "AP_box", "segm/AP": "AP_mask"}
-SEG_METRICS = {"mIoU": "mIoU"}
-CLS_METRICS = {"acc1": "top1"}
-KIND_METRICS = {"det": DET_METRICS, "seg": SEG_METRICS, "cls": CLS_METRICS}
+# the metrics of eval_metrics.json a study records and tabulates, per task kind; metric -> label in tables and plots
+KIND_METRICS = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1",)}
 METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU", "top1": "top-1"}
 MD_LABELS = {"AP_box": "AP^box", "AP_mask": "AP^mask", "mIoU": "mIoU", "top1": "top-1"}
 SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python"}
@@ -114,21 +113,11 @@ class Study:
         return self.output_dir / "cells" / cell.name
 
     def metrics_of(self, task: str) -> list[str]:
-        return list(KIND_METRICS[self.tasks[task]["kind"]].values())
+        return list(KIND_METRICS[self.tasks[task]["kind"]])
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", text)
-
-
-def _resolve(path: str | os.PathLike) -> Path:
-    """Relative paths: the current directory if the file is there, else the repository root."""
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute():
-        return p
-    if p.exists() or not (REPO_ROOT / p).exists():
-        return p.resolve()
-    return (REPO_ROOT / p).resolve()
 
 
 def _int_list(value: Any, key: str, where: str) -> list[int]:
@@ -148,7 +137,8 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
         raw, where = load_config(spec_path), str(spec_path)
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
-        raise MaeTransferError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+        raise MaeTransferError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                               f"valid: {', '.join(sorted(SPEC_KEYS))}")
     for key in ("depth", "backbones", "tasks", "freeze_blocks"):
         if key not in raw:
             raise MaeTransferError(f"{where}: missing {key!r}")
@@ -168,18 +158,19 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
         if entry is None or entry == "random":
             backbones[name] = None
         elif isinstance(entry, (str, os.PathLike)):
-            backbones[name] = str(_resolve(entry))
+            backbones[name] = str(resolve_path(entry))
         elif isinstance(entry, Mapping):
             extra = sorted(set(entry) - {"checkpoint", "pretrain"})
             if extra or not (entry.get("checkpoint") or entry.get("pretrain")):
-                raise MaeTransferError(f"{where}: backbone {name!r} must be a path, None/'random', or "
-                                       "dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., opts=[...]))")
+                raise MaeTransferError(f"{where}: backbone {name!r} must be a path, None/'random', or dict(checkpoint="
+                                       "PATH, pretrain=dict(config=..., data=... | crops=..., opts=[...]))")
             backbones[name] = _check_pretrain(name, dict(entry), where)
         else:
             raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
 
     if not isinstance(raw["tasks"], Mapping) or not raw["tasks"]:
-        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> dict(kind='det'|'seg'|'cls', config=..., iters=...)")
+        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> "
+                               "dict(kind='det'|'seg'|'cls', config=..., iters=...)")
     tasks: dict[str, dict[str, Any]] = {}
     for name, task in raw["tasks"].items():
         if not isinstance(task, Mapping):
@@ -188,7 +179,8 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
         if extra:
             raise MaeTransferError(f"{where}: task {name!r}: unknown key(s) {extra}; valid: {sorted(TASK_KEYS)}")
         if task.get("kind") not in TASK_KINDS:
-            raise MaeTransferError(f"{where}: task {name!r}: kind must be one of {TASK_KINDS}, got {task.get('kind')!r}")
+            raise MaeTransferError(f"{where}: task {name!r}: kind must be one of {TASK_KINDS}, "
+                                   f"got {task.get('kind')!r}")
         length = "epochs" if task["kind"] == "cls" else "iters"  # classification runs are counted in epochs
         if task.get("iters" if length == "epochs" else "epochs") is not None:
             raise MaeTransferError(f"{where}: task {name!r}: kind {task['kind']!r} takes {length}=, not "
@@ -198,7 +190,7 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
             raise MaeTransferError(f"{where}: task {name!r}: {length} must be a positive integer, got {iters!r}")
         if not task.get("config"):
             raise MaeTransferError(f"{where}: task {name!r}: missing config")
-        config = _resolve(task["config"])
+        config = resolve_path(task["config"])
         if not config.is_file():
             raise MaeTransferError(f"{where}: task {name!r}: config file not found: {task['config']}")
         tasks[name] = dict(kind=task["kind"], config=str(config), iters=iters,
@@ -216,7 +208,7 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
 
 def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
     if entry.get("checkpoint"):
-        entry["checkpoint"] = str(_resolve(entry["checkpoint"]))
+        entry["checkpoint"] = str(resolve_path(entry["checkpoint"]))
     pre = entry.get("pretrain")
     if pre is None:
         return entry
@@ -224,14 +216,14 @@ def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, A
         raise MaeTransferError(f"{where}: backbone {name!r}: pretrain must be dict(config=..., data=FOLDER or "
                                "crops=dict(json=..., images=..., min_size=...), opts=[...])")
     pre = dict(pre)
-    pre["config"] = str(_resolve(pre["config"]))
+    pre["config"] = str(resolve_path(pre["config"]))
     if pre.get("data"):
-        pre["data"] = str(_resolve(pre["data"]))
+        pre["data"] = str(resolve_path(pre["data"]))
     else:
         crops = dict(pre["crops"])
         if not crops.get("json") or not crops.get("images"):
             raise MaeTransferError(f"{where}: backbone {name!r}: crops needs json= and images=")
-        crops["json"], crops["images"] = str(_resolve(crops["json"])), str(_resolve(crops["images"]))
+        crops["json"], crops["images"] = str(resolve_path(crops["json"])), str(resolve_path(crops["images"]))
         pre["crops"] = crops
     pre["opts"] = [str(o) for o in pre.get("opts", [])]
     entry["pretrain"] = pre
@@ -252,19 +244,20 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
     if study.allow_pickle:
         args = ["--allow-pickle", *args]
     period = min(task["checkpoint_period"], iters)
+    launcher = task["launcher"] or [study.python]
     if task["kind"] == "cls":  # iters are epochs here; the tool checkpoints every epoch anyway
-        cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "finetune_cls.py"), "--config", task["config"],
-               *args, "--output-dir", str(out), "--freeze-blocks", str(cell.freeze_blocks),
+        cmd = [*launcher, str(REPO_ROOT / "tools" / "finetune_cls.py"), "--config", task["config"], *args,
+               "--output-dir", str(out), "--freeze-blocks", str(cell.freeze_blocks),
                f"finetune={checkpoint or ''}", f"epochs={iters}", f"save_every={period}", f"seed={cell.seed}", *opts]
         return cmd + (["--resume"] if resume else [])
     if task["kind"] == "det":
-        cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "train_det.py"), "--config", task["config"], *args,
-               "--freeze-blocks", str(cell.freeze_blocks),
-               f"train.output_dir={out}", f"train.init_checkpoint={checkpoint or ''}", f"train.max_iter={iters}",
+        cmd = [*launcher, str(REPO_ROOT / "tools" / "train_det.py"), "--config", task["config"],
+               "--output-dir", str(out), *args, "--freeze-blocks", str(cell.freeze_blocks),
+               f"train.init_checkpoint={checkpoint or ''}", f"train.max_iter={iters}",
                f"train.eval_period={iters}", f"train.checkpointer.period={period}", f"train.seed={cell.seed}", *opts]
         return cmd + (["--resume"] if resume else [])
-    cmd = [*(task["launcher"] or [study.python]), str(REPO_ROOT / "tools" / "train_seg.py"), task["config"], "--work-dir", str(out), *args,
-           "--freeze-blocks", str(cell.freeze_blocks)]
+    cmd = [*launcher, str(REPO_ROOT / "tools" / "train_seg.py"), "--config", task["config"],
+           "--output-dir", str(out), *args, "--freeze-blocks", str(cell.freeze_blocks)]
     if checkpoint:
         cmd += ["--init-checkpoint", checkpoint]
     if resume:
@@ -275,63 +268,42 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
 
 
 def has_checkpoint(study: Study, cell: Cell) -> bool:
-    """detectron2 and mmengine both write `last_checkpoint` next to their checkpoints; finetune_cls.py
-    writes `checkpoint_last.pth`."""
+    """Whether an unfinished cell is resumed: detectron2's and mmengine's checkpointers both write
+    `last_checkpoint` next to their checkpoints; finetune_cls.py writes `checkpoint_last.pth`."""
     name = "checkpoint_last.pth" if study.tasks[cell.task]["kind"] == "cls" else "last_checkpoint"
     return (study.cell_dir(cell) / name).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def last_det_evaluation(output_dir: str | os.PathLike) -> dict[str, float]:
-    """bbox/* and segm/* of the last evaluation in detectron2's `metrics.json` (one json object per line; a
-    line cut by a kill is skipped; a resumed run appends); {} when there is none."""
-    path = Path(output_dir) / "metrics.json"
-    found: dict[str, float] = {}
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "bbox/AP" in row:
-            found = {k: v for k, v in row.items() if k.startswith(("bbox/", "segm/"))}
-    return found
+def read_metrics(output_dir: str | os.PathLike, kind: str) -> dict[str, float]:
+    """The metrics a study records for a cell of `kind`, from the eval_metrics.json its tool wrote."""
+    record = read_eval_metrics(output_dir, kind)  # checks the task's metric names are there
+    return {m: float(record["metrics"][m]) for m in KIND_METRICS[kind]}
 
 
 def read_det_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
-    """The last evaluation in detectron2's `metrics.json`: AP^box, AP^mask."""
-    row = last_det_evaluation(output_dir)
-    if not row:
-        raise MaeTransferError(f"no evaluation (bbox/AP) in {Path(output_dir) / 'metrics.json'}")
-    return {ours: float(row[theirs]) for theirs, ours in DET_METRICS.items() if theirs in row}
+    """AP^box and AP^mask of the final COCO evaluation tools/train_det.py wrote."""
+    return read_metrics(output_dir, "det")
 
 
-def read_seg_metrics(work_dir: str | os.PathLike) -> dict[str, float]:
-    """The validation with the highest step in mmengine's `<work_dir>/<timestamp>/vis_data/scalars.json`
-    (a resumed run adds a new timestamp folder): mIoU (percent)."""
-    best: tuple[int, dict[str, float]] | None = None
-    for path in sorted(Path(work_dir).glob("*/vis_data/scalars.json")):
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "mIoU" in row and (best is None or int(row.get("step", 0)) >= best[0]):
-                best = (int(row.get("step", 0)), {ours: float(row[theirs]) for theirs, ours in SEG_METRICS.items()})
-    if best is None:
-        raise MaeTransferError(f"no validation (mIoU) in {work_dir}/*/vis_data/scalars.json")
-    return best[1]
+def read_seg_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
+    """mIoU (percent) of the final validation / test tools/train_seg.py wrote."""
+    return read_metrics(output_dir, "seg")
 
 
 def read_cls_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
-    """The final evaluation tools/finetune_cls.py wrote to `eval_metrics.json`: top-1 (percent)."""
-    path = Path(output_dir) / "eval_metrics.json"
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        row = {}
-    if "acc1" not in row:
-        raise MaeTransferError(f"no evaluation (acc1) in {path}")
-    return {ours: float(row[theirs]) for theirs, ours in CLS_METRICS.items()}
+    """Top-1 (percent) of the final evaluation tools/finetune_cls.py wrote."""
+    return read_metrics(output_dir, "cls")
+
+
+def last_det_evaluation(output_dir: str | os.PathLike) -> dict[str, float]:
+    """Every number of the final COCO evaluation in detectron2's naming (`bbox/AP`, `bbox/AP50`, `segm/AP`, ...),
+    from eval_metrics.json's details; {} when the run wrote none."""
+    if not (Path(output_dir) / "eval_metrics.json").is_file():
+        return {}
+    details = read_eval_metrics(output_dir, "det")["details"]
+    return {f"{task}/{name}": value for task, values in details.items() if isinstance(values, dict)
+            for name, value in values.items()}
 
 
 METRIC_READERS = {"det": read_det_metrics, "seg": read_seg_metrics, "cls": read_cls_metrics}
@@ -341,25 +313,10 @@ METRIC_READERS = {"det": read_det_metrics, "seg": read_seg_metrics, "cls": read_
 Runner = Callable[[Study, Cell, str | None, bool], dict[str, float]]
 
 
-def _run_logged(cmd: Sequence[str], log: Path, what: str) -> None:
-    """Run a tool with its output appended to `log`; Ctrl-C reaches it too (same process group)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode in (130, -2):
-        raise KeyboardInterrupt
-    if proc.returncode != 0:
-        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        raise MaeTransferError(f"{what} failed (exit {proc.returncode}): {tail[0] if tail else ''} (log: {log})")
-
-
 def subprocess_runner(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> dict[str, float]:
-    """Run one cell through the real tool and read its metrics from the files the framework wrote."""
+    """Run one cell through the real tool and read the metrics it wrote (eval_metrics.json)."""
     out = study.cell_dir(cell)
-    _run_logged(cell_command(study, cell, checkpoint, resume), out / "run.log", f"cell {cell.name}")
+    run_logged(cell_command(study, cell, checkpoint, resume), out / "run.log", f"cell {cell.name}")
     return METRIC_READERS[study.tasks[cell.task]["kind"]](out)
 
 
@@ -407,7 +364,7 @@ def prepare_backbone(study: Study, name: str) -> str | None:
         logger.info("backbone %s: pretraining (log: %s)", name, log)
         start = time.time()
         for cmd in commands:
-            _run_logged(cmd, log, f"pretraining of backbone {name!r}")
+            run_logged(cmd, log, f"pretraining of backbone {name!r}")
         logger.info("backbone %s: %s written in %.0f s", name, ckpt, time.time() - start)
     return ckpt
 
@@ -444,10 +401,12 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
         if ckpt is not None and not commands:
             if not Path(ckpt).is_file():
                 raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
-            try:  # readable, and safe to read unless the user opted in; the cells read it again themselves
+            try:  # a file that needs the unpickler is refused now unless the user opted in
                 read_checkpoint(ckpt, study.allow_pickle)
-            except MaeTransferError as err:
+            except PickledCheckpointError as err:
                 raise MaeTransferError(f"backbone {name!r}: {err}") from None
+            except MaeTransferError:
+                pass  # other problems (format, shapes) are each cell's tool's to report, in the cell's log
     logger.info("study %s: %d cells, %d finished (skipped), %d to run; output %s", study.name, len(cells),
                 len(skipped), len(todo), study.output_dir)
     ran: list[str] = []
@@ -537,8 +496,8 @@ def summarise(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, 
     for backbone in study.backbones:
         for task, metric, _ in _metric_columns(study):
             for freeze in study.freeze_blocks:
-                values = [r[metric] for r in rows if (r["backbone"], r["task"], r["freeze_blocks"]) == (backbone, task, freeze)
-                          and metric in r]
+                values = [r[metric] for r in rows
+                          if (r["backbone"], r["task"], r["freeze_blocks"]) == (backbone, task, freeze) and metric in r]
                 if values:
                     out[(backbone, task, metric, freeze)] = (*_mean(values), len(values))
     return out
@@ -569,7 +528,8 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# Study `{study.name}`",
         "",
-        f"Blocks fine-tuned (of {study.depth}; `freeze_blocks` = {study.depth} - n, 0 (frozen ViT) = `freeze_blocks=-1`). "
+        f"Blocks fine-tuned (of {study.depth}; `freeze_blocks` = {study.depth} - n, "
+        "0 (frozen ViT) = `freeze_blocks=-1`). "
         f"Each cell: {' / '.join(label for _, _, label in cols)}"
         f"{f', mean over {seeds} seeds' if seeds > 1 else ''}; `-` = not run / failed.",
         "",
@@ -586,9 +546,11 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
                              (_fmt(s[0]) + (f"±{s[1]:.1f}" if s[2] > 1 else "")))
             cells.append(" / ".join(parts))
         lines.append(f"| {backbone} | " + " | ".join(cells) + " |")
-    lines += ["", "Tasks: " + "; ".join(f"`{t}` = {s['kind']} with `{Path(s['config']).name}`, {s['iters']} "
-                                       f"{'epochs' if s['kind'] == 'cls' else 'iterations'}" for t, s in study.tasks.items()),
-              f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.", ""]
+    tasks = "; ".join(f"`{t}` = {s['kind']} with `{Path(s['config']).name}`, {s['iters']} "
+                      f"{'epochs' if s['kind'] == 'cls' else 'iterations'}" for t, s in study.tasks.items())
+    lines += ["", f"Tasks: {tasks}",
+              f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.",
+              ""]
     return "\n".join(lines)
 
 

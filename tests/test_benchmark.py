@@ -19,7 +19,8 @@ from tests.conftest import REPO_ROOT
 TOOL = REPO_ROOT / "tools" / "benchmark.py"
 
 
-def run_benchmark(out: Path, *args: str, cpu_bf16: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_benchmark(out: Path, *args: str, cpu_bf16: str | None = None,
+                  timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != CPU_BF16_ENV}
     if cpu_bf16 is not None:
         env[CPU_BF16_ENV] = cpu_bf16

@@ -378,7 +378,8 @@ def test_errors_are_one_clear_line(tmp_path):
     torch.save({"model": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pth")
     with pytest.raises(MaeTransferError, match=r"argparse\.Namespace.*allow_pickle=True \(CLI: --allow-pickle\)"):
         load_backbone_state_dict(tmp_path / "pickled.pth", ours(num_classes=7))
-    assert load_backbone_state_dict(tmp_path / "pickled.pth", ours(num_classes=7), allow_pickle=True)[1].format == "timm"
+    assert load_backbone_state_dict(tmp_path / "pickled.pth", ours(num_classes=7),
+                                    allow_pickle=True)[1].format == "timm"
     # detectron2 model-zoo style .pkl (plain pickle of numpy arrays): opt-in only.
     import pickle
 
@@ -387,7 +388,8 @@ def test_errors_are_one_clear_line(tmp_path):
     with pytest.raises(MaeTransferError, match="allow_pickle=True"):
         load_backbone_state_dict(tmp_path / "zoo.pkl", ours(num_classes=7))
     loaded, report = load_backbone_state_dict(tmp_path / "zoo.pkl", ours(num_classes=7), allow_pickle=True)
-    assert report.format == "detectron2_vitdet" and torch.equal(loaded["blocks.1.mlp.fc1.weight"], sd["blocks.1.mlp.fc1.weight"])
+    assert report.format == "detectron2_vitdet" and torch.equal(loaded["blocks.1.mlp.fc1.weight"],
+                                                                sd["blocks.1.mlp.fc1.weight"])
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(MaeTransferError, match="not a PyTorch checkpoint"):
         load_backbone_state_dict(tmp_path / "notes.txt", ours())

@@ -20,7 +20,7 @@ from mae_transfer.classification import (build_classifier, build_optimizer, eval
                                          load_for_eval, resolve_config)
 from mae_transfer.config import load_config
 from mae_transfer.data import coco_crops_to_imagefolder
-from mae_transfer.engine import load_checkpoint
+from mae_transfer.runtime import load_checkpoint
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.synthetic import make_shapes_dataset
 
@@ -64,11 +64,13 @@ def test_recipes_match_the_published_ones() -> None:
     """facebookresearch/mae FINETUNE.md / LINPROBE.md and the paper's Tables 9-10."""
     b = resolve_config({**load_config(CONFIGS / "cls_finetune_vit_b.py"), "data_path": "x", "output_dir": "y"})
     assert (b["model"], b["img_size"], b["global_pool"], b["mode"]) == ("vit_base_patch16_224", 224, "avg", "finetune")
-    assert (b["optimizer"], b["blr"], b["layer_decay"], b["weight_decay"], b["drop_path"]) == ("adamw", 5e-4, 0.65, 0.05, 0.1)
+    assert (b["optimizer"], b["blr"], b["layer_decay"], b["weight_decay"], b["drop_path"]) == (
+        "adamw", 5e-4, 0.65, 0.05, 0.1)
     assert (b["betas"], b["min_lr"], b["epochs"], b["warmup_epochs"]) == ((0.9, 0.999), 1e-6, 100, 5)
     assert (b["auto_augment"], b["reprob"], b["remode"], b["mixup"], b["cutmix"], b["smoothing"]) == (
         "rand-m9-mstd0.5-inc1", 0.25, "pixel", 0.8, 1.0, 0.1)
-    assert (b["mixup_prob"], b["mixup_switch_prob"], b["mixup_mode"], b["crop_scale"]) == (1.0, 0.5, "batch", (0.08, 1.0))
+    assert (b["mixup_prob"], b["mixup_switch_prob"], b["mixup_mode"], b["crop_scale"]) == (
+        1.0, 0.5, "batch", (0.08, 1.0))
     assert b["batch_size"] * 32 == 1024 and b["eval_crop_pct"] == 224 / 256 and b["head_init_std"] == 2e-5
     assert b["finetune"] == "" and b["freeze_blocks"] == 0
     lr = b["blr"] * 1024 / 256
@@ -80,10 +82,13 @@ def test_recipes_match_the_published_ones() -> None:
 
     for name in ("cls_linprobe_vit_b.py", "cls_linprobe_vit_l.py"):
         lp = resolve_config({**load_config(CONFIGS / name), "data_path": "x", "output_dir": "y"})
-        assert (lp["mode"], lp["global_pool"], lp["freeze_blocks"], lp["optimizer"]) == ("linprobe", "token", -1, "lars")
-        assert (lp["blr"], lp["weight_decay"], lp["epochs"], lp["warmup_epochs"], lp["momentum"]) == (0.1, 0.0, 90, 10, 0.9)
+        assert (lp["mode"], lp["global_pool"], lp["freeze_blocks"], lp["optimizer"]) == (
+            "linprobe", "token", -1, "lars")
+        assert (lp["blr"], lp["weight_decay"], lp["epochs"], lp["warmup_epochs"], lp["momentum"]) == (
+            0.1, 0.0, 90, 10, 0.9)
         assert lp["batch_size"] * 32 == 16384 and lp["head_init_std"] == 0.01 and lp["drop_path"] == 0.0
-        assert (lp["auto_augment"], lp["reprob"], lp["mixup"], lp["cutmix"], lp["smoothing"]) == (None, 0.0, 0.0, 0.0, 0.0)
+        assert (lp["auto_augment"], lp["reprob"], lp["mixup"], lp["cutmix"], lp["smoothing"]) == (
+            None, 0.0, 0.0, 0.0, 0.0)
     assert load_config(CONFIGS / "cls_linprobe_vit_l.py")["model"] == "vit_large_patch16_224"
     # tiny CPU variants: same recipe keys, only sizes / schedule changed
     tiny = load_config(TINY_FT)
@@ -143,8 +148,9 @@ def test_linprobe_optimizer_follows_the_official_lars_rule() -> None:
     """One LARS step on the probe head: weight matrices get the trust ratio (even with no weight decay),
     biases a plain momentum step — facebookresearch/mae util/lars.py written out here as the reference."""
     torch.manual_seed(0)
-    cfg = resolve_config({**load_config(TINY_LP), **{k: v for k, v in _our_cfg("linprobe", "token").items()
-                                                     if k in ("encoder_overrides", "img_size", "data_path", "output_dir")}})
+    cfg = resolve_config({**load_config(TINY_LP),
+                          **{k: v for k, v in _our_cfg("linprobe", "token").items()
+                             if k in ("encoder_overrides", "img_size", "data_path", "output_dir")}})
     assert (cfg["optimizer"], cfg["weight_decay"], cfg["momentum"]) == ("lars", 0.0, 0.9)
     model = build_classifier(cfg, num_classes=4)
     from mae_transfer.optim import freeze_blocks
@@ -184,13 +190,13 @@ def test_resume_continues_exactly(shapes_crops: Path, tmp_path: Path, one_thread
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
     metrics = json.loads((tmp_path / "resumed" / "eval_metrics.json").read_text())
-    assert metrics["acc1"] == resumed[-1]["acc1"] and metrics["num_images"] > 0
+    assert metrics["metrics"]["top1"] == resumed[-1]["acc1"] and metrics["details"]["num_images"] > 0
     assert list((tmp_path / "full" / "tensorboard").glob("events.*"))
 
 
 def test_torchrun_two_processes_evaluates_every_image_once(shapes_crops: Path, tmp_path: Path) -> None:
     """DDP (gloo, 2 CPU processes): checkpoint saved once, unwrapped; the sharded evaluation counts each val
-    image once and agrees with a single-process --eval of the same checkpoint."""
+    image once and agrees with a single-process --eval-only of the same checkpoint."""
     out = tmp_path / "ddp"
     overrides = ["model=vit_tiny_patch16_224", "encoder_overrides.depth=2", "encoder_overrides.embed_dim=64",
                  "encoder_overrides.num_heads=2", "img_size=32", "batch_size=4", "epochs=1", "warmup_epochs=1"]
@@ -204,13 +210,14 @@ def test_torchrun_two_processes_evaluates_every_image_once(shapes_crops: Path, t
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     ddp = json.loads((out / "eval_metrics.json").read_text())
     n_val = sum(1 for _ in (shapes_crops / "val").rglob("*.jpg"))
-    assert ddp["num_images"] == n_val
-    single = run_tool("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "eval", "--eval",
+    assert ddp["details"]["num_images"] == n_val
+    single = run_tool("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "eval", "--eval-only",
                       out / "checkpoint_last.pth", *overrides)
     assert single.returncode == 0, single.stderr[-2000:]
     one = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
-    assert one["num_images"] == n_val
-    assert one["acc1"] == pytest.approx(ddp["acc1"]) and one["loss"] == pytest.approx(ddp["loss"], rel=1e-4)
+    assert one["details"]["num_images"] == n_val
+    assert one["metrics"]["top1"] == pytest.approx(ddp["metrics"]["top1"])
+    assert one["metrics"]["loss"] == pytest.approx(ddp["metrics"]["loss"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- real data
@@ -220,11 +227,12 @@ def test_mae_finetune_linprobe_and_partial_finetuning_on_real_crops(fruits_nuts:
     """fruits_nuts object crops (3 classes, split by photo): a tiny MAE pretrained on the train crops, then
     (1) end-to-end fine-tuning raises val top-1 clearly above the majority-class rate, (2) the linear probe runs
     and reports top-1, (3) the study runner gives the partial fine-tuning row for freeze 0 / 2 / -1."""
-    from mae_transfer.engine import export_encoder, pretrain
+    from mae_transfer.pretraining import export_encoder, pretrain
     from mae_transfer.study import load_study, run_study
 
     crops = tmp_path / "crops"
-    counts = coco_crops_to_imagefolder(fruits_nuts / "trainval.json", fruits_nuts / "images", crops, 16, val_fraction=0.25)
+    counts = coco_crops_to_imagefolder(fruits_nuts / "trainval.json", fruits_nuts / "images", crops, 16,
+                                       val_fraction=0.25)
     val_counts = [n for k, n in counts.items() if k.startswith("val/")]
     majority = 100.0 * max(val_counts) / sum(val_counts)
 
@@ -242,15 +250,17 @@ def test_mae_finetune_linprobe_and_partial_finetuning_on_real_crops(fruits_nuts:
     ft_hist = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
     ft_metrics = json.loads((tmp_path / "ft" / "eval_metrics.json").read_text())
     print(f"\nmajority {majority:.1f}; fine-tune top-1 by epoch {[round(h['acc1'], 1) for h in ft_hist]}")
-    assert ft_metrics["acc1"] >= majority + 15.0, (ft_metrics, majority)
+    assert ft_metrics["metrics"]["top1"] >= majority + 15.0, (ft_metrics, majority)
     assert ft_hist[-1]["loss"] < ft_hist[0]["loss"]
 
     lp_cfg = load_config(TINY_LP)
-    lp_cfg.update(data_path=str(crops), output_dir=str(tmp_path / "lp"), finetune=str(backbone), epochs=8, warmup_epochs=1)
+    lp_cfg.update(data_path=str(crops), output_dir=str(tmp_path / "lp"), finetune=str(backbone), epochs=8,
+                  warmup_epochs=1)
     lp_hist = finetune(lp_cfg)  # in process: the same code path as the tool, without a second interpreter start
     lp_metrics = json.loads((tmp_path / "lp" / "eval_metrics.json").read_text())
     print(f"linear probe top-1 by epoch {[round(h['acc1'], 1) for h in lp_hist]}")
-    assert lp_metrics["mode"] == "linprobe" and lp_metrics["acc1"] > majority, (lp_metrics, majority)
+    assert lp_metrics["details"]["mode"] == "linprobe" and lp_metrics["metrics"]["top1"] > majority, (
+        lp_metrics, majority)
     assert lp_hist[-1]["loss"] < lp_hist[0]["loss"]
     lp_ckpt = load_checkpoint(tmp_path / "lp" / "checkpoint_last.pth", "mae_transfer_classifier")["model"]
     enc = torch.load(backbone, weights_only=True)["model"]
@@ -334,7 +344,8 @@ def test_bad_input_one_clear_error(shapes_crops: Path, tmp_path: Path, cli: Any,
     assert "train/<class>/ and val/<class>/" in line
 
     # unknown key; linprobe with blocks left trainable
-    line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "o5", "mixupp=0.5"))
+    line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "o5",
+                               "mixupp=0.5"))
     assert "'mixupp'" in line
     line = _one_error_line(cli("--config", TINY_LP, "--data", shapes_crops, "--output-dir", tmp_path / "o6",
                                     "--freeze-blocks", "2"))
@@ -353,7 +364,8 @@ def test_checkpoint_with_other_number_of_classes_is_refused(shapes_crops: Path, 
                                     "--eval", tmp_path / "seven.pth", *MICRO_ARGS))
     assert "seven.pth" in line and "3 classes" in line and "(7, 32)" in line
     with pytest.raises(MaeTransferError, match="does not match the data's 3 classes"):
-        evaluate_checkpoint({**cfg, "data_path": str(shapes_crops), "output_dir": str(tmp_path / "e2"), "device": "cpu"},
+        evaluate_checkpoint({**cfg, "data_path": str(shapes_crops), "output_dir": str(tmp_path / "e2"),
+                             "device": "cpu"},
                             tmp_path / "seven.pth")
     # a pretraining-only checkpoint is not a classifier
     line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "e3",

@@ -21,7 +21,7 @@ from torch import nn
 from backbones.vit import VisionTransformer, attention
 from mae_transfer import gpu_acceptance as acceptance
 from mae_transfer.config import load_config
-from mae_transfer.engine import load_checkpoint, pretrain
+from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.mae import MaskedAutoencoder
 from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
@@ -35,7 +35,8 @@ SMALL_DET = dict(embed_dim=64, depth=4, num_heads=2, window_size=14, global_bloc
 
 def cuda_test(test):
     """Marked `cuda` (pytest -m cuda selects it) and skipped, with the reason, without a GPU."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    skip = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     return pytest.mark.cuda(skip(test))
 
 

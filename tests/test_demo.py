@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mae_transfer import demo
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.synthetic import make_shapes_dataset
@@ -25,23 +26,15 @@ DEMO_PATH = REPO_ROOT / "tools" / "demo.py"
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo_tool():
     spec = importlib.util.spec_from_file_location("demo_tool", DEMO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def _train_seg():
-    spec = importlib.util.spec_from_file_location("train_seg_for_demo", REPO_ROOT / "tools" / "train_seg.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 # ------------------------------------------------------------------------------------------- data layouts
-def test_seg_data_finds_ade20k_and_its_options_fit_the_config(demo, ade20k_sample: Path, tmp_path: Path,
+def test_seg_data_finds_ade20k_and_its_options_fit_the_config(ade20k_sample: Path, tmp_path: Path,
                                                               capsys) -> None:
     """The real ADE20K sample (validation only): found from the root and from ADEChallengeData2016, trained on
     validation with a warning; a copy with a training split trains on it. The options are keys of the config
@@ -63,16 +56,17 @@ def test_seg_data_finds_ade20k_and_its_options_fit_the_config(demo, ade20k_sampl
     seg = demo.find_seg_data(tmp_path / "ade")
     assert (seg.root, seg.train_split) == (full, "training") and "warning" not in capsys.readouterr().out
 
-    train_seg = _train_seg()
+    from mae_transfer import segmentation
+
     cfg = Config.fromfile(str(seg.config))
-    train_seg.apply_cfg_options(cfg, seg.cfg_options(), str(seg.config))  # unknown keys would raise
+    segmentation.apply_cfg_options(cfg, seg.cfg_options(), str(seg.config))  # unknown keys would raise
     assert cfg.train_dataloader.dataset.data_prefix.img_path == "images/training"
     assert cfg.val_dataloader.dataset.data_prefix.img_path == "images/validation"
     assert cfg.test_dataloader.dataset.data_root == str(full)
-    train_seg.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+    segmentation.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
 
 
-def test_seg_data_builtin_layout_and_unknown_layout(demo, tmp_path: Path) -> None:
+def test_seg_data_builtin_layout_and_unknown_layout(tmp_path: Path) -> None:
     shapes = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_val=1, size=48)
     seg = demo.find_seg_data(shapes)
     assert (seg.layout, seg.root, seg.config.name) == ("builtin", shapes.resolve(), "shapes_upernet_vit_tiny_cpu.py")
@@ -103,7 +97,7 @@ def _bad_coco(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["seg_layout", "seg_missing", "images_empty", "det_image_missing", "det_val_only",
                                   "det_data_layout", "det_both"])
-def test_bad_input_is_one_error_line_before_anything_runs(demo, tmp_path: Path, capsys, case: str) -> None:
+def test_bad_input_is_one_error_line_before_anything_runs(demo_tool, tmp_path: Path, capsys, case: str) -> None:
     (tmp_path / "empty").mkdir()
     args = {
         "seg_layout": ["--seg-data", str(tmp_path / "empty")],
@@ -120,25 +114,21 @@ def test_bad_input_is_one_error_line_before_anything_runs(demo, tmp_path: Path, 
               "det_image_missing": "image file not found: ", "det_val_only": "needs --det-train-json",
               "det_data_layout": "not the COCO layout", "det_both": "not both"}[case]
     out = tmp_path / "out"
-    assert run_cli(demo.main, ["--output", str(out), *args]) == 2
+    assert run_cli(demo_tool.main, ["--output", str(out), *args]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
     assert not out.exists()  # nothing was run or written
 
 
-def test_det_data_coco_root_with_one_split(demo, coco_tiny: Path, capsys) -> None:
-    import argparse
-
-    ns = argparse.Namespace(det_data=str(coco_tiny), det_train_json=None, det_train_images=None,
-                            det_val_json=None, det_val_images=None)
-    det = demo.find_det_data(ns)
+def test_det_data_coco_root_with_one_split(coco_tiny: Path, capsys) -> None:
+    det = demo.find_det_data(demo.DataSources(det_data=str(coco_tiny)))
     assert det.train_json == det.val_json == (coco_tiny / "annotations" / "instances_train2017.json").resolve()
     assert "only train2017" in capsys.readouterr().out
     pictures = demo.check_det_data(det)
     assert len(pictures) == demo.NUM_PICTURES and all(p.is_file() for p in pictures)
 
 
-def test_output_folder_keeps_its_settings(demo, tmp_path: Path) -> None:
+def test_output_folder_keeps_its_settings(tmp_path: Path) -> None:
     settings = dict(images="built-in", det_iters=200, seg_data="built-in")
     demo.check_settings(tmp_path, settings)
     demo.check_settings(tmp_path, dict(settings))  # same settings: continue
@@ -146,12 +136,15 @@ def test_output_folder_keeps_its_settings(demo, tmp_path: Path) -> None:
         demo.check_settings(tmp_path, dict(settings, det_iters=40))
 
 
-def test_det_metrics_last_evaluation_and_cut_lines(tmp_path: Path) -> None:
+def test_det_metrics_from_eval_metrics_json(tmp_path: Path) -> None:
+    from mae_transfer.metrics import write_eval_metrics
     from mae_transfer.study import last_det_evaluation, read_det_metrics
 
-    rows = [dict(iteration=9, total_loss=1.0), {"bbox/AP": 1.0, "segm/AP": 0.5, "iteration": 9},
-            dict(iteration=4, total_loss=2.0), {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0, "iteration": 9}]
-    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3, "tot')
+    assert last_det_evaluation(tmp_path) == {}  # no evaluation yet
+    with pytest.raises(MaeTransferError, match="did not finish an evaluation"):
+        read_det_metrics(tmp_path)
+    write_eval_metrics(tmp_path, "det", {"AP_box": 7.0, "AP_mask": 3.0}, tool="tools/train_det.py", iteration=9,
+                       details={"bbox": {"AP": 7.0, "AP50": 20.0}, "segm": {"AP": 3.0}})
     assert last_det_evaluation(tmp_path) == {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0}  # what the demo prints
     assert read_det_metrics(tmp_path) == {"AP_box": 7.0, "AP_mask": 3.0}  # what a study cell records
 
@@ -175,18 +168,18 @@ FAKE_TOOL = textwrap.dedent("""
         sys.exit(int(sys.argv[2]))
 """)
 DRIVER = textwrap.dedent("""
-    import importlib.util, sys
+    import sys
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("demo", sys.argv[1])
-    demo = sys.modules["demo"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    sys.path.insert(0, sys.argv[1])
+    from mae_transfer import demo
+    from mae_transfer.cli import run_cli
     out = Path(sys.argv[2])
 
     def run():
         demo.run_step("fake step", out / "DONE", [sys.argv[3], str(out), *sys.argv[4:]], out / "fake.log")
         return 0
 
-    sys.exit(demo.run_cli(lambda argv: demo.stop_cleanly(out, run)))
+    sys.exit(run_cli(lambda argv: demo.stop_cleanly(out, run)))
 """)
 
 
@@ -202,7 +195,7 @@ def _drive(tmp_path: Path, out: Path, *extra: str, stop: signal.Signals | None =
     out.mkdir(exist_ok=True)
     runs = out / "runs"
     before = len(runs.read_text().split()) if runs.exists() else 0
-    proc = subprocess.Popen([sys.executable, str(driver), str(DEMO_PATH), str(out), str(tool), *extra],
+    proc = subprocess.Popen([sys.executable, str(driver), str(REPO_ROOT), str(out), str(tool), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if stop is not None:

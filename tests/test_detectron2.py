@@ -1,6 +1,7 @@
 """detectron2 adapter: parity with detectron2's own ViTDet ViT + SimpleFeaturePyramid, the LazyConfigs
 (instantiation, parameter counts vs detectron2's own ViTDet model, recipe values), and tools/train_det.py
-on real data (fruits_nuts training, coco_tiny COCOEvaluator, resume, checkpoint import, bad input)."""
+(mae_transfer/detection.py) on real data (fruits_nuts training, coco_tiny COCOEvaluator, resume, checkpoint
+import, gradient clipping, bad input)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,10 @@ from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from mae_transfer import detection
 from mae_transfer.cli import run_cli
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.metrics import read_eval_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -141,7 +145,8 @@ def test_yacs_registry_builds_the_same_pyramid():
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 256, 256))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "p2": (1, 256, 64, 64), "p3": (1, 256, 32, 32), "p4": (1, 256, 16, 16), "p5": (1, 256, 8, 8), "p6": (1, 256, 4, 4)}
+        "p2": (1, 256, 64, 64), "p3": (1, 256, 32, 32), "p4": (1, 256, 16, 16), "p5": (1, 256, 8, 8),
+        "p6": (1, 256, 4, 4)}
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -192,11 +197,11 @@ def test_configs_instantiate_with_vitdet_parameter_counts(size, embed, expected_
 
 def test_recipe_values_match_vitdet():
     b = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_b.py"))
-    l = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_l.py"))
+    large = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_l.py"))
     h = LazyConfig.load(str(CONFIGS / "coco_mask_rcnn_vit_h.py"))
     for cfg, (embed, depth, heads, dp, glob, decay) in (
         (b, (768, 12, 12, 0.1, [2, 5, 8, 11], 0.7)),
-        (l, (1024, 24, 16, 0.4, [5, 11, 17, 23], 0.8)),
+        (large, (1024, 24, 16, 0.4, [5, 11, 17, 23], 0.8)),
         (h, (1280, 32, 16, 0.5, [7, 15, 23, 31], 0.9)),
     ):
         net = cfg.model.backbone.net
@@ -211,7 +216,8 @@ def test_recipe_values_match_vitdet():
         assert f(f"backbone.net.blocks.{depth - 1}.mlp.fc2.bias") == pytest.approx(decay)
         assert f("roi_heads.box_head.conv1.weight") == 1.0
         sfp = cfg.model.backbone
-        assert (sfp.out_channels, tuple(sfp.scale_factors), sfp.norm, sfp.square_pad) == (256, (4.0, 2.0, 1.0, 0.5), "LN", 1024)
+        assert (sfp.out_channels, tuple(sfp.scale_factors), sfp.norm, sfp.square_pad) == (
+            256, (4.0, 2.0, 1.0, 0.5), "LN", 1024)
         rh = cfg.model.roi_heads
         assert rh.box_head.conv_norm == rh.mask_head.conv_norm == "LN"
         assert list(rh.box_head.conv_dims) == [256] * 4 and list(rh.box_head.fc_dims) == [1024]
@@ -229,7 +235,7 @@ def test_recipe_values_match_vitdet():
         sched = cfg.lr_multiplier
         assert sched.warmup_length * 184375 == pytest.approx(250) and sched.warmup_factor == 0.001
         assert list(sched.scheduler["values"]) == [1.0, 0.1, 0.01]
-    for cfg in (b, l):  # 100 epochs at batch 64
+    for cfg in (b, large):  # 100 epochs at batch 64
         assert cfg.train.max_iter == 184375 and list(cfg.lr_multiplier.scheduler.milestones) == [163889, 177546]
         assert cfg.optimizer.params.overrides == {"pos_embed": {"weight_decay": 0.0}}
     assert h.train.max_iter == 184375 * 3 // 4  # ViTDet-H: 75 epochs
@@ -301,6 +307,18 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
 
+    # --eval-only CKPT evaluates that checkpoint (on 2 of the photos), recorded in eval_metrics.json.
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    data["images"] = data["images"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {im["id"] for im in data["images"]}]
+    (tmp_path / "two.json").write_text(json.dumps(data))
+    assert run_cli(train_det.main, ["--config", TINY, "--output-dir", str(out), "--eval-only",
+                                    str(out / "model_0000003.pth"), "--val-json", str(tmp_path / "two.json"),
+                                    "--val-images", str(fruits_nuts / "images")]) == 0
+    record = read_eval_metrics(out, "det")
+    assert record["checkpoint"] == str(out / "model_0000003.pth") and record["iteration"] == 4
+    assert 0.0 <= record["metrics"]["AP_box"] <= 100.0 and "AP50" in record["details"]["bbox"]
+
     # A non-finite loss stops with one clear line; the last good checkpoint stays.
     capsys.readouterr()
     nan_run = [*common, "train.max_iter=9", "--resume", "model.pixel_std=[0.0,0.0,0.0]"]
@@ -336,15 +354,20 @@ def test_eval_only_coco_tiny_runs_coco_evaluator(coco_tiny, tmp_path):
     sub = _coco_tiny_subset(coco_tiny, tmp_path)
     out = tmp_path / "eval"
     argv = ["--config", TINY, "--eval-only", "--val-json", str(sub), "--val-images", str(coco_tiny / "train2017"),
-            f"train.output_dir={out}", "model.roi_heads.box_predictor.test_score_thresh=0.0"]
-    args = train_det.build_parser().parse_intermixed_args(argv)
-    results = train_det.worker(args)
+            "--output-dir", str(out), "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    args = train_det.parse_args(argv)
+    results = detection.run(args)
     assert set(results) == {"bbox", "segm"}
     for task in ("bbox", "segm"):
         assert {"AP", "AP50", "AP75"} <= set(results[task])
         assert 0.0 <= results[task]["AP50"] <= 100.0
     dets = json.loads((out / "inference" / "coco_instances_results.json").read_text())
     assert dets and {"bbox", "segmentation", "category_id", "score"} <= set(dets[0])
+    # the one metrics file: AP^box / AP^mask, every COCO number in details (random init: no checkpoint)
+    record = read_eval_metrics(out, "det")
+    assert record["metrics"] == {"AP_box": results["bbox"]["AP"], "AP_mask": results["segm"]["AP"]}
+    assert record["details"]["segm"]["AP50"] == results["segm"]["AP50"] and record["tool"] == "tools/train_det.py"
+    assert record["checkpoint"] is None and record["iteration"] is None
 
 
 def _tiny_model():
@@ -369,7 +392,7 @@ def test_init_checkpoint_any_format_zero_missing_backbone_keys(tmp_path):
     for src, ref in (("mae.pth", mae.encoder), ("timm.pth", timm_vit)):
         model = _tiny_model()
         out = tmp_path / src.replace(".pth", "_out")
-        path = train_det.prepare_init_checkpoint(str(tmp_path / src), model, str(out))
+        path = detection.prepare_init_checkpoint(str(tmp_path / src), model, str(out))
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         backbone_keys = {k for k in model.state_dict() if k.startswith("backbone.net.")}
         assert backbone_keys <= set(state), sorted(backbone_keys - set(state))[:5]  # zero missing backbone keys
@@ -381,9 +404,9 @@ def test_init_checkpoint_any_format_zero_missing_backbone_keys(tmp_path):
 
 
 def test_freeze_blocks_flag(tmp_path):
-    args = train_det.build_parser().parse_intermixed_args(["--config", TINY, "--freeze-blocks", "3"])
+    args = train_det.parse_args(["--config", TINY, "--freeze-blocks", "3"])
     opts = [*args.opts, f"model.backbone.net.freeze_blocks={args.freeze_blocks}"]
-    cfg = train_det.load_config(TINY, opts)
+    cfg = detection.load_config(TINY, opts)
     cfg.model.roi_heads.num_classes = 3
     model = instantiate(cfg.model).train()
     net = model.backbone.net
@@ -428,3 +451,59 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, name
         assert err and err[-1].startswith("error: ") and expected in err[-1], (name, err[-1:])
+
+
+def test_cli_vocabulary_and_eval_weights(tmp_path):
+    """--eval-only / --resume with and without a value (a following key=value stays an override); what a bare
+    --eval-only evaluates: the output folder's last checkpoint, else train.init_checkpoint."""
+    args = train_det.parse_args(["--config", TINY, "--eval-only", "train.max_iter=3", "--output-dir", "o"])
+    assert (args.eval_only, args.opts, args.output_dir) == ("auto", ["train.max_iter=3"], "o")
+    args = train_det.parse_args(["--config", TINY, "train.seed=1", "--resume", str(TINY)])
+    assert (args.resume, args.opts) == (str(TINY), ["train.seed=1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    assert detection.eval_weights("auto", str(out), "init.pth") == "init.pth"
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    assert detection.eval_weights("auto", str(out), "init.pth") == str(out / "model_0000009.pth")
+    assert detection.eval_weights("given.pth", str(out), "init.pth") == "given.pth"
+
+
+class _Linear(nn.Module):
+    """loss = a . x + b . y: the gradients are the data, so what the optimizer step applies is easy to predict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+
+    def forward(self, data):
+        return {"loss": (self.a * data[0]).sum() + (self.b * data[1]).sum()}
+
+
+@pytest.mark.parametrize("clip_type,expected_a,expected_b", [
+    ("full_model", [30 / 50.249, 40 / 50.249, 0.0], [0.0, 5 / 50.249]),  # one norm over both: sqrt(50^2 + 5^2)
+    ("norm", [0.6, 0.8, 0.0], [0.0, 1.0]),  # each parameter to norm 1
+    ("value", [1.0, 1.0, 0.0], [0.0, 1.0]),  # each element to [-1, 1]
+])
+def test_gradient_clipping_hook_clips_between_backward_and_step(clip_type, expected_a, expected_b):
+    import itertools
+
+    from detectron2.engine import SimpleTrainer
+
+    model = _Linear()
+    trainer = SimpleTrainer(model, itertools.repeat((torch.tensor([30.0, 40.0, 0.0]), torch.tensor([0.0, 5.0]))),
+                            torch.optim.SGD(model.parameters(), lr=1.0))
+    trainer.register_hooks([detection.ClipGradients(clip_type, 1.0)])
+    trainer.train(0, 1)
+    assert torch.allclose(-model.a.detach(), torch.tensor(expected_a), atol=1e-4), model.a
+    assert torch.allclose(-model.b.detach(), torch.tensor(expected_b), atol=1e-4), model.b
+
+
+def test_gradient_clipping_from_the_config():
+    cfg = LazyConfig.load(TINY)
+    hook = detection.clip_grad_hook(cfg)  # the tiny config clips (a random-init Mask R-CNN diverges without)
+    assert isinstance(hook, detection.ClipGradients) and (hook.clip_type, hook.clip_value) == ("full_model", 1.0)
+    cfg.train.clip_grad.enabled = False
+    assert detection.clip_grad_hook(cfg) is None
+    cfg.train.clip_grad.update(enabled=True, clip_type="global")
+    with pytest.raises(MaeTransferError, match="clip_type must be full_model, norm or value, got 'global'"):
+        detection.clip_grad_hook(cfg)

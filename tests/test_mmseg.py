@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from backbones.mmseg import MAEViT
 from mae_transfer.checkpoint import load_backbone
 from mae_transfer.cli import run_cli
 from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
+from mae_transfer.metrics import read_eval_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -256,7 +256,7 @@ def test_init_checkpoint_formats_and_freeze(tmp_path):
     missing backbone keys through the config's backbone; freeze_blocks freezes through the shared code."""
     import timm
 
-    from mae_transfer.engine import CHECKPOINT_FORMAT
+    from mae_transfer.pretraining import CHECKPOINT_FORMAT
     from mae_transfer.mae import MaskedAutoencoder
 
     cfg = _cfg("ade20k_upernet_vit_tiny_cpu.py")
@@ -301,7 +301,7 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     monkeypatch.setattr(MAEViT, "forward", lambda self, x: calls.append(tuple(x.shape)) or real_forward(self, x))
     root = ade20k_sample / "ADEChallengeData2016"
     pics = tmp_path / "pics"
-    rc, err = _run([CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--work-dir", tmp_path / "work",
+    rc, err = _run(["--config", CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--output-dir", tmp_path / "work",
                     "--eval-only", ckpt, "--save-pictures", pics,
                     "--cfg-options", f"test_dataloader.dataset.data_root={root}"], capsys)
     assert rc == 0, err
@@ -310,8 +310,10 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     logs = "".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
     run_dir = next(p for p in (tmp_path / "work").iterdir() if p.is_dir())  # mmengine's <timestamp>/ folder
     assert "ADE20KDataset" in (run_dir / "vis_data" / "config.py").read_text()
-    metrics = json.loads((tmp_path / "work" / "eval_metrics.json").read_text())
+    record = read_eval_metrics(tmp_path / "work", "seg")
+    metrics = record["metrics"]
     assert 0.0 <= metrics["mIoU"] <= 100.0 and "aAcc" in metrics
+    assert record["checkpoint"] == str(ckpt) and record["details"]["split"] == "test"
     assert "mIoU" in logs and "Iter(test) [3/3]" in logs
     files = sorted(pics.glob("*.png"))
     assert [f.stem for f in files] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
@@ -332,12 +334,14 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
               "train_cfg.val_interval=1000", "val_cfg=None", "val_dataloader=None", "val_evaluator=None",
               "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
     config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
-    rc, err = _run([config, "--work-dir", tmp_path / "straight", *common, "train_cfg.max_iters=4"], capsys)
+    rc, err = _run(["--config", config, "--output-dir", tmp_path / "straight", *common, "train_cfg.max_iters=4"],
+                   capsys)
     assert rc == 0, err
-    rc, err = _run([config, "--work-dir", tmp_path / "resumed", *common, "train_cfg.max_iters=2"], capsys)
+    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", *common, "train_cfg.max_iters=2"], capsys)
     assert rc == 0, err
     assert not (tmp_path / "resumed" / "iter_4.pth").exists()
-    rc, err = _run([config, "--work-dir", tmp_path / "resumed", "--resume", *common, "train_cfg.max_iters=4"], capsys)
+    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", "--resume", *common,
+                    "train_cfg.max_iters=4"], capsys)
     assert rc == 0, err
     a = read_mmengine_checkpoint(tmp_path / "straight" / "iter_4.pth")
     b = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_4.pth")
@@ -361,22 +365,39 @@ def test_resume_at_the_last_iteration_still_validates(ade20k_sample, tmp_path, c
     from mae_transfer.study import read_seg_metrics
 
     root = ade20k_sample / "ADEChallengeData2016"
-    argv = [CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--work-dir", tmp_path / "w", "--cfg-options",
+    argv = ["--config", CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--output-dir", tmp_path / "w", "--cfg-options",
             *(f"{split}_dataloader.dataset.data_root={root}" for split in ("train", "val", "test")),
             "train_dataloader.batch_size=2", "train_cfg.max_iters=2", "train_cfg.val_interval=2",
             "default_hooks.checkpoint.interval=2"]
     rc, err = _run(argv, capsys)
     assert rc == 0, err
+    assert read_eval_metrics(tmp_path / "w", "seg")["iteration"] == 2
     for run_dir in [p for p in (tmp_path / "w").iterdir() if p.is_dir()]:
         shutil.rmtree(run_dir)  # as if killed right after iter_2.pth was written: no validation on record
-    with pytest.raises(Exception, match="no validation"):
+    (tmp_path / "w" / "eval_metrics.json").unlink()
+    with pytest.raises(Exception, match="did not finish an evaluation"):
         read_seg_metrics(tmp_path / "w")
-    rc, err = _run([*argv[:3], "--resume", *argv[3:]], capsys)
+    rc, err = _run([*argv[:4], "--resume", *argv[4:]], capsys)
     assert rc == 0, err
     assert 0.0 <= read_seg_metrics(tmp_path / "w")["mIoU"] <= 100.0
+    record = read_eval_metrics(tmp_path / "w", "seg")
+    assert record["iteration"] == 2 and record["checkpoint"] == str(tmp_path / "w" / "iter_2.pth")
 
 
 # ------------------------------------------------------------------------------------------ bad input
+def test_cli_spellings_and_bare_eval_only(tmp_path, capsys):
+    """--config / --output-dir and the earlier positional config / --work-dir give the same run; a bare
+    --eval-only evaluates the output folder's last checkpoint (none there: one error line)."""
+    tool = _train_seg()
+    config = str(CONFIGS / "camvid_upernet_vit_tiny_cpu.py")
+    new = tool.parse_args(["--config", config, "--output-dir", "w", "--resume", "--cfg-options", "a=1"])
+    old = tool.parse_args([config, "--work-dir", "w", "--resume", "--cfg-options", "a=1"])
+    assert vars(new) == vars(old) and (new.config, new.output_dir, new.resume) == (config, "w", "auto")
+    rc, err = _run(["--config", config, "--output-dir", tmp_path / "empty", "--eval-only"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"error: --eval-only: no checkpoint in {tmp_path / 'empty'} (no last_checkpoint file); pass --eval-only CKPT"]
+
+
 def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     from PIL import Image
 

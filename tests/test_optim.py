@@ -103,7 +103,8 @@ def test_mmseg_parity_and_constructor():
     register_all_modules(init_default_scope=True)  # as tools/train.py does: default scope 'mmseg'
     depth, opt = 4, dict(type="AdamW", lr=1e-3, weight_decay=0.05)
     theirs_model = nn.Module()
-    theirs_model.backbone = MAE(img_size=32, patch_size=16, embed_dims=64, num_layers=depth, num_heads=2, final_norm=True)
+    theirs_model.backbone = MAE(img_size=32, patch_size=16, embed_dims=64, num_layers=depth, num_heads=2,
+                                final_norm=True)
     theirs_model.decode_head = nn.Linear(64, 5)
     # LayerDecayOptimizerConstructor is a deprecated alias of this with decay_type='layer_wise_vit'.
     theirs = LearningRateDecayOptimizerConstructor(

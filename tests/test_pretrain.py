@@ -13,8 +13,9 @@ import torch
 
 from backbones.vit import create_vit
 from mae_transfer.config import apply_overrides, load_config
-from mae_transfer.engine import (BACKBONE_FORMAT, CHECKPOINT_FORMAT, export_encoder, load_checkpoint,
-                                 param_groups_weight_decay, pretrain, build_mae, resolve_config)
+from mae_transfer.checkpoint import BACKBONE_FORMAT
+from mae_transfer.pretraining import (CHECKPOINT_FORMAT, build_mae, build_optimizer, export_encoder, load_checkpoint,
+                                      pretrain, resolve_config)
 from mae_transfer.errors import MaeTransferError
 from tests.conftest import REPO_ROOT
 
@@ -71,7 +72,7 @@ def test_config_base_and_overrides() -> None:
 def test_no_weight_decay_on_norms_biases_tokens() -> None:
     cfg = resolve_config(load_config(TINY, [*MICRO, "data_path=x", "output_dir=y"]))
     model = build_mae(cfg)
-    groups = param_groups_weight_decay(model, 0.05)
+    groups = build_optimizer(model, cfg, 1e-3).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in groups[0]["params"]}
     decay = {names[id(p)] for p in groups[1]["params"]}
@@ -269,7 +270,8 @@ def test_cli_user_errors_exit_2_with_one_line(case: str, coco_tiny: Path, tmp_pa
     else:
         copy_images(coco_tiny / "train2017", data, 2)
         extra = ["encoder=vit_gigantic_patch16_224"] if case == "model" else ["--opts", "learning_rate=0.1"]
-        expected = "unknown model name 'vit_gigantic_patch16_224'" if case == "model" else "unknown config key 'learning_rate'"
+        expected = ("unknown model name 'vit_gigantic_patch16_224'" if case == "model"
+                    else "unknown config key 'learning_rate'")
     proc = run_tool("--config", str(TINY), "--data", str(data), "--output-dir", str(tmp_path / "out"), *MICRO, *extra)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -86,13 +86,14 @@ def _refused(tool: str, argv: list[Any], marker: Path, opt_in: bool = True) -> s
 
 
 def test_convert_refuses(bombs, tmp_path):
-    line = _refused("convert_checkpoint", [bombs["plain"], tmp_path / "out.pth", "--to", "detectron2", "--model", "vit_tiny_patch16_224"],
-                    bombs["marker"])
+    line = _refused("convert_checkpoint", [bombs["plain"], tmp_path / "out.pth", "--to", "detectron2",
+                                           "--model", "vit_tiny_patch16_224"], bombs["marker"])
     assert "builtins.open" in line or "io.open" in line  # the refused global is named
 
 
 def test_train_det_refuses_init_resume_and_eval_only(bombs, shapes, tmp_path):
-    data = ["--train-json", shapes / "annotations" / "instances_train.json", "--train-images", shapes / "images" / "train",
+    data = ["--train-json", shapes / "annotations" / "instances_train.json",
+            "--train-images", shapes / "images" / "train",
             "--val-json", shapes / "annotations" / "instances_val.json", "--val-images", shapes / "images" / "val"]
     common = ["--config", DET_TINY, *data, "train.max_iter=1", "train.eval_period=0"]
     for name in ("detectron2", "plain", "pkl"):  # training from train.init_checkpoint
@@ -111,11 +112,14 @@ def test_train_det_refuses_init_resume_and_eval_only(bombs, shapes, tmp_path):
 
 
 def test_train_seg_refuses_eval_only_resume_load_from_and_init(bombs, shapes, tmp_path):
-    common = [SEG_TINY, "--cfg-options", *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
+    common = [SEG_TINY, "--cfg-options",
+              *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
               "train_cfg.max_iters=1"]
     marker = bombs["marker"]
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]], marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]], marker)
+    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]],
+             marker)
+    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]],
+             marker)
     _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "c", *common[1:], f"load_from={bombs['mmengine']}"],
              marker)
     _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"], *common[1:]],
@@ -137,8 +141,9 @@ def test_finetune_cls_and_pretrain_refuse(bombs, shapes, tmp_path):
     line = _refused("finetune_cls", [*data, "--output-dir", tmp_path / "rs", "--resume", bombs["ours"]], marker,
                     opt_in=False)
     assert "tools/finetune_cls.py" in line
-    line = _refused("pretrain", ["--config", PRETRAIN_TINY, "--data", shapes / "images" / "train", "--output-dir", tmp_path / "pt",
-                     "--resume", bombs["ours"], "epochs=1", "num_workers=0", "batch_size=2"], marker, opt_in=False)
+    line = _refused("pretrain", ["--config", PRETRAIN_TINY, "--data", shapes / "images" / "train",
+                                 "--output-dir", tmp_path / "pt", "--resume", bombs["ours"], "epochs=1",
+                                 "num_workers=0", "batch_size=2"], marker, opt_in=False)
     assert "tools/pretrain.py" in line
 
 
@@ -156,7 +161,8 @@ def test_study_passes_the_opt_in_to_every_cell(shapes, tmp_path):
     from mae_transfer.study import cell_command, load_study
 
     spec = dict(depth=2, freeze_blocks=[0], backbones={"random": None},
-                tasks={"det": dict(kind="det", config=DET_TINY, iters=1), "seg": dict(kind="seg", config=SEG_TINY, iters=1),
+                tasks={"det": dict(kind="det", config=DET_TINY, iters=1),
+                       "seg": dict(kind="seg", config=SEG_TINY, iters=1),
                        "cls": dict(kind="cls", config=CLS_TINY, epochs=1)})
     for allow in (False, True):
         study = load_study(spec, tmp_path, allow_pickle=allow)

@@ -15,8 +15,10 @@ import torch
 
 from backbones.vit import create_vit
 from mae_transfer.config import load_config
-from mae_transfer.engine import BACKBONE_FORMAT, export_encoder, load_checkpoint, pretrain
+from mae_transfer.checkpoint import BACKBONE_FORMAT
+from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.study import (DONE, Cell, cell_command, load_study, read_seg_metrics, results_markdown, run_study,
                                 collect)
 from tests.conftest import REPO_ROOT
@@ -53,10 +55,12 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     assert det[1].endswith("tools/train_det.py") and det[det.index("--freeze-blocks") + 1] == "2"
     assert f"train.init_checkpoint={tmp_path / 'mae.pth'}" in det and "train.max_iter=8" in det
     assert "train.seed=1" in det and det[-1] == "--resume" and "train.log_period=2" in det
-    assert f"train.output_dir={study.output_dir / 'cells' / 'MAE__det__freeze2__seed1'}" in det
+    assert det[det.index("--output-dir") + 1] == str(study.output_dir / "cells" / "MAE__det__freeze2__seed1")
 
     seg = cell_command(study, Cell("scratch", "seg", -1, 0), None, resume=False)
     assert seg[1].endswith("tools/train_seg.py") and "--init-checkpoint" not in seg and "--resume" not in seg
+    assert seg[seg.index("--config") + 1].endswith("configs/camvid_upernet_vit_tiny_cpu.py")
+    assert seg[seg.index("--output-dir") + 1] == str(study.cell_dir(Cell("scratch", "seg", -1, 0)))
     assert seg.count("--cfg-options") == 1  # train_seg takes one list: a second flag would replace the first
     opts = seg[seg.index("--cfg-options") + 1:]
     assert {"train_cfg.max_iters=20", "param_scheduler.0.end=2", "param_scheduler.1.end=20",
@@ -68,9 +72,11 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     with pytest.raises(MaeTransferError, match="unknown key"):
         load_study(spec(tmp_path, freeze=[0]))
     with pytest.raises(MaeTransferError, match="kind must be one of"):
-        load_study(spec(tmp_path, tasks={"x": dict(kind="pose", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=1)}))
+        load_study(spec(tmp_path, tasks={"x": dict(kind="pose", config="configs/coco_mask_rcnn_vit_tiny_cpu.py",
+                                                   iters=1)}))
     with pytest.raises(MaeTransferError, match="takes epochs=, not iters="):
-        load_study(spec(tmp_path, tasks={"x": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", iters=1)}))
+        load_study(spec(tmp_path, tasks={"x": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py",
+                                                   iters=1)}))
     # classification cells: tools/finetune_cls.py with the backbone as `finetune=`, epochs in place of iterations
     cls_study = load_study(spec(tmp_path, tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py",
                                                              epochs=3, args=["--data", "crops"])}))
@@ -78,7 +84,8 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     cmd = cell_command(cls_study, cell, "/ckpt/mae.pth", resume=True)
     assert cmd[1].endswith("tools/finetune_cls.py") and cmd[cmd.index("--data") + 1] == "crops"
     assert {"finetune=/ckpt/mae.pth", "epochs=3", "seed=0"} <= set(cmd) and cmd[-1] == "--resume"
-    assert cmd[cmd.index("--freeze-blocks") + 1] == "2" and cmd[cmd.index("--output-dir") + 1] == str(cls_study.cell_dir(cell))
+    assert cmd[cmd.index("--freeze-blocks") + 1] == "2"
+    assert cmd[cmd.index("--output-dir") + 1] == str(cls_study.cell_dir(cell))
     assert cls_study.metrics_of("cls") == ["top1"]
     # The shipped specs load and expand.
     cpu = load_study(REPO_ROOT / "configs" / "studies" / "cpu_shared_data.py", tmp_path / "cpu")
@@ -132,7 +139,8 @@ def test_resume_skips_finished_cells_and_writes_table_and_plot(tmp_path: Path) -
     md = (study.output_dir / "results.md").read_text()
     assert "| backbone | 4 (all) | 2 | 0 (frozen ViT) |" in md
     # mean over the two seeds (+0 / +1): MAE with 4 blocks tuned -> 44.5 AP^box, 43.5 AP^mask, 45.0 mIoU
-    assert "| MAE | 44.5±0.7 / 43.5±0.7 / 45.0±0.7 | 42.5±0.7 / 41.5±0.7 / 43.0±0.7 | 40.5±0.7 / 39.5±0.7 / 41.0±0.7 |" in md
+    assert ("| MAE | 44.5±0.7 / 43.5±0.7 / 45.0±0.7 | 42.5±0.7 / 41.5±0.7 / 43.0±0.7 "
+            "| 40.5±0.7 / 39.5±0.7 / 41.0±0.7 |") in md
     assert "| scratch | 14.5±0.7" in md
     from PIL import Image
 
@@ -175,8 +183,8 @@ def test_one_real_segmentation_cell_end_to_end(tmp_path: Path, camvid_mini: Path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # robust when other jobs share the cores
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file), "--output", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:] + (out / "cells" / "scratch__seg__freeze-1__seed0" / "run.log").read_text()[-3000:]
     cell = out / "cells" / "scratch__seg__freeze-1__seed0"
+    assert proc.returncode == 0, proc.stderr[-3000:] + (cell / "run.log").read_text()[-3000:]
     done = json.loads((cell / DONE).read_text())
     assert done["metrics"] == read_seg_metrics(cell) and 0.0 <= done["metrics"]["mIoU"] <= 100.0
     log = (cell / "run.log").read_text()
@@ -190,7 +198,8 @@ def test_one_real_segmentation_cell_end_to_end(tmp_path: Path, camvid_mini: Path
 @pytest.mark.slow
 def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real cell in-process through run_study -> tools/train_det.py (detectron2 Mask R-CNN + COCOEvaluator)
-    on 2 fruits_nuts photos; the metrics come from detectron2's metrics.json."""
+    on 2 fruits_nuts photos; the metrics come from the tool's eval_metrics.json, the same numbers as detectron2's
+    own log (metrics.json)."""
     data = json.loads((fruits_nuts / "trainval.json").read_text())
     images = data["images"][:2]
     ids = {im["id"] for im in images}
@@ -198,9 +207,9 @@ def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, m
     (tmp_path / "two.json").write_text(json.dumps(data))
     args = ["--train-json", str(tmp_path / "two.json"), "--train-images", str(fruits_nuts / "images"),
             "--val-json", str(tmp_path / "two.json"), "--val-images", str(fruits_nuts / "images")]
-    study = load_study(dict(depth=4, freeze_blocks=[2], seeds=[0], backbones={"scratch": None},
-                            tasks={"det": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=2,
-                                               args=args, opts=["model.roi_heads.box_predictor.test_topk_per_image=20"])}),
+    task = dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=2, args=args,
+                opts=["model.roi_heads.box_predictor.test_topk_per_image=20"])
+    study = load_study(dict(depth=4, freeze_blocks=[2], seeds=[0], backbones={"scratch": None}, tasks={"det": task}),
                        tmp_path / "out")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the tool; robust when other jobs share the cores
     result = run_study(study)
@@ -210,6 +219,8 @@ def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, m
     assert set(metrics) == {"AP_box", "AP_mask"} and all(0.0 <= v <= 100.0 for v in metrics.values())
     rows = [json.loads(line) for line in (cell / "metrics.json").read_text().splitlines()]
     assert metrics["AP_box"] == [r for r in rows if "bbox/AP" in r][-1]["bbox/AP"]
+    record = read_eval_metrics(cell, "det")
+    assert record["iteration"] == 2 and record["checkpoint"] == str(cell / "model_final.pth")
     assert (cell / "model_final.pth").is_file() and "freeze_blocks: 2" in (cell / "config.yaml").read_text()
 
 
@@ -226,7 +237,8 @@ def crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_supervised_objective_learns_on_coco_crops_and_exports_backbone(crops: Path, tmp_path: Path, one_thread) -> None:
+def test_supervised_objective_learns_on_coco_crops_and_exports_backbone(crops: Path, tmp_path: Path,
+                                                                        one_thread) -> None:
     cfg = load_config(SUPERVISED, [*MICRO, "epochs=5", "warmup_epochs=1", "lr=1e-3", "save_every=5"])
     cfg.update(data_path=str(crops), output_dir=str(tmp_path / "sup"))
     history = pretrain(cfg)
@@ -239,7 +251,8 @@ def test_supervised_objective_learns_on_coco_crops_and_exports_backbone(crops: P
     assert ckpt["model"]["encoder.head.weight"].shape == (3, 192)
     assert not list((tmp_path / "sup").glob("recon_*.png"))  # no reconstruction pictures for a classifier
 
-    backbone = torch.load(export_encoder(tmp_path / "sup" / "checkpoint_last.pth", tmp_path / "bb.pth"), weights_only=True)
+    exported = export_encoder(tmp_path / "sup" / "checkpoint_last.pth", tmp_path / "bb.pth")
+    backbone = torch.load(exported, weights_only=True)
     assert backbone["format"] == BACKBONE_FORMAT and backbone["objective"] == "supervised"
     assert not any(k.startswith(("head.", "encoder.")) for k in backbone["model"])
     vit = create_vit(backbone["name"], **backbone["arch"])

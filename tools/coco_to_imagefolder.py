@@ -24,15 +24,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--json", required=True, help="COCO instances json")
     p.add_argument("--images", required=True, help="folder the json's file_name entries are relative to")
-    p.add_argument("--out", required=True, help="output ImageFolder root")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of photos for OUT/val (0: no split)")
+    p.add_argument("--output-dir", help="output ImageFolder root (required)")
+    p.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)  # the earlier spelling
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of photos for OUTPUT_DIR/val (0: no split)")
     p.add_argument("--min-size", type=int, default=16, help="smallest box side in pixels to keep")
     p.add_argument("--context", type=float, default=0.1, help="margin around each box, as a fraction of its size")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not args.output_dir:
+        p.error("the following arguments are required: --output-dir")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
     from mae_transfer.data import coco_crops_to_imagefolder
 
-    counts = coco_crops_to_imagefolder(args.json, args.images, args.out, args.min_size, args.context, args.val_fraction)
+    counts = coco_crops_to_imagefolder(args.json, args.images, args.output_dir, args.min_size, args.context,
+                                       args.val_fraction)
     for name, n in sorted(counts.items()):
         print(f"{name}: {n}")
     return 0

@@ -4,8 +4,8 @@
   python tools/finetune_cls.py --config configs/cls_finetune_vit_b.py --data IMAGENET --finetune MAE_CKPT \
       --output-dir OUT [--freeze-blocks K] [--resume [CKPT]] [key=value ...] [--debug]
   python tools/finetune_cls.py --config configs/cls_linprobe_vit_b.py --data IMAGENET --finetune MAE_CKPT ...
-  python tools/finetune_cls.py --config ... --data ROOT --eval FINETUNED_CKPT   # top-1/top-5 on ROOT/val
-  torchrun --nproc_per_node 8 tools/finetune_cls.py ...                         # DDP (gloo on CPU)
+  python tools/finetune_cls.py --config ... --data ROOT --eval-only FINETUNED_CKPT   # top-1/top-5 on ROOT/val
+  torchrun --nproc_per_node 8 tools/finetune_cls.py ...                              # DDP (gloo on CPU)
 
 ROOT holds train/<class>/* and val/<class>/*; `tools/coco_to_imagefolder.py` builds one from any COCO json.
 --finetune takes any checkpoint format tools/convert_checkpoint.py reads (ours, official MAE, timm, DeiT, HF, ...).
@@ -17,30 +17,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import run_cli, setup_training_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli, setup_training_cli  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="ViT classification fine-tuning / linear probing", allow_abbrev=False)
-    parser.add_argument("--config", help="plain-Python config (configs/cls_finetune_*.py, configs/cls_linprobe_*.py)")
+    parser = default_argument_parser("ViT classification fine-tuning / linear probing", "plain-Python config "
+                                     "(configs/cls_finetune_*.py, configs/cls_linprobe_*.py)")
+    # the old name of --eval-only
+    parser.add_argument("--eval", dest="eval_only", metavar="CKPT", help=argparse.SUPPRESS)
     parser.add_argument("--data", help="ImageFolder root with train/ and val/ class folders")
-    parser.add_argument("--output-dir", help="where checkpoints, logs and TensorBoard scalars go")
     parser.add_argument("--finetune", help="pretrained checkpoint to start from (any supported format)")
-    parser.add_argument("--freeze-blocks", type=int, help="partial fine-tuning: freeze the first K blocks (-1: all but the head)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="resume from CKPT, or (no value) from OUTPUT_DIR/checkpoint_last.pth if present")
-    parser.add_argument("--eval", metavar="CKPT", help="evaluate a fine-tuned classifier on DATA/val and exit")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="trust --finetune / --eval files: let them hold pickled Python objects (unsafe otherwise)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
+    parser.add_argument("--freeze-blocks", type=int,
+                        help="partial fine-tuning: freeze the first K blocks (-1: all but the head)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
+    return finish_args(parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.get("output_dir"):
         cfg["output_dir"] = str(Path("work_dirs") / Path(args.config).stem)
     log = logging.getLogger("finetune_cls")
-    if args.eval:
-        m = evaluate_checkpoint(cfg, args.eval)
+    if args.eval_only:
+        m = evaluate_checkpoint(cfg, args.eval_only)
         if rank == 0:
-            log.info("%s on %s/val (%d images): top-1 %.2f  top-%d %.2f  loss %.4f", args.eval, cfg["data_path"],
+            log.info("%s on %s/val (%d images): top-1 %.2f  top-%d %.2f  loss %.4f", m["checkpoint"], cfg["data_path"],
                      m["num_images"], m["acc1"], m["topk"], m["acc5"], m["loss"])
         return 0
     history = finetune(cfg)

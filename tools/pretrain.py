@@ -5,7 +5,7 @@
       [--resume [CKPT]] [key=value ...] [--opts key=value ...] [--debug]
   python tools/pretrain.py --export-encoder MAE_CKPT OUT_BACKBONE   # encoder alone, as a backbone checkpoint
   python tools/pretrain.py --config configs/supervised_pretrain_vit_tiny_cpu.py --data IMAGEFOLDER ...
-      # the supervised baseline (objective="supervised"): same engine, class = first-level subfolder
+      # the supervised baseline (objective="supervised"): same training loop, class = first-level subfolder
 
 User errors (missing/empty image folder, unknown model or config key, ...) print one line, exit 2.
 """
@@ -14,35 +14,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import run_cli, setup_training_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli, setup_training_cli  # noqa: E402
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="MAE pretraining of a plain ViT", allow_abbrev=False)
-    parser.add_argument("--config", help="plain-Python pretraining config (configs/mae_pretrain_*.py)")
+    # Pretraining evaluates no checkpoint and reads only its own (never pickled): no --eval-only, --allow-pickle.
+    parser = default_argument_parser("MAE pretraining of a plain ViT", "plain-Python pretraining config "
+                                     "(configs/mae_pretrain_*.py)", eval_only=False, allow_pickle=False)
     parser.add_argument("--data", help="image folder (ImageFolder-style or flat, searched recursively)")
-    parser.add_argument("--output-dir", help="where checkpoints, pictures and TensorBoard logs go")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="resume from CKPT, or (no value) from OUTPUT_DIR/checkpoint_last.pth if present")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if the config says resume")
     parser.add_argument("--export-encoder", nargs=2, metavar=("MAE_CKPT", "OUT"),
                         help="write the encoder of a pretraining checkpoint as a backbone checkpoint and exit")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
+    return finish_args(parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rank = setup_training_cli(args)
-    from mae_transfer.engine import export_encoder, pretrain
+    from mae_transfer.pretraining import export_encoder, pretrain
 
     if args.export_encoder:
         export_encoder(*args.export_encoder)

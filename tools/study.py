@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a transfer study: backbones x tasks x freeze_blocks x seeds through the real detectron2 / mmseg tools.
 
-  python tools/study.py --spec configs/studies/cpu_shared_data.py [--output DIR] [--dry-run]
+  python tools/study.py --spec configs/studies/cpu_shared_data.py [--output-dir DIR] [--dry-run]
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
 are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
@@ -27,10 +27,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="MAE-paper style transfer study (partial fine-tuning)",
                                      allow_abbrev=False)
     parser.add_argument("--spec", required=True, help="study spec, e.g. configs/studies/cpu_shared_data.py")
-    parser.add_argument("--output", help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
+    parser.add_argument("--output-dir", dest="output",
+                        help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
+    parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="trust the backbone checkpoints: let them hold pickled Python objects (passed to every cell)")
-    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run, run nothing")
+                        help="trust the backbone checkpoints: let them hold pickled Python objects "
+                             "(passed to every cell)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the cells and the commands still to run, run nothing")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -41,7 +45,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
     from mae_transfer.study import load_study, plan, run_study
 
     study = load_study(args.spec, args.output, args.allow_pickle)

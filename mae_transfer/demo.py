@@ -1,0 +1,504 @@
+"""The main demo job behind tools/demo.py: MAE pretraining -> checkpoint conversion -> detectron2 + MMSeg
+fine-tuning -> a 2x2 mini-study, on CPU, with the real tools in subprocesses (`mae_transfer.launch`).
+
+Here: where the data comes from (the user's, checked before anything runs, or the built-in set), the steps
+and the command lines they run, the output folder's settings and DONE markers (a re-run skips finished
+steps, an interrupted training resumes), and the printed summary. Results are read from each run's
+`eval_metrics.json` (`mae_transfer.metrics`), never from a framework's own logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
+from mae_transfer.launch import run_logged, sigterm_as_interrupt
+from mae_transfer.metrics import read_eval_metrics
+from mae_transfer.paths import REPO_ROOT
+
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--depth", "4"]
+PRETRAIN_CONFIG = "configs/mae_pretrain_vit_tiny_cpu.py"
+DET_CONFIG = "configs/coco_mask_rcnn_vit_tiny_cpu.py"
+SEG_CONFIGS = {"builtin": "configs/shapes_upernet_vit_tiny_cpu.py", "ade20k": "configs/ade20k_upernet_vit_tiny_cpu.py"}
+SEG_NAMES = {"builtin": "built-in shapes", "ade20k": "ADE20K"}
+DONE = "DONE"
+SETTINGS = "demo_settings.json"
+NUM_PICTURES = 4
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"[demo] warning: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DataSources:
+    """The data the user named (tools/demo.py's flags); None everywhere = the built-in set."""
+
+    images: str | None = None
+    det_data: str | None = None
+    det_train_json: str | None = None
+    det_train_images: str | None = None
+    det_val_json: str | None = None
+    det_val_images: str | None = None
+    seg_data: str | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each step trains (flag --mae-epochs etc.)."""
+
+    mae_epochs: int = 30
+    det_iters: int = 200
+    seg_iters: int = 60
+    study_iters: int = 40
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise MaeTransferError(f"--{key.replace('_', '-')} must be a positive integer, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class SegData:
+    """Where the segmentation steps read their data: layout ('builtin' | 'ade20k'), data_root, training split."""
+
+    layout: str
+    root: Path
+    train_split: str  # builtin: "train"; ADE20K: "training", or "validation" when there is no training split
+
+    @property
+    def config(self) -> Path:
+        return REPO_ROOT / SEG_CONFIGS[self.layout]
+
+    @property
+    def name(self) -> str:
+        return SEG_NAMES[self.layout] + (", trained on validation" if self.train_split == "validation" else "")
+
+    def cfg_options(self) -> list[str]:
+        """mmseg --cfg-options that point the config at this data (keys the config already has)."""
+        opts = [f"{split}_dataloader.dataset.data_root={self.root}" for split in ("train", "val", "test")]
+        if self.layout == "ade20k":
+            opts += [f"train_dataloader.dataset.data_prefix.img_path=images/{self.train_split}",
+                     f"train_dataloader.dataset.data_prefix.seg_map_path=annotations/{self.train_split}"]
+        return opts
+
+
+@dataclass(frozen=True)
+class DetData:
+    """COCO instances json + image folder for training and for evaluation."""
+
+    train_json: Path
+    train_images: Path
+    val_json: Path
+    val_images: Path
+    name: str
+
+    def args(self) -> list[str]:
+        return ["--train-json", str(self.train_json), "--train-images", str(self.train_images),
+                "--val-json", str(self.val_json), "--val-images", str(self.val_images)]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The user's data, checked; None = the built-in set, generated under OUTPUT/data."""
+
+    images: Path | None
+    num_images: int | None
+    det: DetData | None
+    det_pictures: list[Path]  # evaluation images drawn with predictions (user data only)
+    seg: SegData | None
+
+
+@dataclass(frozen=True)
+class StepData:
+    """The data every step runs on: the user's or the built-in set."""
+
+    unlabeled: Path
+    num_images: int
+    det: DetData
+    det_pictures: list[Path]
+    seg: SegData
+
+
+def _has_files(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    return folder.is_dir() and any(f.suffix.lower() in suffixes for f in folder.iterdir())
+
+
+def find_seg_data(path: str | os.PathLike) -> SegData:
+    """The layout of a segmentation data root: ADE20K (ROOT or ROOT/ADEChallengeData2016 holding
+    {images,annotations}/validation) or the built-in one (ROOT/{images,labels}/{train,val})."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise MaeTransferError(f"--seg-data: folder not found: {root}")
+    for cand in (root, root / "ADEChallengeData2016"):
+        if (cand / "images" / "validation").is_dir() and (cand / "annotations" / "validation").is_dir():
+            splits = [s for s in ("training", "validation")
+                      if (cand / "images" / s).is_dir() and (cand / "annotations" / s).is_dir()]
+            for split in splits:
+                _check_seg_split(cand / "images" / split, cand / "annotations" / split)
+            if "training" not in splits:
+                warn(f"{cand} has no training split (images/training + annotations/training): the segmentation "
+                     "steps train on the validation images, so their mIoU is not a held-out result")
+            return SegData("ade20k", cand.resolve(), splits[0])
+    if all((root / kind / split).is_dir() for kind in ("images", "labels") for split in ("train", "val")):
+        for split in ("train", "val"):
+            _check_seg_split(root / "images" / split, root / "labels" / split)
+        return SegData("builtin", root.resolve(), "train")
+    raise MaeTransferError(
+        f"--seg-data {root}: not a known layout; expected ADE20K ({root}[/ADEChallengeData2016]/images/validation + "
+        f"annotations/validation, optionally .../training) or the built-in layout ({root}/images/{{train,val}} + "
+        f"{root}/labels/{{train,val}})")
+
+
+def _check_seg_split(images: Path, labels: Path) -> None:
+    if not _has_files(images, (".jpg", ".jpeg", ".png")):
+        raise MaeTransferError(f"--seg-data: no images (.jpg/.png) in {images}")
+    if not _has_files(labels, (".png",)):
+        raise MaeTransferError(f"--seg-data: no label maps (.png) in {labels}")
+
+
+def find_det_data(sources: DataSources) -> DetData | None:
+    """--det-data ROOT (COCO layout) or the explicit json/image pairs; None when neither is given (the
+    built-in set). Not yet read: see check_det_data."""
+    s = sources
+    explicit = [s.det_train_json, s.det_train_images, s.det_val_json, s.det_val_images]
+    if s.det_data and any(explicit):
+        raise MaeTransferError("give either --det-data or --det-train-json/--det-train-images (+ val), not both")
+    if s.det_data:
+        root = Path(s.det_data).expanduser()
+        if not root.is_dir():
+            raise MaeTransferError(f"--det-data: folder not found: {root}")
+        splits = [(root / "annotations" / f"instances_{x}2017.json", root / f"{x}2017") for x in ("train", "val")]
+        found = [(j, i) for j, i in splits if j.is_file() and i.is_dir()]
+        if not found:
+            raise MaeTransferError(
+                f"--det-data {root}: not the COCO layout; expected {root}/annotations/instances_train2017.json + "
+                f"{root}/train2017/ (and/or the val2017 pair); other layouts: --det-train-json/--det-train-images")
+        if len(found) == 1:
+            warn(f"{root} has only {found[0][1].name}: the detection step trains and evaluates on it")
+        (train_json, train_images), (val_json, val_images) = found[0], found[-1]
+        name = f"COCO-format {root.name}"
+    else:
+        if not any(explicit):
+            return None
+        for split in ("train", "val"):
+            if bool(getattr(s, f"det_{split}_json")) != bool(getattr(s, f"det_{split}_images")):
+                raise MaeTransferError(f"--det-{split}-json and --det-{split}-images must be given together")
+        if not s.det_train_json:
+            raise MaeTransferError("--det-val-json needs --det-train-json and --det-train-images too")
+        train_json, train_images = Path(s.det_train_json).expanduser(), Path(s.det_train_images).expanduser()
+        if s.det_val_json:
+            val_json, val_images = Path(s.det_val_json).expanduser(), Path(s.det_val_images).expanduser()
+        else:
+            warn("no --det-val-json: the detection step is evaluated on its training images")
+            val_json, val_images = train_json, train_images
+        name = f"COCO-format {train_json.name}"
+    return DetData(train_json.resolve(), train_images.resolve(), val_json.resolve(), val_images.resolve(), name)
+
+
+def check_det_data(det: DetData) -> list[Path]:
+    """Both splits readable (mae_transfer.data.read_coco_instances), instances to train on, the same
+    categories in both; returns the first NUM_PICTURES evaluation images (for the prediction pictures)."""
+    from mae_transfer.data import read_coco_instances
+
+    train = read_coco_instances(det.train_json, det.train_images)
+    val = train if (det.val_json, det.val_images) == (det.train_json, det.train_images) else \
+        read_coco_instances(det.val_json, det.val_images)
+    if not any(not a.get("iscrowd", 0) for a in train["annotations"]):
+        raise MaeTransferError(f"{det.train_json}: no (non-crowd) annotations to train on")
+    if not val["images"]:
+        raise MaeTransferError(f"{det.val_json}: no images to evaluate on")
+    names = [sorted((c["id"], str(c["name"])) for c in d["categories"]) for d in (train, val)]
+    if names[0] != names[1]:
+        raise MaeTransferError(f"{det.train_json} and {det.val_json} have different categories")
+    return [det.val_images / im["file_name"] for im in val["images"][:NUM_PICTURES]]
+
+
+def check_inputs(sources: DataSources) -> Inputs:
+    """Every user-given path, checked before anything runs (a typo should not cost a pretraining)."""
+    images = num_images = None
+    if sources.images:
+        from mae_transfer.data import find_images
+
+        images = Path(sources.images).expanduser().resolve()
+        try:
+            num_images = len(find_images(images))
+        except MaeTransferError as err:  # not found / not a folder / no images
+            raise MaeTransferError(f"--images: {err}") from None
+    det = find_det_data(sources)
+    det_pictures = check_det_data(det) if det else []
+    seg = find_seg_data(sources.seg_data) if sources.seg_data else None
+    return Inputs(images, num_images, det, det_pictures, seg)
+
+
+def settings_of(schedule: Schedule, inputs: Inputs) -> dict[str, Any]:
+    """What the outputs depend on; stored in OUTPUT/demo_settings.json."""
+    det, seg = inputs.det, inputs.seg
+    return dict(images=str(inputs.images or "built-in"), mae_epochs=schedule.mae_epochs,
+                det_data=det.args() if det else "built-in", det_iters=schedule.det_iters,
+                seg_data=[seg.layout, str(seg.root), seg.train_split] if seg else "built-in",
+                seg_iters=schedule.seg_iters, study_iters=schedule.study_iters)
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A re-run continues only with the settings the folder was made with (finished steps are reused as they are)."""
+    path = out / SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise MaeTransferError(f"{out} holds a demo run made with other settings ({'; '.join(changed)}); "
+                                   f"use another --output-dir, or delete {out} to start over")
+        return
+    atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run_step(name: str, marker: Path, args: Sequence[str | os.PathLike], log_file: Path) -> bool:
+    """Run a tool (`args`: script and its arguments, run with this interpreter from the repository root) unless
+    `marker` says it finished in an earlier run; the marker is written (atomically) only after the tool
+    succeeded. Returns whether the tool ran."""
+    if marker.is_file():
+        log(f"  {name}: skipped, finished in an earlier run ({marker})")
+        return False
+    args = [os.fspath(a) for a in args]
+    log("$ " + " ".join(args))
+    start = time.time()
+    run_logged([sys.executable, *args], log_file, name)
+    seconds = time.time() - start
+    record = dict(step=name, seconds=round(seconds, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"), command=args)
+    atomic_write_text(json.dumps(record, indent=1) + "\n", marker)
+    log(f"  done in {seconds:.0f} s (log: {log_file})")
+    return True
+
+
+def stop_cleanly(out: Path, run: Callable[[], int]) -> int:
+    """Ctrl-C or SIGTERM: one line (no traceback), exit status 130; what finished stays for the next run."""
+    try:
+        with sigterm_as_interrupt():
+            return run()
+    except KeyboardInterrupt:
+        print(f"[demo] interrupted: finished steps are kept in {out}; run the same command again to continue",
+              file=sys.stderr, flush=True)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def prepare_data(inputs: Inputs, out: Path) -> StepData:
+    """The data of every step: the user's, or the built-in set (generated once; deterministic)."""
+    shapes = None
+    if inputs.images is None or inputs.det is None or inputs.seg is None:
+        from mae_transfer.synthetic import make_shapes_dataset
+
+        shapes = make_shapes_dataset(out / "data" / "shapes", num_train=32, num_val=8, size=192)
+    det, det_pictures = inputs.det, inputs.det_pictures
+    if det is None:
+        ann = shapes / "annotations"
+        det = DetData(ann / "instances_train.json", shapes / "images" / "train", ann / "instances_val.json",
+                      shapes / "images" / "val", "built-in shapes")
+        det_pictures = check_det_data(det)
+    seg = inputs.seg or SegData("builtin", shapes, "train")
+    if inputs.images is not None:
+        return StepData(inputs.images, inputs.num_images, det, det_pictures, seg)
+    unlabeled = out / "data" / "unlabeled"  # the generated pictures plus real photos that ship with scikit-image
+    if not (unlabeled / ".complete").is_file():
+        unlabeled.mkdir(parents=True, exist_ok=True)
+        for img in sorted((shapes / "images" / "train").glob("*.png")):
+            shutil.copy(img, unlabeled / f"shapes_{img.name}")
+        from PIL import Image
+        from skimage import data as skdata
+
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                     "motorcycle_left", "retina"):
+            try:
+                arr = getattr(skdata, name)()
+            except Exception:  # some sample images need an optional download: skip those
+                continue
+            Image.fromarray(arr).convert("RGB").save(unlabeled / f"skimage_{name}.png")
+        atomic_write_text("ok", unlabeled / ".complete")
+    num_images = sum(1 for f in unlabeled.iterdir() if f.suffix == ".png")
+    return StepData(unlabeled, num_images, det, det_pictures, seg)
+
+
+def pretrain(schedule: Schedule, out: Path, data: StepData) -> dict[str, Any]:
+    from mae_transfer.config import load_config
+
+    mae_dir = out / "mae"
+    batch = load_config(REPO_ROOT / PRETRAIN_CONFIG)["batch_size"]
+    small = [f"batch_size={data.num_images}"] if data.num_images < batch else []  # a few images: one step/epoch
+    epochs = schedule.mae_epochs
+    # --resume: an interrupted run continues from checkpoint_last.pth (written after every epoch)
+    run_step("pretrain", mae_dir / DONE,
+             ["tools/pretrain.py", "--config", PRETRAIN_CONFIG, "--data", str(data.unlabeled),
+              "--output-dir", str(mae_dir), f"epochs={epochs}", f"save_every={epochs}", "progress=False", *small,
+              "--resume"], out / "logs" / "pretrain.log")
+    # pretraining evaluates nothing (no eval_metrics.json): its loss history is the result
+    history = [json.loads(line) for line in (mae_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    losses = [h["loss"] for h in history if "loss" in h]
+    pictures = sorted(mae_dir.glob("recon_epoch*.png"))
+    return dict(checkpoint=mae_dir / "checkpoint_last.pth", first_loss=losses[0], last_loss=losses[-1],
+                epochs=len(losses), picture=pictures[-1] if pictures else None)
+
+
+def convert(out: Path, mae_ckpt: Path) -> Path:
+    """To the layout of configs/coco_mask_rcnn_vit_tiny_cpu.py's backbone (224-px position table with the
+    cls slot, as ViTDet keeps it; windows 8, global blocks 1 and 3, rel-pos for 256 px)."""
+    dst = out / "mae" / "backbone_detectron2.pth"
+    run_step("convert", out / "mae" / "CONVERT_DONE",
+             ["tools/convert_checkpoint.py", str(mae_ckpt), str(dst), "--to", "detectron2", *TINY_VIT,
+              "--img-size", "224", "--window-size", "8", "--global-blocks", "1", "3",
+              "--use-rel-pos", "--rel-pos-input-size", "256"], out / "logs" / "convert.log")
+    return dst
+
+
+def _resume_flag(work_dir: Path) -> list[str]:
+    """detectron2 and mmengine both leave `last_checkpoint`: a training that was interrupted continues."""
+    if not (work_dir / "last_checkpoint").is_file():
+        return []
+    if not (work_dir / DONE).is_file():
+        log(f"  resuming from {(work_dir / 'last_checkpoint').read_text().strip()}")
+    return ["--resume"]
+
+
+def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[str, Any]:
+    det_dir = out / "det"
+    n = schedule.det_iters
+    base = ["tools/train_det.py", "--config", DET_CONFIG, *data.det.args()]
+    # checkpoints 4x per run (the newest kept, plus model_final.pth), so an interruption loses little
+    run_step("detection training", det_dir / DONE,
+             [*base, *_resume_flag(det_dir), "--output-dir", str(det_dir),
+              f"train.init_checkpoint={init}", f"train.max_iter={n}", f"train.eval_period={n}",
+              f"train.checkpointer.period={max(1, n // 4)}", "train.checkpointer.max_to_keep=1",
+              "train.seed=0",  # the recipe's -1 draws a seed per run: 200-iteration AP then ranged 3-20 between runs
+              "optimizer.lr=5e-4",  # a few hundred CPU iterations instead of ViTDet's 184k
+              f"lr_multiplier.scheduler.num_updates={n}",
+              f"lr_multiplier.scheduler.milestones=[{int(n * 0.8)},{int(n * 0.95)}]"],
+             out / "logs" / "train_det.log")
+    pics = det_dir / "pictures"
+    run_step("detection pictures", pics / DONE,
+             [*base, "--output-dir", str(det_dir), "--infer", *map(str, data.det_pictures), "--output", str(pics),
+              "--score-thresh", "0.2",  # a short CPU run ranks well (AP) but scores low
+              f"train.init_checkpoint={det_dir / 'model_final.pth'}"],
+             out / "logs" / "infer_det.log")
+    return dict(record=read_eval_metrics(det_dir, "det"), pictures=sorted(pics.glob("*.png")))
+
+
+def segment(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[str, Any]:
+    seg_dir = out / "seg"
+    n = schedule.seg_iters
+    base = ["tools/train_seg.py", "--config", str(data.seg.config), "--output-dir", str(seg_dir)]
+    options = ["--cfg-options", *data.seg.cfg_options(), f"train_cfg.max_iters={n}", f"train_cfg.val_interval={n}",
+               f"default_hooks.checkpoint.interval={max(1, n // 2)}",  # a checkpoint half-way, to resume from
+               f"param_scheduler.0.end={max(1, n // 10)}", f"param_scheduler.1.begin={max(1, n // 10)}",
+               f"param_scheduler.1.end={n}"]
+    run_step("segmentation training", seg_dir / DONE,
+             [*base, "--init-checkpoint", str(init), *_resume_flag(seg_dir), *options], out / "logs" / "train_seg.log")
+    pics = seg_dir / "pictures"
+    run_step("segmentation evaluation + pictures", pics / DONE,
+             [*base, "--eval-only", str(seg_dir / f"iter_{n}.pth"), "--save-pictures", str(pics),
+              "--num-pictures", str(NUM_PICTURES), *options], out / "logs" / "eval_seg.log")
+    return dict(record=read_eval_metrics(seg_dir, "seg"), pictures=sorted(pics.glob("*.png")))
+
+
+def mini_study(schedule: Schedule, out: Path, data: StepData, mae_ckpt: Path) -> dict[str, Any]:
+    """2 backbones x 2 freeze settings on the segmentation task, through the study runner (resumable)."""
+    from mae_transfer.study import load_study, run_study, write_results
+
+    seg = data.seg
+    spec = dict(
+        name="demo_mini_study", depth=4, freeze_blocks=[0, -1], seeds=[0],
+        backbones={"MAE": str(mae_ckpt), "scratch": None},
+        tasks={"seg": dict(kind="seg", config=str(seg.config), iters=schedule.study_iters,
+                           opts=[*seg.cfg_options(), "param_scheduler.0.end={warmup}",
+                                 "param_scheduler.1.begin={warmup}", "param_scheduler.1.end={iters}"])},
+    )
+    study = load_study(spec, output_dir=out / "study")
+    summary = run_study(study)
+    log(f"  ran {len(summary['ran'])} cell(s), skipped {len(summary['skipped'])} finished in an earlier run")
+    return write_results(study)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _value(record: dict[str, Any], *keys: str) -> Any:
+    """A number of an eval_metrics.json record: in `metrics`, or kept in `details` flat ("bbox/AP50") or nested
+    ({"bbox": {"AP50": ...}}); None if absent."""
+    flat = "/".join(keys)
+    if flat in record["metrics"]:
+        return record["metrics"][flat]
+    details = record.get("details") or {}
+    if flat in details:
+        return details[flat]
+    for key in keys:
+        details = details.get(key) if isinstance(details, dict) else None
+    return details
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, (int, float)) and not math.isnan(value) else "n/a"
+
+
+def summary_table(schedule: Schedule, data: StepData, mae: dict[str, Any], det: dict[str, Any],
+                  seg: dict[str, Any]) -> str:
+    """The markdown table the demo ends with: one row per training step, numbers from eval_metrics.json."""
+    dm, sm = det["record"], seg["record"]
+    return "\n".join([
+        "| step | result |", "|---|---|",
+        f"| MAE pretraining ({mae['epochs']} epochs) | masked-patch loss {mae['first_loss']:.3f} -> "
+        f"{mae['last_loss']:.3f} |",
+        f"| Mask R-CNN ({schedule.det_iters} iters, {data.det.name}) | AP box {_fmt(_value(dm, 'AP_box'))}, "
+        f"AP50 box {_fmt(_value(dm, 'bbox', 'AP50'))}, AP mask {_fmt(_value(dm, 'AP_mask'))} |",
+        f"| UperNet ({schedule.seg_iters} iters, {data.seg.name}) | mIoU {_fmt(_value(sm, 'mIoU'))}, "
+        f"aAcc {_fmt(_value(sm, 'aAcc'))} |",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def run_steps(schedule: Schedule, out: Path, inputs: Inputs) -> int:
+    start = time.time()
+    log(f"1/6 data -> {out / 'data'}")
+    data = prepare_data(inputs, out)
+    log(f"2/6 MAE pretraining (tiny ViT, {data.num_images} images from {data.unlabeled})")
+    mae = pretrain(schedule, out, data)
+    log("3/6 checkpoint conversion (MAE -> detectron2 layout)")
+    d2_init = convert(out, mae["checkpoint"])
+    log(f"4/6 detectron2 Mask R-CNN fine-tuning + COCO evaluation ({data.det.name})")
+    det = detect(schedule, out, data, d2_init)
+    log(f"5/6 MMSegmentation UperNet fine-tuning + mIoU ({data.seg.name}, {data.seg.root})")
+    seg = segment(schedule, out, data, mae["checkpoint"])
+    log("6/6 mini-study: MAE vs scratch x all blocks vs frozen ViT (segmentation)")
+    study = mini_study(schedule, out, data, mae["checkpoint"])
+
+    print("\n" + summary_table(schedule, data, mae, det, seg))
+    print("\n" + study["md"].read_text())
+    print("pictures:")
+    for path in [mae["picture"], *det["pictures"], *seg["pictures"], study.get("plot")]:
+        if path:
+            print(f"  {path}")
+    print(f"\n[demo] finished in {time.time() - start:.0f} s; everything is under {out}")
+    return 0
+
+
+def run(output_dir: str | os.PathLike, sources: DataSources | None = None, schedule: Schedule | None = None) -> int:
+    """The whole job, resumable in `output_dir`. Inputs and the folder's settings are checked before anything
+    runs or is written (a bad path: one MaeTransferError); returns the exit status (130: interrupted)."""
+    sources, schedule = sources or DataSources(), schedule or Schedule()
+    out = Path(output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise MaeTransferError(f"--output-dir {out} is a file, not a folder")
+    inputs = check_inputs(sources)
+    check_settings(out, settings_of(schedule, inputs))
+    return stop_cleanly(out, lambda: run_steps(schedule, out, inputs))

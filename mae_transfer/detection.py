@@ -1,0 +1,423 @@
+"""Mask R-CNN with our plain ViT in detectron2 (LazyConfig, ViTDet recipe): what tools/train_det.py runs.
+
+Follows detectron2's tools/lazyconfig_train_net.py (SimpleTrainer / AMPTrainer, hooks, COCOEvaluator,
+DetectionCheckpointer). Additions: `key=value` overrides are checked to exist, user datasets are validated
+before detectron2 sees them, `train.init_checkpoint` in any format `mae_transfer.checkpoint` reads is
+converted on the fly, optional gradient clipping (a trainer hook), a clean stop on a non-finite loss, and the
+final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json` (`mae_transfer.metrics`).
+
+Framework glue, not the MAE core: importing this module imports detectron2 and registers our backbone there.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from omegaconf import OmegaConf
+
+import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for yacs configs)
+from mae_transfer import checkpoint as ckpt
+from mae_transfer.data import IMAGE_SUFFIXES
+from mae_transfer.detectron2_data import register_coco_instances_checked
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.framework_checkpoints import detection_checkpointer, local_checkpoint_path
+from mae_transfer.metrics import write_eval_metrics
+
+logger = logging.getLogger("mae_transfer.detection")
+
+TOOL = "tools/train_det.py"
+CLIP_TYPES = ("full_model", "norm", "value")
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------- config
+def load_config(path: str, overrides: Sequence[str]) -> Any:
+    """LazyConfig.load + apply_overrides, refusing keys that do not exist in the config."""
+    if not Path(path).is_file():
+        raise MaeTransferError(f"config file not found: {path}")
+    cfg = LazyConfig.load(path)
+    overrides = [o for o in overrides if o != "--"]
+    for item in overrides:
+        if "=" not in item:
+            raise MaeTransferError(f"config override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            known = ", ".join(sorted(map(str, node.keys()))) if hasattr(node, "keys") else ""
+            raise MaeTransferError(f"config override {key!r}: no such key in {path}"
+                                   + (f" (keys under {parent!r}: {known})" if known else ""))
+    return LazyConfig.apply_overrides(cfg, overrides)
+
+
+def setup(args: argparse.Namespace) -> Any:
+    """The config of one tools/train_det.py run: overrides checked, --freeze-blocks / --output-dir applied, CPU
+    fallback, detectron2's default_setup (logging, seed, config.yaml), datasets registered and checked."""
+    opts = list(args.opts)
+    if args.freeze_blocks is not None:
+        opts.append(f"model.backbone.net.freeze_blocks={args.freeze_blocks}")
+    cfg = load_config(args.config, opts)
+    if args.output_dir:
+        cfg.train.output_dir = args.output_dir
+    if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("no CUDA device: running on CPU in fp32")
+        cfg.train.device = "cpu"
+    if cfg.train.device == "cpu" and cfg.train.amp.enabled:
+        cfg.train.amp.enabled = False  # detectron2's AMPTrainer needs CUDA
+    default_setup(cfg, argparse.Namespace(config_file=args.config, eval_only=bool(args.eval_only or args.infer)))
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
+    setup_datasets(cfg, args.train_json, args.train_images, args.val_json, args.val_images,
+                   splits=() if args.infer else ("val",) if args.eval_only else ("train", "val"))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------- datasets
+def register_coco_json(split: str, json_path: str, image_root: str) -> tuple[str, list[str]]:
+    """Check a COCO instances json + image folder (errors; invalid annotations skipped with a warning)
+    and register it, minus the skipped annotations, under a name derived from the paths; returns
+    (name, class names in category-id order, detectron2's contiguous-id order)."""
+    key = hashlib.sha1(f"{Path(json_path).resolve()}|{Path(image_root).resolve()}".encode()).hexdigest()[:8]
+    name = f"{split}_{Path(json_path).stem}_{key}"
+    return name, register_coco_instances_checked(name, json_path, image_root)
+
+
+def check_builtin_coco(name: str) -> None:
+    meta = MetadataCatalog.get(name)
+    json_file, image_root = meta.get("json_file"), meta.get("image_root")
+    if json_file is None:  # not a COCO-json builtin (e.g. another registered dataset): nothing to check
+        return
+    if not Path(json_file).is_file() or not Path(image_root).is_dir():
+        root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        raise MaeTransferError(
+            f"dataset {name!r} not found: expected {json_file} and {image_root} (set $DETECTRON2_DATASETS, now "
+            f"{root!r}, or pass --train-json/--train-images/--val-json/--val-images)"
+        )
+
+
+def setup_datasets(cfg: Any, train_json: str | None = None, train_images: str | None = None,
+                   val_json: str | None = None, val_images: str | None = None,
+                   splits: Sequence[str] = ("train", "val")) -> None:
+    """Point the config's loaders at the user's datasets and set num_classes from them; the builtin datasets
+    the run reads (`splits`: "train", "val") must exist."""
+    classes: dict[str, list[str]] = {}
+    for split, js, im in (("train", train_json, train_images), ("val", val_json, val_images)):
+        if bool(js) != bool(im):
+            raise MaeTransferError(f"--{split}-json and --{split}-images must be given together")
+        if js:
+            name, classes[split] = register_coco_json(split, js, im)
+            if split == "train":
+                cfg.dataloader.train.dataset.names = name
+            else:
+                cfg.dataloader.test.dataset.names = name
+                if "evaluator" in cfg.dataloader:
+                    cfg.dataloader.evaluator.dataset_name = name
+    if "train" in classes and "val" in classes and classes["train"] != classes["val"]:
+        raise MaeTransferError(
+            f"train and val category lists differ ({len(classes['train'])} vs {len(classes['val'])} classes)"
+        )
+    loaders = {"train": cfg.dataloader.train, "val": cfg.dataloader.test}
+    for split in splits:
+        if split not in classes:
+            check_builtin_coco(loaders[split].dataset.names)
+    found = classes.get("train") or classes.get("val")
+    if found:
+        cfg.model.roi_heads.num_classes = len(found)
+        logger.info("num_classes = %d from the dataset json (%s)", len(found), ", ".join(found[:10]))
+    if "evaluator" in cfg.dataloader and cfg.dataloader.evaluator.get("output_dir", None) is None:
+        cfg.dataloader.evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def last_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint named in `output_dir/last_checkpoint` (written by detectron2's checkpointer), if any."""
+    marker = Path(output_dir) / "last_checkpoint"
+    return os.path.join(output_dir, marker.read_text().strip()) if marker.is_file() else None
+
+
+def eval_weights(eval_only: str, output_dir: str, init_checkpoint: str) -> str:
+    """The weights `--eval-only [CKPT]` evaluates: CKPT; without a value ("auto") the output folder's last
+    checkpoint, else train.init_checkpoint."""
+    if eval_only != "auto":
+        return eval_only
+    return last_checkpoint(output_dir) or init_checkpoint
+
+
+def prepare_init_checkpoint(path: str, model: Any, output_dir: str, allow_pickle: bool = False) -> str:
+    """Return a file DetectionCheckpointer can load for `path`, converting foreign formats on the fly.
+
+    detectron2 files (ours, ViTDet's `backbone.net.*`, .pkl model-zoo files) are used as they are after
+    a shape check; anything else goes through `mae_transfer.checkpoint` (our MAE pretraining, official
+    MAE, timm, HF, mmseg, ...), whose load report is logged, and is written as a detectron2 file
+    (`backbone.net.<key>`) in `output_dir`. Files are read safely unless `allow_pickle`.
+    """
+    if not path:
+        return path
+    local = local_checkpoint_path(path)
+    if not Path(local).exists():
+        raise MaeTransferError(f"init checkpoint not found: {path}")
+    if local.endswith((".pkl", ".pyth")):  # model-zoo pickles: detectron2's own reader (needs the opt-in)
+        if not allow_pickle:
+            raise ckpt.needs_pickle_error(local, "a pickle file (detectron2 model-zoo format)")
+        return local
+    raw = ckpt.read_checkpoint(local, allow_pickle)
+    try:
+        state, meta = ckpt.unwrap_state_dict(raw, path)
+        if ckpt.detect_format(state, meta) == "detectron2_vitdet":
+            _check_shapes(state, model, path)
+            logger.info("init checkpoint %s: detectron2 format, loaded by DetectionCheckpointer", path)
+            return local
+        state, report = ckpt.load_backbone_state_dict(raw, _unwrap(model).backbone.net)
+    except MaeTransferError as err:
+        msg = str(err)
+        raise MaeTransferError(msg if str(path) in msg else f"init checkpoint {path}: {msg}") from None
+    report.source = path
+    logger.info("init checkpoint converted for detectron2:\n%s", report)
+    missing = [k for k in report.missing if "rel_pos" not in k]
+    if missing:
+        logger.warning("backbone keys missing from %s (model init kept): %s", path, ", ".join(missing))
+    out = Path(output_dir) / "init_checkpoint_detectron2.pth"
+    ckpt.to_detectron2(state, out)
+    return str(out)
+
+
+def _check_shapes(state: dict, model: Any, path: str) -> None:
+    own = _unwrap(model).state_dict()
+    common = [k for k in state if k in own]
+    if not common:
+        raise MaeTransferError(f"init checkpoint {path}: none of its keys match the model (wrong checkpoint?)")
+    for k in common:
+        if k.startswith("backbone.net.") and tuple(state[k].shape) != tuple(own[k].shape):
+            raise MaeTransferError(
+                f"init checkpoint {path}: {k} has shape {tuple(state[k].shape)}, the model expects "
+                f"{tuple(own[k].shape)} (a different ViT size?)"
+            )
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------------------- gradient clipping
+def clip_gradients(optimizer: torch.optim.Optimizer, clip_type: str, clip_value: float, norm_type: float = 2.0) -> None:
+    """full_model: one norm over all parameters; norm / value: each parameter on its own (detectron2's
+    SOLVER.CLIP_GRADIENTS types)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if clip_type == "full_model":
+        torch.nn.utils.clip_grad_norm_(params, clip_value, norm_type)
+    elif clip_type == "norm":
+        for p in params:
+            torch.nn.utils.clip_grad_norm_(p, clip_value, norm_type)
+    elif clip_type == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_value)
+    else:
+        raise MaeTransferError(f"train.clip_grad.clip_type must be full_model, norm or value, got {clip_type!r}")
+
+
+class ClipGradients(HookBase):
+    """Clips the gradients between the backward pass and the optimizer step (detectron2's `after_backward`
+    hook point). Under AMP the gradients are unscaled first, torch's recipe for clipping with a GradScaler
+    (whose step then does not unscale again)."""
+
+    def __init__(self, clip_type: str, clip_value: float, norm_type: float = 2.0) -> None:
+        if clip_type not in CLIP_TYPES:
+            raise MaeTransferError(f"train.clip_grad.clip_type must be full_model, norm or value, got {clip_type!r}")
+        self.clip_type, self.clip_value, self.norm_type = clip_type, float(clip_value), float(norm_type)
+
+    def after_backward(self) -> None:
+        scaler = getattr(self.trainer, "grad_scaler", None)
+        if scaler is not None:
+            scaler.unscale_(self.trainer.optimizer)
+        clip_gradients(self.trainer.optimizer, self.clip_type, self.clip_value, self.norm_type)
+
+
+def clip_grad_hook(cfg: Any) -> ClipGradients | None:
+    """The hook for `train.clip_grad` (dict(enabled, clip_type, clip_value, norm_type)), None when disabled."""
+    clip = cfg.train.get("clip_grad", None)
+    if clip is None or not clip.enabled:
+        return None
+    return ClipGradients(clip.clip_type, clip.clip_value, clip.get("norm_type", 2.0))
+
+
+# ----------------------------------------------------------------------------------------- train / test
+def build_model(cfg: Any) -> Any:
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("model: %.2fM parameters (%.2fM trainable)", n_all / 1e6, n_train / 1e6)
+    return model
+
+
+def do_test(cfg: Any, model: Any) -> dict:
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    print_csv_format(ret)
+    return ret
+
+
+def write_det_metrics(output_dir: str, results: dict, iteration: int | None, checkpoint: str | None) -> Path:
+    """eval_metrics.json of a COCOEvaluator result: AP^box and AP^mask, every COCO number in `details`."""
+    ap = {task: float(results.get(task, {}).get("AP", math.nan)) for task in ("bbox", "segm")}
+    return write_eval_metrics(output_dir, "det", {"AP_box": ap["bbox"], "AP_mask": ap["segm"]}, tool=TOOL,
+                              iteration=iteration, checkpoint=checkpoint,
+                              details={task: dict(values) for task, values in results.items()})
+
+
+def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) -> dict:
+    """Train (from train.init_checkpoint, or resumed: `resume` "auto" = the output folder's last checkpoint,
+    else a checkpoint path); returns the last evaluation, also written to eval_metrics.json."""
+    model = build_model(cfg)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    clipper = clip_grad_hook(cfg)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle, trainer=trainer)
+    evaluation: dict = {}
+
+    def evaluate() -> dict:
+        evaluation.clear()
+        evaluation.update(do_test(cfg, model))
+        return dict(evaluation)
+
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        clipper,
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        # eval_period 0 disables evaluation (detectron2's EvalHook would still evaluate after the last iter)
+        hooks.EvalHook(cfg.train.eval_period, evaluate) if cfg.train.eval_period > 0 else None,
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                             period=cfg.train.log_period) if comm.is_main_process() else None,
+    ])
+    if resume not in (None, "auto"):
+        if not Path(resume).is_file():
+            raise MaeTransferError(f"--resume: checkpoint not found: {resume}")
+        checkpointer.load(resume)  # model, optimizer, scheduler and iteration
+        start_iter = trainer.iter + 1
+    elif resume == "auto" and checkpointer.has_checkpoint():
+        checkpointer.load(checkpointer.get_checkpoint_file())
+        start_iter = trainer.iter + 1
+    else:
+        init = prepare_init_checkpoint(cfg.train.init_checkpoint, model, cfg.train.output_dir, allow_pickle)
+        checkpointer.load(init, checkpointables=[])
+        start_iter = 0
+    if start_iter:
+        logger.info("resuming from %s at iteration %d",
+                    resume if resume != "auto" else checkpointer.get_checkpoint_file(), start_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as err:
+        last = checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else "none saved yet"
+        raise MaeTransferError(
+            f"training stopped: non-finite loss ({str(err).splitlines()[0]}); last good checkpoint: {last}. "
+            "Lower optimizer.lr or enable train.clip_grad.enabled=True, then --resume."
+        ) from None
+    if evaluation and comm.is_main_process():
+        # iterations the evaluated weights were trained for (a resume at or past max_iter trains none)
+        write_det_metrics(cfg.train.output_dir, evaluation, max(start_iter, cfg.train.max_iter),
+                          checkpointer.get_checkpoint_file() if checkpointer.has_checkpoint() else None)
+    return evaluation
+
+
+def do_eval_only(cfg: Any, weights: str, allow_pickle: bool = False) -> dict:
+    """Evaluate `weights` (any format prepare_init_checkpoint reads); the result also goes to eval_metrics.json."""
+    model = create_ddp_model(build_model(cfg))
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
+    extra = checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir, allow_pickle)) or {}
+    results = do_test(cfg, model)
+    if results and comm.is_main_process():
+        trained = extra.get("iteration")  # detectron2 stores the index of the last iteration run
+        write_det_metrics(cfg.train.output_dir, results, trained + 1 if isinstance(trained, int) else None,
+                          weights or None)
+    return results
+
+
+def do_infer(cfg: Any, images: Sequence[str], weights: str, output: str | None, score_thresh: float,
+             allow_pickle: bool = False) -> list[str]:
+    """Run the model on images (or folders of them) and save pictures with boxes and masks (detectron2 Visualizer)."""
+    files: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise MaeTransferError(f"--infer: image not found: {p}")
+    if not files:
+        raise MaeTransferError("--infer: no images found")
+    if not weights:
+        raise MaeTransferError("--infer needs trained weights: none in train.output_dir and no train.init_checkpoint")
+    model = build_model(cfg).eval()
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
+    checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir, allow_pickle))
+    augs = T.AugmentationList([instantiate(a) for a in cfg.dataloader.test.mapper.augmentations])
+    fmt = cfg.dataloader.train.mapper.image_format
+    metadata = MetadataCatalog.get(cfg.dataloader.test.dataset.names
+                                   if isinstance(cfg.dataloader.test.dataset.names, str) else "__unused")
+    out_dir = Path(output or os.path.join(cfg.train.output_dir, "vis"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        try:
+            image = utils.read_image(str(f), format=fmt)
+        except Exception as err:  # noqa: BLE001  (PIL raises many types for unreadable files)
+            raise MaeTransferError(f"--infer: cannot read image {f}: {err}") from None
+        h, w = image.shape[:2]
+        aug_in = T.AugInput(image)
+        augs(aug_in)
+        tensor = torch.as_tensor(aug_in.image.transpose(2, 0, 1).copy()).to(cfg.train.device)
+        with torch.no_grad():
+            inst = model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
+        inst = inst[inst.scores >= score_thresh]
+        rgb = utils.convert_image_to_rgb(image, fmt)
+        vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(inst)
+        dst = out_dir / f"{f.stem}_pred.png"
+        vis.save(str(dst))
+        logger.info("%s: %d instances >= %.2f -> %s", f, len(inst), score_thresh, dst)
+        written.append(str(dst))
+    return written
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def run(args: argparse.Namespace) -> Any:
+    """One process of tools/train_det.py (detectron2's `launch` starts one per GPU): --infer, --eval-only or
+    training. URL-valued weights are fetched (or refused) before the model is built."""
+    cfg = setup(args)
+    out, init = cfg.train.output_dir, cfg.train.init_checkpoint
+    if args.infer:
+        weights = last_checkpoint(out) or init
+        return do_infer(cfg, args.infer, local_checkpoint_path(weights) if weights else weights, args.output,
+                        args.score_thresh, args.allow_pickle)
+    if args.eval_only:
+        weights = eval_weights(args.eval_only, out, init)
+        if args.eval_only != "auto":
+            weights = local_checkpoint_path(weights, override="--eval-only")
+            if not Path(weights).is_file():
+                raise MaeTransferError(f"--eval-only: checkpoint not found: {weights}")
+        elif weights:
+            weights = local_checkpoint_path(weights)
+        return do_eval_only(cfg, weights, args.allow_pickle)
+    resuming = args.resume not in (None, "auto") or (args.resume == "auto" and last_checkpoint(out) is not None)
+    if init and not resuming:
+        cfg.train.init_checkpoint = local_checkpoint_path(init)
+    return do_train(cfg, args.resume, args.allow_pickle)
