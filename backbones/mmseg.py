@@ -40,8 +40,11 @@ logger = logging.getLogger(__name__)
 class MAEViT(VisionTransformer):
     """Plain ViT backbone for mmseg: returns `len(out_indices)` maps (B, C, H/16, W/16).
 
-    img_size: size of the position table (the pretraining size, 224); other input sizes use a
-        bicubic-interpolated table at run time (same interpolation as mmseg's MAE/BEiT resize).
+    img_size: size of the position table (and of the relative position bias tables). The ADE20K configs
+        use the crop size, 512, as mmseg's `MAE` / BEiT: a 224 checkpoint's table is resized once at
+        import and trained at 32x32. Other input sizes use a bicubic-interpolated table at run time.
+    use_rel_pos_bias: BEiT relative position bias per block, zero-initialised (mmseg `MAE`).
+    init_values: layer scale `gamma_1` / `gamma_2` per block (mmseg `MAE(init_values=1.0)`); None: none.
     out_indices: blocks whose outputs are returned, in increasing order (B: 3,5,7,11; L: 7,11,15,23).
     init_checkpoint: any checkpoint format `mae_transfer.checkpoint` imports (our MAE, official MAE,
         timm, HF, mmseg, ...); loaded in `init_weights`, i.e. when the Runner initialises the model, with
@@ -68,6 +71,8 @@ class MAEViT(VisionTransformer):
         allow_pickle: bool = False,
         freeze_blocks: int = 0,
         grad_checkpointing: bool = False,
+        use_rel_pos_bias: bool = False,
+        init_values: float | None = None,
     ) -> None:
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)) or not (
@@ -82,7 +87,7 @@ class MAEViT(VisionTransformer):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
             num_classes=0, global_pool="", class_token=True, final_norm=False,
-            grad_checkpointing=grad_checkpointing,
+            use_rel_pos_bias=use_rel_pos_bias, init_values=init_values, grad_checkpointing=grad_checkpointing,
         )
         self.out_indices = out_indices
         self.with_cls_token = with_cls_token
@@ -114,7 +119,7 @@ class MAEViT(VisionTransformer):
             patches = tokens[:, self.num_prefix_tokens:]
             outs.append(patches.transpose(1, 2).reshape(b, -1, h, w).contiguous())
 
-        self.run_blocks(self.embed_tokens(x), self.out_indices, hook=keep)
+        self.run_blocks(self.embed_tokens(x), self.out_indices, hook=keep, hw=(h, w))
         return tuple(outs)
 
 

@@ -2,7 +2,8 @@
 
 Parameter names follow timm's `VisionTransformer` (and so the official MAE encoder), so those
 checkpoints load without renaming. Options used downstream (all off by default):
-window attention with a few global blocks and decomposed relative position (ViTDet), absolute
+window attention with a few global blocks and decomposed relative position (ViTDet), BEiT-style
+relative position bias tables and layer scale (BEiT / mmseg `MAE` segmentation fine-tuning), absolute
 position embeddings interpolated to any input size, drop path, activation checkpointing, and
 intermediate block outputs as feature maps, partial fine-tuning (`freeze_blocks`).
 
@@ -110,9 +111,44 @@ def decomposed_rel_pos_terms(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
             torch.einsum("bnhwc,wkc->bnhwk", r_q, rel_pos_table(w, w, rel_pos_w)))
 
 
+def beit_relative_position_index(grid: tuple[int, int]) -> Tensor:
+    """BEiT's (1+N, 1+N) index into a ((2*Wh-1)*(2*Ww-1)+3, heads) bias table for a Wh x Ww grid plus a
+    leading cls token: patch pairs index their 2-D offset; the last 3 rows are cls->patch, patch->cls and
+    cls->cls (the layout of BEiT, mmseg `BEiTAttention` and timm `Beit`, so their tables load as they are)."""
+    wh, ww = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    num = (2 * wh - 1) * (2 * ww - 1) + 3
+    index = torch.zeros((wh * ww + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+    index[0, 0:] = num - 3
+    index[0:, 0] = num - 2
+    index[0, 0] = num - 1
+    return index
+
+
+def resize_rel_pos_bias_table(table: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+    """A BEiT ((2*Wh-1)*(2*Ww-1)+3, heads) table for grid `src_grid` resampled to `dst_grid`: bicubic over the
+    (2*Wh-1) x (2*Ww-1) offset grid with the end offsets kept at the ends (align_corners), the 3 cls rows
+    unchanged. BEiT/mmseg resize with scipy's interp2d (removed from scipy), on a geometric grid."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return table
+    sh, sw = 2 * src_grid[0] - 1, 2 * src_grid[1] - 1
+    dh, dw = 2 * dst_grid[0] - 1, 2 * dst_grid[1] - 1
+    if table.shape[0] != sh * sw + 3:
+        raise BackboneError(f"relative position bias table with {table.shape[0]} rows does not fit grid {src_grid}")
+    grid, extra = table[:-3], table[-3:]
+    dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+    grid = grid.to(dtype).reshape(1, sh, sw, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(dh, dw), mode="bicubic", align_corners=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(dh * dw, -1).to(table.dtype)
+    return torch.cat([grid, extra], dim=0)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
-                 rel_pos_size: tuple[int, int] | None = None) -> None:
+                 rel_pos_size: tuple[int, int] | None = None,
+                 rel_pos_bias_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -125,9 +161,32 @@ class Attention(nn.Module):
             # Zero init: the pretrained model had no rel-pos, so the bias starts neutral.
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+        self.rel_pos_bias_grid = tuple(rel_pos_bias_grid) if rel_pos_bias_grid else None
+        if self.rel_pos_bias_grid:
+            # BEiT/mmseg names; zero init as MAE fine-tuning (mmseg `MAEAttention`): starts as the plain ViT.
+            wh, ww = self.rel_pos_bias_grid
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * wh - 1) * (2 * ww - 1) + 3, num_heads))
+            # Derived from the grid, so not saved: state dicts hold only learned values.
+            self.register_buffer("relative_position_index", beit_relative_position_index(self.rel_pos_bias_grid),
+                                 persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: tokens (B, N, C) or spatial (B, H, W, C); rel-pos needs the spatial layout."""
+    def rel_pos_bias(self, hw: tuple[int, int], cls_token: bool) -> Tensor:
+        """BEiT relative position bias (1, heads, [1+]N, [1+]N) for a query grid hw (the table is resized
+        when hw is not the grid it was built for, e.g. the tiny CPU config or another crop size)."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if tuple(hw) != self.rel_pos_bias_grid:
+            table = resize_rel_pos_bias_table(table, self.rel_pos_bias_grid, hw)
+            index = beit_relative_position_index(hw).to(table.device)
+        n = index.shape[0]
+        bias = table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        if not cls_token:
+            bias = bias[:, 1:, 1:]
+        return bias.unsqueeze(0)
+
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """x: tokens (B, N, C) or spatial (B, H, W, C); rel-pos needs the spatial layout. With the BEiT bias,
+        tokens must be [cls +] an h x w grid: `hw` gives the grid (default: square)."""
         shape = x.shape
         b, c = shape[0], shape[-1]
         tokens = x.reshape(b, -1, c)
@@ -138,9 +197,26 @@ class Attention(nn.Module):
             if x.ndim != 4:
                 raise ValueError("relative position needs spatial (B, H, W, C) input")
             rel_pos = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (shape[1], shape[2]))
-        out = attention(q, k, v, rel_pos=rel_pos)
+        bias = None
+        if self.rel_pos_bias_grid:
+            bias = self._rel_pos_bias_for(x, hw).to(q.dtype)
+        out = attention(q, k, v, bias, rel_pos=rel_pos)
         out = out.transpose(1, 2).reshape(b, -1, c)
         return self.proj(out).reshape(shape)
+
+    def _rel_pos_bias_for(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
+        if x.ndim == 4:
+            return self.rel_pos_bias((x.shape[1], x.shape[2]), cls_token=False)
+        n = x.shape[1]
+        if hw is None:
+            side = math.isqrt(n - 1)
+            if side * side != n - 1:
+                raise BackboneError(f"relative position bias: {n} tokens are not cls + a square grid; pass hw")
+            hw = (side, side)
+        if hw[0] * hw[1] + 1 != n:
+            raise BackboneError(f"relative position bias: {n} tokens are not cls + a {hw[0]}x{hw[1]} grid "
+                                "(it needs every patch, e.g. no MAE masking)")
+        return self.rel_pos_bias(hw, cls_token=True)
 
 
 def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
@@ -165,27 +241,41 @@ def window_unpartition(windows: Tensor, window: int, padded_hw: tuple[int, int],
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, window_size: int = 0, use_rel_pos: bool = False,
-                 rel_pos_size: tuple[int, int] | None = None) -> None:
+                 rel_pos_size: tuple[int, int] | None = None, rel_pos_bias_grid: tuple[int, int] | None = None,
+                 init_values: float | None = None) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, use_rel_pos,
-                              (window_size, window_size) if window_size > 0 else rel_pos_size)
+                              (window_size, window_size) if window_size > 0 else rel_pos_size,
+                              rel_pos_bias_grid=(window_size, window_size) if rel_pos_bias_grid and window_size > 0
+                              else rel_pos_bias_grid)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.init_values = init_values
+        if init_values is not None:
+            # Layer scale with BEiT/mmseg names (`gamma_1`, `gamma_2`), so their checkpoints map 1:1.
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        """hw: the patch grid of a token-layout x (only the BEiT relative position bias needs it)."""
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
-            hw = (x.shape[1], x.shape[2])
+            grid = (x.shape[1], x.shape[2])
             x, padded_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, padded_hw, hw)
+            x = window_unpartition(self.attn(x), self.window_size, padded_hw, grid)
         else:
-            x = self.attn(x)
+            x = self.attn(x, hw)
+        if self.init_values is not None:
+            x = self.gamma_1 * x
         x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x2 = self.mlp(self.norm2(x))
+        if self.init_values is not None:
+            x2 = self.gamma_2 * x2
+        return x + self.drop_path(x2)
 
 
 def interpolate_abs_pos(pos_embed: Tensor, hw: tuple[int, int], has_cls: bool) -> Tensor:
@@ -223,6 +313,8 @@ class VisionTransformer(nn.Module):
         global_block_indexes: Sequence[int] = (),
         use_rel_pos: bool = False,
         rel_pos_input_size: int | None = None,
+        use_rel_pos_bias: bool = False,
+        init_values: float | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
         """
@@ -232,6 +324,12 @@ class VisionTransformer(nn.Module):
         window_size / global_block_indexes: window attention in every block except the listed global ones.
         use_rel_pos / rel_pos_input_size: decomposed relative position; global blocks' tables are sized
             for `rel_pos_input_size` pixels (the dense-task input size), window blocks' for the window.
+        use_rel_pos_bias: BEiT relative position bias, one zero-initialised table per block
+            (`attn.relative_position_bias_table`, cls rows included) for the `img_size` grid (window blocks:
+            the window), added to the attention logits; other grids resize it at run time.
+        init_values: layer scale (`gamma_1`, `gamma_2` per block) starting at this value; None: none.
+        For BEiT / mmseg `MAE` segmentation fine-tuning set img_size to the crop size (512): the position
+        table is then stored, and trained, at that grid, as theirs.
         """
         super().__init__()
         if global_pool not in ("token", "avg", ""):
@@ -245,6 +343,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.window_size = window_size
         self.global_block_indexes = tuple(global_block_indexes)
+        self.use_rel_pos_bias = use_rel_pos_bias
+        self.init_values = init_values
         self.frozen_blocks = 0  # set by `freeze_blocks`
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -258,7 +358,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
                   window_size=0 if i in self.global_block_indexes else window_size,
-                  use_rel_pos=use_rel_pos, rel_pos_size=(rel_grid, rel_grid))
+                  use_rel_pos=use_rel_pos, rel_pos_size=(rel_grid, rel_grid),
+                  rel_pos_bias_grid=(grid, grid) if use_rel_pos_bias else None, init_values=init_values)
             for i in range(depth)
         )
         use_fc_norm = global_pool == "avg"
@@ -283,6 +384,13 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            for block in self.blocks:
+                if block.init_values is not None:
+                    block.gamma_1.fill_(block.init_values)
+                    block.gamma_2.fill_(block.init_values)
+                if block.attn.rel_pos_bias_grid:
+                    block.attn.relative_position_bias_table.zero_()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -329,16 +437,17 @@ class VisionTransformer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ blocks
-    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+    def _run_block(self, block: nn.Module, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return torch.utils.checkpoint.checkpoint(block, x, hw, use_reentrant=False)
+        return block(x, hw)
 
     def run_blocks(self, x: Tensor, out_indices: Sequence[int] = (),
-                   hook: Callable[[int, Tensor], None] | None = None) -> Tensor:
-        """Run all blocks; `hook(i, x)` is called after every block whose index is in `out_indices`."""
+                   hook: Callable[[int, Tensor], None] | None = None, hw: tuple[int, int] | None = None) -> Tensor:
+        """Run all blocks; `hook(i, x)` is called after every block whose index is in `out_indices`.
+        hw: patch grid of a token-layout x (for the BEiT relative position bias; default square)."""
         for i, block in enumerate(self.blocks):
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, hw)
             if hook is not None and i in out_indices:
                 hook(i, x)
         return x
@@ -356,7 +465,8 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens (B, [1+]N, C), as timm's `forward_features`."""
-        return self.norm(self.run_blocks(self.embed_tokens(x)))
+        hw = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return self.norm(self.run_blocks(self.embed_tokens(x), hw=hw))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":

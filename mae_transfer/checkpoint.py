@@ -16,7 +16,7 @@ Supported formats (`LoadReport.format`):
   detectron2_vitdet       detectron2 ViTDet (`backbone.net.*`, rel-pos tables; also our detectron2 files)
   mae_transfer_mmseg      our backbone inside an mmseg model (`backbone.<our keys>`, `to_mmseg` files)
   prefixed_vit            our / timm keys under any other prefix (e.g. an adapter's `backbone.net.vit.`)
-  mmseg_mae               mmseg `MAE` / `BEiT` (`layers.i.ln1`, `ffn`, layer-scale folded into the weights)
+  mmseg_mae               mmseg `MAE` / `BEiT` (`layers.i.ln1`, `ffn`; layer scale, BEiT rel-pos bias tables)
   mmseg_vit               mmseg `VisionTransformer` (`attn.attn.in_proj_weight`)
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.vit import VisionTransformer, resize_rel_pos
+from backbones.vit import VisionTransformer, resize_rel_pos, resize_rel_pos_bias_table
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_torch_save
 
@@ -302,14 +302,18 @@ def _mmseg_block(i: str, rest: str, v: Tensor, out: StateDict, extra: dict[str, 
         if rest.startswith(src):
             out[f"blocks.{i}.{dst}{rest[len(src):]}"] = v
             return True
-    if rest in ("gamma_1", "gamma_2", "attn.q_bias", "attn.v_bias", "attn.relative_position_bias_table"):
+    if rest in ("gamma_1", "gamma_2", "attn.relative_position_bias_table"):
+        out[f"blocks.{i}.{rest}"] = v  # our names are BEiT's; `fit_state_dict` folds them if the model has none
+        return True
+    if rest in ("attn.q_bias", "attn.v_bias"):
         extra[f"{i}.{rest}"] = v
         return True
     return False
 
 
 def _filter_mmseg(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
-    """mmseg MAE/BEiT and VisionTransformer: rename; q/v biases -> qkv bias (k = 0); layer scale folded."""
+    """mmseg MAE/BEiT and VisionTransformer: rename; q/v biases -> qkv bias (k = 0); layer scale and BEiT
+    relative position bias tables kept under our (= BEiT's) names for `fit_state_dict`."""
     body, dropped = (_strip(sd, MMSEG_PREFIX) if any(k.startswith(MMSEG_PREFIX + "layers.") for k in sd)
                      else (dict(sd), []))
     if any(k.startswith("ln_pre.") for k in body):
@@ -334,7 +338,6 @@ def _filter_mmseg(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
     if "patch_embed.proj.weight" in out and "patch_embed.proj.bias" not in out:
         out["patch_embed.proj.bias"] = out["patch_embed.proj.weight"].new_zeros(out["patch_embed.proj.weight"].shape[0])
         notes.append("patch embedding had no bias (mmseg patch_bias=False): zero bias")
-    rel_nonzero = 0
     for i in map(str, blocks):
         w = out.get(f"blocks.{i}.attn.qkv.weight")
         if w is not None and f"blocks.{i}.attn.qkv.bias" not in out:
@@ -342,21 +345,6 @@ def _filter_mmseg(sd: StateDict) -> tuple[StateDict, list[str], list[str]]:
             zeros = w.new_zeros(w.shape[0] // 3)
             out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([zeros if q is None else q, zeros,
                                                           zeros if vb is None else vb])
-        # Layer scale: x + g * (W h + b) == x + (diag(g) W) h + g b, exactly.
-        for gamma, lin in (("gamma_1", "attn.proj"), ("gamma_2", "mlp.fc2")):
-            g = extra.get(f"{i}.{gamma}")
-            if g is not None and f"blocks.{i}.{lin}.weight" in out:
-                out[f"blocks.{i}.{lin}.weight"] = out[f"blocks.{i}.{lin}.weight"] * g[:, None]
-                out[f"blocks.{i}.{lin}.bias"] = out[f"blocks.{i}.{lin}.bias"] * g
-        table = extra.get(f"{i}.attn.relative_position_bias_table")
-        if table is not None and bool(table.abs().max() > 0):
-            rel_nonzero += 1
-    if any(k.endswith("gamma_1") for k in extra):
-        notes.append("layer scale (gamma_1/gamma_2) folded into attn.proj and mlp.fc2")
-    if rel_nonzero:
-        notes.append(f"{rel_nonzero} blocks have non-zero BEiT relative position bias tables, which this ViT "
-                     "cannot represent: they are dropped and outputs will differ from the source model")
-        logger.warning(notes[-1])
     return out, dropped, notes
 
 
@@ -452,6 +440,7 @@ def fit_state_dict(sd: StateDict, model: VisionTransformer, report: LoadReport) 
     """
     target = model.state_dict()
     out: StateDict = {}
+    sd = _fit_beit_extras(dict(sd), target, model, report)
     src_blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
     if src_blocks and max(src_blocks) + 1 != model.depth:
         key = f"blocks.{min(max(src_blocks), model.depth)}.attn.qkv.weight"
@@ -459,6 +448,9 @@ def fit_state_dict(sd: StateDict, model: VisionTransformer, report: LoadReport) 
             f"checkpoint has {max(src_blocks) + 1} blocks but the model has {model.depth} "
             f"(key '{key}'): the checkpoint is for a different architecture (depth)")
     for key, ref in target.items():
+        if key not in sd and _BEIT_EXTRA.match(key):
+            out[key] = ref  # counted in `_fit_beit_extras`'s note: started at their init, not missing
+            continue
         if key not in sd:
             if _CORE.match(key):
                 raise MaeTransferError(f"checkpoint ({report.format}) has no '{key}', which the model needs "
@@ -487,6 +479,56 @@ def fit_state_dict(sd: StateDict, model: VisionTransformer, report: LoadReport) 
         report.loaded.append(key)
     report.unexpected.extend(k for k in sd if k not in target)
     return out
+
+
+_BEIT_EXTRA = re.compile(r"^blocks\.(\d+)\.(gamma_[12]|attn\.relative_position_bias_table)$")
+
+
+def _fit_beit_extras(sd: StateDict, target: StateDict, model: VisionTransformer, report: LoadReport) -> StateDict:
+    """Layer scale and BEiT relative position bias tables (mmseg MAE/BEiT files) against `model`.
+
+    The model has them: loaded as they are, a table resized to the model's grid if needed. The model lacks
+    them: layer scale is folded into attn.proj / mlp.fc2 (exact); a non-zero table cannot be represented and
+    is dropped with a warning. The checkpoint lacks them (e.g. MAE pretraining): the model's init is kept,
+    which is how BEiT/mmseg start fine-tuning (gamma = init_values, zero table), so they are not `missing`.
+    """
+    folded, rel_nonzero = False, 0
+    for key in [k for k in sd if _BEIT_EXTRA.match(k)]:
+        i, name = _BEIT_EXTRA.match(key).groups()
+        v = sd[key]
+        if key in target:
+            if name == "attn.relative_position_bias_table" and v.shape != target[key].shape:
+                grid = model.blocks[int(i)].attn.rel_pos_bias_grid
+                side = (math.isqrt(v.shape[0] - 3) + 1) // 2
+                if (2 * side - 1) ** 2 + 3 != v.shape[0] or v.shape[1:] != target[key].shape[1:]:
+                    raise MaeTransferError(f"checkpoint key '{key}' has shape {tuple(v.shape)} but the model "
+                                           f"expects {tuple(target[key].shape)}: different heads or not a square grid")
+                sd[key] = resize_rel_pos_bias_table(v, (side, side), grid)
+                report.resized[key] = (tuple(v.shape), tuple(target[key].shape))
+            continue
+        del sd[key]
+        if name.startswith("gamma"):
+            # x + g * (W h + b) == x + (diag(g) W) h + g b, exactly.
+            lin = f"blocks.{i}.{'attn.proj' if name == 'gamma_1' else 'mlp.fc2'}"
+            if f"{lin}.weight" in sd:
+                sd[f"{lin}.weight"] = sd[f"{lin}.weight"] * v[:, None]
+                sd[f"{lin}.bias"] = sd[f"{lin}.bias"] * v
+                folded = True
+        elif bool(v.abs().max() > 0):
+            rel_nonzero += 1
+    if folded:
+        report.notes.append("layer scale (gamma_1/gamma_2) folded into attn.proj and mlp.fc2 "
+                            "(the model has no layer scale)")
+    if rel_nonzero:
+        report.notes.append(f"{rel_nonzero} blocks have non-zero BEiT relative position bias tables, which this "
+                            "model has not (build it with use_rel_pos_bias=True): they are dropped and outputs "
+                            "will differ from the source model")
+        logger.warning(report.notes[-1])
+    kept = [k for k in target if _BEIT_EXTRA.match(k) and k not in sd]
+    if kept:
+        report.notes.append(f"{len(kept)} layer-scale / relative-position-bias tensors are not in the checkpoint: "
+                            "they keep the model's init (gamma = init_values, zero bias), as BEiT fine-tuning starts")
+    return sd
 
 
 def _fit_pos_embed(v: Tensor, model: VisionTransformer, report: LoadReport) -> Tensor:

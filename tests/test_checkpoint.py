@@ -310,6 +310,93 @@ def test_mmseg_beit_qv_bias(img):
         torch.testing.assert_close(_our_token_maps(model, img, (1,))[0], ref(img)[0], **TOL)
 
 
+def _mae_with_tables(img_size=64, init_values=0.5):
+    """mmseg `MAE` with everything random: weights, layer scale and non-zero BEiT rel-pos tables."""
+    from mmseg.models.backbones import MAE
+
+    ref = MAE(img_size=img_size, patch_size=16, embed_dims=DIM, num_layers=DEPTH, num_heads=HEADS,
+              out_indices=(0, 1), norm_cfg=dict(type="LN", eps=1e-6), init_values=init_values)
+    ref = _perturb(ref, skip=())
+    with torch.no_grad():
+        for layer in ref.layers:
+            layer.attn.relative_position_bias_table.normal_(0, 0.5)
+            layer.gamma_1.uniform_(0.5, 1.5)
+            layer.gamma_2.uniform_(0.5, 1.5)
+    return ref
+
+
+def test_mmseg_mae_rel_pos_bias_and_layer_scale_load_losslessly(img, caplog):
+    """Non-zero BEiT tables and layer scale map 1:1 onto a model built with them: no warning, same outputs."""
+    ref = _mae_with_tables()
+    model = ours(use_rel_pos_bias=True, init_values=1.0, final_norm=False)  # mmseg MAE: no final norm
+    with caplog.at_level("WARNING"):
+        report = _load({"state_dict": {"backbone." + k: v for k, v in ref.state_dict().items()}}, model)
+    assert report.format == "mmseg_mae" and report.missing == [] and not caplog.records
+    assert not any("folded" in n or "dropped" in n for n in report.notes)
+    assert "blocks.1.attn.relative_position_bias_table" in report.loaded and "blocks.0.gamma_2" in report.loaded
+    torch.testing.assert_close(model.blocks[1].gamma_1.detach(), ref.layers[1].gamma_1.detach(), atol=0, rtol=0)
+    with torch.no_grad():
+        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img)):
+            torch.testing.assert_close(got, expect, **TOL)
+        # Sensitive to the tables: without one block's, the outputs move.
+        model.blocks[0].attn.relative_position_bias_table.zero_()
+        assert (_our_token_maps(model, img, (0,))[0] - ref(img)[0]).abs().max() > 1e-3
+
+
+def test_mmseg_mae_tables_without_rel_pos_bias_model_still_warn(img, caplog):
+    ref = _mae_with_tables()
+    with caplog.at_level("WARNING"):
+        report = _load(ref.state_dict(), ours())
+    assert any("dropped" in n for n in report.notes) and any("folded" in n for n in report.notes)
+    assert any("relative position bias" in r.getMessage() for r in caplog.records)
+
+
+def test_rel_pos_bias_table_resize():
+    """BEiT table resize: cls rows kept; with the end offsets aligned, 4x4 -> 7x7 (7 -> 13 offsets) keeps every
+    source offset's value on the even rows/columns; a constant table stays constant."""
+    from backbones.vit import resize_rel_pos_bias_table
+
+    torch.manual_seed(0)
+    src = torch.randn(7 * 7 + 3, 3, dtype=torch.float64)
+    assert resize_rel_pos_bias_table(src, (4, 4), (4, 4)) is src
+    up = resize_rel_pos_bias_table(src, (4, 4), (7, 7))
+    assert up.shape == (13 * 13 + 3, 3) and up.dtype == torch.float64
+    torch.testing.assert_close(up[-3:], src[-3:], atol=0, rtol=0)
+    torch.testing.assert_close(up[:-3].reshape(13, 13, 3)[::2, ::2], src[:-3].reshape(7, 7, 3), atol=1e-12, rtol=0)
+    const = torch.full((7 * 7 + 3, 2), 0.25)
+    for w in (2, 6, 32):
+        torch.testing.assert_close(resize_rel_pos_bias_table(const, (4, 4), (w, w)),
+                                   torch.full(((2 * w - 1) ** 2 + 3, 2), 0.25), atol=1e-6, rtol=0)
+    with pytest.raises(Exception, match="does not fit"):
+        resize_rel_pos_bias_table(src, (5, 5), (4, 4))
+
+
+def test_mmseg_mae_tables_resized_to_the_model_grid(img):
+    """A 64-px (4x4) mmseg MAE file into a 96-px model (6x6): each table resized once at import (cls rows
+    kept) and read through BEiT's index layout for the new grid."""
+    from backbones.vit import resize_rel_pos_bias_table
+
+    ref = _mae_with_tables()
+    model = ours(img_size=96, use_rel_pos_bias=True, init_values=1.0)
+    report = _load(ref.state_dict(), model)
+    key = "blocks.0.attn.relative_position_bias_table"
+    assert report.resized[key] == ((7 * 7 + 3, HEADS), (11 * 11 + 3, HEADS))
+    src = ref.layers[0].attn.relative_position_bias_table.detach()
+    got = model.blocks[0].attn.relative_position_bias_table.detach()
+    torch.testing.assert_close(got, resize_rel_pos_bias_table(src, (4, 4), (6, 6)), atol=0, rtol=0)
+    torch.testing.assert_close(got[-3:], src[-3:], atol=0, rtol=0)
+    # Offset 0 (the centre of the offset grid) keeps its value: aligned ends keep the centre too.
+    torch.testing.assert_close(got[5 * 11 + 5], src[3 * 7 + 3], atol=1e-6, rtol=0)
+    # BEiT's index layout for the new grid: every pair of patches reads its offset's row.
+    with torch.no_grad():
+        bias = model.blocks[0].attn.rel_pos_bias((6, 6), cls_token=True)[0]
+    assert bias.shape == (HEADS, 37, 37)
+    torch.testing.assert_close(bias[:, 1, 1], got[5 * 11 + 5], atol=0, rtol=0)
+    torch.testing.assert_close(bias[:, 0, 5], got[-3], atol=0, rtol=0)  # cls -> patch
+    torch.testing.assert_close(bias[:, 5, 0], got[-2], atol=0, rtol=0)  # patch -> cls
+    torch.testing.assert_close(bias[:, 0, 0], got[-1], atol=0, rtol=0)
+
+
 def test_mmseg_vit_parity(img):
     from mmseg.models.backbones import VisionTransformer as MMViT
 

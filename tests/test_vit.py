@@ -167,3 +167,35 @@ def test_bf16_cpu_training_attention_is_about_as_accurate_as_sdpa(tokens: int, w
     with torch.no_grad():  # inference keeps SDPA
         args = [t.bfloat16() for t in (q, k, v)]
         torch.testing.assert_close(attention(*args), sdpa(*args, None), rtol=0, atol=0)
+
+
+def test_beit_options_off_by_default_and_neutral_at_init() -> None:
+    """Layer scale and the BEiT relative position bias are opt-in (pretraining / ViTDet keys unchanged); at
+    init (gamma 1.0, zero tables) they compute exactly the plain ViT."""
+    cfg = dict(img_size=64, embed_dim=48, depth=2, num_heads=3)
+    plain = VisionTransformer(**cfg).eval()
+    assert not any("gamma" in k or "relative_position" in k for k in plain.state_dict())
+    beit = VisionTransformer(**cfg, use_rel_pos_bias=True, init_values=1.0).eval()
+    extra = set(beit.state_dict()) - set(plain.state_dict())
+    assert extra == {f"blocks.{i}.{n}" for i in range(2)
+                     for n in ("gamma_1", "gamma_2", "attn.relative_position_bias_table")}
+    assert beit.blocks[0].attn.relative_position_bias_table.shape == (7 * 7 + 3, 3)
+    beit.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(beit.forward_features(x), plain.forward_features(x), atol=1e-6, rtol=0)
+
+
+def test_beit_rel_pos_bias_is_trained_and_resized_at_other_grids() -> None:
+    model = VisionTransformer(img_size=64, embed_dim=48, depth=2, num_heads=3, use_rel_pos_bias=True,
+                              init_values=0.1, grad_checkpointing=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.relative_position_bias_table.normal_()
+    model.train()
+    model.forward_features(torch.randn(2, 3, 48, 80)).sum().backward()  # 3x5 grid: table resized in forward
+    for block in model.blocks:
+        assert block.attn.relative_position_bias_table.grad.abs().sum() > 0
+        assert block.gamma_1.grad.abs().sum() > 0 and block.gamma_2.grad.abs().sum() > 0
+    with pytest.raises(BackboneError, match="not cls"):
+        model.blocks[0].attn(torch.randn(1, 7, 48))  # masked tokens (MAE) have no grid for the bias
