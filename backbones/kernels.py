@@ -1,7 +1,10 @@
 """Attention kernels, behind one dispatch function: `attention`.
 
-Three paths compute the same softmax(q k^T / sqrt(d) + bias) v:
+Four paths compute the same softmax(q k^T / sqrt(d) + bias) v:
   - SDPA (`F.scaled_dot_product_attention`): the default, on every device and dtype.
+  - `BiasedAttention`, CPU fp32 training with a bias that needs gradients (the BEiT relative position bias):
+    SDPA's CPU flash kernels take such a bias but return no gradient for it, so SDPA would fall back to its
+    math path; this kernel runs the flash kernels for q, k, v and computes the bias gradient separately.
   - `ChunkedRelPosAttention`, CPU global attention with decomposed rel-pos at >= CHUNKED_ATTENTION_MIN_TOKENS:
     SDPA's CPU kernels take no bias that needs gradients, so it would fall back to its math path and store
     every (heads, N, N) tensor; this kernel keeps nothing of size N x N between forward and backward.
@@ -19,6 +22,7 @@ from torch import Tensor
 
 CHUNKED_ATTENTION_MIN_TOKENS = 1024  # below this (window blocks, 224-px models) SDPA's batched kernels win
 CHUNK_QUERIES = 1024  # query rows per chunk: 1024 x 4096 fp32 logits = 16 MB, stays in the CPU cache
+BIAS_GRAD_CHUNK = 1 << 21  # logits per chunk of the bias gradient (8 MB fp32): one head of 1025 tokens at once
 EXPLICIT_BF16_ATTENTION_MAX_TOKENS = 256  # stored (heads, N, N) bf16 probabilities: a few MB per layer
 
 
@@ -36,6 +40,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, *,
             return ChunkedRelPosAttention.apply(q, k, v, rel_h, rel_w, q.shape[-1] ** -0.5)
         rel_bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(q.shape[0], q.shape[1], h * w, -1)
         bias = rel_bias if bias is None else bias + rel_bias
+    elif (bias is not None and bias.requires_grad and torch.is_grad_enabled() and q.device.type == "cpu"
+          and q.dtype == torch.float32 and bias.dtype == torch.float32 and bias.dim() == 4):
+        return BiasedAttention.apply(q, k, v, bias)
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
             and max(q.shape[-2], k.shape[-2]) <= EXPLICIT_BF16_ATTENTION_MAX_TOKENS):
         # As timm's non-fused attention computes it (bf16 logits under autocast, as detectron2's ViTDet).
@@ -109,3 +116,55 @@ class ChunkedRelPosAttention(torch.autograd.Function):
                 dk[i].addmm_(ds.t(), qs[i, rows])
         dq.mul_(ctx.scale)  # logits used q * scale
         return (dq.view(q_shape), dk.view(q_shape), dv.view(q_shape), drh.view(rh_shape), drw.view(rw_shape), None)
+
+
+class BiasedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + bias) v on CPU for a bias that needs gradients, e.g. BEiT's learned relative
+    position bias. q, k, v: (B, heads, N, d); bias: (1 or B, 1 or heads, N, N_k), broadcast over the batch.
+
+    Forward and the q / k / v gradients are SDPA's CPU flash kernels (the bias goes in as their float mask), so
+    no (heads, N, N) tensor is kept between forward and backward. The bias gradient, sum over the broadcast
+    dims of dS = P * (dP - rowsum(dO * O)), is computed per (head, image, block of query rows) with the
+    probabilities recomputed from the forward's logsumexp; both subtractions are folded into the GEMMs
+    (q gets a column -logsumexp against a column of ones in k, dO a column -rowsum(dO * O) against ones in v),
+    so each block costs two GEMMs, one exp and one fused multiply-add into the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        bias = bias.contiguous()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq = dk = dv = dbias = None
+        if any(ctx.needs_input_grad[:3]):
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias)
+        if ctx.needs_input_grad[3]:
+            dbias = _bias_grad(q, k, v, bias, out, lse, grad_out)
+        return dq, dk, dv, dbias
+
+
+def _bias_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor) -> Tensor:
+    b, heads, n, d = q.shape
+    ones = q.new_ones(b, heads, k.shape[2], 1)
+    q_lse = torch.cat([q * d ** -0.5, -lse.unsqueeze(-1)], -1)  # (q k^T) / sqrt(d) - lse in one GEMM
+    k_one = torch.cat([k, ones], -1)
+    go_delta = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], -1)  # dP - rowsum(dO * O)
+    v_one = torch.cat([v, ones], -1)
+    dbias = torch.zeros_like(bias)
+    rows = max(1, BIAS_GRAD_CHUNK // k.shape[2])
+    probs, dprobs = q.new_empty(min(rows, n), k.shape[2]), q.new_empty(min(rows, n), k.shape[2])
+    for h in range(heads):
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            for i in range(b):
+                p = torch.addmm(bias[i % bias.shape[0], h % bias.shape[1], r0:r1], q_lse[i, h, r0:r1],
+                                k_one[i, h].t(), out=probs[: r1 - r0]).exp_()
+                dp = torch.mm(go_delta[i, h, r0:r1], v_one[i, h].t(), out=dprobs[: r1 - r0])
+                dbias[i % bias.shape[0], h % bias.shape[1], r0:r1].addcmul_(p, dp)
+    return dbias

@@ -28,7 +28,7 @@ from torch import nn
 
 from backbones.errors import BackboneError
 
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "rel_pos_h", "rel_pos_w")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "rel_pos_h", "rel_pos_w", "relative_position_bias_table")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 

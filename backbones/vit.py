@@ -179,7 +179,7 @@ class Attention(nn.Module):
             table = resize_rel_pos_bias_table(table, self.rel_pos_bias_grid, hw)
             index = beit_relative_position_index(hw).to(table.device)
         n = index.shape[0]
-        bias = table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
+        bias = table.t()[:, index.reshape(-1)].reshape(-1, n, n)  # (heads, n, n), contiguous
         if not cls_token:
             bias = bias[:, 1:, 1:]
         return bias.unsqueeze(0)

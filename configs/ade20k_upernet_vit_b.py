@@ -37,7 +37,12 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         type='MAEViT',
-        img_size=224,  # pretraining size of the position table; interpolated to the input at run time
+        # mmseg MAE / BEiT layout, parameter for parameter (163,877,228 with these heads): position table
+        # at the 32x32 fine-tuning grid (resized once from the 224 checkpoint), a zero-initialised relative
+        # position bias table per block and layer scale 1.0 (mmseg `MAE(init_values=1.0)`).
+        img_size=crop_size[0],
+        use_rel_pos_bias=True,
+        init_values=1.0,
         patch_size=16,
         embed_dim=embed_dim,
         depth=depth,

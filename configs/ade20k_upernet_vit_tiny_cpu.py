@@ -16,7 +16,7 @@ norm_cfg = dict(type='SyncBN', requires_grad=True)
 
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(embed_dim=embed_dim, depth=depth, num_heads=3, out_indices=out_indices),
+    backbone=dict(img_size=crop_size[0], embed_dim=embed_dim, depth=depth, num_heads=3, out_indices=out_indices),
     neck=dict(embed_dim=embed_dim),
     decode_head=dict(in_channels=[embed_dim] * 4, channels=64),
     auxiliary_head=dict(in_channels=embed_dim, channels=32),
