@@ -2,11 +2,13 @@
 """Run a transfer study: backbones x tasks x freeze_blocks x seeds through the real detectron2 / mmseg tools.
 
   python tools/study.py --spec configs/studies/cpu_shared_data.py [--output-dir DIR] [--dry-run]
+  python tools/study.py --spec SPEC --output-dir DIR --executor slurm [--slurm partition=gpu] [--retry-failed]
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
 are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
 User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the running cell's tool and exits
-130 with every finished cell and the tables kept; the next run resumes.
+130 with every finished cell and the tables kept; the next run resumes. With --executor, every cell (and
+pretraining) is a submitit job instead (mae_transfer/study_cluster.py); rerun the same command to collect.
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(passed to every cell)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the cells and the commands still to run, run nothing")
+    parser.add_argument("--executor", choices=["local", "slurm"],
+                        help="run every cell as a submitit job (Slurm, or local processes); default: in this process")
+    parser.add_argument("--max-parallel", type=int, metavar="N",
+                        help="--executor: jobs in flight at most (default: slurm no limit, local 1)")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                        help="--executor: job resources for every job, over the spec's slurm=dict(...) "
+                             "(e.g. partition=gpu account=proj time=72:00:00 nodes=2 gpus_per_node=8)")
+    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit the failed jobs")
+    parser.add_argument("--wait", action="store_true", help="--executor: stay until no job is in flight")
+    parser.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="--wait: time between checks")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -59,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for what, cmd in steps:
             print(f"# {what}\n{shlex.join(cmd)}")
         print(f"{len(steps)} step(s) to run")
+        return 0
+    if args.executor:
+        from mae_transfer.study_cluster import parse_overrides, run_study_jobs
+
+        result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
+                                parse_overrides(args.slurm))
+        print(f"{Path(result['results']).read_text()}\n{result['status']}")
         return 0
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop like Ctrl-C (running tool ended, tables written)
     result = run_study(study)
