@@ -20,6 +20,7 @@ submitit is imported inside the functions here, never when mae_transfer is impor
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
@@ -341,10 +342,33 @@ def submit(job: ToolJob, executor: str, folder: str | os.PathLike, res: Resource
     """Submit `job`; returns what a collector needs later: job id, executor, folder, log paths."""
     folder = Path(folder).resolve()
     ex = make_executor(executor, folder, job.tool, res, job_name, dependency)
-    handle = ex.submit(job)
+    if executor == "local":
+        with _stdio_to(folder / "controller.log"):
+            handle = ex.submit(job)
+    else:
+        handle = ex.submit(job)
     return {"job_id": str(handle.job_id), "executor": executor, "folder": str(folder),
             "stdout": str(handle.paths.stdout), "stderr": str(handle.paths.stderr),
             "submitted": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+@contextlib.contextmanager
+def _stdio_to(log: Path) -> Iterator[None]:
+    """The local executor's controller outlives this process and inherits its stdout / stderr: give it a log file
+    instead, or whoever reads this process's output through a pipe would wait for the job to end."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def sbatch_script(job: ToolJob, folder: str | os.PathLike, res: Resources, job_name: str,
