@@ -5,6 +5,7 @@ submitit's local executor with one job killed mid-run and resumed by the re-run.
 from __future__ import annotations
 
 import csv
+import re
 import json
 import os
 import shutil
@@ -226,3 +227,52 @@ def test_local_executor_study_with_a_killed_job_resumed_by_the_rerun(tmp_path: P
     # nothing left to do: the same command only collects
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert third.returncode == 0 and "2 finished" in third.stdout and "submitted now" not in third.stdout
+
+
+# ------------------------------------------------------------------------------------------- README
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_readme_tool_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_cluster_commands_use_only_existing_options() -> None:
+    """Every command of the README's "Running on a cluster" section parses with the tools' own parsers (submit.py,
+    then the tool it submits; study.py), and every option the prose names is one of submit.py's."""
+    import shlex
+
+    from mae_transfer.cluster import parse_tool_args
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith(".venv/bin/python tools/")]
+    assert [c[1] for c in commands] == ["tools/submit.py", "tools/submit.py", "tools/study.py"]
+    submit_parser = _load_tool("submit").build_parser()
+    tools = []
+    for cmd in commands[:2]:
+        args = submit_parser.parse_args(cmd[2:])  # an unknown option exits here
+        parse_tool_args(args.tool, args.tool_args)
+        tools.append((args.tool, args.nodes, args.gpus_per_node))
+    assert tools == [("pretrain", 2, 8), ("train_det", 1, 8)]
+    study_args = _load_tool("study").parse_args(commands[2][2:])
+    assert study_args.executor == "slurm" and (REPO_ROOT / study_args.spec).is_file()
+    known = {s for a in submit_parser._actions for s in a.option_strings}
+    named = set(re.findall(r"`(--[a-z-]+)", section)) - {"--executor", "--slurm", "--retry-failed", "--max-parallel",
+                                                         "--wait", "--resume", "--launcher", "--num-gpus",
+                                                         "--num-machines", "--machine-rank", "--dist-url",
+                                                         "--output-dir", "--signal", "--dependency"}
+    assert named <= known, named - known
+    # the study options the section names (left out above) exist too
+    _load_tool("study").parse_args(["--spec", "s.py", "--executor", "local", "--retry-failed", "--max-parallel", "2",
+                                    "--wait", "--slurm", "time=10"])
+
+
+def test_submitit_is_imported_only_when_a_job_is_made() -> None:
+    code = ("import sys, mae_transfer.cluster, mae_transfer.study_cluster, mae_transfer.study; "
+            "assert 'submitit' not in sys.modules, 'submitit imported at import time'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

@@ -2,13 +2,12 @@
 """Run a transfer study: backbones x tasks x freeze_blocks x seeds through the real detectron2 / mmseg tools.
 
   python tools/study.py --spec configs/studies/cpu_shared_data.py [--output-dir DIR] [--dry-run]
-  python tools/study.py --spec SPEC --output-dir DIR --executor slurm [--slurm partition=gpu] [--retry-failed]
+  python tools/study.py --spec SPEC --output-dir DIR --executor slurm   # jobs; rerun it to collect (README)
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
 are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
 User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the running cell's tool and exits
-130 with every finished cell and the tables kept; the next run resumes. With --executor, every cell (and
-pretraining) is a submitit job instead (mae_transfer/study_cluster.py); rerun the same command to collect.
+130 with every finished cell and the tables kept; the next run resumes.
 """
 from __future__ import annotations
 
@@ -32,19 +31,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", dest="output",
                         help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
     parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="trust the backbone checkpoints: let them hold pickled Python objects "
-                             "(passed to every cell)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the cells and the commands still to run, run nothing")
+    parser.add_argument("--allow-pickle", action="store_true", help="trust the backbone checkpoints: let them hold "
+                        "pickled Python objects (passed to every cell)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run only")
     parser.add_argument("--executor", choices=["local", "slurm"],
                         help="run every cell as a submitit job (Slurm, or local processes); default: in this process")
     parser.add_argument("--max-parallel", type=int, metavar="N",
                         help="--executor: jobs in flight at most (default: slurm no limit, local 1)")
-    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                        help="--executor: job resources for every job, over the spec's slurm=dict(...) "
-                             "(e.g. partition=gpu account=proj time=72:00:00 nodes=2 gpus_per_node=8)")
-    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit the failed jobs")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="--executor: resources of "
+                        "every job, over the spec's slurm=dict(...), e.g. partition=gpu time=72:00:00 (repeatable)")
+    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit failed jobs")
     parser.add_argument("--wait", action="store_true", help="--executor: stay until no job is in flight")
     parser.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="--wait: time between checks")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
