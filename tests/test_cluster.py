@@ -219,7 +219,7 @@ def test_local_executor_study_with_a_killed_job_resumed_by_the_rerun(tmp_path: P
     done = json.loads((cells[victim] / DONE).read_text())
     assert done["resumed"] is True and 0.0 <= done["metrics"]["mIoU"] <= 100.0
     assert "resuming: " in Path(jobs[victim]["stdout"]).read_text()  # the resubmitted job added --resume
-    assert "Auto resumed from the latest checkpoint" in Path(jobs[victim]["stderr"]).read_text()  # mmengine's
+    assert "Auto resumed from the latest checkpoint" in Path(jobs[victim]["stdout"]).read_text()  # mmengine's log
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and (out / "plot.png").stat().st_size > 0
     other = next(k for k in cells if k != victim)
