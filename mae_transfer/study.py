@@ -67,8 +67,8 @@ TASK_KINDS = ("det", "seg", "cls")
 KIND_METRICS = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1",)}
 METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU", "top1": "top-1"}
 MD_LABELS = {"AP_box": "AP^box", "AP_mask": "AP^mask", "mIoU": "mIoU", "top1": "top-1"}
-SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python"}
-TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher"}
+SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python", "slurm"}
+TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher", "slurm"}
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -100,6 +100,7 @@ class Study:
     spec_path: Path | None = None
     python: str = field(default_factory=lambda: sys.executable)
     allow_pickle: bool = False  # backbone files may hold pickled objects (passed to every cell as --allow-pickle)
+    slurm: dict[str, Any] = field(default_factory=dict)  # job resources of every job (--executor; tasks add theirs)
 
     def cells(self) -> list[Cell]:
         """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
@@ -196,14 +197,27 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
         tasks[name] = dict(kind=task["kind"], config=str(config), iters=iters,
                            args=[str(a) for a in task.get("args", [])], opts=[str(o) for o in task.get("opts", [])],
                            checkpoint_period=int(task.get("checkpoint_period") or max(1, iters // 2)),
-                           launcher=[str(a) for a in task.get("launcher") or []])
+                           launcher=[str(a) for a in task.get("launcher") or []],
+                           slurm=_check_slurm(task.get("slurm"), f"{where}: task {name!r}"))
 
     out = output_dir or raw.get("output_dir") or Path("work_dirs") / "studies" / (
         raw.get("name") or (spec_path.stem if spec_path else "study"))
     return Study(name=str(raw.get("name") or (spec_path.stem if spec_path else "study")), depth=depth,
                  freeze_blocks=freezes, seeds=seeds, backbones=backbones, tasks=tasks,
                  output_dir=Path(out).resolve(), spec_path=spec_path, python=raw.get("python") or sys.executable,
-                 allow_pickle=allow_pickle)
+                 allow_pickle=allow_pickle, slurm=_check_slurm(raw.get("slurm"), where))
+
+
+def _check_slurm(value: Any, where: str) -> dict[str, Any]:
+    """A spec's / task's / pretraining's `slurm=dict(...)`: job resources for `tools/study.py --executor`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MaeTransferError(f"{where}: slurm must be a dict of job resources, got {value!r}")
+    from mae_transfer.cluster import make_resources
+
+    make_resources(value, where)  # unknown keys and bad values fail when the spec is read
+    return dict(value)
 
 
 def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
@@ -226,6 +240,7 @@ def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, A
         crops["json"], crops["images"] = str(resolve_path(crops["json"])), str(resolve_path(crops["images"]))
         pre["crops"] = crops
     pre["opts"] = [str(o) for o in pre.get("opts", [])]
+    pre["slurm"] = _check_slurm(pre.get("slurm"), f"{where}: backbone {name!r}")
     entry["pretrain"] = pre
     return entry
 
@@ -348,18 +363,23 @@ def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[st
     ]
 
 
+def prepare_pretrain_data(study: Study, name: str) -> None:
+    """A backbone pretrained on COCO object crops: write that ImageFolder first (`crops=dict(...)`)."""
+    pre = study.backbones[name]["pretrain"]
+    if pre.get("crops"):
+        from mae_transfer.data import coco_crops_to_imagefolder
+
+        c = pre["crops"]
+        coco_crops_to_imagefolder(c["json"], c["images"], _pretrain_data(study, pre), int(c.get("min_size", 16)))
+
+
 def prepare_backbone(study: Study, name: str) -> str | None:
     """Checkpoint path of a backbone, pretraining (resumably) and exporting it first when it is missing."""
     ckpt, commands = backbone_commands(study, name)
     if ckpt is not None and not commands and not Path(ckpt).is_file():
         raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
     if commands:
-        pre = study.backbones[name]["pretrain"]
-        if pre.get("crops"):
-            from mae_transfer.data import coco_crops_to_imagefolder
-
-            c = pre["crops"]
-            coco_crops_to_imagefolder(c["json"], c["images"], _pretrain_data(study, pre), int(c.get("min_size", 16)))
+        prepare_pretrain_data(study, name)
         log = _backbone_work(study, name) / "run.log"
         logger.info("backbone %s: pretraining (log: %s)", name, log)
         start = time.time()
@@ -396,17 +416,7 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
     todo = [c for c in cells if not (study.cell_dir(c) / DONE).is_file()]
     skipped = [c.name for c in cells if c not in todo]
     _warn_changed(study, [c for c in cells if c not in todo])
-    for name in dict.fromkeys(c.backbone for c in todo):  # a bad file fails now, not hours into the study
-        ckpt, commands = backbone_commands(study, name)
-        if ckpt is not None and not commands:
-            if not Path(ckpt).is_file():
-                raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
-            try:  # a file that needs the unpickler is refused now unless the user opted in
-                read_checkpoint(ckpt, study.allow_pickle)
-            except PickledCheckpointError as err:
-                raise MaeTransferError(f"backbone {name!r}: {err}") from None
-            except MaeTransferError:
-                pass  # other problems (format, shapes) are each cell's tool's to report, in the cell's log
+    check_backbone_files(study, todo)
     logger.info("study %s: %d cells, %d finished (skipped), %d to run; output %s", study.name, len(cells),
                 len(skipped), len(todo), study.output_dir)
     ran: list[str] = []
@@ -426,10 +436,7 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
                 failed.append((cell.name, str(err)))
                 continue
             seconds = time.time() - start
-            record = {"cell": cell.__dict__, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks),
-                      "checkpoint": checkpoints[cell.backbone], "metrics": metrics, "seconds": round(seconds, 1),
-                      "resumed": resume, "command": cell_command(study, cell, checkpoints[cell.backbone], False)}
-            atomic_write_text(json.dumps(record, indent=1) + "\n", study.cell_dir(cell) / DONE)
+            write_done(study, cell, checkpoints[cell.backbone], metrics, seconds, resume)
             ran.append(cell.name)
             logger.info("[%d/%d] %s: %s (%.0f s)", i, len(todo), cell.name,
                         ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), seconds)
@@ -439,6 +446,32 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
     if failed:
         raise MaeTransferError(f"{len(failed)} of {len(todo)} cell(s) failed, first: {failed[0][1]}")
     return {"ran": ran, "skipped": skipped, "failed": failed, "results": study.output_dir / "results.md"}
+
+
+def check_backbone_files(study: Study, cells: list[Cell]) -> None:
+    """A missing backbone file, or one that needs the unpickler without --allow-pickle, fails now, not hours
+    into the study."""
+    for name in dict.fromkeys(c.backbone for c in cells):
+        ckpt, commands = backbone_commands(study, name)
+        if ckpt is not None and not commands:
+            if not Path(ckpt).is_file():
+                raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
+            try:  # a file that needs the unpickler is refused now unless the user opted in
+                read_checkpoint(ckpt, study.allow_pickle)
+            except PickledCheckpointError as err:
+                raise MaeTransferError(f"backbone {name!r}: {err}") from None
+            except MaeTransferError:
+                pass  # other problems (format, shapes) are each cell's tool's to report, in the cell's log
+
+
+def write_done(study: Study, cell: Cell, checkpoint: str | None, metrics: dict[str, float], seconds: float,
+               resumed: bool, **extra: Any) -> dict[str, Any]:
+    """The finished-cell marker (`done.json`: its metrics and how it ran), written atomically."""
+    record = {"cell": cell.__dict__, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks), "checkpoint": checkpoint,
+              "metrics": metrics, "seconds": round(seconds, 1), "resumed": resumed,
+              "command": cell_command(study, cell, checkpoint, False), **extra}
+    atomic_write_text(json.dumps(record, indent=1) + "\n", study.cell_dir(cell) / DONE)
+    return record
 
 
 def _warn_changed(study: Study, finished: list[Cell]) -> None:

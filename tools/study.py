@@ -2,6 +2,7 @@
 """Run a transfer study: backbones x tasks x freeze_blocks x seeds through the real detectron2 / mmseg tools.
 
   python tools/study.py --spec configs/studies/cpu_shared_data.py [--output-dir DIR] [--dry-run]
+  python tools/study.py --spec SPEC --output-dir DIR --executor slurm   # jobs; rerun it to collect (README)
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
 are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
@@ -30,11 +31,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", dest="output",
                         help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
     parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="trust the backbone checkpoints: let them hold pickled Python objects "
-                             "(passed to every cell)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the cells and the commands still to run, run nothing")
+    parser.add_argument("--allow-pickle", action="store_true", help="trust the backbone checkpoints: let them hold "
+                        "pickled Python objects (passed to every cell)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run only")
+    parser.add_argument("--executor", choices=["local", "slurm"],
+                        help="run every cell as a submitit job (Slurm, or local processes); default: in this process")
+    parser.add_argument("--max-parallel", type=int, metavar="N",
+                        help="--executor: jobs in flight at most (default: slurm no limit, local 1)")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="--executor: resources of "
+                        "every job, over the spec's slurm=dict(...), e.g. partition=gpu time=72:00:00 (repeatable)")
+    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit failed jobs")
+    parser.add_argument("--wait", action="store_true", help="--executor: stay until no job is in flight")
+    parser.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="--wait: time between checks")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -59,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for what, cmd in steps:
             print(f"# {what}\n{shlex.join(cmd)}")
         print(f"{len(steps)} step(s) to run")
+        return 0
+    if args.executor:
+        from mae_transfer.study_cluster import parse_overrides, run_study_jobs
+
+        result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
+                                parse_overrides(args.slurm))
+        print(f"{Path(result['results']).read_text()}\n{result['status']}")
         return 0
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop like Ctrl-C (running tool ended, tables written)
     result = run_study(study)

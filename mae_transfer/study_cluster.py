@@ -1,0 +1,223 @@
+"""Transfer studies as cluster jobs (`tools/study.py --executor slurm|local`): every cell, and every backbone
+pretraining, is one submitit job (`mae_transfer.cluster`), submitted in parallel (at most `max_parallel` in
+flight); pretraining jobs first, the cells that use them after (Slurm: `--dependency=afterok:<job>`; local:
+submitted once the backbone checkpoint exists).
+
+Job ids and states are kept in `OUTPUT/jobs.json` (written atomically after every change). Running the same
+command again at any time collects: finished cells are read (`done.json`, written by the cell's job from the
+tool's `eval_metrics.json`), pending / running jobs are listed, failed ones are shown with their log and are
+resubmitted with `retry_failed`; a job that vanished without a result (killed, cancelled, node failure) is
+resubmitted by itself (up to `MAX_AUTO_RESUBMIT` times) and resumes from the cell's last checkpoint. The tables
+and the plot are rewritten from whatever has finished (`write_results`).
+
+Job resources: the spec's `slurm=dict(...)`, then the task's (or the pretraining's) `slurm=dict(...)`, then the
+command line's `--slurm KEY=VALUE` (keys: `mae_transfer.cluster.RESOURCE_KEYS`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from mae_transfer.cluster import ALIVE, Resources, ToolJob, job_states, make_resources, read_status, submit
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
+from mae_transfer.paths import REPO_ROOT
+from mae_transfer.study import (DONE, METRIC_READERS, Cell, Study, _safe, backbone_commands, cell_command,
+                                check_backbone_files, prepare_pretrain_data, write_done, write_results)
+
+logger = logging.getLogger(__name__)
+
+JOBS_FILE = "jobs.json"
+MAX_AUTO_RESUBMIT = 3  # a job that keeps vanishing (e.g. killed for memory) is then shown as failed
+IN_FLIGHT = ("pending", "running")
+TOOL_OF_KIND = {"det": "train_det", "seg": "train_seg", "cls": "finetune_cls"}
+
+
+class CellJob(ToolJob):
+    """One cell as a job: the cell's tool command (the task's local `launcher` left out: the job sets up the
+    tool's distributed mode); on success it writes the cell's `done.json` from the tool's eval_metrics.json."""
+
+    def __init__(self, study: Study, cell: Cell, checkpoint: str | None, gpus_per_node: int) -> None:
+        task = study.tasks[cell.task]
+        cmd = cell_command(study, cell, checkpoint, resume=False)
+        args = cmd[len(task["launcher"] or [study.python]) + 1:]  # after `<launcher> tools/<tool>.py`
+        super().__init__(TOOL_OF_KIND[task["kind"]], args, study.python, gpus_per_node, what=f"cell {cell.name}",
+                         cwd=REPO_ROOT)  # where the in-process study runs its tools too
+        self.study, self.cell, self.checkpoint = study, cell, checkpoint
+
+    def on_success(self, seconds: float, resumed: bool) -> dict[str, Any]:
+        metrics = METRIC_READERS[self.study.tasks[self.cell.task]["kind"]](self.study.cell_dir(self.cell))
+        return write_done(self.study, self.cell, self.checkpoint, metrics, seconds, resumed)
+
+
+def resources(study: Study, own: Mapping[str, Any] | None, overrides: Mapping[str, Any], where: str) -> Resources:
+    return make_resources({**study.slurm, **(own or {}), **overrides}, where)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--slurm partition=gpu --slurm nodes=2` -> {"partition": "gpu", "nodes": 2} (integers where they look so)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MaeTransferError(f"--slurm: expected KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = int(value) if value.isdigit() and key != "mem" else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- bookkeeping
+def load_jobs(study: Study) -> dict[str, dict[str, Any]]:
+    path = study.output_dir / JOBS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["jobs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MaeTransferError(f"{path}: not a jobs file of a study ({err}); move it away to start afresh") from None
+
+
+def save_jobs(study: Study, jobs: dict[str, dict[str, Any]]) -> None:
+    atomic_write_text(json.dumps({"study": study.name, "jobs": jobs}, indent=1, sort_keys=True) + "\n",
+                      study.output_dir / JOBS_FILE)
+
+
+def refresh(jobs: dict[str, dict[str, Any]]) -> None:
+    """Update the state of every job in flight: our status file first (done / failed, with the error), then the
+    scheduler (pending / running), else it vanished without a result: interrupted."""
+    live = {k: e for k, e in jobs.items() if e["state"] in IN_FLIGHT}
+    for executor in {e["executor"] for e in live.values()}:
+        ids = [e["job_id"] for e in live.values() if e["executor"] == executor]
+        states = job_states(executor, ids)
+        for entry in (e for e in live.values() if e["executor"] == executor):
+            status = read_status(entry["folder"], entry["job_id"])
+            scheduler = states.get(entry["job_id"], "UNKNOWN")
+            entry["scheduler_state"] = scheduler
+            if status and status["state"] in ("done", "failed"):
+                entry["state"] = status["state"]
+                if status.get("error"):
+                    entry["error"] = status["error"]
+            elif scheduler in ALIVE:
+                entry["state"] = "pending" if scheduler == "PENDING" else "running"
+            else:
+                entry["state"] = "interrupted"
+
+
+# ---------------------------------------------------------------------------------------------- one pass
+def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_parallel: int, retry_failed: bool,
+          overrides: Mapping[str, Any]) -> dict[str, list]:
+    refresh(jobs)
+    save_jobs(study, jobs)
+    in_flight = sum(e["state"] in IN_FLIGHT for e in jobs.values())
+    todo = [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()]
+    submitted: list[str] = []
+    ready: dict[str, tuple[str | None, str | None]] = {}  # backbone -> (checkpoint, job id the cells wait for)
+
+    def may_submit(key: str) -> bool:
+        entry = jobs.get(key)
+        if entry is None:
+            return True
+        if entry["state"] == "failed" or (entry["state"] == "interrupted" and entry["attempts"] >= MAX_AUTO_RESUBMIT):
+            return retry_failed
+        return entry["state"] in ("interrupted", "done")  # done: only asked when its result is missing
+
+    def do_submit(key: str, job: ToolJob, res: Resources, dependency: str | None = None) -> dict[str, Any]:
+        nonlocal in_flight
+        folder = study.output_dir / "jobs" / _safe(key)
+        entry = submit(job, executor, folder, res, f"{study.name}:{key.split(' ', 1)[1]}", dependency)
+        attempts = jobs.get(key, {}).get("attempts", 0) + 1
+        jobs[key] = {**entry, "state": "pending", "attempts": attempts, "depends_on": dependency}
+        save_jobs(study, jobs)  # the job id is kept even if this process dies now
+        in_flight += 1
+        submitted.append(key)
+        logger.info("submitted %s: job %s (%s)%s", key, entry["job_id"], executor,
+                    f" after {dependency}" if dependency else "")
+        return jobs[key]
+
+    for name in dict.fromkeys(c.backbone for c in todo):
+        ckpt, commands = backbone_commands(study, name)
+        if not commands:
+            ready[name] = (ckpt, None)
+            continue
+        key = f"backbone {name}"
+        pre = study.backbones[name]["pretrain"]
+        if may_submit(key) and in_flight < max_parallel:
+            prepare_pretrain_data(study, name)
+            res = resources(study, pre.get("slurm"), overrides, f"backbone {name!r}")
+            do_submit(key, ToolJob("pretrain", commands[0][2:], study.python, res.gpus_per_node, then=commands[1:],
+                                   what=f"pretraining of backbone {name!r}", cwd=REPO_ROOT), res)
+        entry = jobs.get(key)
+        if entry and entry["state"] in IN_FLIGHT and executor == "slurm":
+            ready[name] = (ckpt, f"afterok:{entry['job_id']}")  # Slurm starts the cells when it has succeeded
+
+    for cell in todo:
+        key = f"cell {cell.name}"
+        if cell.backbone not in ready or not may_submit(key) or in_flight >= max_parallel:
+            continue
+        ckpt, dependency = ready[cell.backbone]
+        task = study.tasks[cell.task]
+        res = resources(study, task.get("slurm"), overrides, f"task {cell.task!r}")
+        do_submit(key, CellJob(study, cell, ckpt, res.gpus_per_node), res, dependency)
+    return summarise_jobs(study, jobs, submitted)
+
+
+def summarise_jobs(study: Study, jobs: dict[str, dict[str, Any]], submitted: list[str]) -> dict[str, list]:
+    cells = study.cells()
+    done = [c.name for c in cells if (study.cell_dir(c) / DONE).is_file()]
+    by_state: dict[str, list] = {s: [] for s in ("pending", "running", "failed", "interrupted")}
+    for key, entry in jobs.items():
+        if key.startswith("cell ") and key[5:] in done:
+            continue
+        if entry["state"] in by_state:
+            by_state[entry["state"]].append(key)
+    waiting = [c.name for c in cells if c.name not in done and f"cell {c.name}" not in jobs]
+    return {"done": done, "waiting": waiting, "submitted": submitted, **by_state}
+
+
+def status_text(study: Study, jobs: dict[str, dict[str, Any]], summary: dict[str, list]) -> str:
+    """What a re-run prints: counts, then the jobs in flight and the failed ones with their logs."""
+    now = f" ({len(summary['submitted'])} submitted now)" if summary["submitted"] else ""
+    lines = [f"study {study.name}: {len(study.cells())} cells: {len(summary['done'])} finished, "
+             f"{len(summary['running'])} running, {len(summary['pending'])} pending, "
+             f"{len(summary['failed'])} failed, {len(summary['waiting'])} not submitted yet{now}"]
+    for state in ("running", "pending", "interrupted"):
+        lines += [f"  {state}: {key} (job {jobs[key]['job_id']}, log {jobs[key]['stderr']})" for key in summary[state]]
+    for key in summary["failed"]:
+        entry = jobs[key]
+        lines.append(f"  failed: {key} (job {entry['job_id']}): {entry.get('error') or 'ended without a result'}; "
+                     f"log: {entry['stderr']}")
+    if summary["failed"]:
+        lines.append("  (rerun with --retry-failed to resubmit the failed jobs; they resume from their checkpoints)")
+    return "\n".join(lines)
+
+
+def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None, retry_failed: bool = False,
+                   wait: bool = False, poll_s: float = 60.0, overrides: Mapping[str, Any] | None = None,
+                   ) -> dict[str, Any]:
+    """Submit / collect the study's jobs once (or, with `wait`, until none is in flight); returns the summary,
+    the status text and the path of results.md. Raises when nothing is in flight any more and some job failed."""
+    overrides = dict(overrides or {})
+    max_parallel = max_parallel or (1 if executor == "local" else 10 ** 6)
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    check_backbone_files(study, [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()])
+    jobs = load_jobs(study)
+    try:
+        while True:
+            summary = _pass(study, executor, jobs, max_parallel, retry_failed, overrides)
+            retry_failed = False  # once per invocation: a job failing again is reported, not resubmitted forever
+            text = status_text(study, jobs, summary)
+            if not wait or not (summary["pending"] or summary["running"] or summary["submitted"]):
+                break
+            logger.info("%s", text.splitlines()[0])
+            write_results(study, plot=False)
+            time.sleep(poll_s)
+    finally:
+        results = write_results(study)
+    if summary["failed"] and not (summary["pending"] or summary["running"]):
+        logger.info("%s", text)
+        first = jobs[summary["failed"][0]]
+        raise MaeTransferError(f"{len(summary['failed'])} job(s) failed, first: {first.get('error') or 'no result'} "
+                               f"(log: {first['stderr']}); --retry-failed resubmits them")
+    return {**summary, "status": text, "results": Path(results["md"])}

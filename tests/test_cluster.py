@@ -1,0 +1,278 @@
+"""The cluster launcher (mae_transfer/cluster.py, tools/submit.py) and studies as jobs (mae_transfer/study_cluster.py,
+tools/study.py --executor): the sbatch script submitit would submit, each tool's distributed setup inside a job,
+Slurm dependencies of a study (sbatch / sacct replaced by recording scripts), and a real 2-cell study through
+submitit's local executor with one job killed mid-run and resumed by the re-run."""
+from __future__ import annotations
+
+import csv
+import re
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mae_transfer.cluster import (Placement, ToolJob, make_resources, parse_time, sbatch_script, task_command,
+                                  tasks_per_node)
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.study import DONE, load_study
+from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
+from tests.conftest import REPO_ROOT
+
+
+# ------------------------------------------------------------------------------------------- sbatch script
+def test_sbatch_script_has_the_resources_the_requeue_signal_and_the_job_command(tmp_path: Path) -> None:
+    res = make_resources(dict(nodes=2, gpus_per_node=8, cpus_per_task=10, mem="0", partition="gpu",
+                              time="72:00:00", account="proj", qos="high", sbatch={"constraint": "h100",
+                                                                                    "exclusive": True},
+                              setup=["module load cuda/12.4"]), "test")
+    job = ToolJob("pretrain", ["--config", "configs/mae_pretrain_vit_l.py", "--output-dir", str(tmp_path / "mae")])
+    text = sbatch_script(job, tmp_path / "logs", res, "pretrain:mae", python="/env/bin/python")
+    lines = text.splitlines()
+    for flag in ("--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=8", "--cpus-per-task=10", "--mem=0",
+                 "--partition=gpu", "--time=4320", "--account=proj", "--qos=high", "--constraint=h100",
+                 "--exclusive", "--signal=USR2@90", "--job-name=pretrain:mae",
+                 f"--output={tmp_path / 'logs'}/%j_0_log.out", f"--error={tmp_path / 'logs'}/%j_0_log.err"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert "module load cuda/12.4" in lines
+    assert lines[-1] == (f"srun --unbuffered --output {tmp_path / 'logs'}/%j_%t_log.out --error "
+                         f"{tmp_path / 'logs'}/%j_%t_log.err /env/bin/python -u -m submitit.core._submit "
+                         f"{tmp_path / 'logs'}")
+    # detectron2 spawns its GPU workers itself: one task per node; a study cell waits for its pretraining
+    det = make_resources(dict(gpus_per_node=8, time=90, signal_delay_s=300), "test")
+    text = sbatch_script(ToolJob("train_det", ["--output-dir", str(tmp_path / "det")]), tmp_path / "d", det, "det",
+                         dependency="afterok:41")
+    assert {"#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --time=90", "#SBATCH --nodes=1",
+            "#SBATCH --signal=USR2@300", "#SBATCH --dependency=afterok:41"} <= set(text.splitlines())
+    assert tasks_per_node("train_seg", det) == 8 and tasks_per_node("finetune_cls", make_resources({}, "t")) == 1
+
+    assert [parse_time(t) for t in (90, "90", "90:30", "1:30:00", "2-12", "2-00:30:00")] == [90, 90, 91, 90, 3600,
+                                                                                             2910]
+    with pytest.raises(MaeTransferError, match="time: expected minutes"):
+        parse_time("soon")
+    with pytest.raises(MaeTransferError, match="unknown slurm key.*'gpus'"):
+        make_resources(dict(gpus=8), "spec.py")
+    with pytest.raises(MaeTransferError, match="needs --output-dir"):
+        ToolJob("finetune_cls", ["--config", "c.py"])
+
+
+def test_each_tool_gets_its_own_distributed_mode_and_resume(tmp_path: Path) -> None:
+    place = Placement(num_nodes=2, node=1, num_tasks=16, global_rank=11, local_rank=3, master_addr="gpu-001",
+                      master_port=23456)
+    cmd, env = task_command("pretrain", ["--output-dir", "o"], "py", place, 8, resume=True)
+    assert cmd == ["py", str(REPO_ROOT / "tools/pretrain.py"), "--output-dir", "o", "--resume"]
+    assert env == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "gpu-001", "MASTER_PORT": "23456"}
+    cmd, env = task_command("train_seg", ["--launcher", "slurm", "--cfg-options", "a=1"], "py", place, 8, False)
+    assert cmd[-2:] == ["--launcher", "pytorch"] and env["RANK"] == "11"  # the last --launcher wins
+    place_det = Placement(2, 1, 2, 1, 0, "gpu-001", 23456)
+    cmd, env = task_command("train_det", ["--num-gpus", "4", "train.max_iter=9"], "py", place_det, 8, True)
+    assert env == {} and cmd[-9:] == ["--num-gpus", "8", "--num-machines", "2", "--machine-rank", "1", "--dist-url",
+                                      "tcp://gpu-001:23456", "--resume"]
+    single = Placement(1, 0, 1, 0, 0, "127.0.0.1", 20001)
+    assert task_command("train_seg", [], "py", single, 0, False)[0][-2:] == ["--launcher", "none"]
+    # the tools' own parsers take what the launcher adds
+    from mae_transfer.cluster import parse_tool_args
+
+    args = parse_tool_args("train_det", task_command("train_det", ["--config", "c.py", "--output-dir", "o"], "py",
+                                                     place_det, 8, True)[0][2:])
+    assert (args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args.resume) == (
+        8, 2, 1, "tcp://gpu-001:23456", "auto")
+    args = parse_tool_args("train_seg", task_command("train_seg", ["--config", "c.py", "--cfg-options", "a=1"], "py",
+                                                     place, 8, True)[0][2:])
+    assert args.launcher == "pytorch" and args.cfg_options == ["a=1"] and args.resume == "auto"
+
+
+# ------------------------------------------------------------------------------------------- slurm study
+FAKE_SBATCH = """#!/bin/sh
+n=$(ls "$FAKE_SLURM_DIR" | grep -c '^job_' )
+id=$((n + 41))
+cp "$1" "$FAKE_SLURM_DIR/job_$id.sh"
+echo "Submitted batch job $id"
+"""
+FAKE_SACCT = """#!/bin/sh
+# -j is the last argument: every job listed is reported as the state in $FAKE_SLURM_DIR/state
+for id in $(echo "$@" | sed 's/.* -j //' | tr ',' ' '); do echo "$id|$(cat "$FAKE_SLURM_DIR/state")"; done
+"""
+
+
+def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """sbatch, srun and sacct are replaced by scripts that record the submission: the jobs, their dependencies and
+    jobs.json are real submitit / study output."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "slurm"
+    bin_dir.mkdir()
+    record.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT), ("srun", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (record / "state").write_text("PENDING")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(record))
+    spec = dict(name="slurm_unit", depth=4, freeze_blocks=[0, -1], seeds=[0], slurm=dict(partition="gpu", time=60),
+                backbones={"MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path),
+                                                     slurm=dict(nodes=2, gpus_per_node=8)))},
+                tasks={"seg": dict(kind="seg", config="configs/ade20k_upernet_vit_b.py", iters=100,
+                                   launcher=["torchrun", "--nproc_per_node", "8"], args=["--launcher", "pytorch"],
+                                   slurm=dict(gpus_per_node=8, time="2:00:00"))})
+    study = load_study(spec, tmp_path / "out")
+    result = run_study_jobs(study, "slurm", overrides={"account": "proj"})
+    jobs = load_jobs(study)
+    assert jobs["backbone MAE"]["job_id"] == "41" and jobs["backbone MAE"]["depends_on"] is None
+    cells = [f"cell {c.name}" for c in study.cells()]
+    assert sorted(jobs[c]["job_id"] for c in cells) == ["42", "43"]
+    assert all(jobs[c]["depends_on"] == "afterok:41" and jobs[c]["state"] == "pending" for c in cells)
+    pre = (record / "job_41.sh").read_text().splitlines()
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=60",
+            "#SBATCH --account=proj"} <= set(pre)
+    cell = (record / "job_42.sh").read_text().splitlines()
+    assert {"#SBATCH --dependency=afterok:41", "#SBATCH --time=120", "#SBATCH --gpus-per-node=8",
+            "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=1"} <= set(cell)
+    assert len(result["submitted"]) == 3 and "0 finished" in result["status"]
+    # the cell's job runs train_seg itself (no torchrun), with the study's arguments and the job's launcher
+    job = CellJob(study, study.cells()[0], jobs["backbone MAE"].get("checkpoint"), 8)
+    cmd, env = task_command(job.tool, job.args, "py", Placement(1, 0, 8, 5, 5, "n1", 20042), 8, False)
+    assert cmd[1].endswith("tools/train_seg.py") and "torchrun" not in cmd and cmd[-2:] == ["--launcher", "pytorch"]
+    assert env["RANK"] == "5" and cmd[cmd.index("--output-dir") + 1] == str(study.cell_dir(study.cells()[0]))
+
+    # Collecting: still pending -> nothing new is submitted; gone without a result -> resubmitted (resumes)
+    result = run_study_jobs(study, "slurm")
+    assert result["submitted"] == [] and len(result["pending"]) == 3 and len(list(record.glob("job_*"))) == 3
+    (record / "state").write_text("NODE_FAIL")
+    result = run_study_jobs(study, "slurm")
+    jobs = load_jobs(study)
+    assert jobs["backbone MAE"]["job_id"] == "44" and jobs["backbone MAE"]["attempts"] == 2
+    assert all(jobs[c]["depends_on"] == "afterok:44" for c in cells)
+
+
+# ------------------------------------------------------------------------------------------- local study
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def test_local_executor_study_with_a_killed_job_resumed_by_the_rerun(tmp_path: Path, camvid_mini: Path) -> None:
+    """2 real segmentation cells as submitit local jobs (processes): submitted in parallel, one killed (job,
+    submitit task and tool: as a node failure) after its first checkpoint; the same command again resubmits it,
+    it resumes from that checkpoint, and the table is written from both cells."""
+    data = tmp_path / "camvid"
+    for split in ("train", "trainannot", "val", "valannot"):
+        (data / split).mkdir(parents=True)
+        for f in sorted((camvid_mini / split).glob("*.png"))[:1 if split.startswith("val") else 2]:
+            shutil.copy(f, data / split / f.name)
+    spec_file = tmp_path / "spec.py"
+    spec_file.write_text(
+        "depth = 4\nfreeze_blocks = [-1, 2]\nseeds = [0]\nbackbones = {'scratch': None}\n"
+        "tasks = {'seg': dict(kind='seg', config='configs/camvid_upernet_vit_tiny_cpu.py', iters=16,\n"
+        "    checkpoint_period=4, slurm=dict(time=20), opts=[\n"
+        f"    'train_dataloader.dataset.data_root={data}', 'val_dataloader.dataset.data_root={data}',\n"
+        f"    'test_dataloader.dataset.data_root={data}', 'train_dataloader.batch_size=2',\n"
+        "    'param_scheduler.0.end=1', 'param_scheduler.1.begin=1', 'param_scheduler.1.end={iters}'])}\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file), "--output-dir", str(out),
+           "--executor", "local", "--max-parallel", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "0 finished" in first.stdout and "(2 submitted now)" in first.stdout
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert len(jobs) == 2 and all(e["executor"] == "local" and e["state"] == "pending" for e in jobs.values())
+
+    cells = {f"cell {c}": out / "cells" / c for c in ("scratch__seg__freeze-1__seed0", "scratch__seg__freeze2__seed0")}
+    deadline, victim = time.time() + 90, None
+    while victim is None:
+        assert time.time() < deadline, "no cell wrote a checkpoint"
+        failed = [e["stderr"] for e in jobs.values() if (Path(e["folder"]) / f"{e['job_id']}_status.json").is_file()]
+        assert not failed, Path(failed[0]).read_text()[-3000:]
+        victim = next((k for k, d in cells.items() if (d / "last_checkpoint").is_file()), None)
+        time.sleep(0.1)
+    assert not (cells[victim] / DONE).is_file(), "the cell finished before it could be killed"
+    for pid in _descendants(int(jobs[victim]["job_id"])):  # the job's controller, its task and the tool
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    second = subprocess.run([*cmd, "--wait", "--poll", "1"], capture_output=True, text=True, timeout=150,
+                            cwd=tmp_path, env=env)
+    logs = "".join(Path(e["stderr"]).read_text()[-2000:] for e in jobs.values() if Path(e["stderr"]).is_file())
+    assert second.returncode == 0, second.stderr[-3000:] + logs
+    assert "2 finished" in second.stdout and "| scratch | " in second.stdout
+    jobs = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert jobs[victim]["attempts"] == 2 and all(e["state"] == "done" for e in jobs.values())
+    done = json.loads((cells[victim] / DONE).read_text())
+    assert done["resumed"] is True and 0.0 <= done["metrics"]["mIoU"] <= 100.0
+    assert "resuming: " in Path(jobs[victim]["stdout"]).read_text()  # the resubmitted job added --resume
+    assert "Auto resumed from the latest checkpoint" in Path(jobs[victim]["stdout"]).read_text()  # mmengine's log
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and (out / "plot.png").stat().st_size > 0
+    other = next(k for k in cells if k != victim)
+    assert json.loads((cells[other] / DONE).read_text())["resumed"] is False
+    # nothing left to do: the same command only collects
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert third.returncode == 0 and "2 finished" in third.stdout and "submitted now" not in third.stdout
+
+
+# ------------------------------------------------------------------------------------------- README
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_readme_tool_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_cluster_commands_use_only_existing_options() -> None:
+    """Every command of the README's "Running on a cluster" section parses with the tools' own parsers (submit.py,
+    then the tool it submits; study.py), and every option the prose names is one of submit.py's."""
+    import shlex
+
+    from mae_transfer.cluster import parse_tool_args
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith(".venv/bin/python tools/")]
+    assert [c[1] for c in commands] == ["tools/submit.py", "tools/submit.py", "tools/study.py"]
+    submit_parser = _load_tool("submit").build_parser()
+    tools = []
+    for cmd in commands[:2]:
+        args = submit_parser.parse_args(cmd[2:])  # an unknown option exits here
+        parse_tool_args(args.tool, args.tool_args)
+        tools.append((args.tool, args.nodes, args.gpus_per_node))
+    assert tools == [("pretrain", 2, 8), ("train_det", 1, 8)]
+    study_args = _load_tool("study").parse_args(commands[2][2:])
+    assert study_args.executor == "slurm" and (REPO_ROOT / study_args.spec).is_file()
+    known = {s for a in submit_parser._actions for s in a.option_strings}
+    named = set(re.findall(r"`(--[a-z-]+)", section)) - {"--executor", "--slurm", "--retry-failed", "--max-parallel",
+                                                         "--wait", "--resume", "--launcher", "--num-gpus",
+                                                         "--num-machines", "--machine-rank", "--dist-url",
+                                                         "--output-dir", "--signal", "--dependency"}
+    assert named <= known, named - known
+    # the study options the section names (left out above) exist too
+    _load_tool("study").parse_args(["--spec", "s.py", "--executor", "local", "--retry-failed", "--max-parallel", "2",
+                                    "--wait", "--slurm", "time=10"])
+
+
+def test_submitit_is_imported_only_when_a_job_is_made() -> None:
+    code = ("import sys, mae_transfer.cluster, mae_transfer.study_cluster, mae_transfer.study; "
+            "assert 'submitit' not in sys.modules, 'submitit imported at import time'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
