@@ -14,6 +14,7 @@ Measurements behind each choice: benchmarks/README.md, "Why the CPU kernels exis
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 
 CHUNKED_ATTENTION_MIN_TOKENS = 1024  # below this (window blocks, 224-px models) SDPA's batched kernels win
 CHUNK_QUERIES = 1024  # query rows per chunk: 1024 x 4096 fp32 logits = 16 MB, stays in the CPU cache
-BIAS_GRAD_CHUNK = 1 << 21  # logits per chunk of the bias gradient (8 MB fp32): one head of 1025 tokens at once
+BIAS_GRAD_CHUNK = 1 << 21  # logits per block of BiasedAttention's backward (8 MB fp32): 1025 tokens in one block
 EXPLICIT_BF16_ATTENTION_MAX_TOKENS = 256  # stored (heads, N, N) bf16 probabilities: a few MB per layer
 
 
@@ -122,12 +123,13 @@ class BiasedAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(d) + bias) v on CPU for a bias that needs gradients, e.g. BEiT's learned relative
     position bias. q, k, v: (B, heads, N, d); bias: (1 or B, 1 or heads, N, N_k), broadcast over the batch.
 
-    Forward and the q / k / v gradients are SDPA's CPU flash kernels (the bias goes in as their float mask), so
-    no (heads, N, N) tensor is kept between forward and backward. The bias gradient, sum over the broadcast
-    dims of dS = P * (dP - rowsum(dO * O)), is computed per (head, image, block of query rows) with the
-    probabilities recomputed from the forward's logsumexp; both subtractions are folded into the GEMMs
-    (q gets a column -logsumexp against a column of ones in k, dO a column -rowsum(dO * O) against ones in v),
-    so each block costs two GEMMs, one exp and one fused multiply-add into the gradient."""
+    Forward is SDPA's CPU flash kernel (the bias goes in as its float mask), so no (heads, N, N) tensor is kept
+    for backward. Backward recomputes the probabilities per (head, image, block of query rows) from the
+    forward's logsumexp and gets every gradient from them, the bias's being dS = P * (dP - rowsum(dO * O)).
+    Both subtractions are folded into the GEMMs (q gets a column -logsumexp against a column of ones in k, dO
+    a column -rowsum(dO * O) against ones in v). The heads are split between threads that each run
+    single-threaded GEMMs: one thread per core, no synchronisation between the many small operations, which
+    keeps this fast also when other processes share the cores (see benchmarks/README.md)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
@@ -139,32 +141,44 @@ class BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, bias, out, lse = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dq = dk = dv = dbias = None
-        if any(ctx.needs_input_grad[:3]):
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias)
-        if ctx.needs_input_grad[3]:
-            dbias = _bias_grad(q, k, v, bias, out, lse, grad_out)
+        b, heads, n, d = q.shape
+        nk = k.shape[2]
+        ones = q.new_ones(b, heads, nk, 1)
+        q_lse = torch.cat([q * d ** -0.5, -lse.unsqueeze(-1)], -1)  # (q k^T) / sqrt(d) - lse in one GEMM
+        k_one = torch.cat([k, ones], -1)
+        go_delta = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], -1)  # dP - rowsum(dO * O)
+        v_one = torch.cat([v, ones], -1)
+        dq, dk, dv = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        dbias = q.new_zeros(bias.shape[0], heads, n, nk)  # per head: each head is one thread's alone
+        rows = max(1, BIAS_GRAD_CHUNK // nk)
+
+        @torch.no_grad()  # grad mode is per thread
+        def heads_backward(head_ids: range) -> None:
+            probs, dlogits = q.new_empty(min(rows, n), nk), q.new_empty(min(rows, n), nk)
+            for h in head_ids:
+                hb = h % bias.shape[1]
+                for i in range(b):
+                    for r0 in range(0, n, rows):
+                        r = slice(r0, min(n, r0 + rows))
+                        m = r.stop - r0
+                        p = torch.addmm(bias[i % bias.shape[0], hb, r], q_lse[i, h, r], k_one[i, h].t(),
+                                        out=probs[:m]).exp_()
+                        dv[i, h].addmm_(p.t(), grad_out[i, h, r])
+                        ds = torch.mm(go_delta[i, h, r], v_one[i, h].t(), out=dlogits[:m]).mul_(p)
+                        dbias[i % bias.shape[0], h, r].add_(ds)
+                        torch.mm(ds, k[i, h], out=dq[i, h, r])
+                        dk[i, h].addmm_(ds.t(), q[i, h, r])
+
+        intra_op_threads = torch.get_num_threads()
+        threads = min(intra_op_threads, heads)
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(heads_backward, [range(t, heads, threads) for t in range(threads)]))
+        finally:
+            torch.set_num_threads(intra_op_threads)
+        dq.mul_(d ** -0.5)
+        dk.mul_(d ** -0.5)
+        if bias.shape[1] == 1 and heads > 1:
+            dbias = dbias.sum(1, keepdim=True)
         return dq, dk, dv, dbias
-
-
-def _bias_grad(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor) -> Tensor:
-    b, heads, n, d = q.shape
-    ones = q.new_ones(b, heads, k.shape[2], 1)
-    q_lse = torch.cat([q * d ** -0.5, -lse.unsqueeze(-1)], -1)  # (q k^T) / sqrt(d) - lse in one GEMM
-    k_one = torch.cat([k, ones], -1)
-    go_delta = torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], -1)  # dP - rowsum(dO * O)
-    v_one = torch.cat([v, ones], -1)
-    dbias = torch.zeros_like(bias)
-    rows = max(1, BIAS_GRAD_CHUNK // k.shape[2])
-    probs, dprobs = q.new_empty(min(rows, n), k.shape[2]), q.new_empty(min(rows, n), k.shape[2])
-    for h in range(heads):
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            for i in range(b):
-                p = torch.addmm(bias[i % bias.shape[0], h % bias.shape[1], r0:r1], q_lse[i, h, r0:r1],
-                                k_one[i, h].t(), out=probs[: r1 - r0]).exp_()
-                dp = torch.mm(go_delta[i, h, r0:r1], v_one[i, h].t(), out=dprobs[: r1 - r0])
-                dbias[i % bias.shape[0], h % bias.shape[1], r0:r1].addcmul_(p, dp)
-    return dbias

@@ -202,9 +202,15 @@ def test_beit_rel_pos_bias_is_trained_and_resized_at_other_grids() -> None:
 
 
 @pytest.mark.parametrize("bias_shape", [(1, 3, 9, 9), (2, 3, 9, 9), (1, 1, 9, 9)])
-def test_learned_bias_attention_kernel_gradients(bias_shape) -> None:
-    """`BiasedAttention` (flash forward, separate bias gradient) passes gradcheck, broadcast over batch/heads."""
+@pytest.mark.parametrize("block", [None, 20])
+def test_learned_bias_attention_kernel_gradients(bias_shape, block, monkeypatch) -> None:
+    """`BiasedAttention` (flash forward, separate bias gradient) passes gradcheck, broadcast over batch/heads,
+    with all heads in one block and with blocks of a few query rows of one head."""
+    from backbones import kernels
     from backbones.kernels import BiasedAttention
+
+    if block:
+        monkeypatch.setattr(kernels, "BIAS_GRAD_CHUNK", block)
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
