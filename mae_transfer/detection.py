@@ -433,6 +433,16 @@ def draw_prediction(rgb: Any, inst: Any, metadata: Any, scale: float) -> Any:
     return out.get_image()
 
 
+def prediction_title(inst: Any, shown: Any, score_thresh: float, top_k: int) -> str:
+    """What the prediction panel shows; when no detection reaches the floor, the best score (an empty panel alone
+    does not tell a weak model from a broken one)."""
+    top = f"top {top_k}" if top_k > 0 else "all"
+    title = f"prediction ({top} after class-agnostic NMS, score >= {score_thresh:g}): {len(shown)} of {len(inst)} shown"
+    if not len(shown) and len(inst):
+        title += f"; best score {float(inst.scores.max()):.2f}"
+    return title
+
+
 def prediction_picture(rgb: Any, inst: Any, metadata: Any, record: dict | None, score_thresh: float,
                        top_k: int) -> Any:
     """Ground truth (when `record` is given) beside the prediction, each panel under its title, enlarged so that
@@ -441,9 +451,7 @@ def prediction_picture(rgb: Any, inst: Any, metadata: Any, record: dict | None, 
 
     shown = display_detections(inst, score_thresh, top_k)
     scale = _panel_scale(*rgb.shape[:2])
-    top = f"top {top_k}" if top_k > 0 else "all"
-    pred_title = (f"prediction ({top} after class-agnostic NMS, score >= {score_thresh:g}): "
-                  f"{len(shown)} shown of {len(inst)}")
+    pred_title = prediction_title(inst, shown, score_thresh, top_k)
     panels, titles = [], []
     if record is not None:
         n = len(record.get("annotations", []))

@@ -356,6 +356,10 @@ def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_n
     assert shown.scores.tolist() == pytest.approx([0.9, 0.5])  # the 0.8 box is the same object; 0.1 < floor
     assert detection.display_detections(inst, 0.2, 1).scores.tolist() == pytest.approx([0.9])
     assert len(detection.display_detections(inst, 0.0, 0)) == 3  # 0: no limit
+    assert detection.prediction_title(inst, shown, 0.2, 5) == ("prediction (top 5 after class-agnostic NMS, "
+                                                               "score >= 0.2): 2 of 4 shown")
+    none = detection.display_detections(inst, 0.95, 5)
+    assert detection.prediction_title(inst, none, 0.95, 5).endswith("0 of 4 shown; best score 0.90")
 
     rgb = np.full((192, 192, 3), 100, dtype=np.uint8)
     record = {"annotations": [{"bbox": [10, 10, 90, 90], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
