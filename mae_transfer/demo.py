@@ -479,7 +479,8 @@ def det_pictures_note(schedule: Schedule, data: StepData) -> str:
     if schedule.det_iters <= SHORT_DET_ITERS:
         return (f"{layout}; after only {schedule.det_iters} CPU iterations on {data.det.name} the boxes are rough and "
                 "the classes often wrong: they show that the pipeline works end to end, not a trained detector "
-                "(ViTDet trains for 184k iterations).")
+                "(ViTDet trains for 184k iterations); a panel without boxes had no detection at that score (its "
+                "title gives the best one).")
     return f"{layout}, after {schedule.det_iters} iterations on {data.det.name}."
 
 
