@@ -67,3 +67,32 @@ def label_rows(image: Image.Image, labels: Sequence[str], row_height: int, paddi
         centre = padding + i * (row_height + padding) + row_height / 2
         draw.text((max(6, font_size // 2), centre), label, fill=TEXT, font=face, anchor="lm")
     return canvas
+
+
+def with_legend(image: Image.Image, entries: Sequence[tuple[str, Sequence[int]]], font_size: int = 18,
+                margin: int = 8) -> Image.Image:
+    """`image` above a legend: one colour swatch + name per entry, in rows that wrap at the image's width."""
+    if not entries:
+        return image
+    face = font(font_size)
+    box, space = font_size, font_size
+    items = [(name, tuple(int(c) for c in color), box + 6 + int(face.getlength(name))) for name, color in entries]
+    rows: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
+    used = 0
+    for item in items:
+        if rows[-1] and used + item[2] > image.width - 2 * margin:
+            rows.append([])
+            used = 0
+        rows[-1].append(item)
+        used += item[2] + space
+    line_h = int(font_size * 1.4)
+    canvas = Image.new("RGB", (image.width, image.height + len(rows) * line_h + margin), BACKGROUND)
+    canvas.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        x, y = margin, image.height + r * line_h + margin // 2
+        for name, color, width in row:
+            draw.rectangle((x, y + 2, x + box, y + 2 + box), fill=color, outline=TEXT)
+            draw.text((x + box + 6, y + 2 + box / 2), name, fill=TEXT, font=face, anchor="lm")
+            x += width + space
+    return canvas
