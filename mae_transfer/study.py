@@ -715,7 +715,7 @@ def write_plot(study: Study, rows: list[dict[str, Any]]) -> Path:
     cols = _metric_columns(study)
     width = 4.2 * len(cols)
     caption = textwrap.fill(plot_caption(study, rows), width=int(width * 14))
-    caption_h = 0.2 * (caption.count("\n") + 1) + 0.15  # inches of 8-pt text lines
+    caption_h = 0.15 * (caption.count("\n") + 1) + 0.1  # inches of 8-pt text lines
     fig, axes = plt.subplots(1, len(cols), figsize=(width, 3.6 + caption_h), squeeze=False)
     for ax, (task, metric, label) in zip(axes[0], cols):
         for i, backbone in enumerate(study.backbones):
