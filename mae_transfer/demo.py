@@ -32,6 +32,9 @@ SEG_NAMES = {"builtin": "built-in shapes", "ade20k": "ADE20K"}
 DONE = "DONE"
 SETTINGS = "demo_settings.json"
 NUM_PICTURES = 4
+DET_PICTURE_SCORE = 0.2  # detection pictures: score floor and number of detections drawn (after class-agnostic NMS)
+DET_PICTURE_TOP_K = 5
+SHORT_DET_ITERS = 2000  # up to this many detection iterations the summary warns that the pictures show no trained model
 
 
 def log(msg: str) -> None:
@@ -391,7 +394,8 @@ def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[st
     pics = det_dir / "pictures"
     run_step("detection pictures", pics / DONE,
              [*base, "--output-dir", str(det_dir), "--infer", *map(str, data.det_pictures), "--output", str(pics),
-              "--score-thresh", "0.2",  # a short CPU run ranks well (AP) but scores low
+              "--score-thresh", str(DET_PICTURE_SCORE),  # a short CPU run ranks well (AP) but scores low
+              "--top-k", str(DET_PICTURE_TOP_K),
               f"train.init_checkpoint={det_dir / 'model_final.pth'}"],
              out / "logs" / "infer_det.log")
     return dict(record=read_eval_metrics(det_dir, "det"), pictures=sorted(pics.glob("*.png")))
@@ -420,7 +424,7 @@ def mini_study(schedule: Schedule, out: Path, data: StepData, mae_ckpt: Path) ->
 
     seg = data.seg
     spec = dict(
-        name="demo_mini_study", depth=4, freeze_blocks=[0, -1], seeds=[0],
+        name="demo_mini_study", depth=4, freeze_blocks=[0, -1], seeds=[0], reference="scratch",
         backbones={"MAE": str(mae_ckpt), "scratch": None},
         tasks={"seg": dict(kind="seg", config=str(seg.config), iters=schedule.study_iters,
                            opts=[*seg.cfg_options(), "param_scheduler.0.end={warmup}",
@@ -453,9 +457,10 @@ def _fmt(value: Any) -> str:
 
 def summary_table(schedule: Schedule, data: StepData, mae: dict[str, Any], det: dict[str, Any],
                   seg: dict[str, Any]) -> str:
-    """The markdown table the demo ends with: one row per training step, numbers from eval_metrics.json."""
+    """The markdown table the demo ends with: one row per training step, numbers from eval_metrics.json; then
+    what the detection pictures show."""
     dm, sm = det["record"], seg["record"]
-    return "\n".join([
+    table = "\n".join([
         "| step | result |", "|---|---|",
         f"| MAE pretraining ({mae['epochs']} epochs) | masked-patch loss {mae['first_loss']:.3f} -> "
         f"{mae['last_loss']:.3f} |",
@@ -464,6 +469,19 @@ def summary_table(schedule: Schedule, data: StepData, mae: dict[str, Any], det: 
         f"| UperNet ({schedule.seg_iters} iters, {data.seg.name}) | mIoU {_fmt(_value(sm, 'mIoU'))}, "
         f"aAcc {_fmt(_value(sm, 'aAcc'))} |",
     ])
+    return table + "\n\n" + det_pictures_note(schedule, data)
+
+
+def det_pictures_note(schedule: Schedule, data: StepData) -> str:
+    """One sentence on what det/pictures/*_pred.png show, so that a short run's boxes are read as what they are."""
+    layout = (f"Detection pictures: ground truth (left) beside the model's top {DET_PICTURE_TOP_K} detections after "
+              f"class-agnostic NMS with score >= {DET_PICTURE_SCORE:g} (right)")
+    if schedule.det_iters <= SHORT_DET_ITERS:
+        return (f"{layout}; after only {schedule.det_iters} CPU iterations on {data.det.name} the boxes are rough and "
+                "the classes often wrong: they show that the pipeline works end to end, not a trained detector "
+                "(ViTDet trains for 184k iterations); a panel without boxes had no detection at that score (its "
+                "title gives the best one).")
+    return f"{layout}, after {schedule.det_iters} iterations on {data.det.name}."
 
 
 # ---------------------------------------------------------------------------------------------- the job

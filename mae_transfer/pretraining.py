@@ -33,11 +33,13 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
 from mae_transfer.optim import adamw, no_weight_decay, param_groups
+from mae_transfer.pictures import label_rows
 from mae_transfer.runtime import AMP_MODES, Task
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "mae_transfer_pretrain"
+RECON_MIN_SIZE = 160  # px per image in recon_epoch*.png, at least
 TOOL = "tools/pretrain.py"
 OBJECTIVES = ("mae", "supervised")
 
@@ -251,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- pictures
 @torch.no_grad()
 def save_reconstruction(model: MaskedAutoencoder, imgs: torch.Tensor, path: Path, seed: int) -> Path:
-    """Rows: original / masked input / reconstruction with the visible patches pasted back."""
+    """Rows, labelled on the left: original / masked input / reconstruction with the visible patches pasted back."""
     from torchvision.utils import make_grid
 
     was_training = model.training
@@ -266,13 +268,20 @@ def save_reconstruction(model: MaskedAutoencoder, imgs: torch.Tensor, path: Path
     p = model.patch_size
     m = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * 3).float(), p, model.grid)
     masked_view = unnormalize(masked) * (1 - m) + 0.5 * m
-    grid = make_grid(torch.cat([unnormalize(imgs), masked_view, unnormalize(pasted)]).cpu(), nrow=imgs.shape[0],
-                     padding=2)
+    rows = torch.cat([unnormalize(imgs), masked_view, unnormalize(pasted)]).cpu()
+    # small inputs (96 px on CPU) are enlarged by a whole factor, nearest, so the patches stay crisp
+    factor = -(-RECON_MIN_SIZE // rows.shape[-1])
+    if factor > 1:
+        rows = torch.nn.functional.interpolate(rows, scale_factor=factor, mode="nearest")
+    pad = 2
+    grid = make_grid(rows, nrow=imgs.shape[0], padding=pad, pad_value=1.0)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
     from PIL import Image
 
-    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    labels = ("original", f"masked ({model.mask_ratio:.0%})", "reconstruction")
+    picture = label_rows(Image.fromarray(array), labels, row_height=rows.shape[-2], padding=pad)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -218,8 +218,29 @@ def write_seg_metrics(work_dir: str, metrics: dict[str, Any], split: str, iterat
                               iteration=iteration, checkpoint=checkpoint, details={"split": split})
 
 
+PICTURE_MIN = 512  # px: the short side of each panel, at least (small images enlarged by a whole factor, nearest)
+
+
+def titled_picture(drawn: np.ndarray, sample: Any, meta: dict, has_gt: bool) -> Image.Image:
+    """mmseg's ground truth | prediction drawing, enlarged, each panel under its title, the classes it shows in a
+    legend below (class colours alone do not say which class is which)."""
+    from mae_transfer.pictures import side_by_side, with_legend
+
+    panels = [drawn[:, : drawn.shape[1] // 2], drawn[:, drawn.shape[1] // 2:]] if has_gt else [drawn]
+    factor = max(1, -(-PICTURE_MIN // min(panels[0].shape[:2])))
+    if factor > 1:
+        panels = [np.repeat(np.repeat(p, factor, axis=0), factor, axis=1) for p in panels]
+    titles = (["ground truth", "prediction"] if has_gt else ["prediction (no ground truth)"])
+    maps = [sample.pred_sem_seg.data] + ([sample.gt_sem_seg.data] if has_gt else [])
+    present = sorted(set().union(*(torch.unique(m).tolist() for m in maps)))
+    classes, palette = meta["classes"], meta["palette"]
+    entries = [(classes[i], palette[i]) for i in present if 0 <= i < len(classes)]
+    return with_legend(side_by_side(panels, titles), entries)
+
+
 def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
-    """Colourised ground truth | prediction (dataset palette, alpha blend) for the first `limit` test images."""
+    """Ground truth | prediction (dataset palette, alpha blend), titled, with a legend of the classes shown, for the
+    first `limit` test images."""
     import mmcv
     from mmseg.visualization import SegLocalVisualizer
 
@@ -240,8 +261,12 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
             for sample in model.test_step(batch):
                 image = mmcv.imread(sample.img_path, channel_order="rgb")
                 out_file = os.path.join(out_dir, Path(sample.img_path).stem + ".png")
-                vis.add_datasample(Path(sample.img_path).stem, image, sample, draw_gt="gt_sem_seg" in sample,
-                                   draw_pred=True, out_file=out_file, with_labels=False)
+                has_gt = "gt_sem_seg" in sample
+                # mmseg hands its drawing only to a file (or a display): read it back to add titles and a legend
+                vis.add_datasample(Path(sample.img_path).stem, image, sample, draw_gt=has_gt, draw_pred=True,
+                                   out_file=out_file, with_labels=False)
+                drawn = np.asarray(Image.open(out_file).convert("RGB"))
+                titled_picture(drawn, sample, meta, has_gt).save(out_file)
                 written.append(out_file)
             if len(written) >= limit:
                 break

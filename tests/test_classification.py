@@ -273,9 +273,10 @@ def test_mae_finetune_linprobe_and_partial_finetuning_on_real_crops(fruits_nuts:
     assert len(summary["ran"]) == 3 and not summary["failed"]
     table = (tmp_path / "study" / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| MAE |"))
-    numbers = [float(c) for c in row.strip("|").split("|")[1:]]
+    *cells, seeds = row.strip("|").split("|")[1:]  # one column per freeze setting, then n (seeds per cell)
+    numbers = [float(c) for c in cells]
     print(table)
-    assert len(numbers) == 3 and all(0.0 <= v <= 100.0 for v in numbers)
+    assert len(numbers) == 3 and all(0.0 <= v <= 100.0 for v in numbers) and seeds.strip() == "1"
     assert "4 (all) | 2 | 0 (frozen ViT)" in table and "top-1" in table
     assert (tmp_path / "study" / "plot.png").stat().st_size > 0
 

@@ -149,6 +149,21 @@ def test_det_metrics_from_eval_metrics_json(tmp_path: Path) -> None:
     assert read_det_metrics(tmp_path) == {"AP_box": 7.0, "AP_mask": 3.0}  # what a study cell records
 
 
+def test_summary_table_says_what_the_detection_pictures_show(tmp_path: Path) -> None:
+    det = demo.DetData(tmp_path / "a.json", tmp_path, tmp_path / "a.json", tmp_path, "built-in shapes")
+    data = demo.StepData(tmp_path, 40, det, [], demo.SegData("builtin", tmp_path, "train"))
+    mae = dict(epochs=30, first_loss=1.2, last_loss=0.8)
+    det_run = dict(record={"metrics": {"AP_box": 12.34, "AP_mask": 5.0}, "details": {"bbox": {"AP50": 30.0}}})
+    seg_run = dict(record={"metrics": {"mIoU": 40.0}, "details": {"aAcc": 80.0}})
+    text = demo.summary_table(demo.Schedule(det_iters=200), data, mae, det_run, seg_run)
+    assert "| Mask R-CNN (200 iters, built-in shapes) | AP box 12.3, AP50 box 30.0, AP mask 5.0 |" in text
+    note = text.splitlines()[-1]
+    assert note.startswith("Detection pictures: ground truth (left) beside the model's top 5 detections")
+    assert "score >= 0.2" in note and "after only 200 CPU iterations" in note and "not a trained detector" in note
+    long_run = demo.summary_table(demo.Schedule(det_iters=90000), data, mae, det_run, seg_run)
+    assert "not a trained detector" not in long_run and "after 90000 iterations" in long_run
+
+
 # ------------------------------------------------------------------------------------------- interrupt + re-run
 FAKE_TOOL = textwrap.dedent("""
     import os, sys, time

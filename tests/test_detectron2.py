@@ -327,14 +327,61 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     assert err.startswith("error: training stopped: non-finite loss") and "model_final.pth" in err, err
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
 
-    # Inference mode: pictures with boxes and masks from the trained weights.
+    # Inference mode: the --val-json ground truth beside the prediction of the trained weights, under titles.
     vis = tmp_path / "vis"
     image = fruits_nuts / "images" / "0.jpg"
     assert run_cli(train_det.main, ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}",
                                     "--infer", str(image), "--output", str(vis), "--score-thresh", "0.0"]) == 0
     from PIL import Image
 
-    assert Image.open(vis / "0_pred.png").size == Image.open(image).size
+    (w, h), (pw, ph) = Image.open(image).size, Image.open(vis / "0_pred.png").size
+    assert pw > 2 * w and h < ph < h + 100  # two panels (800 x 600 photos are drawn at their size) + titles
+
+
+def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_nms():
+    """A 192 px image: the picture is ground truth | prediction at 512 px per panel; of two boxes on one object
+    (different classes) only the better is shown, detections under the score floor are not, top_k limits."""
+    import numpy as np
+    from detectron2.data.catalog import Metadata
+    from detectron2.structures import BoxMode, Boxes, Instances
+
+    boxes = [[10, 10, 100, 100], [12, 12, 100, 100], [120, 120, 180, 180], [130, 10, 180, 60]]
+    inst = Instances((192, 192), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+                     scores=torch.tensor([0.9, 0.8, 0.5, 0.1]), pred_classes=torch.tensor([0, 1, 1, 0]))
+    masks = torch.zeros(4, 192, 192, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+    inst.pred_masks = masks
+    shown = detection.display_detections(inst, score_thresh=0.2, top_k=5)
+    assert shown.scores.tolist() == pytest.approx([0.9, 0.5])  # the 0.8 box is the same object; 0.1 < floor
+    assert detection.display_detections(inst, 0.2, 1).scores.tolist() == pytest.approx([0.9])
+    assert len(detection.display_detections(inst, 0.0, 0)) == 3  # 0: no limit
+    assert detection.prediction_title(inst, shown, 0.2, 5) == ("prediction (top 5 after class-agnostic NMS, "
+                                                               "score >= 0.2): 2 of 4 shown")
+    none = detection.display_detections(inst, 0.95, 5)
+    assert detection.prediction_title(inst, none, 0.95, 5).endswith("0 of 4 shown; best score 0.90")
+
+    rgb = np.full((192, 192, 3), 100, dtype=np.uint8)
+    record = {"annotations": [{"bbox": [10, 10, 90, 90], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+                               "segmentation": [[10, 10, 100, 10, 100, 100, 10, 100]]}]}
+    meta = Metadata(name="unit", thing_classes=["circle", "triangle"])
+    picture = np.asarray(detection.prediction_picture(rgb, inst, meta, record, 0.2, 5))
+    side, margin, gap = 512, 8, 16
+    assert picture.shape[1] == 2 * side + gap + 2 * margin and picture.shape[0] > side + 30  # + the titles
+    top = picture.shape[0] - margin - side
+    left = picture[top:top + side, margin:margin + side]
+    right = picture[top:top + side, margin + side + gap:margin + 2 * side + gap]
+    scale = side / 192
+    inside = lambda panel, x0, y0, x1, y1: panel[int(y0 * scale) + 12:int(y1 * scale) - 12,  # noqa: E731
+                                                 int(x0 * scale) + 12:int(x1 * scale) - 12]
+    assert (inside(left, 120, 140, 180, 180) == 100).all()  # no ground truth there ...
+    assert (inside(right, 120, 140, 180, 180) != 100).any(axis=-1).mean() > 0.9  # ... a predicted mask
+    assert (inside(right, 130, 10, 180, 60) == 100).all()  # under the score floor: not drawn
+    assert (inside(left, 10, 40, 100, 100) != 100).any(axis=-1).mean() > 0.9  # the ground-truth mask
+    assert picture[:top].min() < 50  # title text
+
+    alone = np.asarray(detection.prediction_picture(rgb, inst, meta, None, 0.2, 5))
+    assert alone.shape[1] == side + 2 * margin  # no ground truth: the prediction alone
 
 
 def _coco_tiny_subset(coco_tiny: Path, dst: Path, n: int = 3) -> Path:

@@ -338,6 +338,34 @@ def test_init_checkpoint_formats_and_freeze(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI on real data
+def test_seg_picture_titles_enlarged_panels_and_legend_of_the_classes_shown():
+    """A 192 px ground truth | prediction drawing: panels enlarged 3x (nearest) to 576 px under titles, and a legend
+    with a swatch of exactly the classes in either map."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    from mae_transfer.segmentation import titled_picture
+
+    drawn = np.full((192, 384, 3), 200, dtype=np.uint8)
+    drawn[:, 192:] = 60  # the prediction half
+    sample = SegDataSample()
+    gt, pred = torch.zeros(1, 192, 192, dtype=torch.long), torch.zeros(1, 192, 192, dtype=torch.long)
+    gt[0, :50, :50] = 1
+    pred[0, 100:, 100:] = 3
+    sample.gt_sem_seg, sample.pred_sem_seg = PixelData(data=gt), PixelData(data=pred)
+    palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    meta = dict(classes=("background", "circle", "square", "triangle"), palette=palette)
+    pic = np.asarray(titled_picture(drawn, sample, meta, has_gt=True))
+    assert pic.shape[1] == 2 * 576 + 2 * 8 + 16
+    body = pic[:, 8:8 + 576]
+    rows = np.where((body == 200).all(axis=-1).all(axis=1))[0]  # rows fully inside the ground-truth panel
+    assert len(rows) == 576 and (pic[rows[0], 8 + 576 + 16:8 + 2 * 576 + 16] == 60).all()
+    legend = pic[rows[-1] + 1:]
+    colours = {tuple(c) for c in legend.reshape(-1, 3).tolist()}
+    assert {(0, 0, 0), (255, 0, 0), (0, 0, 255)} <= colours and (0, 255, 0) not in colours  # no square anywhere
+    assert pic[:rows[0]].min() < 60  # title text
+
+
 def _run(argv, capsys):
     rc = run_cli(_train_seg().main, [str(a) for a in argv])
     return rc, capsys.readouterr().err
@@ -377,7 +405,8 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     assert [f.stem for f in files] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
     img = Image.open(root / "images" / "validation" / "ADE_val_00000001.jpg")
     pic = np.asarray(Image.open(files[0]).convert("RGB"))
-    assert pic.shape == (img.height, 2 * img.width, 3)  # ground truth | prediction, at image size
+    # ground truth | prediction at image size (512 px short side: not enlarged), margins 8, gap 16, titles, legend
+    assert pic.shape[1] == 2 * img.width + 2 * 8 + 16 and pic.shape[0] > img.height + 50
     assert pic.std() > 10
 
 

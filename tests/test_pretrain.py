@@ -83,6 +83,34 @@ def test_no_weight_decay_on_norms_biases_tokens() -> None:
     assert "encoder.blocks.0.mlp.fc1.weight" in decay and "decoder_pred.weight" in decay
 
 
+def test_reconstruction_picture_has_labelled_rows(tmp_path: Path) -> None:
+    """recon_epoch*.png: 64-px inputs enlarged 3x (nearest) to >= 160 px, a label left of each of the three rows."""
+    import numpy as np
+    from PIL import Image
+
+    from mae_transfer.pretraining import save_reconstruction
+
+    cfg = resolve_config(load_config(TINY, [*MICRO, "data_path=x", "output_dir=y"]))
+    torch.manual_seed(0)
+    model = build_mae(cfg)
+    from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD
+
+    black = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]  # ImageNet-normalised black
+    imgs = torch.tensor(black).view(1, 3, 1, 1).expand(2, 3, 64, 64).contiguous()
+    path = save_reconstruction(model, imgs, tmp_path / "recon.png", seed=0)
+    picture = np.asarray(Image.open(path).convert("L"))
+    tile, pad = 3 * 64, 2
+    grid_w = 2 * tile + 3 * pad
+    assert picture.shape[0] == 3 * tile + 4 * pad and picture.shape[1] > grid_w
+    margin = picture[:, : picture.shape[1] - grid_w]
+    assert margin.shape[1] > 80  # wide enough for "reconstruction"
+    for row in range(3):  # dark text pixels in the margin at the height of each row, none in the gaps
+        top = pad + row * (tile + pad)
+        assert (margin[top: top + tile] < 100).sum() > 30, row
+    assert (margin[pad + tile: 2 * (pad + tile)][:pad] < 100).sum() == 0
+    assert (picture[pad + 10, -grid_w + pad + 10]) < 30  # the first image tile itself
+
+
 def test_image_folder_recursive_and_case_insensitive(coco_tiny: Path, tmp_path: Path) -> None:
     from mae_transfer.data import ImageFolderDataset, find_images, pretrain_transform
 
@@ -135,8 +163,8 @@ def test_pretraining_lowers_masked_patch_loss_on_coco(coco_run: tuple[Path, list
         picture = out / f"recon_epoch{epoch:04d}.png"
         from PIL import Image
 
-        with Image.open(picture) as img:  # 3 rows (original / masked / reconstruction) of 4 images
-            assert img.size == (4 * 96 + 5 * 2, 3 * 96 + 4 * 2)
+        with Image.open(picture) as img:  # 3 rows (original / masked / reconstruction) of 4 images, 96 px shown at 192
+            assert img.size[1] == 3 * 192 + 4 * 2 and img.size[0] > 4 * 192 + 5 * 2  # + the row labels' margin
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len((out / "log.jsonl").read_text().splitlines()) == 10
 

@@ -20,7 +20,7 @@ from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.study import (DONE, Cell, cell_command, load_study, read_seg_metrics, results_markdown, run_study,
-                                collect)
+                                collect, differences, plot_caption, summarise, write_results)
 from tests.conftest import REPO_ROOT
 
 SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
@@ -162,6 +162,58 @@ def test_resume_skips_finished_cells_and_writes_table_and_plot(tmp_path: Path) -
     assert (study.cell_dir(Cell("scratch", "det", 2, 0)) / DONE).is_file()
     assert not (study.cell_dir(Cell("scratch", "seg", 0, 1)) / DONE).is_file()
     assert "| scratch | 14.5±0.7 / 13.5±0.7 / 14.5 |" in results_markdown(study, collect(study))  # one seed left
+
+
+def test_summary_mean_std_n_and_difference_to_reference(tmp_path: Path) -> None:
+    """Finished cells with known values: mean ± sample std and n per cell, and backbone - reference paired by
+    seed (mean ± std of per-seed differences) or, where the seeds differ, unpaired (sqrt(std_a^2 + std_b^2))."""
+    seg = dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=20)
+    study = load_study(dict(name="ref", depth=4, freeze_blocks=[0, 2], seeds=[0, 1, 2], reference="scratch",
+                            backbones={"MAE": str(tmp_path / "mae.pth"), "scratch": None}, tasks={"seg": seg}),
+                       tmp_path / "out")
+    values = {("MAE", 0): [50.0, 52.0, 57.0], ("scratch", 0): [40.0, 41.0, 45.0],
+              ("MAE", 2): [30.0, 32.0, 34.0], ("scratch", 2): [20.0, 24.0]}  # scratch seed 2 at freeze 2: failed
+    for (backbone, freeze), per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            cell = study.cell_dir(Cell(backbone, "seg", freeze, seed))
+            cell.mkdir(parents=True)
+            (cell / DONE).write_text(json.dumps({"metrics": {"mIoU": value}, "seconds": 1.0}))
+    rows = collect(study)
+    assert len(rows) == 11
+    stats = summarise(study, rows)
+    mean, std, n = stats[("MAE", "seg", "mIoU", 0)]
+    assert (mean, n) == (53.0, 3) and std == pytest.approx(13 ** 0.5)  # deviations -3, -1, 4; n - 1 = 2
+    assert stats[("scratch", "seg", "mIoU", 2)] == (22.0, pytest.approx(8 ** 0.5), 2)
+
+    diff = differences(study, rows)
+    assert set(diff) == {("MAE", "seg", "mIoU", 0), ("MAE", "seg", "mIoU", 2)}  # the reference has no row
+    paired = diff[("MAE", "seg", "mIoU", 0)]  # per-seed differences 10, 11, 12
+    assert paired.paired and paired.n == 3 and paired.mean == 11.0 and paired.std == pytest.approx(1.0)
+    unpaired = diff[("MAE", "seg", "mIoU", 2)]  # 32 ± 2 (3 seeds) vs 22 ± sqrt(8) (2 seeds)
+    assert not unpaired.paired and unpaired.n == 2
+    assert unpaired.mean == 10.0 and unpaired.std == pytest.approx(12 ** 0.5)
+
+    md = results_markdown(study, rows)
+    assert "| backbone | 4 (all) | 2 | n |" in md
+    assert "| MAE | 53.0±3.6 | 32.0±2.0 | 3 |" in md and "| scratch | 42.0±2.6 | 22.0±2.8 | 2-3 |" in md
+    assert "Fewer than 3 seeds: scratch mIoU at 2 (n=2)." in md
+    assert "## Difference to `scratch`" in md and "| MAE − scratch | +11.0±1.0 | +10.0±3.5† | 2-3 |" in md
+    assert "per-seed differences" in md and "sqrt(std_a² + std_b²)" in md
+    caption = plot_caption(study, rows)
+    assert "seg: mIoU after 20 iterations (camvid_upernet_vit_tiny_cpu.py)" in caption
+    assert "seeds 0, 1, 2 (n = 2-3 per point)" in caption and "error bars" in caption
+    written = write_results(study)
+    assert written["md"].read_text() == md and written["plot"].stat().st_size > 0
+    # results.csv: one row per finished cell, no summary rows
+    assert len(list(csv.DictReader(open(written["csv"])))) == 11
+
+    # Without a reference there is no difference table; an unknown reference is one error naming the key.
+    no_ref = load_study(dict(depth=4, freeze_blocks=[0], backbones={"MAE": None, "scratch": None},
+                             tasks={"seg": seg}), tmp_path / "out2")
+    assert no_ref.reference is None and differences(no_ref, []) == {}
+    assert "Difference" not in results_markdown(no_ref, [])
+    with pytest.raises(MaeTransferError, match=r"reference 'random' is not one of the backbones \('MAE', 'scratch'\)"):
+        load_study(spec(tmp_path, reference="random"))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ r"""Train / evaluate / run Mask R-CNN with our plain ViT in detectron2 (LazyConf
       --train-json D/trainval.json --train-images D/images --val-json ... --val-images ...
   python tools/train_det.py --config ... --output-dir out/det --eval-only [CKPT]  # default: its last checkpoint
   python tools/train_det.py --config ... --output-dir out/det --resume [CKPT]     # default: its last checkpoint
-  python tools/train_det.py --config ... --infer a.jpg b.jpg --output vis/        # pictures with boxes + masks
+  python tools/train_det.py --config ... --infer a.jpg b.jpg --output vis/        # ground truth | prediction
   python tools/train_det.py --config ... --num-gpus 8 [--num-machines 2 --machine-rank 0 --dist-url tcp://...]
 
 `key=value` config overrides go anywhere on the line; unknown keys are an error. The final evaluation
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--infer", nargs="+", metavar="IMAGE", help="run the model on these images (or folders)")
     p.add_argument("--output", help="folder for --infer pictures (default: OUTPUT_DIR/vis)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="--infer: minimum score drawn")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="--infer: draw at most the K best detections after class-agnostic NMS (0: all)")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)

@@ -20,6 +20,7 @@ name = "coco_ade20k_vit_b"
 depth = 12
 freeze_blocks = [0, 4, 8, 10, 12, -1]
 seeds = [0]
+reference = "random init"  # results.md: a table of each backbone - random init
 backbones = {
     "MAE ViT-B": "checkpoints/mae_pretrain_vit_base.pth",
     "supervised DeiT-B": "checkpoints/deit_base_patch16_224-b5f2ef4d.pth",

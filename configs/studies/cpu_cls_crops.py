@@ -15,6 +15,7 @@ name = "cpu_cls_crops"
 depth = 4
 freeze_blocks = [0, 2, -1]
 seeds = [0]
+reference = "scratch"  # results.md: a table of each backbone - scratch
 _train = "work_dirs/fruit_crops/train"
 backbones = {
     "MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=_train,

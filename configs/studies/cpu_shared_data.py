@@ -18,6 +18,7 @@ name = "cpu_shared_data"
 depth = 4
 freeze_blocks = [0, 2, -1]
 seeds = [0]
+reference = "scratch"  # results.md: a table of each backbone - scratch
 _crops = dict(json="../shared/data/fruits_nuts/trainval.json", images="../shared/data/fruits_nuts/images", min_size=16)
 backbones = {
     "MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", crops=_crops,

@@ -13,6 +13,7 @@ name = "imagenet_partial_ft_vit_l"
 depth = 24
 freeze_blocks = [0, 6, 12, 18, 20, 22, 23, -1]
 seeds = [0]
+reference = "random init"  # results.md: a table of each backbone - random init
 backbones = {
     "MAE ViT-L": "checkpoints/mae_pretrain_vit_large.pth",
     "random init": None,
