@@ -4,7 +4,7 @@ Four paths compute the same softmax(q k^T / sqrt(d) + bias) v:
   - SDPA (`F.scaled_dot_product_attention`): the default, on every device and dtype.
   - `BiasedAttention`, CPU fp32 training with a bias that needs gradients (the BEiT relative position bias):
     SDPA's CPU flash kernels take such a bias but return no gradient for it, so SDPA would fall back to its
-    math path; this kernel runs the flash kernels for q, k, v and computes the bias gradient separately.
+    math path; this kernel runs the flash forward and its own backward, which also gives the bias gradient.
   - `ChunkedRelPosAttention`, CPU global attention with decomposed rel-pos at >= CHUNKED_ATTENTION_MIN_TOKENS:
     SDPA's CPU kernels take no bias that needs gradients, so it would fall back to its math path and store
     every (heads, N, N) tensor; this kernel keeps nothing of size N x N between forward and backward.

@@ -179,7 +179,8 @@ class Attention(nn.Module):
             table = resize_rel_pos_bias_table(table, self.rel_pos_bias_grid, hw)
             index = beit_relative_position_index(hw).to(table.device)
         n = index.shape[0]
-        bias = table.t()[:, index.reshape(-1)].reshape(-1, n, n)  # (heads, n, n), contiguous
+        # (heads, n, n), contiguous; a row-wise index_select of the transposed table is the fastest gather here
+        bias = table.t().contiguous().index_select(1, index.reshape(-1)).reshape(-1, n, n)
         if not cls_token:
             bias = bias[:, 1:, 1:]
         return bias.unsqueeze(0)
