@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def ade20k_sample() -> Path:
 @pytest.fixture
 def camvid_mini() -> Path:
     return shared_dataset("camvid_mini")
+
+
+@pytest.fixture
+def camvid_small(tmp_path: Path, camvid_mini: Path) -> Path:
+    """2 training + 1 validation CamVid frames (with labels) in tmp_path/camvid: a real cell in seconds."""
+    data = tmp_path / "camvid"
+    for split in ("train", "trainannot", "val", "valannot"):
+        (data / split).mkdir(parents=True)
+        for f in sorted((camvid_mini / split).glob("*.png"))[:1 if split.startswith("val") else 2]:
+            shutil.copy(f, data / split / f.name)
+    return data
