@@ -20,32 +20,39 @@ from .coco_mask_rcnn_vit_b import (  # noqa: F401 -- re-exported: LazyConfig.loa
     train,
 )
 
-# Arguments StandardROIHeads takes and CascadeROIHeads does not (it takes one of each per stage).
-[model.roi_heads.pop(k) for k in ["box_head", "box_predictor", "proposal_matcher"]]
 
-model.roi_heads.update(
-    _target_=CascadeROIHeads,
-    box_heads=[
-        L(FastRCNNConvFCHead)(
-            input_shape=ShapeSpec(channels=256, height=7, width=7),
-            conv_dims=[256, 256, 256, 256],
-            fc_dims=[1024],
-            conv_norm="LN",
-        )
-        for _ in range(3)
-    ],
-    box_predictors=[
-        L(FastRCNNOutputLayers)(
-            input_shape=ShapeSpec(channels=1024),
-            test_score_thresh=0.05,
-            box2box_transform=L(Box2BoxTransform)(weights=(w1, w1, w2, w2)),
-            cls_agnostic_bbox_reg=True,
-            num_classes="${...num_classes}",  # follows roi_heads.num_classes (tools/train_det.py sets it)
-        )
-        for (w1, w2) in [(10, 5), (20, 10), (30, 15)]
-    ],
-    proposal_matchers=[
-        L(Matcher)(thresholds=[th], labels=[0, 1], allow_low_quality_matches=False)
-        for th in [0.5, 0.6, 0.7]
-    ],
-)
+def use_cascade_roi_heads(roi_heads, channels: int = 256, fc_dim: int = 1024, **predictor_options) -> None:
+    """Replace a Mask R-CNN config's RoI box branch by ViTDet's three cascade stages (4conv1fc LN heads of
+    `channels` / `fc_dim`, class-agnostic predictors); the tiny CPU config calls it with its own widths."""
+    # Arguments StandardROIHeads takes and CascadeROIHeads does not (it takes one of each per stage).
+    [roi_heads.pop(k) for k in ["box_head", "box_predictor", "proposal_matcher"]]
+    roi_heads.update(
+        _target_=CascadeROIHeads,
+        box_heads=[
+            L(FastRCNNConvFCHead)(
+                input_shape=ShapeSpec(channels=channels, height=7, width=7),
+                conv_dims=[channels] * 4,
+                fc_dims=[fc_dim],
+                conv_norm="LN",
+            )
+            for _ in range(3)
+        ],
+        box_predictors=[
+            L(FastRCNNOutputLayers)(
+                input_shape=ShapeSpec(channels=fc_dim),
+                test_score_thresh=0.05,
+                box2box_transform=L(Box2BoxTransform)(weights=(w1, w1, w2, w2)),
+                cls_agnostic_bbox_reg=True,
+                num_classes="${...num_classes}",  # follows roi_heads.num_classes (tools/train_det.py sets it)
+                **predictor_options,
+            )
+            for (w1, w2) in [(10, 5), (20, 10), (30, 15)]
+        ],
+        proposal_matchers=[
+            L(Matcher)(thresholds=[th], labels=[0, 1], allow_low_quality_matches=False)
+            for th in [0.5, 0.6, 0.7]
+        ],
+    )
+
+
+use_cascade_roi_heads(model.roi_heads)
