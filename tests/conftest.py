@@ -1,12 +1,14 @@
 """Shared fixtures: the real data in ../shared/data, small helpers."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from mae_transfer.compat import apply_for_mmseg
 
@@ -65,3 +67,19 @@ def camvid_small(tmp_path: Path, camvid_mini: Path) -> Path:
         for f in sorted((camvid_mini / split).glob("*.png"))[:1 if split.startswith("val") else 2]:
             shutil.copy(f, data / split / f.name)
     return data
+
+
+@contextlib.contextmanager
+def no_init():
+    """Make torch.nn.init's in-place initialisers no-ops: parameters are allocated with their real shapes but not
+    filled (slow on CPU for detection-size models). For parameter counts and shapes only; the meta device is not
+    an option because both ViTs compute their drop-path rates with Tensor.item()."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)

@@ -4,7 +4,6 @@ cascade RoI heads of projects/ViTDet's cascade_mask_rcnn_vitdet_*.py), and the t
 data with tools/train_det.py (losses fall, COCOEvaluator result, --resume) and built from a study cell."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ from mae_transfer import detection
 from mae_transfer.cli import run_cli
 from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.study import Cell, cell_command, load_study, read_det_metrics
+from tests.conftest import no_init
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -68,22 +68,6 @@ def _d2_vitdet_cascade_cfg(size: str):
     return model
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Make torch.nn.init's in-place initialisers no-ops: parameters are allocated (untouched, so no real memory
-    is used) but not filled. Only counts and shapes are compared; the meta device is not an option because both
-    ViTs compute their drop-path rates with Tensor.item()."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -92,7 +76,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("size,expected", [("b", 141_160_990), ("l", 360_949_854), ("h", 691_468_958)])
 def test_cascade_configs_match_detectron2_vitdet_cascade(size, expected):
     cfg = LazyConfig.load(str(CONFIGS / f"coco_cascade_mask_rcnn_vit_{size}.py"))
-    with _no_init():
+    with no_init():
         ours = instantiate(cfg.model)
         ref = instantiate(_d2_vitdet_cascade_cfg(size))
     n_ours, n_ref = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in ref.parameters())

@@ -4,7 +4,6 @@
 import, gradient clipping, bad input)."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,7 @@ from mae_transfer import detection
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
+from tests.conftest import no_init
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -160,20 +160,6 @@ def _d2_vitdet_model_cfg(size: str):
     return model
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Make torch.nn.init's in-place initialisers no-ops (tensors are still allocated with real shapes)."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
 def _count(model: nn.Module) -> tuple[int, int]:
     return (sum(p.numel() for p in model.parameters()),
             sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -182,7 +168,7 @@ def _count(model: nn.Module) -> tuple[int, int]:
 @pytest.mark.parametrize("size,embed,expected_m", [("b", 768, (105, 115)), ("l", 1024, (325, 345))])
 def test_configs_instantiate_with_vitdet_parameter_counts(size, embed, expected_m):
     cfg = LazyConfig.load(str(CONFIGS / f"coco_mask_rcnn_vit_{size}.py"))
-    with _no_init():  # counts only: skip the (slow on CPU) random initialisation
+    with no_init():  # counts only: skip the (slow on CPU) random initialisation
         ours = instantiate(cfg.model)
         ref = instantiate(_d2_vitdet_model_cfg(size))
     (n_ours, t_ours), (n_ref, t_ref) = _count(ours), _count(ref)

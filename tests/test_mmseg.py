@@ -54,6 +54,17 @@ def _perturb(module: torch.nn.Module, generator: torch.Generator, scale: float =
 C, DEPTH, HEADS, OUT = 96, 4, 4, (0, 1, 3)
 
 
+def _assert_same_maps_at_512(ours, ref, x):
+    """Our backbone's maps equal mmseg's (max abs diff <= 1e-4) at 512 px; returns mmseg's."""
+    with torch.no_grad():
+        a, b = ours(x), ref(x)
+    assert len(a) == len(b) == len(OUT)
+    for fa, fb in zip(a, b):
+        assert fa.shape == fb.shape == (1, C, 32, 32)
+        assert (fa - fb).abs().max().item() <= 1e-4
+    return b
+
+
 def test_parity_with_mmseg_mae_at_512_with_interpolated_pos_embed(tmp_path):
     """Our MAEViT == mmseg `MAE` (BEiT-style layer scale, cls token in the sequence) at 512 px.
 
@@ -91,12 +102,7 @@ def test_parity_with_mmseg_mae_at_512_with_interpolated_pos_embed(tmp_path):
     ours.eval()
 
     x = torch.randn(1, 3, 512, 512, generator=g)
-    with torch.no_grad():
-        a, b = ours(x), ref(x)
-    assert len(a) == len(b) == len(OUT)
-    for fa, fb in zip(a, b):
-        assert fa.shape == fb.shape == (1, C, 32, 32)
-        assert (fa - fb).abs().max().item() <= 1e-4
+    b = _assert_same_maps_at_512(ours, ref, x)
     # The comparison is sensitive: a table that is not interpolated the same way breaks it.
     ours.pos_embed.data[:, 1:] += 0.01
     with torch.no_grad():
@@ -132,12 +138,7 @@ def test_parity_with_mmseg_mae_rel_pos_bias_layer_scale_512_table(tmp_path, capl
     assert report.format == "mmseg_mae" and report.missing == [] and report.resized == {} and not caplog.records
     ours.eval()
     x = torch.randn(1, 3, 512, 512, generator=g)
-    with torch.no_grad():
-        a, b = ours(x), ref(x)
-    assert len(a) == len(b) == len(OUT)
-    for fa, fb in zip(a, b):
-        assert fa.shape == fb.shape == (1, C, 32, 32)
-        assert (fa - fb).abs().max().item() <= 1e-4
+    b = _assert_same_maps_at_512(ours, ref, x)
 
     # Training: the same gradients as mmseg's explicit attention, through our CPU kernel for a learned bias.
     from backbones import kernels
