@@ -37,10 +37,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
+from mae_transfer.launch import STOP_GRACE_S, stop_child
 from mae_transfer.paths import REPO_ROOT
 
 EXECUTORS = ("slurm", "local")
-STOP_GRACE_S = 20.0  # after the job is asked to stop, how long the tool may take to end by itself
 
 
 @dataclass(frozen=True)
@@ -293,12 +293,7 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: flo
     try:
         code = proc.wait()
     except BaseException:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=grace_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-            proc.wait()
+        stop_child(proc, grace_s, signal.SIGINT, self_stop_s=0)  # the task was stopped, not the tool: ask it now
         raise
     if code != 0:
         raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}")

@@ -58,7 +58,7 @@ def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: s
                 raise MaeTransferError(f"{what}: cannot start {cmd[0]}: {err.strerror or err} (log: {log})") from None
             except KeyboardInterrupt:
                 if proc is not None:
-                    _stop(proc, grace_s, stop_signal)
+                    stop_child(proc, grace_s, stop_signal)
                 raise
     if code in (130, -signal.SIGINT):
         raise KeyboardInterrupt
@@ -67,12 +67,14 @@ def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: s
         raise MaeTransferError(f"step failed ({how}): {what}; last line of {log}: {last_line(log, start)}")
 
 
-def _stop(proc: subprocess.Popen, grace_s: float, stop_signal: int) -> None:
+def stop_child(proc: subprocess.Popen, grace_s: float, stop_signal: int, self_stop_s: float = SELF_STOP_S) -> None:
+    """Stop a running tool: wait `self_stop_s` for it to end by itself, then send `stop_signal`, then kill it
+    after `grace_s` (or at once on a second interrupt)."""
     try:
         try:
             # a terminal's Ctrl-C (or a signal to the whole group) reached the tool too: it is stopping; a
             # second SIGINT now could cut its clean-up short
-            proc.wait(timeout=SELF_STOP_S)
+            proc.wait(timeout=self_stop_s)
         except subprocess.TimeoutExpired:
             proc.send_signal(stop_signal)
             proc.wait(timeout=grace_s)

@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from mae_transfer.checkpoint import read_checkpoint
+from mae_transfer.cluster import has_checkpoint as tool_has_checkpoint
+from mae_transfer.cluster import make_resources
 from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_write, atomic_write_text
@@ -66,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 DONE = "done.json"
 TASK_KINDS = ("det", "seg", "cls")
+TOOL_OF_KIND = {"det": "train_det", "seg": "train_seg", "cls": "finetune_cls"}  # names in `cluster.TOOLS`
 # the metrics of eval_metrics.json a study records and tabulates, per task kind; metric -> label in tables and plots
 KIND_METRICS = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1",)}
 METRIC_LABELS = {"AP_box": "AP$^{box}$", "AP_mask": "AP$^{mask}$", "mIoU": "mIoU", "top1": "top-1"}
@@ -224,8 +227,6 @@ def _check_slurm(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise MaeTransferError(f"{where}: slurm must be a dict of job resources, got {value!r}")
-    from mae_transfer.cluster import make_resources
-
     make_resources(value, where)  # unknown keys and bad values fail when the spec is read
     return dict(value)
 
@@ -293,10 +294,8 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
 
 
 def has_checkpoint(study: Study, cell: Cell) -> bool:
-    """Whether an unfinished cell is resumed: detectron2's and mmengine's checkpointers both write
-    `last_checkpoint` next to their checkpoints; finetune_cls.py writes `checkpoint_last.pth`."""
-    name = "checkpoint_last.pth" if study.tasks[cell.task]["kind"] == "cls" else "last_checkpoint"
-    return (study.cell_dir(cell) / name).is_file()
+    """Whether an unfinished cell is resumed: its tool left the file it resumes from (`cluster.TOOLS`)."""
+    return tool_has_checkpoint(TOOL_OF_KIND[study.tasks[cell.task]["kind"]], study.cell_dir(cell))
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -25,15 +25,15 @@ from mae_transfer.cluster import ALIVE, Resources, ToolJob, job_states, make_res
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
-from mae_transfer.study import (DONE, METRIC_READERS, Cell, Study, _safe, backbone_commands, cell_command,
-                                check_backbone_files, prepare_pretrain_data, write_done, write_results)
+from mae_transfer.study import (DONE, METRIC_READERS, TOOL_OF_KIND, Cell, Study, _safe, backbone_commands,
+                                cell_command, check_backbone_files, prepare_pretrain_data, write_done,
+                                write_results)
 
 logger = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.json"
 MAX_AUTO_RESUBMIT = 3  # a job that keeps vanishing (e.g. killed for memory) is then shown as failed
 IN_FLIGHT = ("pending", "running")
-TOOL_OF_KIND = {"det": "train_det", "seg": "train_seg", "cls": "finetune_cls"}
 
 
 class CellJob(ToolJob):
