@@ -279,16 +279,29 @@ class Block(nn.Module):
         return x + self.drop_path(x2)
 
 
-def interpolate_abs_pos(pos_embed: Tensor, hw: tuple[int, int], has_cls: bool) -> Tensor:
-    """Patch part of a learned/fixed (1, [1+]N, C) table resized (bicubic) to grid `hw`: (1, H, W, C)."""
-    grid = pos_embed[:, 1:] if has_cls else pos_embed
-    side = int(math.isqrt(grid.shape[1]))
+def resize_abs_pos(pos_embed: Tensor, hw: tuple[int, int], num_prefix_tokens: int, *, antialias: bool) -> Tensor:
+    """Patch part of a (1, P+S*S, C) absolute position table resized to grid `hw`: (1, H, W, C), bicubic with
+    align_corners=False; the P prefix (cls) rows are left out. The one position-table resampler (forward time
+    and checkpoint import).
+
+    antialias=False, in the table's own dtype: the fine-tuning references -- MAE `util/pos_embed.py
+    interpolate_pos_embed`, mmseg `MAE.resize_abs_pos_embed` / `VisionTransformer.resize_pos_embed`, detectron2
+    `get_abs_pos` (ViTDet, at forward time). antialias=True, in float32: timm's `resample_abs_pos_embed`
+    (its checkpoint filter's default), a few percent away from the others on a 224 -> 512 table.
+    """
+    grid = pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(grid.shape[1])
     if side * side != grid.shape[1]:
-        raise ValueError(f"position table with {grid.shape[1]} patches is not a square grid")
+        raise BackboneError(f"position table with {grid.shape[1]} patch rows is not a square grid")
     grid = grid.reshape(1, side, side, -1)
     if (side, side) == tuple(hw):
         return grid
-    resized = F.interpolate(grid.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
+    channels_first = grid.permute(0, 3, 1, 2)
+    if antialias:
+        resized = F.interpolate(channels_first.float(), size=tuple(hw), mode="bicubic", align_corners=False,
+                                antialias=True).to(grid.dtype)
+    else:
+        resized = F.interpolate(channels_first, size=tuple(hw), mode="bicubic", align_corners=False)
     return resized.permute(0, 2, 3, 1)
 
 
@@ -454,11 +467,16 @@ class VisionTransformer(nn.Module):
         return x
 
     # ------------------------------------------------------------------ token layout
+    def abs_pos(self, hw: tuple[int, int]) -> Tensor:
+        """The patch part of the position table at grid hw: (1, H, W, C), resized at run time as detectron2's
+        `get_abs_pos` and mmseg's `resize_pos_embed` do (no antialias)."""
+        return resize_abs_pos(self.pos_embed, hw, self.num_prefix_tokens, antialias=False)
+
     def embed_tokens(self, x: Tensor) -> Tensor:
         """Patches + (interpolated) abs pos, with the cls token prepended: (B, [1+]N, C)."""
         x = self.patch_embed(x)
         b, h, w, c = x.shape
-        x = (x + interpolate_abs_pos(self.pos_embed, (h, w), self.cls_token is not None)).reshape(b, h * w, c)
+        x = (x + self.abs_pos((h, w))).reshape(b, h * w, c)
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
             x = torch.cat([cls, x], dim=1)
@@ -489,7 +507,7 @@ class VisionTransformer(nn.Module):
         """
         out_indices = (self.depth - 1,) if out_indices is None else tuple(out_indices)
         x = self.patch_embed(x)
-        x = x + interpolate_abs_pos(self.pos_embed, (x.shape[1], x.shape[2]), self.cls_token is not None)
+        x = x + self.abs_pos((x.shape[1], x.shape[2]))
         outputs: list[Tensor] = []
         self.run_blocks(x, out_indices, hook=lambda i, feat: outputs.append(feat.permute(0, 3, 1, 2).contiguous()))
         return outputs

@@ -28,15 +28,15 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.vit import VisionTransformer, resize_rel_pos, resize_rel_pos_bias_table
+from backbones.vit import VisionTransformer, resize_abs_pos, resize_rel_pos, resize_rel_pos_bias_table
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_torch_save
 
@@ -411,24 +411,6 @@ def _prefix_rows(num: int) -> int | None:
     return None
 
 
-def resample_abs_pos_embed(pos: Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1,
-                           antialias: bool = True) -> Tensor:
-    """Bicubic resample of the patch part of a (1, P+H*W, C) table to `new_grid`, prefix rows kept.
-
-    Same computation as timm's `resample_abs_pos_embed` (bicubic, antialias=True by default), which
-    timm uses when it loads pretrained ViTs at another resolution.
-    """
-    prefix, grid = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
-    side = math.isqrt(grid.shape[1])
-    if tuple(new_grid) == (side, side):
-        return pos
-    dtype = grid.dtype
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=antialias, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1).to(dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
 _CORE = re.compile(r"^(patch_embed\.proj\.weight|blocks\.\d+\.(norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\.weight)$")
 
 
@@ -545,7 +527,9 @@ def _fit_pos_embed(v: Tensor, model: VisionTransformer, report: LoadReport) -> T
     tgt_prefix = model.num_prefix_tokens
     tgt_side = math.isqrt(ref.shape[1] - tgt_prefix)
     src_side = math.isqrt(v.shape[1] - src_prefix)
-    grid = resample_abs_pos_embed(v[:, src_prefix:], (tgt_side, tgt_side), num_prefix_tokens=0)
+    # Resized once, as MAE fine-tuning (`interpolate_pos_embed`) and mmseg `MAE.resize_abs_pos_embed` do it: plain
+    # bicubic, no antialias (timm's loader antialiases; no target here follows timm).
+    grid = resize_abs_pos(v, (tgt_side, tgt_side), src_prefix, antialias=False).reshape(1, tgt_side * tgt_side, -1)
     if tgt_prefix:
         if src_prefix:
             cls_row = v[:, :1]
@@ -607,10 +591,20 @@ def save_backbone(model_or_sd: VisionTransformer | Mapping[str, Tensor], path: s
                               "arch": dict(arch or {})}, path)
 
 
+# Our keys detectron2's `ViT` has no tensor for: it keeps the cls row of the position table (pretrain_use_cls_token)
+# but has no cls token, final norm or head.
+_NOT_IN_DETECTRON2_VIT = re.compile(r"^(cls_token|(norm|fc_norm|head)\..*)$")
+
+
 def to_detectron2(model_or_sd: VisionTransformer | Mapping[str, Tensor], path: str | os.PathLike,
-                  prefix: str = DETECTRON2_PREFIX) -> Path:
-    """File for detectron2's `DetectionCheckpointer`: {"model": {"backbone.net.<our key>": ...}}."""
-    sd = {prefix + k: v for k, v in _as_state_dict(model_or_sd).items()}
+                  prefix: str = DETECTRON2_PREFIX, detectron2_vit_keys_only: bool = False) -> Path:
+    """File for detectron2's `DetectionCheckpointer`: {"model": {"backbone.net.<our key>": ...}}.
+
+    detectron2_vit_keys_only: leave out the keys detectron2's own `ViT` lacks (`cls_token`, a final norm, a head),
+    so that it loads the file with no unused key; our `ViTBackbone` then keeps its (unused) cls token's init.
+    """
+    sd = {prefix + k: v for k, v in _as_state_dict(model_or_sd).items()
+          if not (detectron2_vit_keys_only and _NOT_IN_DETECTRON2_VIT.match(k))}
     return atomic_torch_save({"model": sd, "__author__": "mae_transfer", "matching_heuristics": False}, path)
 
 
@@ -621,7 +615,9 @@ def to_mmseg(model_or_sd: VisionTransformer | Mapping[str, Tensor], path: str | 
     return atomic_torch_save({"state_dict": sd, "meta": {"converted_by": "mae_transfer"}}, path)
 
 
-WRITERS: dict[str, Callable[..., Path]] = {"backbone": save_backbone, "detectron2": to_detectron2, "mmseg": to_mmseg}
+# The converter's detectron2 file is for detectron2's own ViTDet as well as ours: only the keys its `ViT` has.
+WRITERS: dict[str, Callable[..., Path]] = {"backbone": save_backbone, "mmseg": to_mmseg,
+                                           "detectron2": partial(to_detectron2, detectron2_vit_keys_only=True)}
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, model: VisionTransformer,

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import mae_transfer  # noqa: F401
-from backbones.vit import VisionTransformer
-from mae_transfer.checkpoint import (LoadReport, load_backbone, load_backbone_state_dict, resample_abs_pos_embed,
-                                     save_backbone, to_detectron2, to_mmseg)
+from backbones.vit import VisionTransformer, resize_abs_pos
+from mae_transfer.checkpoint import (LoadReport, load_backbone, load_backbone_state_dict, save_backbone, to_detectron2,
+                                     to_mmseg)
 from mae_transfer.errors import MaeTransferError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,27 +64,31 @@ def test_timm_parity(img, tmp_path):
         torch.testing.assert_close(model(img), ref(img), **TOL)
 
 
-def test_pos_embed_resampling_matches_timm(tmp_path):
+def test_pos_embed_resampling_timm_mode_and_recipe_mode(tmp_path):
+    """One resampler, two modes: antialias=True is timm's `resample_abs_pos_embed` bit for bit; the importer uses
+    antialias=False, the fine-tuning recipes' resize (timm's function with antialias=False here; mmseg's and
+    detectron2's own are compared in test_mmseg / test_detectron2)."""
     import timm
     from timm.layers import resample_abs_pos_embed as timm_resample
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     ref224 = timm_vit(img_size=224)
     sd = ref224.state_dict()
-    # Table level: 224 -> 512 and 1024, against timm's own function.
-    for size in (512, 1024):
+    for size in (512, 1024):  # table level: 224 -> 512 and 1024
         grid = size // 16
-        expect = timm_resample(sd["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1)
-        got = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1)
-        torch.testing.assert_close(got, expect, atol=0, rtol=0)
+        timm_aa = timm_resample(sd["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1)
+        got = resize_abs_pos(sd["pos_embed"], (grid, grid), 1, antialias=True).reshape(1, grid * grid, DIM)
+        torch.testing.assert_close(got, timm_aa[:, 1:], atol=0, rtol=0)
+        plain = timm_resample(sd["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1, antialias=False)
         model = ours(img_size=size)
         loaded, report = load_backbone_state_dict(sd, model)
-        torch.testing.assert_close(loaded["pos_embed"], expect, atol=0, rtol=0)
+        torch.testing.assert_close(loaded["pos_embed"], plain, atol=0, rtol=0)
+        assert (loaded["pos_embed"] - timm_aa).abs().max() > 1e-3  # the two modes really differ
         assert report.resized["pos_embed"] == ((1, 197, DIM), (1, 1 + grid * grid, DIM))
-    # Model level at 512: timm loading its own 224 weights (its filter resamples) vs our import.
+    # Model level at 512: timm loading its own 224 weights with the recipes' mode vs our import.
     ref512 = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=512, embed_dim=DIM,
                                depth=DEPTH, num_heads=HEADS, num_classes=7).eval()
-    ref512.load_state_dict(checkpoint_filter_fn(dict(sd), ref512))
+    ref512.load_state_dict(checkpoint_filter_fn(dict(sd), ref512, antialias=False))
     model = ours(img_size=512, num_classes=7)
     _load(sd, model)
     x = torch.randn(1, 3, 512, 512)
@@ -530,5 +534,7 @@ def test_convert_cli(tmp_path, capsys):
                "--model", "vit_tiny_patch16_224", "--img-size", "512", "--no-cls-token")
     assert res.returncode == 0, res.stderr
     assert "format timm" in res.stdout and "pos_embed (1, 197, 192) -> (1, 1024, 192)" in res.stdout
+    assert "pretrain_img_size=512, pretrain_use_cls_token=False" in res.stdout
     written = torch.load(out / "vit_ti_d2.pth", weights_only=True)["model"]
-    assert written["backbone.net.pos_embed"].shape == (1, 1024, 192) and "backbone.net.cls_token" not in written
+    assert written["backbone.net.pos_embed"].shape == (1, 1024, 192)
+    assert not any(k.startswith(("backbone.net.cls_token", "backbone.net.norm.")) for k in written)

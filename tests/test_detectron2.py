@@ -103,9 +103,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
 
         x_ref = x_ref + get_abs_pos(ref.pos_embed, True, (x_ref.shape[1], x_ref.shape[2]))
         x_ours = ours.patch_embed(img)
-        from backbones.vit import interpolate_abs_pos
-
-        x_ours = x_ours + interpolate_abs_pos(ours.pos_embed, (grid, grid), True)
+        x_ours = x_ours + ours.abs_pos((grid, grid))
     assert (x_ref - x_ours).abs().max() <= 1e-6
     x = x_ref
     for i, (rb, ob) in enumerate(zip(ref.blocks, ours.blocks)):
@@ -125,6 +123,74 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
     assert len(chunked) == (len(GLOBAL) if grid * grid >= kernels.CHUNKED_ATTENTION_MIN_TOKENS else 0)
     with torch.no_grad():
         assert (ours(img)["last_feat"] - ref(img)["last_feat"]).abs().max() <= 1e-5
+
+
+def test_abs_pos_resize_equals_detectron2_get_abs_pos_at_1024():
+    """ViTDet keeps the 224 table with its cls row and resizes it at forward time (`get_abs_pos`, plain bicubic):
+    ours equals it exactly, at run time (img_size 224, as the configs) and resized at import (built for 1024)."""
+    from detectron2.modeling.backbone.utils import get_abs_pos
+
+    from mae_transfer.checkpoint import load_backbone
+
+    torch.manual_seed(0)
+    arch = dict(embed_dim=32, depth=1, num_heads=2, window_size=0, use_rel_pos=False)
+    run_time = ViTBackbone(img_size=224, **arch)
+    with torch.no_grad():
+        expect = get_abs_pos(run_time.pos_embed, True, (64, 64))
+        assert torch.equal(run_time.abs_pos((64, 64)), expect)
+        at_import = ViTBackbone(img_size=1024, **arch)
+        load_backbone(at_import, {"model": {"backbone.net." + k: v for k, v in run_time.state_dict().items()}})
+        assert torch.equal(at_import.pos_embed[:, 1:].reshape(1, 64, 64, 32), expect)
+        assert torch.equal(at_import.pos_embed[:, :1], run_time.pos_embed[:, :1])
+
+
+def test_init_checkpoint_from_converter_loads_into_detectron2_vit_with_no_skipped_key(tmp_path):
+    """README's `convert_checkpoint.py --to detectron2` (tiny width and depth): detectron2's own ViTDet `ViT`
+    (pretrain_img_size 224 with cls row, windows, rel-pos) loads the file through DetectionCheckpointer without
+    skipping, missing or ignoring a key, and its outputs equal our backbone's loaded from the same file."""
+    import timm
+
+    from mae_transfer.framework_checkpoints import detection_checkpointer
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)  # 192 wide, 3 heads
+    _perturb(src)
+    torch.save({"model": src.state_dict()}, tmp_path / "pretrain.pth")
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    dst = tmp_path / "vit_d2.pth"
+    assert run_cli(tool.main, [str(tmp_path / "pretrain.pth"), str(dst), "--to", "detectron2",
+                               "--model", "vit_tiny_patch16_224", "--depth", "2", "--window-size", "14",
+                               "--global-blocks", "1", "--use-rel-pos", "--rel-pos-input-size", "256"]) == 0
+
+    def with_backbone_net(net: nn.Module) -> nn.Module:  # the `backbone.net.` nesting of a ViTDet model
+        model = nn.Module()
+        model.backbone = nn.Module()
+        model.backbone.net = net
+        return model
+
+    ref = ViT(img_size=256, patch_size=16, embed_dim=192, depth=2, num_heads=3, window_size=14,
+              window_block_indexes=[0], use_rel_pos=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+              pretrain_img_size=224, pretrain_use_cls_token=True)
+    checkpointer = detection_checkpointer(with_backbone_net(ref))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    checkpointer.logger.addHandler(handler)
+    try:
+        checkpointer.load(str(dst))
+    finally:
+        checkpointer.logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []  # no "Skip loading parameter", missing or unused key
+    assert torch.equal(ref.pos_embed, src.pos_embed)  # the 224 table, cls row included, as it was
+
+    ours = ViTBackbone(embed_dim=192, depth=2, num_heads=3, window_size=14, global_block_indexes=(1,),
+                       rel_pos_input_size=256, img_size=224)
+    detection_checkpointer(with_backbone_net(ours)).load(str(dst))  # as train_det loads a detectron2 file
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        diff = (ours(x)["last_feat"] - ref(x)["last_feat"]).abs().max().item()
+    assert diff <= 1e-5
 
 
 def test_yacs_registry_builds_the_same_pyramid():

@@ -109,6 +109,35 @@ def test_parity_with_mmseg_mae_at_512_with_interpolated_pos_embed(tmp_path):
         assert (ours(x)[0] - b[0]).abs().max().item() > 1e-3
 
 
+def test_pos_embed_resize_at_import_equals_mmseg_mae_resize_abs_pos_embed(tmp_path):
+    """The ADE20K backbone (img_size 512) from a 224 checkpoint starts from exactly mmseg `MAE`'s table: its
+    `resize_abs_pos_embed` (plain bicubic, as MAE's `interpolate_pos_embed`), not timm's antialiased resize."""
+    from mmseg.models.backbones import MAE
+
+    from backbones.vit import resize_abs_pos
+
+    g = torch.Generator().manual_seed(3)
+    arch = dict(embed_dims=C, num_layers=DEPTH, num_heads=HEADS, out_indices=OUT, init_values=1.0,
+                norm_cfg=dict(type="LN", eps=1e-6))
+    src = MAE(img_size=224, **arch)
+    _perturb(src, g)
+    sd = {k: v for k, v in src.state_dict().items() if "relative_position" not in k}  # zero in MAE; see above
+    torch.save(sd, tmp_path / "mmseg_mae_224.pth")
+    ref = MAE(img_size=512, **arch, init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "mmseg_mae_224.pth")))
+    expect = ref.resize_abs_pos_embed({"pos_embed": sd["pos_embed"].clone()})["pos_embed"]
+    assert expect.shape == (1, 1 + 32 * 32, C)
+
+    ours = MAEViT(img_size=512, use_rel_pos_bias=True, init_values=1.0, embed_dim=C, depth=DEPTH, num_heads=HEADS,
+                  out_indices=OUT, drop_path_rate=0.0)
+    report = load_backbone(ours, str(tmp_path / "mmseg_mae_224.pth"))
+    assert report.resized["pos_embed"] == ((1, 197, C), (1, 1025, C))
+    assert torch.equal(ours.pos_embed.detach(), expect)
+    timm_like = resize_abs_pos(sd["pos_embed"], (32, 32), 1, antialias=True).reshape(1, 1024, C)
+    assert (timm_like - expect[:, 1:]).abs().max() > 1e-3  # the antialiased resize would not be the same start
+    ref.init_weights()  # mmseg loads the same file, resizing the table itself (the maps then agree: tests above)
+    assert torch.equal(ref.pos_embed.detach(), expect)
+
+
 def test_parity_with_mmseg_mae_rel_pos_bias_layer_scale_512_table(tmp_path, caplog, monkeypatch):
     """mmseg's MAE backbone options (512-px position table, BEiT rel-pos bias, layer scale) ==
     mmseg `MAE(img_size=512, init_values=1.0)` at 512 px, given the same weights: every weight random,

@@ -2,11 +2,13 @@
 """Convert any supported ViT checkpoint to our backbone / detectron2 / mmseg layout.
 
     python tools/convert_checkpoint.py mae_pretrain_vit_base.pth out/vitb_d2.pth --to detectron2 \
-        --model vit_base_patch16_224 --img-size 1024 --no-cls-token --window-size 14 \
-        --global-blocks 2 5 8 11 --use-rel-pos
+        --model vit_base_patch16_224 --window-size 14 --global-blocks 2 5 8 11 --use-rel-pos \
+        --rel-pos-input-size 1024
 
 Prints the load report (format, loaded / missing / unexpected / resized keys). The output is written
 atomically: on any error nothing is left at DST. Training tools accept the SRC file directly as well.
+A detectron2 file holds what detectron2's ViTDet `ViT` loads: the pretraining position table with its cls row
+(keep the default --img-size 224, no --no-cls-token: detectron2 resizes it at run time), no cls token or final norm.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--to", required=True, choices=("backbone", "detectron2", "mmseg"))
     p.add_argument("--model", default="vit_base_patch16_224", help="target ViT name (backbones.vit.VIT_SIZES)")
     p.add_argument("--depth", type=int, default=None, help="number of blocks, if not the named model's")
-    p.add_argument("--img-size", type=int, default=224, help="size the absolute pos-embed table is built for")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="size the absolute pos-embed table is built for (other sizes: resized, bicubic)")
     p.add_argument("--no-cls-token", action="store_true", help="target without cls token (ViTDet style)")
     p.add_argument("--window-size", type=int, default=0)
     p.add_argument("--global-blocks", type=int, nargs="*", default=[])
@@ -50,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = convert_checkpoint(args.src, args.dst, args.to, model, allow_pickle=args.allow_pickle)
     print(report)
     print(f"wrote {args.dst} ({args.to} layout)")
+    if args.to == "detectron2":
+        print(f"detectron2 ViT settings for it: pretrain_img_size={args.img_size}, "
+              f"pretrain_use_cls_token={not args.no_cls_token}")
     return 0
 
 
