@@ -25,7 +25,8 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
                     launcher=["torchrun", "--nproc_per_node", "8"]),  # replaces `python` (default)
     }
 
-Every cell runs the real `tools/train_det.py` (detectron2), `tools/train_seg.py` (mmseg) or
+Before the first cell runs, every input of every backbone and cell is checked and all problems are reported in
+one error (`check_inputs`). Every cell runs the real `tools/train_det.py` (detectron2), `tools/train_seg.py` (mmseg) or
 `tools/finetune_cls.py` (classification: its `epochs` replace `iters`) in a subprocess,
 with its own output folder `OUTPUT/cells/<backbone>__<task>__freeze<k>__seed<s>/`. `{iters}`, `{warmup}`
 (iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. A cell's metrics are
