@@ -602,10 +602,13 @@ def _check_det_task(args: Any, check: Check) -> None:
 
     what = f"config {Path(args.config).name}"
     opts = [*args.opts, f"model.backbone.net.freeze_blocks={args.freeze_blocks}"]  # as detection.setup adds it
-    cfg = check(what, detection.load_config, args.config, [])
-    if cfg is not None:  # detection.load_config checks the keys as it loads: once per override (a config loads fast)
-        valid = [item for item in opts if check(what, detection.load_config, args.config, [item]) is not None]
-        cfg = detection.load_config(args.config, valid)
+    try:
+        cfg = detection.load_config(args.config, opts)
+    except MaeTransferError:  # it stops at the first unknown key: load once per override to find every one
+        cfg = check(what, detection.load_config, args.config, [])
+        if cfg is not None:
+            valid = [item for item in opts if check(what, detection.load_config, args.config, [item]) is not None]
+            cfg = detection.load_config(args.config, valid)
     for split, loader in (("train", "train"), ("val", "test")):
         json_file, images = getattr(args, f"{split}_json"), getattr(args, f"{split}_images")
         if bool(json_file) != bool(images):
