@@ -215,7 +215,7 @@ def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None,
     check_inputs(study, [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()], executor)
     jobs = load_jobs(study)
     retry: set[str] | None = None
-    retried: set[str] = set()
+    failed_at_start: set[str] = set()
     shown, finished = "", None
     try:
         while True:
@@ -223,7 +223,7 @@ def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None,
             save_jobs(study, jobs)
             if retry is None:  # what had failed when this command started (after its first look)
                 retry = {k for k, e in jobs.items() if gave_up(e)} if retry_failed else set()
-                retried = set(retry)
+                failed_at_start = set(retry)
             summary = _pass(study, executor, jobs, max_parallel, retry, overrides)
             text = status_text(study, jobs, summary)
             if not wait or not (summary["pending"] or summary["running"] or summary["submitted"]):
@@ -240,7 +240,7 @@ def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None,
     if summary["failed"] and not (summary["pending"] or summary["running"]):
         logger.info("%s", text)
         first = jobs[summary["failed"][0]]
-        again = [k for k in summary["failed"] if k in retried and k not in retry]
+        again = [k for k in summary["failed"] if k in failed_at_start and k not in retry]
         hint = (f"{len(again)} of them failed again after --retry-failed resubmitted them; fix the cause, then "
                 "--retry-failed resubmits them once more" if again else "--retry-failed resubmits them")
         raise MaeTransferError(f"{len(summary['failed'])} job(s) failed, first: {first.get('error') or 'no result'} "
