@@ -3,12 +3,13 @@ pretraining, is one submitit job (`mae_transfer.cluster`), submitted in parallel
 flight); pretraining jobs first, the cells that use them after (Slurm: `--dependency=afterok:<job>`; local:
 submitted once the backbone checkpoint exists).
 
+Every input of every backbone and cell is checked before the first job is submitted (`study.check_inputs`).
 Job ids and states are kept in `OUTPUT/jobs.json` (written atomically after every change). Running the same
 command again at any time collects: finished cells are read (`done.json`, written by the cell's job from the
 tool's `eval_metrics.json`), pending / running jobs are listed, failed ones are shown with their log and are
-resubmitted with `retry_failed`; a job that vanished without a result (killed, cancelled, node failure) is
-resubmitted by itself (up to `MAX_AUTO_RESUBMIT` times) and resumes from the cell's last checkpoint. The tables
-and the plot are rewritten from whatever has finished (`write_results`).
+resubmitted with `retry_failed` (each once per call); a job that vanished without a result (killed, cancelled,
+node failure) is resubmitted by itself (up to `MAX_AUTO_RESUBMIT` times) and resumes from the cell's last
+checkpoint. The tables and the plot are rewritten from whatever has finished (`write_results`).
 
 Job resources: the spec's `slurm=dict(...)`, then the task's (or the pretraining's) `slurm=dict(...)`, then the
 command line's `--slurm KEY=VALUE` (keys: `mae_transfer.cluster.RESOURCE_KEYS`).
@@ -26,14 +27,16 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
 from mae_transfer.study import (DONE, METRIC_READERS, TOOL_OF_KIND, Cell, Study, _safe, backbone_commands,
-                                cell_command, check_backbone_files, prepare_pretrain_data, write_done,
-                                write_results)
+                                cell_tool_args, check_inputs, prepare_pretrain_data, write_done, write_results)
 
 logger = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.json"
 MAX_AUTO_RESUBMIT = 3  # a job that keeps vanishing (e.g. killed for memory) is then shown as failed
 IN_FLIGHT = ("pending", "running")
+# --wait: seconds between checks. A local job's end is seen in its status file at once; Slurm is asked through
+# sacct, which a study should not call every few seconds.
+POLL_S = {"local": 2.0, "slurm": 60.0}
 
 
 class CellJob(ToolJob):
@@ -41,10 +44,8 @@ class CellJob(ToolJob):
     tool's distributed mode); on success it writes the cell's `done.json` from the tool's eval_metrics.json."""
 
     def __init__(self, study: Study, cell: Cell, checkpoint: str | None, gpus_per_node: int) -> None:
-        task = study.tasks[cell.task]
-        cmd = cell_command(study, cell, checkpoint, resume=False)
-        args = cmd[len(task["launcher"] or [study.python]) + 1:]  # after `<launcher> tools/<tool>.py`
-        super().__init__(TOOL_OF_KIND[task["kind"]], args, study.python, gpus_per_node, what=f"cell {cell.name}",
+        super().__init__(TOOL_OF_KIND[study.tasks[cell.task]["kind"]], cell_tool_args(study, cell, checkpoint),
+                         study.python, gpus_per_node, what=f"cell {cell.name}",
                          cwd=REPO_ROOT)  # where the in-process study runs its tools too
         self.study, self.cell, self.checkpoint = study, cell, checkpoint
 
@@ -106,10 +107,15 @@ def refresh(jobs: dict[str, dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- one pass
-def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_parallel: int, retry_failed: bool,
+def gave_up(entry: Mapping[str, Any]) -> bool:
+    """A job that is not resubmitted by itself: it failed, or vanished `MAX_AUTO_RESUBMIT` times."""
+    return entry["state"] == "failed" or (entry["state"] == "interrupted" and entry["attempts"] >= MAX_AUTO_RESUBMIT)
+
+
+def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_parallel: int, retry: set[str],
           overrides: Mapping[str, Any]) -> dict[str, list]:
-    refresh(jobs)
-    save_jobs(study, jobs)
+    """Submit what may run now (within `max_parallel`); `retry`: the given-up jobs that may be resubmitted, each
+    taken out of it when it is."""
     in_flight = sum(e["state"] in IN_FLIGHT for e in jobs.values())
     todo = [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()]
     submitted: list[str] = []
@@ -119,8 +125,8 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
         entry = jobs.get(key)
         if entry is None:
             return True
-        if entry["state"] == "failed" or (entry["state"] == "interrupted" and entry["attempts"] >= MAX_AUTO_RESUBMIT):
-            return retry_failed
+        if gave_up(entry):
+            return key in retry
         return entry["state"] in ("interrupted", "done")  # done: only asked when its result is missing
 
     def do_submit(key: str, job: ToolJob, res: Resources, dependency: str | None = None) -> dict[str, Any]:
@@ -132,6 +138,7 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
         save_jobs(study, jobs)  # the job id is kept even if this process dies now
         in_flight += 1
         submitted.append(key)
+        retry.discard(key)
         logger.info("submitted %s: job %s (%s)%s", key, entry["job_id"], executor,
                     f" after {dependency}" if dependency else "")
         return jobs[key]
@@ -194,30 +201,48 @@ def status_text(study: Study, jobs: dict[str, dict[str, Any]], summary: dict[str
 
 
 def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None, retry_failed: bool = False,
-                   wait: bool = False, poll_s: float = 60.0, overrides: Mapping[str, Any] | None = None,
+                   wait: bool = False, poll_s: float | None = None, overrides: Mapping[str, Any] | None = None,
                    ) -> dict[str, Any]:
-    """Submit / collect the study's jobs once (or, with `wait`, until none is in flight); returns the summary,
-    the status text and the path of results.md. Raises when nothing is in flight any more and some job failed."""
+    """Submit / collect the study's jobs once (or, with `wait`, until none is in flight, checking every `poll_s`
+    seconds, default `POLL_S`); returns the summary, the status text and the path of results.md. Every input is
+    checked before anything is submitted (`check_inputs`). `retry_failed`: every job that had failed when this
+    call started is resubmitted once, as `max_parallel` allows (with `wait`, all of them); a job failing again in
+    the same call is reported, not resubmitted. Raises when nothing is in flight any more and some job failed."""
     overrides = dict(overrides or {})
     max_parallel = max_parallel or (1 if executor == "local" else 10 ** 6)
+    poll_s = POLL_S.get(executor, 60.0) if poll_s is None else poll_s
     study.output_dir.mkdir(parents=True, exist_ok=True)
-    check_backbone_files(study, [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()])
+    check_inputs(study, [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()], executor)
     jobs = load_jobs(study)
+    retry: set[str] | None = None
+    failed_at_start: set[str] = set()
+    shown, finished = "", None
     try:
         while True:
-            summary = _pass(study, executor, jobs, max_parallel, retry_failed, overrides)
-            retry_failed = False  # once per invocation: a job failing again is reported, not resubmitted forever
+            refresh(jobs)
+            save_jobs(study, jobs)
+            if retry is None:  # what had failed when this command started (after its first look)
+                retry = {k for k, e in jobs.items() if gave_up(e)} if retry_failed else set()
+                failed_at_start = set(retry)
+            summary = _pass(study, executor, jobs, max_parallel, retry, overrides)
             text = status_text(study, jobs, summary)
             if not wait or not (summary["pending"] or summary["running"] or summary["submitted"]):
                 break
-            logger.info("%s", text.splitlines()[0])
-            write_results(study, plot=False)
+            if text.splitlines()[0] != shown:  # polled every few seconds locally: log changes only
+                shown = text.splitlines()[0]
+                logger.info("%s", shown)
+            if summary["done"] != finished:
+                finished = summary["done"]
+                write_results(study, plot=False)
             time.sleep(poll_s)
     finally:
         results = write_results(study)
     if summary["failed"] and not (summary["pending"] or summary["running"]):
         logger.info("%s", text)
         first = jobs[summary["failed"][0]]
+        again = [k for k in summary["failed"] if k in failed_at_start and k not in retry]
+        hint = (f"{len(again)} of them failed again after --retry-failed resubmitted them; fix the cause, then "
+                "--retry-failed resubmits them once more" if again else "--retry-failed resubmits them")
         raise MaeTransferError(f"{len(summary['failed'])} job(s) failed, first: {first.get('error') or 'no result'} "
-                               f"(log: {first['stderr']}); --retry-failed resubmits them")
+                               f"(log: {first['stderr']}); {hint}")
     return {**summary, "status": text, "results": Path(results["md"])}

@@ -19,9 +19,10 @@ import pytest
 from mae_transfer.cluster import (Placement, ToolJob, make_resources, parse_time, sbatch_script, task_command,
                                   tasks_per_node)
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.study import DONE, load_study
+from mae_transfer.study import DONE, Study, load_study
 from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
 from tests.conftest import REPO_ROOT
+from tests.test_study import seg_folder
 
 
 # ------------------------------------------------------------------------------------------- sbatch script
@@ -113,11 +114,14 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     (record / "state").write_text("PENDING")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(record))
+    seg = seg_folder(tmp_path / "seg")
     spec = dict(name="slurm_unit", depth=4, freeze_blocks=[0, -1], seeds=[0], slurm=dict(partition="gpu", time=60),
                 backbones={"MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path),
                                                      slurm=dict(nodes=2, gpus_per_node=8)))},
-                tasks={"seg": dict(kind="seg", config="configs/ade20k_upernet_vit_b.py", iters=100,
+                tasks={"seg": dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=100,
                                    launcher=["torchrun", "--nproc_per_node", "8"], args=["--launcher", "pytorch"],
+                                   opts=[f"{split}_dataloader.dataset.data_root={seg}"
+                                         for split in ("train", "val", "test")],
                                    slurm=dict(gpus_per_node=8, time="2:00:00"))})
     study = load_study(spec, tmp_path / "out")
     result = run_study_jobs(study, "slurm", overrides={"account": "proj"})
@@ -224,6 +228,73 @@ def test_local_executor_study_with_a_killed_job_resumed_by_the_rerun(tmp_path: P
     assert third.returncode == 0 and "2 finished" in third.stdout and "submitted now" not in third.stdout
 
 
+# ------------------------------------------------------------------------------------------- local bookkeeping
+# A stand-in for the interpreter that runs a cell's tool (the spec's `python`): it gets `tools/finetune_cls.py ARGS`,
+# records how many cells run at once, and after a short sleep either fails or writes the eval_metrics.json a
+# classification run writes. The job around it (submitit's local executor, CellJob, status files, jobs.json) is real.
+FAKE_PYTHON = """#!/bin/sh
+out=; prev=
+for a in "$@"; do [ "$prev" = --output-dir ] && out=$a; prev=$a; done
+mkdir -p "$out" {work}/running
+touch {work}/running/$$; ls {work}/running | wc -l >> {work}/concurrency
+sleep {sleep}
+rm {work}/running/$$
+if [ -e {work}/fail ]; then echo "fake tool: failing as asked" >&2; exit 1; fi
+echo '{{"task": "cls", "metrics": {{"top1": 42.0, "top5": 100.0}}, "iteration": null, "epoch": 1,' \
+     '"checkpoint": null, "tool": "fake", "details": {{}}}}' > "$out/eval_metrics.json"
+"""
+
+
+def fake_cls_study(tmp_path: Path, freeze_blocks: list[int], sleep: float) -> Study:
+    work = tmp_path / "fake"
+    (work / "data" / "train").mkdir(parents=True)
+    (work / "data" / "val").mkdir()
+    python = work / "python"
+    python.write_text(FAKE_PYTHON.format(work=work, sleep=sleep))
+    python.chmod(0o755)
+    spec = dict(name="fake", depth=4, freeze_blocks=freeze_blocks, seeds=[0], backbones={"scratch": None},
+                python=str(python), tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py",
+                                                       epochs=1, args=["--data", str(work / "data")])})
+    return load_study(spec, tmp_path / "out")
+
+
+def test_local_wait_notices_a_finished_job_within_seconds(tmp_path: Path) -> None:
+    """--executor local --wait: a cell's end is seen within seconds (local checks every 2 s), not a minute later."""
+    study = fake_cls_study(tmp_path, [0], sleep=1)
+    start = time.time()
+    result = run_study_jobs(study, "local", wait=True)  # the default interval, as tools/study.py passes it
+    total = time.time() - start
+    entry = load_jobs(study)[f"cell {study.cells()[0].name}"]
+    assert entry["state"] == "done" and result["done"] == [study.cells()[0].name]
+    assert json.loads((study.cell_dir(study.cells()[0]) / DONE).read_text())["metrics"] == {"top1": 42.0}
+    # the job's own end (its status file) -> the pass that saw it (jobs.json's last write)
+    ended = (Path(entry["folder"]) / f"{entry['job_id']}_status.json").stat().st_mtime
+    noticed = (study.output_dir / "jobs.json").stat().st_mtime - ended
+    print(f"\njob ended -> noticed: {noticed:.2f} s; whole run {total:.1f} s")
+    assert 0 <= noticed < 5.0, noticed
+
+
+def test_retry_failed_resubmits_every_failed_job_once_as_capacity_frees(tmp_path: Path) -> None:
+    """3 failed cells, then what `tools/study.py --executor local --retry-failed --wait --max-parallel 1` runs: each
+    is resubmitted exactly once, one at a time; failing again, they are reported (not retried again) in one error."""
+    study = fake_cls_study(tmp_path, [0, 2, -1], sleep=0.2)
+    work = tmp_path / "fake"
+    (work / "fail").touch()
+    with pytest.raises(MaeTransferError, match="3 job.s. failed.*; --retry-failed resubmits them"):
+        run_study_jobs(study, "local", max_parallel=3, wait=True)
+    first = load_jobs(study)
+    assert sorted(e["attempts"] for e in first.values()) == [1, 1, 1] and all(e["state"] == "failed"
+                                                                               for e in first.values())
+    (work / "concurrency").unlink()
+
+    with pytest.raises(MaeTransferError, match="3 job.s. failed.*3 of them failed again after --retry-failed"):
+        run_study_jobs(study, "local", max_parallel=1, retry_failed=True, wait=True, poll_s=0.5)
+    again = load_jobs(study)
+    assert {k: e["attempts"] for k, e in again.items()} == {k: 2 for k in first}  # each resubmitted once
+    assert all(again[k]["job_id"] != first[k]["job_id"] and again[k]["state"] == "failed" for k in first)
+    assert (work / "concurrency").read_text().split() == ["1", "1", "1"]  # one at a time: --max-parallel 1
+
+
 # ------------------------------------------------------------------------------------------- README
 def _load_tool(name: str):
     import importlib.util
@@ -257,13 +328,13 @@ def test_readme_cluster_commands_use_only_existing_options() -> None:
     assert study_args.executor == "slurm" and (REPO_ROOT / study_args.spec).is_file()
     known = {s for a in submit_parser._actions for s in a.option_strings}
     named = set(re.findall(r"`(--[a-z-]+)", section)) - {"--executor", "--slurm", "--retry-failed", "--max-parallel",
-                                                         "--wait", "--resume", "--launcher", "--num-gpus",
+                                                         "--wait", "--poll", "--resume", "--launcher", "--num-gpus",
                                                          "--num-machines", "--machine-rank", "--dist-url",
                                                          "--output-dir", "--signal", "--dependency"}
     assert named <= known, named - known
     # the study options the section names (left out above) exist too
     _load_tool("study").parse_args(["--spec", "s.py", "--executor", "local", "--retry-failed", "--max-parallel", "2",
-                                    "--wait", "--slurm", "time=10"])
+                                    "--wait", "--poll", "1", "--slurm", "time=10"])
 
 
 def test_submitit_is_imported_only_when_a_job_is_made() -> None:

@@ -28,16 +28,35 @@ MICRO = ["encoder_overrides={'depth': 2}", "img_size=64", "batch_size=16", "num_
 
 
 
+def seg_folder(root: Path) -> Path:
+    """A folder in the CamVid layout of the tiny seg config, one 8x8 picture and label map per split: what the
+    study's input check looks at (the stub runners below train nothing)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        Image.new("RGB", (8, 8)).save(root / split / "a.png")
+        Image.new("L", (8, 8), 3).save(root / f"{split}annot" / "a.png")
+    return root
+
+
 def spec(tmp_path: Path, **changes) -> dict:
-    """A study spec dict with real config files; checkpoints are files in tmp_path."""
+    """A study spec dict with real config files; checkpoints and data are files in tmp_path."""
     (tmp_path / "mae.pth").write_bytes(b"x")
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    seg = tmp_path / "seg" if (tmp_path / "seg").is_dir() else seg_folder(tmp_path / "seg")
     base = dict(
         name="unit", depth=4, freeze_blocks=[0, 2, -1], seeds=[0, 1],
         backbones={"MAE": str(tmp_path / "mae.pth"), "scratch": None},
         tasks={"det": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=8,
-                           args=["--train-json", "a.json", "--train-images", "imgs"], opts=["train.log_period=2"]),
+                           args=[f"--{split}-{what}={tmp_path / name}" for split in ("train", "val")
+                                 for what, name in (("json", "a.json"), ("images", "imgs"))],
+                           opts=["train.log_period=2"]),
                "seg": dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=20,
-                           opts=["param_scheduler.0.end={warmup}", "param_scheduler.1.end={iters}"])},
+                           opts=[*(f"{split}_dataloader.dataset.data_root={seg}" for split in ("train", "val", "test")),
+                                 "param_scheduler.0.end={warmup}", "param_scheduler.1.end={iters}"])},
     )
     base.update(changes)
     return base
@@ -162,6 +181,90 @@ def test_resume_skips_finished_cells_and_writes_table_and_plot(tmp_path: Path) -
     assert (study.cell_dir(Cell("scratch", "det", 2, 0)) / DONE).is_file()
     assert not (study.cell_dir(Cell("scratch", "seg", 0, 1)) / DONE).is_file()
     assert "| scratch | 14.5±0.7 / 13.5±0.7 / 14.5 |" in results_markdown(study, collect(study))  # one seed left
+
+
+# configs/studies/cpu_cls_crops.py before its coco_to_imagefolder step (crops folder missing), plus one mistake of
+# each other kind: a missing backbone file, unknown override keys of every config kind, missing det / seg data and
+# a misspelled tool argument
+BAD_SPEC = """
+depth = 4
+freeze_blocks = [0, -1]
+seeds = [0]
+_crops = "{tmp}/fruit_crops"
+backbones = {{
+    "MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=_crops + "/train",
+                              opts=["epochs=2", "warmup_epoch=1"])),
+    "file": "{tmp}/missing.pth",
+    "scratch": None,
+}}
+tasks = {{
+    "cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", epochs=2, args=["--data", _crops],
+                opts=["warmup_epoch=1", "smoothing=0.2", "mixupp=0"]),
+    "det": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=2,
+                args=["--train-json", "{tmp}/none.json", "--train-images", "{tmp}", "--val-json", "{tmp}/none.json",
+                      "--val-images", "{tmp}/no_images"], opts=["model.roi_heads.box_predictor.test_topk=20"]),
+    "seg": dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=2,
+                opts=["train_dataloader.dataset.data_root={tmp}/no_camvid", "train_cfg.max_iterz=3"]),
+    "typo": dict(kind="det", config="configs/coco_mask_rcnn_vit_tiny_cpu.py", iters=2, args=["--train-jsn", "a.json"]),
+}}
+"""
+
+
+def test_every_input_is_checked_before_the_first_cell_runs_or_job_is_submitted(tmp_path: Path) -> None:
+    """One report of everything wrong in a spec (a line per problem, exit 2, no traceback), before anything runs:
+    through tools/study.py --executor local, the in-process runner and the Slurm executor alike."""
+    from mae_transfer.study_cluster import run_study_jobs
+
+    spec_file = tmp_path / "spec.py"
+    spec_file.write_text(BAD_SPEC.format(tmp=tmp_path))
+    expected = [
+        f"backbone 'MAE': pretraining image folder not found: {tmp_path}/fruit_crops/train",
+        "backbone 'MAE': pretraining config mae_pretrain_vit_tiny_cpu.py: unknown config key 'warmup_epoch'",
+        f"backbone 'file': checkpoint not found: {tmp_path}/missing.pth",
+        "task 'cls': config cls_finetune_vit_tiny_cpu.py: unknown config key 'warmup_epoch'",
+        "task 'cls': config cls_finetune_vit_tiny_cpu.py: unknown config key 'mixupp'",
+        f"task 'cls': data root {tmp_path}/fruit_crops not found: it needs train/<class>/ and val/<class>/ folders",
+        "task 'det': config coco_mask_rcnn_vit_tiny_cpu.py: config override "
+        "'model.roi_heads.box_predictor.test_topk': no such key",
+        f"task 'det': --train-json file not found: {tmp_path}/none.json",
+        f"task 'det': --val-json file not found: {tmp_path}/none.json",
+        f"task 'det': --val-images folder not found: {tmp_path}/no_images",
+        "task 'seg': config camvid_upernet_vit_tiny_cpu.py: --cfg-options: unknown config key 'train_cfg.max_iterz'",
+        f"task 'seg': data root not found: {tmp_path}/no_camvid (train_dataloader.dataset.data_root)",
+        "task 'typo': tools/train_det.py arguments: unrecognized arguments: --train-jsn",
+    ]
+
+    def problems(message: str) -> list[str]:
+        lines = message.splitlines()
+        assert lines[0].endswith(f"{len(expected)} problem(s) with its inputs, "
+                                 f"{'nothing was submitted' if 'submitted' in lines[0] else 'no cell was run'}:")
+        assert all(line.startswith("  - ") for line in lines[1:])
+        return [line[4:] for line in lines[1:]]
+
+    def assert_reported(found: list[str]) -> None:
+        assert len(found) == len(expected), "\n".join(found)
+        for want in expected:
+            assert any(line.startswith(want) for line in found), f"{want}\nnot in:\n" + "\n".join(found)
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file),
+                           "--output-dir", str(out), "--executor", "local"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    report = proc.stderr[proc.stderr.index("error: "):]
+    assert report.count("error: ") == 1 and "nothing was submitted" in report.splitlines()[0]
+    assert_reported(problems(report.removeprefix("error: ")))
+    assert not (out / "jobs.json").exists() and not (out / "jobs").exists()  # nothing was submitted
+
+    study = load_study(spec_file, out)
+    with pytest.raises(MaeTransferError) as err:
+        run_study(study)
+    assert "no cell was run" in str(err.value).splitlines()[0]
+    assert_reported(problems(str(err.value)))
+    assert not (out / "cells").exists() and not (out / "backbones").exists()
+    with pytest.raises(MaeTransferError, match="nothing was submitted") as err:
+        run_study_jobs(study, "slurm")  # stops before submitit looks for sbatch
+    assert_reported(problems(str(err.value)))
 
 
 def test_summary_mean_std_n_and_difference_to_reference(tmp_path: Path) -> None:

@@ -40,9 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="--executor: jobs in flight at most (default: slurm no limit, local 1)")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="--executor: resources of "
                         "every job, over the spec's slurm=dict(...), e.g. partition=gpu time=72:00:00 (repeatable)")
-    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit failed jobs")
+    parser.add_argument("--retry-failed", action="store_true", help="--executor: resubmit every job that had failed "
+                        "(each once, as --max-parallel allows; one failing again is reported)")
     parser.add_argument("--wait", action="store_true", help="--executor: stay until no job is in flight")
-    parser.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="--wait: time between checks")
+    parser.add_argument("--poll", type=float, metavar="SECONDS",
+                        help="--wait: time between checks (default: local 2, slurm 60)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
