@@ -181,9 +181,9 @@ def apply(cfg: Any, recipe: rcp.Recipe) -> None:
                 if isinstance(s.get(key, None), int) and s[key] < 2 ** 31:
                     s[key] = loader_iters(s[key])
     hooks = cfg.get("default_hooks", {})
-    for name in ("checkpoint", "logger"):
+    for name, interval in (("checkpoint", loader_iters), ("logger", lambda n: int(n) * k)):  # log: every n steps
         if hooks.get(name, {}).get("interval", None) is not None and not hooks[name].get("by_epoch", False):
-            hooks[name].interval = loader_iters(hooks[name].interval)
+            hooks[name].interval = interval(hooks[name].interval)
 
 
 def world_size_of(args: argparse.Namespace) -> int:
