@@ -80,13 +80,13 @@ def norm_layers(cfg: Any) -> str:
         return "none configured"
     parts = [f"{kind} in {', '.join(sorted({_place(w) for w in where}))}" for kind, where in found.items()]
     batch_dependent = [kind for kind in found if "BN" in kind and kind != "FrozenBN"]
-    return "; ".join(parts) + (f": {', '.join(batch_dependent)} statistics over each micro-batch" if batch_dependent
-                               else ": per image, independent of the batch")
+    return "; ".join(parts) + (f": {', '.join(batch_dependent)} statistics per micro-batch" if batch_dependent
+                               else ": batch-independent")
 
 
 def _place(path: str) -> str:
     name = path.rsplit(".", 1)[-1]
-    return "the pyramid" if name == "backbone" else name.replace("_", " ")
+    return "pyramid" if name == "backbone" else name.replace("_head", "").replace("_", " ")
 
 
 def warmup_iters(cfg: Any, max_iter: int) -> int:

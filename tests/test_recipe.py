@@ -48,7 +48,7 @@ def test_vitdet_l_plan_keeps_batch_64_on_1_8_64_gpus():
             1e-4, 184375, 250, [163889, 177546])
         assert plan["amp"] == "fp16" and plan["device"] == "cuda" and plan["epochs"] == 100.0
         assert plan["reference_total_batch"] == 64 and plan["reference_world_size"] == 64
-        assert plan["norm_layers"].startswith("LN in")
+        assert plan["norm_layers"] == "LN in box, mask, pyramid: batch-independent"
 
 
 def test_vitdet_b_plan_total_batch_16_by_the_linear_rule():
