@@ -103,7 +103,7 @@ test_pipeline = [
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(
-    batch_size=2,  # x 8 GPUs = 16
+    batch_size=2,  # images per GPU; x reference_world_size 8 = total batch 16
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
@@ -129,8 +129,13 @@ test_evaluator = val_evaluator
 # ---------------------------------------------------------------- optimisation
 max_iters = 160000
 warmup_iters = 1500
+# mmseg's MAE run: 8 GPUs x 2 images under fp16 AMP. tools/train_seg.py keeps this total batch of 16 on any GPU
+# count (gradient accumulation) and trains with mmengine's AmpOptimWrapper (loss_scale='dynamic') on GPUs under
+# amp='fp16' ('bf16' where the GPU has it, 'none': fp32); CPU runs stay fp32.
+reference_world_size = 8
+amp = 'fp16'
 optim_wrapper = dict(
-    type='OptimWrapper',  # AmpOptimWrapper on GPUs for the paper's fp16
+    type='OptimWrapper',  # tools/train_seg.py makes it an AmpOptimWrapper on GPUs (amp above)
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='MaeLayerDecayOptimizerConstructor',  # backbones.mmseg (shared LLRD + no-decay rules)
     paramwise_cfg=dict(num_layers=num_layers, layer_decay_rate=0.65))

@@ -13,6 +13,7 @@ max_iters = 200
 warmup_iters = 20
 data_root = '../shared/data/ade20k_sample/ADEChallengeData2016'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
+reference_world_size = None  # no published run: the batch of 4 on one process is the recipe
 
 model = dict(
     data_preprocessor=dict(size=crop_size),

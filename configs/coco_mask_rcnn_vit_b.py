@@ -51,7 +51,7 @@ dataloader.train.mapper.augmentations = [
 ]
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.recompute_boxes = True  # boxes change with the crop
-dataloader.train.total_batch_size = 64
+dataloader.train.total_batch_size = 64  # ViTDet: 64 GPUs x 1 image; other GPU counts keep it (accumulation)
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=1024, max_size=1024),
 ]
@@ -61,6 +61,7 @@ train = model_zoo.get_config("common/train.py").train
 train.amp.enabled = True
 train.ddp.fp16_compression = True
 train.init_checkpoint = "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth"
+train.reference_world_size = 64  # GPUs of ViTDet's run: its 1 image per GPU is the default per-GPU load
 train.seed = -1  # < 0: random; detectron2's default_setup seeds every RNG with it
 # Gradient clipping (detectron2's clipper); ViTDet trains without it.
 train.clip_grad = dict(enabled=False, clip_type="full_model", clip_value=1.0, norm_type=2.0)

@@ -53,6 +53,7 @@ dataloader.test.mapper.augmentations = [
 optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=4, layer_decay=0.7,
                                           backbone_prefix="backbone.net.")
 
+train.reference_world_size = None  # no published run: the batch of 2 on one process is the recipe
 train.init_checkpoint = ""  # random init unless given (e.g. a tools/pretrain.py checkpoint)
 train.amp.enabled = False
 train.device = "cpu"

@@ -23,7 +23,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import HookBase, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -33,11 +33,13 @@ from omegaconf import OmegaConf
 
 import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for yacs configs)
 from mae_transfer import checkpoint as ckpt
+from mae_transfer import detection_recipe
 from mae_transfer.data import IMAGE_SUFFIXES
 from mae_transfer.detectron2_data import register_coco_instances_checked
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import detection_checkpointer, local_checkpoint_path
 from mae_transfer.metrics import write_eval_metrics
+from mae_transfer.recipe import announce_recipe
 
 logger = logging.getLogger("mae_transfer.detection")
 
@@ -66,13 +68,18 @@ def load_config(path: str, overrides: Sequence[str]) -> Any:
     return LazyConfig.apply_overrides(cfg, overrides)
 
 
-def setup(args: argparse.Namespace) -> Any:
-    """The config of one tools/train_det.py run: overrides checked, --freeze-blocks / --output-dir applied, CPU
-    fallback, detectron2's default_setup (logging, seed, config.yaml), datasets registered and checked."""
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The command line's `key=value` overrides, --freeze-blocks included."""
     opts = list(args.opts)
     if args.freeze_blocks is not None:
         opts.append(f"model.backbone.net.freeze_blocks={args.freeze_blocks}")
-    cfg = load_config(args.config, opts)
+    return opts
+
+
+def setup(args: argparse.Namespace) -> Any:
+    """The config of one tools/train_det.py run: overrides checked, --freeze-blocks / --output-dir applied, CPU
+    fallback, detectron2's default_setup (logging, seed, config.yaml), datasets registered and checked."""
+    cfg = load_config(args.config, overrides_of(args))
     if args.output_dir:
         cfg.train.output_dir = args.output_dir
     if str(cfg.train.device).startswith("cuda") and not torch.cuda.is_available():
@@ -80,6 +87,10 @@ def setup(args: argparse.Namespace) -> Any:
         cfg.train.device = "cpu"
     if cfg.train.device == "cpu" and cfg.train.amp.enabled:
         cfg.train.amp.enabled = False  # detectron2's AMPTrainer needs CUDA
+    if not (args.eval_only or args.infer):  # training: the recipe on this world size, printed and saved first
+        recipe = detection_recipe.resolve(cfg, args, comm.get_world_size(), str(cfg.train.device))
+        if comm.is_main_process():
+            announce_recipe(recipe, cfg.train.output_dir)
     default_setup(cfg, argparse.Namespace(config_file=args.config, eval_only=bool(args.eval_only or args.infer)))
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     setup_datasets(cfg, args.train_json, args.train_images, args.val_json, args.val_images,
@@ -288,8 +299,9 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
     optimizer = instantiate(cfg.optimizer)
     clipper = clip_grad_hook(cfg)
     train_loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    model = create_ddp_model(model, **detection_recipe.ddp_kwargs(cfg))
+    trainer = detection_recipe.build_trainer(model, train_loader, optimizer, cfg.train.amp.enabled,
+                                             cfg.train.get("accumulation", 1))
     checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle, trainer=trainer)
     evaluation: dict = {}
 

@@ -4,13 +4,14 @@ Rows, each in its own process with its own time budget (a row that fails or runs
 in the table and the run goes on; the exit status is then 1):
   pytest_cuda      pytest -m cuda: fp16 autocast + GradScaler in the pretraining engine, an nccl process
                    group with DDP, SDPA with a rel-pos bias that needs gradients, CUDA vs CPU attention
-  det_vit_b/_l     ViTDet Mask R-CNN train iterations at 1024 px (configs/coco_mask_rcnn_vit_{b,l}.py under
-                   their AMP: detectron2's AMPTrainer, fp16 autocast + GradScaler) on synthetic 1024x1024
+  det_vit_b        ViTDet Mask R-CNN train iterations at 1024 px (configs/coco_mask_rcnn_vit_{b,l}.py under
+  det_vit_l_accum2 their AMP: detectron2's AMPTrainer, fp16 autocast + GradScaler) on synthetic 1024x1024
                    images with boxes + polygon masks: s/image and peak memory, beside ViTDet's published
-                   A100 numbers (0.314 / 0.603 s/im, 10.9 / 20.9 GB)
+                   A100 numbers (0.314 / 0.603 s/im, 10.9 / 20.9 GB); ViT-L at 1 image per GPU with gradient
+                   accumulation 2 (our AMP trainer step, as train_det.py runs ViTDet's batch on fewer GPUs): s/iter
   seg_vit_b_amp    UperNet ViT-B train iterations at 512 px, batch 2 (configs/ade20k_upernet_vit_b.py)
-  seg_vit_b        with mmseg's AmpOptimWrapper (fp16, as mmseg's MAE run: 9.96 GB) / the config's
-                   OptimWrapper (fp32): s/iteration and peak memory
+  seg_vit_b        with the AmpOptimWrapper train_seg.py builds on GPUs (fp16, dynamic loss scale, as mmseg's
+                   MAE run: 9.96 GB) / the config's OptimWrapper (fp32): s/iteration and peak memory
   mae_vit_b/_l     MAE pretraining steps of configs/mae_pretrain_vit_{b,l}.py (batch 64, bf16): img/s, memory
   bench_*          tools/benchmark.py --device cuda --size base, one task each: ours vs HF ViTMAE (fp32 and
                    bf16), detectron2's ViT, mmseg's MAE backbone
@@ -58,8 +59,8 @@ ROWS = [
     Row("pytest_cuda", "pytest -m cuda (tests/test_cuda.py)", 150),
     Row("det_vit_b", "Mask R-CNN ViT-B train iter, 1024 px, config AMP (fp16 + GradScaler)", 100,
         "0.314 s/im (ViTDet, A100)", "10.9 GB"),
-    Row("det_vit_l", "Mask R-CNN ViT-L train iter, 1024 px, config AMP (fp16 + GradScaler)", 130,
-        "0.603 s/im (ViTDet, A100)", "20.9 GB"),
+    Row("det_vit_l_accum2", "Mask R-CNN ViT-L, 1024 px, 1 image/GPU x accumulation 2, config AMP (fp16 + "
+        "GradScaler)", 150, "0.603 s/im (ViTDet, A100)", "20.9 GB"),
     Row("seg_vit_b_amp", "UperNet ViT-B train iter, 512 px, fp16 AmpOptimWrapper", 80,
         "-", "9.96 GB (mmseg MAE, V100)"),
     Row("seg_vit_b", "UperNet ViT-B train iter, 512 px, config OptimWrapper (fp32)", 80),
@@ -78,7 +79,9 @@ NOTES = [
     "activations), in GiB, as detectron2 and mmengine report it.",
     "ViTDet's published numbers come from 64-GPU training with 1 image per GPU (so they include gradient "
     "all-reduce); det rows here use one GPU, --det-batch images per iteration (default 1), synthetic 1024x1024 "
-    "images with 8 boxes + polygon masks each, the learning rate of the first warm-up iteration.",
+    "images with 8 boxes + polygon masks each, the learning rate of the first warm-up iteration; det_vit_l_accum2 "
+    "accumulates 2 such micro-batches per optimizer step (how train_det.py keeps ViTDet's batch of 64 on fewer GPUs), "
+    "so its memory is that of 1 image per GPU.",
     "mmseg's 9.96 GB: its MAE ViT-B UperNet run (fp16, 2 images per V100); seg rows use the config's batch "
     "of 2 random 512x512 images.",
     "bench_* rows: tools/benchmark.py (both sides interleaved in one process; memory each side alone); "
@@ -144,16 +147,18 @@ def synthetic_detection_batch(images: int, size: int, num_classes: int, instance
 
 
 def measure_detection(config: str | Path, device: str, images_per_iter: int = 1, warmup: int = 3, iters: int = 10,
-                      deadline: float = math.inf) -> dict[str, Any]:
+                      deadline: float = math.inf, accumulation: int = 1) -> dict[str, Any]:
     """Mask R-CNN train iterations of a LazyConfig as tools/train_det.py runs them: detectron2's AMPTrainer
-    (fp16 autocast + GradScaler) when train.amp.enabled, else SimpleTrainer; input size = the pyramid's
-    square_pad (1024 for the ViTDet configs)."""
+    (fp16 autocast + GradScaler) when train.amp.enabled, else SimpleTrainer; with `accumulation` > 1 our
+    accumulating trainer step (`images_per_iter` images per micro-batch, one optimizer step per iteration); input
+    size = the pyramid's square_pad (1024 for the ViTDet configs)."""
     import torch
 
     import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
     from detectron2.config import LazyConfig, instantiate
-    from detectron2.engine import AMPTrainer, SimpleTrainer
     from detectron2.utils.events import EventStorage
+
+    from mae_transfer.detection_recipe import build_trainer
 
     cfg = LazyConfig.load(str(config))
     size = int(cfg.model.backbone.square_pad)
@@ -168,7 +173,7 @@ def measure_detection(config: str | Path, device: str, images_per_iter: int = 1,
         group["lr"] *= factor
     amp = bool(cfg.train.amp.enabled)
     batch = synthetic_detection_batch(images_per_iter, size, int(cfg.model.roi_heads.num_classes))
-    trainer = (AMPTrainer if amp else SimpleTrainer)(model, itertools.repeat(batch), optimizer)
+    trainer = build_trainer(model, itertools.repeat(batch), optimizer, amp, accumulation)
     with EventStorage(0) as storage:
         counter = itertools.count()
 
@@ -179,9 +184,9 @@ def measure_detection(config: str | Path, device: str, images_per_iter: int = 1,
         times = timed_steps(step, device, warmup, iters, deadline)
         loss = storage.history("total_loss").latest()
     sec = median(times)
-    return dict(config=str(config), image_size=size, images_per_iter=images_per_iter,
+    return dict(config=str(config), image_size=size, images_per_iter=images_per_iter, accumulation=accumulation,
                 amp="fp16 autocast + GradScaler (AMPTrainer)" if amp else "fp32", iters_timed=len(times),
-                sec_per_iter=sec, sec_per_image=sec / images_per_iter, total_loss=loss,
+                sec_per_iter=sec, sec_per_image=sec / (images_per_iter * accumulation), total_loss=loss,
                 peak_mem_gib=peak_memory_gib(device))
 
 
@@ -206,9 +211,9 @@ def measure_segmentation(config: str | Path, device: str, amp: bool = False, war
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).to(device)
     model.train()
-    wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
-    if amp:
-        wrapper_cfg.update(type="AmpOptimWrapper", loss_scale="dynamic")
+    from mae_transfer.segmentation_recipe import optim_wrapper_amp
+
+    wrapper_cfg = optim_wrapper_amp(copy.deepcopy(cfg.optim_wrapper), "fp16" if amp else "none")  # as train_seg.py
     optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
     h, w = cfg.crop_size
     batch = int(cfg.train_dataloader.batch_size)
@@ -277,9 +282,9 @@ def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters:
                 peak_mem_gib=peak_memory_gib(device))
 
 
-def _det(name: str) -> Callable[..., dict[str, Any]]:
+def _det(name: str, accumulation: int = 1) -> Callable[..., dict[str, Any]]:
     return lambda args, deadline: measure_detection(REPO_ROOT / "configs" / f"coco_mask_rcnn_{name}.py", "cuda",
-                                                    args.det_batch, args.warmup, args.iters, deadline)
+                                                    args.det_batch, args.warmup, args.iters, deadline, accumulation)
 
 
 def _seg(amp: bool) -> Callable[..., dict[str, Any]]:
@@ -294,7 +299,8 @@ def _mae(name: str) -> Callable[..., dict[str, Any]]:
 
 # Rows measured in a child process of this module (always on CUDA: the parent checked for it).
 CHILD_ROWS: dict[str, Callable[[argparse.Namespace, float], dict[str, Any]]] = {
-    "det_vit_b": _det("vit_b"), "det_vit_l": _det("vit_l"), "seg_vit_b_amp": _seg(True), "seg_vit_b": _seg(False),
+    "det_vit_b": _det("vit_b"), "det_vit_l_accum2": _det("vit_l", accumulation=2), "seg_vit_b_amp": _seg(True),
+    "seg_vit_b": _seg(False),
     "mae_vit_b": _mae("vit_b"), "mae_vit_l": _mae("vit_l")}
 
 
@@ -302,7 +308,10 @@ CHILD_ROWS: dict[str, Callable[[argparse.Namespace, float], dict[str, Any]]] = {
 def row_cells(name: str, data: dict[str, Any]) -> tuple[str, str]:
     """(result, memory) table cells of a row's measurements."""
     if name.startswith("det_"):
-        return (f"{data['sec_per_image']:.3f} s/im ({data['images_per_iter']} im/iter, {data['iters_timed']} iters)",
+        k = data.get("accumulation", 1)
+        per_iter = (f"{data['sec_per_iter']:.3f} s/iter = " if k > 1 else "")
+        batch = f"{data['images_per_iter']} im x {k} accumulation" if k > 1 else f"{data['images_per_iter']} im/iter"
+        return (f"{per_iter}{data['sec_per_image']:.3f} s/im ({batch}, {data['iters_timed']} iters)",
                 f"{data['peak_mem_gib']:.1f} GB")
     if name.startswith("seg_"):
         return (f"{data['sec_per_iter']:.3f} s/iter ({data['images_per_iter']} im/iter, {data['iters_timed']} iters)",

@@ -27,11 +27,13 @@ from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from PIL import Image
 
+from mae_transfer import segmentation_recipe
 from mae_transfer.data import IMAGE_SUFFIXES
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
 from mae_transfer.metrics import write_eval_metrics
 from mae_transfer.paths import resolve_path
+from mae_transfer.recipe import announce_recipe
 
 logger = logging.getLogger("mae_transfer.segmentation")
 
@@ -324,6 +326,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                                    "pass --eval-only CKPT")
         runner, metrics = evaluate(cfg, checkpoint, args.allow_pickle)
     else:
+        recipe = segmentation_recipe.resolve(cfg, args, segmentation_recipe.world_size_of(args),
+                                             segmentation_recipe.run_device())
+        segmentation_recipe.check_amp_support(recipe)
+        if int(os.environ.get("RANK", "0")) == 0:
+            announce_recipe(recipe, cfg.work_dir)
         runner, metrics = train(cfg)
     if args.save_pictures:
         save_pictures(runner, cfg, args.save_pictures, args.num_pictures)

@@ -19,7 +19,7 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
         "cls": dict(kind="cls", config="configs/cls_finetune_vit_b.py", epochs=100,   # classification:
                     args=["--data", "/path/to/imagenet"]),                        # length in epochs
         "det": dict(kind="det", config="configs/coco_mask_rcnn_vit_b.py", iters=184375,
-                    args=["--train-json", ...], opts=["dataloader.train.total_batch_size=64"]),
+                    args=["--train-json", ...], opts=["train.eval_period=5000"]),
         "seg": dict(kind="seg", config="configs/ade20k_upernet_vit_b.py", iters=160000,
                     args=["--launcher", "pytorch"], opts=["param_scheduler.1.end={iters}"],  # mmseg --cfg-options
                     launcher=["torchrun", "--nproc_per_node", "8"]),  # replaces `python` (default)

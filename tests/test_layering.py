@@ -50,7 +50,7 @@ def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
         after_mae = list(sys.meta_path)
         mae_frameworks = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})
         import mae_transfer.optim, mae_transfer.checkpoint, mae_transfer.runtime
-        import mae_transfer.pretraining, mae_transfer.classification
+        import mae_transfer.pretraining, mae_transfer.classification, mae_transfer.recipe
         print(json.dumps({{
             "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
             "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,

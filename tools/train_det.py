@@ -8,6 +8,11 @@ r"""Train / evaluate / run Mask R-CNN with our plain ViT in detectron2 (LazyConf
   python tools/train_det.py --config ... --output-dir out/det --resume [CKPT]     # default: its last checkpoint
   python tools/train_det.py --config ... --infer a.jpg b.jpg --output vis/        # ground truth | prediction
   python tools/train_det.py --config ... --num-gpus 8 [--num-machines 2 --machine-rank 0 --dist-url tcp://...]
+  python tools/train_det.py --config configs/coco_mask_rcnn_vit_l.py --num-gpus 8 --plan   # the recipe, then exit
+
+The recipe stays the config's on any GPU count: ViTDet's 64 images per optimizer step are --images-per-gpu
+(default: the reference's 1) x GPUs x gradient accumulation; --total-batch B scales lr and schedule by the linear
+rule. It is printed before training and saved as OUTPUT_DIR/recipe.json; --plan prints it alone (JSON on stdout).
 
 `key=value` config overrides go anywhere on the line; unknown keys are an error. The final evaluation
 (training with evaluation, or --eval-only) is written to OUTPUT_DIR/eval_metrics.json. The work is done by
@@ -23,6 +28,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.5, help="--infer: minimum score drawn")
     p.add_argument("--top-k", type=int, default=10,
                    help="--infer: draw at most the K best detections after class-agnostic NMS (0: all)")
-    p.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs (processes) per machine (default 1)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="e.g. tcp://host:port for multi-machine runs")
+    add_recipe_arguments(p)
     p.add_argument("opts", nargs="*", default=[], help="config overrides key=value, e.g. train.max_iter=100")
     return p
 
@@ -57,10 +64,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    check_counts(args)
     from detectron2.engine import launch
 
-    from mae_transfer import detection
+    from mae_transfer import detection, detection_recipe, recipe
 
+    if args.plan:
+        recipe.print_plan(detection_recipe.plan_from_args(args))
+        return 0
+    args.num_gpus = args.num_gpus or 1
     if args.num_gpus * args.num_machines > 1:
         launch(detection.run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))

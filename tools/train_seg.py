@@ -6,6 +6,13 @@ r"""Train / evaluate UperNet with our ViT in MMSegmentation (mmengine Runner).
     python tools/train_seg.py --config CONFIG --output-dir DIR --resume [CKPT]     # default: its last checkpoint
     python tools/train_seg.py --config CONFIG --output-dir DIR --eval-only [CKPT] --save-pictures pics/
     python -m torch.distributed.run --nproc_per_node 8 tools/train_seg.py --config CONFIG --launcher pytorch
+    python tools/train_seg.py --config configs/ade20k_upernet_vit_b.py --num-gpus 1 --plan   # the recipe, then exit
+
+The recipe stays the config's on any GPU count: mmseg's 16 images per optimizer step are --images-per-gpu (default:
+the reference's 2) x GPUs x gradient accumulation (optim_wrapper.accumulative_counts); --total-batch B scales lr and
+schedule by the linear rule; fp16 AMP on GPUs (--cfg-options amp=bf16|none). It is printed before training and saved
+as OUTPUT_DIR/recipe.json; --plan prints it alone (JSON on stdout). More than one GPU: under torchrun with --launcher
+pytorch (--num-gpus, when given, must match its WORLD_SIZE).
 
 The final validation (training) or the test (--eval-only) is written to OUTPUT_DIR/eval_metrics.json.
 Bad input (missing data, labels outside the classes, a checkpoint that does not fit, an unknown
@@ -22,6 +29,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-pictures", metavar="DIR",
                    help="write colourised ground truth | prediction pictures of the test set to DIR")
     p.add_argument("--num-pictures", type=int, default=8, help="pictures to write with --save-pictures")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="GPUs (processes) per machine: for --plan; under a launcher checked against its WORLD_SIZE")
+    p.add_argument("--num-machines", type=int, default=1, help="machines (for --plan and the check)")
+    add_recipe_arguments(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -57,8 +69,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from mae_transfer import segmentation
+    check_counts(args)
+    from mae_transfer import segmentation, segmentation_recipe
+    from mae_transfer.recipe import print_plan
 
+    if args.plan:
+        print_plan(segmentation_recipe.plan_from_args(args))
+        return 0
     segmentation.run(args)
     return 0
 

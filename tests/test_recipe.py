@@ -1,0 +1,346 @@
+"""The recipe on the GPUs a user has (issue 22): --plan of train_det.py / train_seg.py on 1, 8 and 64 GPUs, the
+linear rule of --total-batch, bad input, and gradient accumulation equal to one large batch (detectron2 trainer
+step, mmengine accumulative_counts), a 2-process gloo run with accumulation that resumes."""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mae_transfer import recipe as rcp
+from mae_transfer.cli import run_cli
+from mae_transfer.errors import MaeTransferError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TINY_DET = str(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py")
+
+
+def _plan(tool: str, *args: str) -> dict:
+    """tools/<tool>.py --plan as a user runs it: exit 0, one JSON object on stdout, the table on stderr."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / f"{tool}.py"), *args, "--plan"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    plan = json.loads(proc.stdout)
+    assert list(plan)[:9] == ["world_size", "images_per_gpu", "accumulation", "total_batch", "lr", "max_iter",
+                              "warmup_iters", "amp", "activation_checkpointing"]
+    assert f"recipe of tools/{tool}.py" in proc.stderr and "gradient accumulation" in proc.stderr
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- plans
+def test_vitdet_l_plan_keeps_batch_64_on_1_8_64_gpus():
+    for gpus in (1, 8, 64):
+        plan = _plan("train_det", "--config", "configs/coco_mask_rcnn_vit_l.py", "--num-gpus", str(gpus))
+        assert plan["total_batch"] == 64 and plan["world_size"] == gpus
+        assert plan["world_size"] * plan["images_per_gpu"] * plan["accumulation"] == 64
+        assert plan["images_per_gpu"] <= 2 and plan["accumulation"] == 64 // gpus
+        assert (plan["lr"], plan["max_iter"], plan["warmup_iters"], plan["milestones"]) == (
+            1e-4, 184375, 250, [163889, 177546])
+        assert plan["amp"] == "fp16" and plan["device"] == "cuda" and plan["epochs"] == 100.0
+        assert plan["reference_total_batch"] == 64 and plan["reference_world_size"] == 64
+        assert plan["norm_layers"] == "LN in box, mask, pyramid: batch-independent"
+
+
+def test_vitdet_b_plan_total_batch_16_by_the_linear_rule():
+    plan = _plan("train_det", "--config", "configs/coco_mask_rcnn_vit_b.py", "--num-gpus", "8", "--total-batch", "16")
+    assert plan["lr"] == pytest.approx(2.5e-05) and plan["max_iter"] == 737500
+    assert (plan["total_batch"], plan["images_per_gpu"], plan["accumulation"]) == (16, 1, 2)
+    # auto_scale_workers: warmup, milestones and periods x 64/16, the same 100 epochs
+    assert plan["warmup_iters"] == 1000 and plan["milestones"] == [163889 * 4, 177546 * 4]
+    assert (plan["eval_period"], plan["checkpoint_period"], plan["epochs"]) == (20000, 20000, 100.0)
+
+
+def test_ade20k_plan_total_batch_16_under_amp_on_1_and_8_gpus():
+    for gpus, (ipg, accumulation, norm) in {1: (2, 8, "BN over 2 image(s)"), 8: (2, 1, "SyncBN over 16")}.items():
+        plan = _plan("train_seg", "--config", "configs/ade20k_upernet_vit_b.py", "--num-gpus", str(gpus))
+        assert plan["total_batch"] == 16 and plan["amp"] in ("fp16", "bf16") and plan["device"] == "cuda"
+        assert (plan["images_per_gpu"], plan["accumulation"]) == (ipg, accumulation)
+        assert plan["norm_layers"].startswith(norm) and "CPU trains in fp32" in plan["amp_detail"].replace(
+            "machine without a CUDA GPU trains", "CPU trains")
+        assert (plan["max_iter"], plan["warmup_iters"], plan["poly_end"], plan["lr"]) == (160000, 1500, 160000, 1e-4)
+
+
+def test_tiny_configs_are_their_own_reference(capsys):
+    """The CPU configs train as before: their batch on one process, no accumulation, fp32, nothing scaled."""
+    from mmengine.config import Config
+
+    from mae_transfer import detection, detection_recipe, segmentation_recipe
+
+    cfg = detection.load_config(TINY_DET, [])
+    plan = detection_recipe.plan(cfg, TINY_DET, 1, "cpu")
+    assert (plan.images_per_gpu, plan.accumulation, plan.total_batch, plan.amp) == (2, 1, 2, "none")
+    before = copy.deepcopy(cfg)
+    detection_recipe.apply(cfg, plan)
+    assert cfg.dataloader.train.total_batch_size == 2 and cfg.train.max_iter == before.train.max_iter
+    assert cfg.optimizer.lr == before.optimizer.lr and cfg.train.accumulation == 1
+    seg = Config.fromfile(str(CONFIGS / "camvid_upernet_vit_tiny_cpu.py"))
+    plan = segmentation_recipe.plan(seg, "camvid", 1, "cpu")
+    assert (plan.images_per_gpu, plan.accumulation, plan.total_batch, plan.amp) == (4, 1, 4, "none")
+    segmentation_recipe.apply(seg, plan)
+    assert seg.optim_wrapper.type == "OptimWrapper" and "accumulative_counts" not in seg.optim_wrapper
+    assert seg.train_cfg.max_iters == 300 and seg.param_scheduler[1].end == 300
+
+
+def test_seg_apply_counts_loader_iterations_and_switches_amp_on_gpus():
+    """mmengine steps its loop, schedulers, val / checkpoint / log intervals per loader iteration: x accumulation."""
+    from mmengine.config import Config
+
+    from mae_transfer import segmentation_recipe
+
+    cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_b.py"))
+    plan = segmentation_recipe.plan(cfg, "b", 2, "cuda", total_batch=8, activation_checkpointing=True)
+    assert (plan.images_per_gpu, plan.accumulation, plan.lr, plan.max_iter) == (2, 2, 5e-05, 320000)
+    segmentation_recipe.apply(cfg, plan)
+    assert cfg.train_dataloader.batch_size == 2 and cfg.optim_wrapper.accumulative_counts == 2
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.loss_scale, cfg.optim_wrapper.dtype) == (
+        "AmpOptimWrapper", "dynamic", "float16")
+    assert cfg.train_cfg.max_iters == 640000 and cfg.train_cfg.val_interval == 64000
+    assert [(s.begin, s.end) for s in cfg.param_scheduler] == [(0, 6000), (6000, 640000)]
+    assert cfg.default_hooks.checkpoint.interval == 64000 and cfg.default_hooks.logger.interval == 100
+    assert cfg.model.backbone.grad_checkpointing is True and cfg.optim_wrapper.optimizer.lr == 5e-05
+
+
+def test_split_and_table():
+    assert rcp.split_batch(64, 8, 1) == (1, 8)
+    assert rcp.split_batch(16, 1, 2) == (2, 8)
+    assert rcp.split_batch(16, 16, 2) == (1, 1)  # a GPU's share below the reference's per-GPU batch
+    assert rcp.split_batch(64, 8, 1, images_per_gpu=4) == (4, 2)
+    with pytest.raises(MaeTransferError, match="valid choices are 1, 2, 4, 8"):
+        rcp.split_batch(64, 8, 1, images_per_gpu=3)
+    with pytest.raises(MaeTransferError, match="must divide it: 1, 2, 4, 8, 16"):
+        rcp.split_batch(16, 3, 2)
+    assert rcp.scale_iters(184375, 0.25) == 737500 and rcp.scale_iters(0, 4.0) == 0
+    ref = rcp.Reference(64, 64)
+    plan = rcp.plan(tool="t", config="c", device="cuda", reference=ref, world_size=4, lr=1e-4, max_iter=1000,
+                    warmup_iters=10, amp="fp16", activation_checkpointing=False, total_batch=128, milestones=[900])
+    assert (plan.lr, plan.max_iter, plan.warmup_iters, plan.milestones, plan.accumulation) == (2e-4, 500, 5, [450], 32)
+    table = rcp.format_table(plan)
+    assert "lr                          0.0002" in table and "reference (64 GPUs)" in table
+    assert "linear rule, lr x 2" in table
+
+
+def _last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_bad_input_is_one_error_line(capsys):
+    from tests.test_detectron2 import train_det
+    from tests.test_mmseg import _train_seg
+
+    train_seg = _train_seg()
+    large, ade = str(CONFIGS / "coco_mask_rcnn_vit_l.py"), str(CONFIGS / "ade20k_upernet_vit_b.py")
+    cases = [
+        (train_det.main, ["--config", large, "--num-gpus", "8", "--images-per-gpu", "3", "--plan"],
+         "--images-per-gpu 3 on 8 GPUs does not divide the total batch 64 (8 images per GPU per optimizer step): "
+         "valid choices are 1, 2, 4, 8"),
+        (train_det.main, ["--config", large, "--total-batch", "0", "--plan"], "--total-batch must be a positive"),
+        (train_det.main, ["--config", large, "--num-gpus", "-2", "--plan"], "--num-gpus must be a positive integer"),
+        (train_det.main, ["--config", large, "--num-gpus", "3", "--plan"], "does not split over 3 GPUs"),
+        (train_det.main, ["--config", large, "dataloader.train.total_batch_size=16", "--plan"], "--total-batch 16"),
+        (train_seg.main, ["--config", ade, "--images-per-gpu", "-1", "--plan"], "--images-per-gpu must be a positive"),
+        (train_seg.main, ["--config", ade, "--cfg-options", "train_dataloader.batch_size=4", "--plan"],
+         "use --images-per-gpu 4"),
+        (train_seg.main, ["--config", ade, "--cfg-options", "amp=fp8", "--plan"], "amp must be one of fp16, bf16"),
+        (train_seg.main, ["--config", ade, "--num-gpus", "2"], "--nproc_per_node 2 tools/train_seg.py"),
+    ]
+    for main, argv, expected in cases:
+        capsys.readouterr()
+        assert run_cli(main, argv) == 2, argv
+        err = _last_error(capsys)
+        assert err.startswith("error: ") and expected in err, (argv, err)
+
+
+# ------------------------------------------------------------------------------------------- accumulation
+def _det_inputs(n: int) -> list[dict]:
+    """n images with the same pixels and boxes (so every image gets the same proposals, hence the same proposal and
+    foreground counts: detectron2's batch-wide loss normalisations are then equal per micro-batch), different
+    classes and mask shapes (so each image's gradient differs)."""
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 256, 256), generator=gen, dtype=torch.uint8).float()
+    boxes = [[20.0, 30.0, 140.0, 150.0], [120.0, 100.0, 230.0, 240.0]]
+    inputs = []
+    for i in range(n):
+        inst = Instances((256, 256))
+        inst.gt_boxes = Boxes(torch.tensor(boxes))
+        inst.gt_classes = torch.tensor([i % 3, (i + 1) % 3])
+        polys = []
+        for x0, y0, x1, y1 in boxes:
+            cut = (x1 - x0) * (0.2 + 0.15 * i)  # a different pentagon in the same box
+            polys.append([[x0, y0, x1 - cut, y0, x1, y0 + cut, x1, y1, x0, y1]])
+        inst.gt_masks = PolygonMasks(polys)
+        inputs.append({"image": image.clone(), "height": 256, "width": 256, "instances": inst})
+    return inputs
+
+
+def test_det_accumulation_equals_one_batch(one_thread):
+    """One optimizer step of the tiny Mask R-CNN at total batch 4: 1 image x 4 accumulated == 4 images at once,
+    with gradient clipping (active) on the accumulated gradient. Drop path 0; every anchor and proposal sampled
+    (no random subsampling); equal proposal counts by construction (_det_inputs)."""
+    from detectron2.config import instantiate
+    from detectron2.engine import SimpleTrainer
+
+    from mae_transfer import detection, detection_recipe
+
+    cfg = detection.load_config(TINY_DET, ["model.backbone.net.drop_path_rate=0.0",
+                                           "model.proposal_generator.batch_size_per_image=1000000",
+                                           "model.proposal_generator.post_nms_topk=[40,40]",
+                                           "model.roi_heads.batch_size_per_image=1000000",
+                                           "model.roi_heads.num_classes=3"])
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    start = copy.deepcopy(model.state_dict())
+    inputs = _det_inputs(4)
+
+    def one_step(trainer_of, clip: bool = True) -> dict[str, torch.Tensor]:
+        model.load_state_dict(start)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        trainer = trainer_of(optimizer)
+        trainer.register_hooks([detection.ClipGradients("full_model", 0.5) if clip else None])
+        trainer.train(0, 1)
+        return {k: v.detach().clone() - start[k] for k, v in model.state_dict().items()}
+
+    def worst(a: dict, b: dict) -> float:
+        return float(max((a[k] - b[k]).abs().max() for k in a))
+
+    def batch_of_4(opt):
+        return SimpleTrainer(model, itertools.repeat(inputs), opt)
+
+    def four_of_1(opt):
+        return detection_recipe.AccumulatingTrainer(model, itertools.cycle([[x] for x in inputs]), opt, accumulation=4)
+
+    for clip in (False, True):  # unclipped: the gradient's scale (loss / 4); clipped: one clip of the sum
+        batched, accumulated = one_step(batch_of_4, clip), one_step(four_of_1, clip)
+        scale = float(max(d.abs().max() for d in batched.values()))
+        assert scale > 0 and worst(batched, accumulated) <= 1e-5 * scale, (clip, worst(batched, accumulated), scale)
+    # clipping once per micro-batch instead would give another update: the test sees where clipping happens
+    per_micro_clip = one_step(lambda opt: _ClipEachMicroBatch(model, itertools.cycle([[x] for x in inputs]), opt, 4))
+    assert worst(batched, per_micro_clip) > 0.1 * scale
+
+
+class _ClipEachMicroBatch:
+    """A wrong accumulation (clipping each micro-batch's gradient) for the test's sensitivity check."""
+
+    def __new__(cls, model, loader, optimizer, k):
+        from detectron2.engine import SimpleTrainer
+
+        from mae_transfer import detection
+
+        class Trainer(SimpleTrainer):
+            def run_step(self):
+                self.optimizer.zero_grad()
+                for _ in range(k):
+                    before = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+                    for p in model.parameters():
+                        p.grad = None
+                    (sum(self.model(next(self._data_loader_iter)).values()) / k).backward()
+                    detection.clip_gradients(self.optimizer, "full_model", 0.5)
+                    for p, b in zip(model.parameters(), before):
+                        if b is not None:
+                            p.grad = b + (p.grad if p.grad is not None else 0)
+                self.optimizer.step()
+
+        return Trainer(model, loader, optimizer)
+
+
+def test_seg_accumulative_counts_equals_one_batch(one_thread):
+    """mmengine's accumulative_counts as our recipe sets it: 1 image x 4 == 4 images in one step for the tiny
+    UperNet. BN layers in eval mode (their statistics over 1 vs 4 images would differ), dropout and drop path 0;
+    the decode losses are means over all pixels of the batch (fixed crops), so equal."""
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    import backbones.mmseg  # noqa: F401
+    from mae_transfer import segmentation_recipe
+
+    cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"))
+    cfg.model.backbone.drop_path_rate = 0.0
+    cfg.model.decode_head.dropout_ratio = cfg.model.auxiliary_head.dropout_ratio = 0.0
+    for part in ("neck", "decode_head", "auxiliary_head"):
+        cfg.model[part].norm_cfg = dict(type="BN", requires_grad=True)
+    plan = segmentation_recipe.plan(cfg, "tiny", 1, "cpu", images_per_gpu=1)
+    assert (plan.accumulation, plan.total_batch) == (4, 4)
+    segmentation_recipe.apply(cfg, plan)
+    assert cfg.optim_wrapper.accumulative_counts == 4 and cfg.train_dataloader.batch_size == 1
+    init_default_scope("mmseg")
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    start = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 128, 128), generator=gen, dtype=torch.uint8) for _ in range(4)]
+    samples = []
+    for _ in range(4):
+        sample = SegDataSample(metainfo=dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, 128, 128), generator=gen))
+        samples.append(sample)
+
+    def step(accumulative_counts: int, batches: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        model.load_state_dict(start)
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        wrapper_cfg = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.1),
+                           accumulative_counts=accumulative_counts)
+        wrapper = build_optim_wrapper(model, wrapper_cfg)
+        for a, b in batches:
+            model.train_step(dict(inputs=images[a:b], data_samples=samples[a:b]), wrapper)
+        return {k: v.detach().clone() - start[k] for k, v in model.state_dict().items()}
+
+    batched = step(1, [(0, 4)])
+    accumulated = step(cfg.optim_wrapper.accumulative_counts, [(i, i + 1) for i in range(4)])
+    scale = max(d.abs().max() for d in batched.values())
+    worst = max((batched[k] - accumulated[k]).abs().max() for k in batched)
+    assert scale > 0 and worst <= 1e-5 * scale, (worst, scale)
+    partial = step(4, [(0, 1), (1, 2), (2, 3)])  # 3 of 4 micro-batches: no step yet
+    assert max(d.abs().max() for d in partial.values()) == 0
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_accumulation_resumes(fruits_nuts, tmp_path):
+    """detectron2 launch with 2 CPU processes (gloo), 1 image x 2 accumulation per process (total 4): trains,
+    writes recipe.json (world size 2), resumes from its checkpoint to the next iterations."""
+    out = tmp_path / "run"
+    data = str(fruits_nuts / "trainval.json"), str(fruits_nuts / "images")
+    base = [sys.executable, str(REPO / "tools" / "train_det.py"), "--config", TINY_DET, "--num-gpus", "2",
+            "--images-per-gpu", "1", "--total-batch", "4", "--train-json", data[0], "--train-images", data[1],
+            "--val-json", data[0], "--val-images", data[1],
+            "--output-dir", str(out), "train.eval_period=0", "train.log_period=1", "train.seed=0",
+            "train.checkpointer.period=4", "dataloader.train.mapper.augmentations.1.target_height=128",
+            "dataloader.train.mapper.augmentations.1.target_width=128",
+            "dataloader.train.mapper.augmentations.2.crop_size=[128,128]", "model.backbone.square_pad=128"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*base, "train.max_iter=4"], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    plan = json.loads((out / "recipe.json").read_text())
+    # --total-batch 4 vs the config's 2: lr x 2, max_iter 4 -> 2, checkpoint period 4 -> 2
+    assert (plan["world_size"], plan["images_per_gpu"], plan["accumulation"], plan["total_batch"]) == (2, 1, 2, 4)
+    assert (plan["max_iter"], plan["checkpoint_period"], plan["lr"]) == (2, 2, pytest.approx(2 * 1e-4))
+    assert "gradient accumulation       2" in first.stderr
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1]
+    assert all(np.isfinite(r["total_loss"]) for r in rows if "total_loss" in r)
+    resumed = subprocess.run([*base, "train.max_iter=8", "--resume"], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1, 2, 3]
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 3
