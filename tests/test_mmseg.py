@@ -412,36 +412,57 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
-    """2 iterations + --resume to 4 == 4 straight iterations (same weights up to fp noise)."""
+def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys, monkeypatch):
+    """4 straight iterations == 2, then --resume to 4: the same weights and the same final validation, with drop
+    path, dropout and random augmentation on. The straight run loads data in the main process, the resumed run in
+    a (persistent) worker process, a second resume in the main process: each sample's augmentation depends on its
+    place in the stream only (3 images, batches of 2: the resume starts inside the second pass). The straight run
+    validates after the checkpoint at 2 (validation must leave the random states alone); a resume loads only the
+    batches it trains on."""
+    import shutil
+
+    from mae_transfer import segmentation
+
     root = ade20k_sample / "ADEChallengeData2016"
-    common = ["--cfg-options", f"train_dataloader.dataset.data_root={root}",
-              f"val_dataloader.dataset.data_root={root}", f"test_dataloader.dataset.data_root={root}",
-              "train_dataloader.batch_size=2", "model.backbone.drop_path_rate=0.0",
-              "model.decode_head.dropout_ratio=0.0", "model.auxiliary_head.dropout_ratio=0.0",
-              "train_cfg.val_interval=1000", "val_cfg=None", "val_dataloader=None", "val_evaluator=None",
-              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
     config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "straight", *common, "train_cfg.max_iters=4"],
-                   capsys)
-    assert rc == 0, err
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", *common, "train_cfg.max_iters=2"], capsys)
-    assert rc == 0, err
-    assert not (tmp_path / "resumed" / "iter_4.pth").exists()
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", "--resume", *common,
-                    "train_cfg.max_iters=4"], capsys)
-    assert rc == 0, err
+    common = ["--cfg-options", *(f"{split}_dataloader.dataset.data_root={root}" for split in ("train", "val", "test")),
+              "train_dataloader.batch_size=2", "model.backbone.drop_path_rate=0.2", "train_cfg.val_interval=2",
+              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    # as the full-size configs (persistent); one worker: here each worker's shutdown waits 5 s in torch
+    workers = ["train_dataloader.num_workers=1", "train_dataloader.persistent_workers=True"]
+    no_validation = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+
+    def run(name, *extra, resume=False):
+        rc, err = _run(["--config", config, "--output-dir", tmp_path / name, *(["--resume"] if resume else []),
+                        *common, *extra], capsys)
+        assert rc == 0, err
+
+    run("straight", "train_cfg.max_iters=4")
+    run("resumed", *no_validation, "train_cfg.max_iters=2")
+    shutil.copytree(tmp_path / "resumed", tmp_path / "resumed_in_main")
+    first = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_2.pth")  # the safe loader takes the states
+    assert first["rng_states"]["torch"].dtype == torch.uint8 and len(first["rng_states"]["python"][1]) == 625
+    run("resumed", *workers, "train_cfg.max_iters=4", resume=True)
+    loads = []
+    real_getitem = segmentation.SeededSamples.__getitem__
+    monkeypatch.setattr(segmentation.SeededSamples, "__getitem__", lambda self, item: loads.append(item) or
+                        real_getitem(self, item))
+    run("resumed_in_main", *no_validation, "train_cfg.max_iters=4", resume=True)
+    assert len(loads) == 2 * 2  # iterations 3-4 x batch 2: mmengine's replay of 1-2 loads nothing
+
     a = read_mmengine_checkpoint(tmp_path / "straight" / "iter_4.pth")
-    b = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_4.pth")
-    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    moved = 0
+    for name in ("resumed", "resumed_in_main"):
+        b = read_mmengine_checkpoint(tmp_path / name / "iter_4.pth")
+        assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+        for k, v in a["state_dict"].items():
+            assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), (name, k)
+            moved += not torch.equal(v, first["state_dict"][k])
+    assert read_eval_metrics(tmp_path / "resumed", "seg")["metrics"] == \
+        read_eval_metrics(tmp_path / "straight", "seg")["metrics"]
+    assert moved > 20  # iterations 3-4 really trained
     logs = "".join(p.read_text() for p in (tmp_path / "resumed").rglob("*.log"))
     assert "resumed" in logs.lower()
-    start = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_2.pth")
-    moved = 0
-    for k, v in a["state_dict"].items():
-        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), k
-        moved += not torch.equal(v, start["state_dict"][k])
-    assert moved > 10  # iterations 3-4 really trained
 
 
 @pytest.mark.slow
