@@ -1,10 +1,11 @@
 """UperNet with our ViT in MMSegmentation (mmengine Runner): what tools/train_seg.py runs.
 
-Before the Runner starts, bad input becomes one clear error: `--cfg-options` keys must exist in the config,
-data folders must exist and hold images, sampled label maps may only use the config's classes and ignore
-index, an --eval-only checkpoint must fit the model. Checkpoints are read safely
-(`framework_checkpoints.use_safe_mmengine_loading`). The final validation (training) or the test (--eval-only)
-is written to `eval_metrics.json` (`mae_transfer.metrics`).
+Before the Runner starts, bad input becomes one clear error: `--cfg-options` keys must exist in the config and
+values keep their type, every image must have a label map of its size that only uses the config's classes and
+ignore index (`check_split`, facts cached per file), an --eval-only checkpoint must fit the model; unreadable
+training images are left out with one warning. Checkpoints are read safely
+(`framework_checkpoints.use_safe_mmengine_loading`). A resumed run continues exactly (`ExactResume`). The final
+validation (training) or the test (--eval-only) is written to `eval_metrics.json` (`mae_transfer.metrics`).
 
 Framework glue, not the MAE core: importing this module imports mmseg through `backbones.mmseg`, which first
 makes it importable on mmcv-lite and registers our backbone and LLRD constructor.
@@ -295,13 +296,14 @@ def check_split(key: str, ds: Any, num_classes: int, ignore_index: int) -> None:
         raise MaeTransferError(f"no images (*{ds.get('img_suffix', '')}) in {img_dir} "
                                f"({key}.dataset.data_prefix.img_path, img_suffix)")
     used = _used_positions(key, len(items), ds.get("indices"))
-    missing = [i for i in used if not os.path.isfile(items[i].get("seg_map_path") or "")]
-    if missing:
-        first = items[missing[0]]
-        raise MaeTransferError(
-            f"{len(missing)} of {len(used)} images of {key} have no label map, e.g. {first['img_path']}: "
-            f"{first.get('seg_map_path')} not found (label maps are <image name without img_suffix>"
-            f"+seg_map_suffix in {seg_dir})")
+    for field, what in (("img_path", "images"), ("seg_map_path", "label maps")):  # ann_file lists may name either
+        missing = [i for i in used if not os.path.isfile(items[i].get(field) or "")]
+        if missing:
+            first = items[missing[0]]
+            raise MaeTransferError(
+                f"{len(missing)} of {len(used)} {what} of {key} not found, e.g. {first.get(field)} (for image "
+                f"{first['img_path']}; label maps are <image name without img_suffix>+seg_map_suffix in {seg_dir})")
+    logger.info("checking %d images and label maps of %s", len(used), key)
     reduce_zero = _reduce_zero_label(ds, bool(items[0].get("reduce_zero_label")))
     facts = FileFacts(f"{os.path.abspath(img_dir)}\0{os.path.abspath(seg_dir)}")
     unreadable, layered, resized, bad_values = [], [], [], []
