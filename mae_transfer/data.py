@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # The image files every tool looks for (pretraining folders, detection --infer folders, segmentation data checks):
 # the formats PIL, detectron2's read_image and mmcv's imread all decode.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# What PIL raises for a file that is not a readable image (truncated, corrupt, not an image, a decompression bomb):
+# such files are skipped, or named in an error, wherever images are read.
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -109,7 +112,7 @@ class ImageFolderDataset(Dataset):
                 break
             try:
                 self.load(i)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except IMAGE_READ_ERRORS as err:
                 if i not in self._bad:
                     self._bad.add(i)
                     logger.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
@@ -129,7 +132,7 @@ class ImageFolderDataset(Dataset):
                 continue
             try:
                 img = self.load(i)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except IMAGE_READ_ERRORS as err:
                 # Skip, warn once, and use the next readable image so batches keep their size.
                 self._bad.add(i)
                 logger.warning("skipping unreadable image %s (%s: %s)", self.files[i], type(err).__name__, err)
@@ -192,7 +195,7 @@ class LabelledImageFolder(ImageFolderDataset):
         if self.strict:
             try:
                 img = self.load(index)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except IMAGE_READ_ERRORS as err:
                 raise MaeTransferError(f"cannot read image {self.files[index]} ({type(err).__name__}: {err}); "
                                        "fix or remove it") from None
             return (self.transform(img) if self.transform is not None else img), self.targets[index]
@@ -212,7 +215,8 @@ COCO_SKIP_REASONS = {
     "bad_segmentation": "with a malformed segmentation (expected polygons of numbers, or an RLE of the image's size)",
 }
 # A file where more than this fraction of the annotations is invalid is wrong as a whole (another box
-# format, another image set): an error, rather than training on what is left.
+# format, another image set): an error, rather than training on what is left. Segmentation training data
+# (mae_transfer.segmentation) applies it to unreadable images.
 MAX_INVALID_FRACTION = 0.5
 
 

@@ -1,10 +1,11 @@
 """UperNet with our ViT in MMSegmentation (mmengine Runner): what tools/train_seg.py runs.
 
-Before the Runner starts, bad input becomes one clear error: `--cfg-options` keys must exist in the config,
-data folders must exist and hold images, sampled label maps may only use the config's classes and ignore
-index, an --eval-only checkpoint must fit the model. Checkpoints are read safely
-(`framework_checkpoints.use_safe_mmengine_loading`). The final validation (training) or the test (--eval-only)
-is written to `eval_metrics.json` (`mae_transfer.metrics`).
+Before the Runner starts, bad input becomes one clear error: `--cfg-options` keys must exist in the config and
+values keep their type, every image must have a label map of its size that only uses the config's classes and
+ignore index (`check_split`, facts cached per file), an --eval-only checkpoint must fit the model; unreadable
+training images are left out with one warning. Checkpoints are read safely
+(`framework_checkpoints.use_safe_mmengine_loading`). A resumed run continues exactly (`ExactResume`). The final
+validation (training) or the test (--eval-only) is written to `eval_metrics.json` (`mae_transfer.metrics`).
 
 Framework glue, not the MAE core: importing this module imports mmseg through `backbones.mmseg`, which first
 makes it importable on mmcv-lite and registers our backbone and LLRD constructor.
@@ -12,8 +13,13 @@ makes it importable on mmcv-lite and registers our backbone and LLRD constructor
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import itertools
+import json
 import logging
 import os
+import random
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,15 +28,19 @@ import backbones.mmseg  # noqa: F401  (mmcv-lite workaround, then registers MAEV
 import numpy as np
 import torch
 from mmengine.config import Config, DictAction
+from mmengine.dataset import InfiniteSampler
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
+from mmseg.registry import DATA_SAMPLERS, DATASETS
 from PIL import Image
+from torch.utils.data import Dataset as TorchDataset
 
 from mae_transfer import segmentation_recipe
-from mae_transfer.data import IMAGE_SUFFIXES
+from mae_transfer.data import IMAGE_READ_ERRORS, MAX_INVALID_FRACTION
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
+from mae_transfer.io import atomic_write_text
 from mae_transfer.metrics import write_eval_metrics
 from mae_transfer.paths import resolve_path
 from mae_transfer.recipe import announce_recipe
@@ -38,32 +48,55 @@ from mae_transfer.recipe import announce_recipe
 logger = logging.getLogger("mae_transfer.segmentation")
 
 TOOL = "tools/train_seg.py"
-LABEL_FILES_CHECKED = 20  # label maps read per split to validate label values (first N, sorted)
 TRAINING_KEYS = ("train_dataloader", "train_cfg", "optim_wrapper", "param_scheduler",
                  "val_dataloader", "val_cfg", "val_evaluator")
 
 
 # ---------------------------------------------------------------------------------------- config
-def _lookup(node: Any, parts: list[str]) -> bool:
+_MISSING = object()
+
+
+def _lookup(node: Any, parts: list[str]) -> Any:
+    """The config value at a dotted key (list positions as numbers), or _MISSING."""
     for part in parts:
         if isinstance(node, (list, tuple)):
             if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                return False
+                return _MISSING
             node = node[int(part)]
         elif isinstance(node, dict):
             if part not in node:
-                return False
+                return _MISSING
             node = node[part]
         else:
-            return False
-    return True
+            return _MISSING
+    return node
+
+
+_KINDS = ((bool, "True or False"), (int, "an integer"), (float, "a number"), (str, "a string"),
+          ((list, tuple), "a list"), (dict, "a dict"))
+
+
+def _kind(value: Any) -> str | None:
+    """What an override must be to replace this config value (None: anything)."""
+    if value is None:
+        return None
+    return next((name for kind, name in _KINDS if isinstance(value, kind)), None)
+
+
+def _fits(value: Any, expected: str | None) -> bool:
+    if value is None or expected is None:  # switching an optional part on or off
+        return True
+    return _kind(value) == expected or (expected == "a number" and _kind(value) == "an integer")
 
 
 def apply_cfg_options(cfg: Any, options: list[str], config_path: str) -> None:
-    """Merge `key=value` overrides; every key must already exist in the config (typos fail loudly)."""
+    """Merge `key=value` overrides; every key must already exist in the config (typos fail loudly) and each
+    value must be of the kind of the value it replaces (`train_cfg.max_iters=abc` fails here, not mid-run; an
+    integer fits a float, a list a tuple; a string key takes the text as written, `img_path=2017` too)."""
     if not options:
         return
     parsed: dict[str, Any] = {}
+    texts: dict[str, str] = {}
     action = DictAction(option_strings=["--cfg-options"], dest="cfg_options")
     for item in options:
         if "=" not in item:
@@ -71,9 +104,21 @@ def apply_cfg_options(cfg: Any, options: list[str], config_path: str) -> None:
         ns = argparse.Namespace()
         action(None, ns, [item])
         parsed.update(ns.cfg_options)
-    for key in parsed:
-        if not _lookup(cfg._cfg_dict, key.split(".")):
+        key, text = item.split("=", 1)
+        texts[key] = text
+    for key, value in parsed.items():
+        current = _lookup(cfg._cfg_dict, key.split("."))
+        if current is _MISSING:
             raise MaeTransferError(f"--cfg-options: unknown config key {key!r} (not in {config_path})")
+        expected = _kind(current)
+        if expected == "a string" and _kind(value) in ("True or False", "an integer", "a number"):
+            parsed[key] = texts[key]
+        elif expected == "a number" and _kind(value) == "an integer":
+            parsed[key] = float(value)
+        elif not _fits(value, expected):
+            shown = "" if expected == "a dict" else f" (the config has {current!r})"
+            raise MaeTransferError(f"--cfg-options {key}={texts[key]}: expected {expected}{shown}, "
+                                   f"got {'a boolean' if isinstance(value, bool) else _kind(value)}")
     cfg.merge_from_dict(parsed, allow_list_keys=True)
 
 
@@ -120,8 +165,208 @@ def _datasets(cfg: Any, split_keys: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def data_check_cache_dir() -> Path:
+    """Where the facts read from segmentation data files are cached: $XDG_CACHE_HOME/mae_transfer/seg_data
+    (default ~/.cache/mae_transfer/seg_data)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mae_transfer" / "seg_data"
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def read_image_facts(path: str) -> list[int] | str:
+    """[width, height] of an image as mmcv loads it (its cv2 decoder applies the EXIF orientation), after decoding
+    the whole file (a truncated file fails only there); or why it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+            # JPEGs decode at 1/8 scale: still every byte of the file, a fraction of the time
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except IMAGE_READ_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return [width, height]
+
+
+def read_label_facts(path: str) -> dict[str, Any] | str:
+    """{"size": [width, height], "values": the label values present} of a label map ("channels" instead of
+    "values" when it has several), or why it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img)  # mmseg's pillow decoding: palette images give their indices
+    except IMAGE_READ_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    facts: dict[str, Any] = {"size": [int(arr.shape[1]), int(arr.shape[0])]}
+    if arr.ndim != 2:
+        facts["channels"] = int(arr.shape[2])
+    elif arr.dtype == np.uint8:
+        facts["values"] = np.flatnonzero(np.bincount(arr.ravel(), minlength=256)).tolist()
+    else:
+        facts["values"] = np.unique(arr).tolist()
+    return facts
+
+
+class FileFacts:
+    """Facts read from data files, kept in a json cache per data folder pair, keyed by path, size and
+    modification time: a dataset's files are read once (ADE20K's 20k pairs take minutes), later runs only
+    read files that changed."""
+
+    def __init__(self, key: str) -> None:
+        self.path = data_check_cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+        self.files: dict[str, Any] = {}
+        self.read = 0
+        try:
+            files = json.loads(self.path.read_text()).get("files")
+            self.files = files if isinstance(files, dict) else {}
+        except (OSError, ValueError, AttributeError):  # no cache yet, or a damaged one: read the files again
+            pass
+
+    def get(self, path: str, read: Any) -> Any:
+        stat = os.stat(path)
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = self.files.get(path)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+            return entry[2]
+        facts = read(path)
+        self.files[path] = [*stamp, facts]
+        self.read += 1
+        return facts
+
+    def save(self) -> None:
+        if not self.read:
+            return
+        try:
+            atomic_write_text(json.dumps({"files": self.files}), self.path)
+        except OSError as err:  # a read-only home: the check still ran, the next run reads the files again
+            logger.warning("cannot write the data check cache %s (%s)", self.path, err)
+
+
+def _data_list(key: str, ds: Any) -> list[dict]:
+    """The samples mmseg's dataset class lists for this dataset config (its pairing of images and label maps:
+    img_suffix, seg_map_suffix, ann_file), before `indices`."""
+    ds_cfg = copy.deepcopy(ds.to_dict() if hasattr(ds, "to_dict") else dict(ds))
+    ds_cfg.update(pipeline=[], lazy_init=True, serialize_data=False, indices=None)
+    try:
+        dataset = DATASETS.build(ds_cfg)
+        dataset.full_init()
+    except Exception as err:  # noqa: BLE001  (mmseg asserts and raises many types for a bad dataset config)
+        raise MaeTransferError(f"cannot list the samples of {key}.dataset ({type(err).__name__}: {err})") from None
+    return dataset.data_list
+
+
+def _used_positions(key: str, count: int, indices: Any) -> list[int]:
+    """Positions in the data list that the dataset uses with `indices` (mmengine's meaning: None, first/last N,
+    or a list)."""
+    positions = list(range(count))
+    if indices is None:
+        return positions
+    if isinstance(indices, int):
+        return positions[:indices] if indices >= 0 else positions[indices:]
+    try:
+        return [positions[i] for i in indices]
+    except (IndexError, TypeError):
+        raise MaeTransferError(f"{key}.dataset.indices: expected an int or a list of positions below {count}, "
+                               f"got {indices!r}") from None
+
+
+def _reduce_zero_label(ds: Any, default: bool) -> bool:
+    """The dataset's reduce_zero_label; a LoadAnnotations in its pipeline that disagrees fails in mmseg (an
+    assert at the first sample), so it is an error here."""
+    for step in ds.get("pipeline") or []:
+        if isinstance(step, dict) and step.get("type") == "LoadAnnotations" and \
+                step.get("reduce_zero_label") not in (None, default):
+            raise MaeTransferError(f"the pipeline's LoadAnnotations has reduce_zero_label={step['reduce_zero_label']}, "
+                                   f"its dataset ({ds.get('type')}) reduce_zero_label={default}; set both the same")
+    return default
+
+
+def check_split(key: str, ds: Any, num_classes: int, ignore_index: int) -> None:
+    """Check every image and label map of one split (facts cached, `FileFacts`): each image has a label map of
+    its size whose values are classes or the ignore index (after reduce_zero_label and the dataset's label_map).
+    Unreadable images or label maps: in the training set skipped with one counted warning (the dataset's
+    `indices` leave them out), more than MAX_INVALID_FRACTION of them an error; in val/test sets an error
+    (a skipped image would change the evaluation set)."""
+    items = _data_list(key, ds)
+    prefix = ds.get("data_prefix", {})
+    img_dir = os.path.join(ds.get("data_root") or "", prefix.get("img_path", ""))
+    seg_dir = os.path.join(ds.get("data_root") or "", prefix.get("seg_map_path", ""))
+    if not items:
+        raise MaeTransferError(f"no images (*{ds.get('img_suffix', '')}) in {img_dir} "
+                               f"({key}.dataset.data_prefix.img_path, img_suffix)")
+    used = _used_positions(key, len(items), ds.get("indices"))
+    for field, what in (("img_path", "images"), ("seg_map_path", "label maps")):  # ann_file lists may name either
+        missing = [i for i in used if not os.path.isfile(items[i].get(field) or "")]
+        if missing:
+            first = items[missing[0]]
+            raise MaeTransferError(
+                f"{len(missing)} of {len(used)} {what} of {key} not found, e.g. {first.get(field)} (for image "
+                f"{first['img_path']}; label maps are <image name without img_suffix>+seg_map_suffix in {seg_dir})")
+    logger.info("checking %d images and label maps of %s", len(used), key)
+    reduce_zero = _reduce_zero_label(ds, bool(items[0].get("reduce_zero_label")))
+    facts = FileFacts(f"{os.path.abspath(img_dir)}\0{os.path.abspath(seg_dir)}")
+    unreadable, layered, resized, bad_values = [], [], [], []
+    try:
+        for i in used:
+            img_path, seg_path = items[i]["img_path"], items[i]["seg_map_path"]
+            size = facts.get(img_path, read_image_facts)
+            label = facts.get(seg_path, read_label_facts)
+            if isinstance(size, str) or isinstance(label, str):
+                unreadable.append((i, *((img_path, size) if isinstance(size, str) else (seg_path, label))))
+            elif "channels" in label:
+                layered.append((seg_path, label["channels"]))
+            elif label["size"] != size:
+                resized.append((seg_path, label["size"], img_path, size))
+            else:
+                label_map = items[i].get("label_map") or {}
+                bad = [v for v in label["values"] if not _known_label(v, reduce_zero, label_map, num_classes,
+                                                                       ignore_index)]
+                if bad:
+                    bad_values.append((seg_path, bad))
+    finally:
+        facts.save()
+    if layered:
+        path, channels = layered[0]
+        raise MaeTransferError(f"{len(layered)} of {len(used)} label maps of {key} have several channels, e.g. "
+                               f"{path} ({channels}); expected single-channel PNGs of class indices (mode L or P)")
+    if resized:
+        seg_path, (lw, lh), img_path, (iw, ih) = resized[0]
+        raise MaeTransferError(f"{len(resized)} of {len(used)} label maps of {key} differ in size from their "
+                               f"images, e.g. {seg_path} is {lw}x{lh}, its image {img_path} {iw}x{ih}; "
+                               "a label map must have its image's size")
+    if bad_values:
+        path, bad = bad_values[0]
+        hi = num_classes if reduce_zero else num_classes - 1
+        raise MaeTransferError(
+            f"label values {bad[:8]} in {path} are outside 0..{hi} and the ignore index {ignore_index} "
+            f"(num_classes={num_classes}, reduce_zero_label={reduce_zero}; {len(bad_values)} of {len(used)} label "
+            f"maps of {key}); check model.decode_head.num_classes / ignore_index for this dataset")
+    if unreadable:
+        _, path, why = unreadable[0]
+        what = (f"{len(unreadable)} of {len(used)} images of {key} (or their label maps) cannot be read, "
+                f"e.g. {path} ({why})")
+        if key != "train_dataloader":
+            raise MaeTransferError(f"{what}; fix or remove them (an evaluation set is not changed silently)")
+        if len(unreadable) > MAX_INVALID_FRACTION * len(used):
+            raise MaeTransferError(f"{what}; more than half unreadable: check the data folder")
+        logger.warning("%s: skipped", what)
+        skipped = {i for i, _, _ in unreadable}
+        ds.indices = [i for i in used if i not in skipped]
+
+
+def _known_label(value: int, reduce_zero: bool, label_map: dict, num_classes: int, ignore_index: int) -> bool:
+    """Whether a label map value is a class or the ignore index once mmseg's LoadAnnotations has mapped it."""
+    if reduce_zero:  # 0 -> 255 (ignored), v -> v - 1, 255 stays 255
+        value = 255 if value in (0, 255) else value - 1
+    value = label_map.get(value, value)
+    return 0 <= value < num_classes or value == ignore_index
+
+
 def check_data(cfg: Any, split_keys: Sequence[str]) -> None:
-    """Data roots/folders exist, hold images, and sampled label maps only use known label values.
+    """Data roots/folders exist, and every sample of each split passes `check_split`.
     Relative data roots resolve against the current directory, then the repository root."""
     head = cfg.model.decode_head
     num_classes, ignore_index = int(head.num_classes), int(head.get("ignore_index", 255))
@@ -132,29 +377,11 @@ def check_data(cfg: Any, split_keys: Sequence[str]) -> None:
         if root and not os.path.isdir(root):
             raise MaeTransferError(f"data root not found: {root} ({key}.dataset.data_root)")
         prefix = ds.get("data_prefix", {})
-        img_dir = os.path.join(root, prefix.get("img_path", ""))
-        seg_dir = os.path.join(root, prefix.get("seg_map_path", ""))
-        for what, folder in (("img_path", img_dir), ("seg_map_path", seg_dir)):
+        for what in ("img_path", "seg_map_path"):
+            folder = os.path.join(root, prefix.get(what, ""))
             if not os.path.isdir(folder):
                 raise MaeTransferError(f"data folder not found: {folder} ({key}.dataset.data_prefix.{what})")
-        if not any(f.lower().endswith(IMAGE_SUFFIXES) for f in os.listdir(img_dir)):
-            raise MaeTransferError(f"no images in {img_dir} ({key}.dataset.data_prefix.img_path)")
-        reduce_zero = bool(ds.get("reduce_zero_label", False))
-        # With reduce_zero_label, 0 becomes the ignore label and v -> v-1, so file values run 0..num_classes.
-        allowed = set(range(num_classes + 1 if reduce_zero else num_classes)) | {ignore_index}
-        suffix = ds.get("seg_map_suffix", ".png")
-        labels = sorted(f for f in os.listdir(seg_dir) if f.endswith(suffix))[:LABEL_FILES_CHECKED]
-        if not labels:
-            raise MaeTransferError(f"no label maps (*{suffix}) in {seg_dir} ({key}.dataset.data_prefix.seg_map_path)")
-        for name in labels:
-            values = set(np.unique(np.asarray(Image.open(os.path.join(seg_dir, name)))).tolist())
-            bad = sorted(values - allowed)
-            if bad:
-                hi = num_classes if reduce_zero else num_classes - 1
-                raise MaeTransferError(
-                    f"label values {bad[:8]} in {os.path.join(seg_dir, name)} are outside 0..{hi} and the ignore "
-                    f"index {ignore_index} (num_classes={num_classes}, reduce_zero_label={reduce_zero}); "
-                    "check model.decode_head.num_classes / ignore_index for this dataset")
+        check_split(key, ds, num_classes, ignore_index)
 
 
 def check_init_checkpoint(path: str) -> None:
@@ -276,13 +503,178 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
     return written
 
 
+# ---------------------------------------------------------------------------------------- exact resume
+# A run resumed from iter_N.pth continues as the uninterrupted run would have: the same samples in the same
+# order, augmented the same way, the same drop-path draws. mmengine alone replays N batches through the pipeline
+# (hours on a long run) and restores no random state.
+RNG_KEY = "rng_states"  # checkpoint key of `rng_states()`
+
+
+def rng_states() -> dict[str, Any]:
+    """The python, numpy and torch (CPU, CUDA) random states, as tensors and plain values that the safe
+    checkpoint loader accepts."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"].cpu())  # resume loads checkpoints onto the GPU
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The seed of the sample at `position` of a run's training stream."""
+    return int(np.random.SeedSequence([seed % 2**63, position]).generate_state(1)[0])
+
+
+@DATA_SAMPLERS.register_module()
+class SeededInfiniteSampler(InfiniteSampler):
+    """mmengine's InfiniteSampler (the same index stream per rank), each index paired with the seed of its
+    position in the stream (`sample_seed`), and able to start at a position (`start_at`) instead of replaying."""
+
+    def __init__(self, dataset: Any, shuffle: bool = True, seed: int | None = None) -> None:
+        self.start = 0
+        super().__init__(dataset, shuffle=shuffle, seed=seed)
+
+    def _indices_of_rank(self) -> Any:
+        stream = enumerate(self._infinite_indices())
+        for position, index in itertools.islice(stream, self.start * self.world_size + self.rank, None,
+                                                self.world_size):
+            yield sample_seed(self.seed, position), index
+
+    def start_at(self, per_rank: int, seed: int) -> None:
+        """Continue the stream of `seed` after this rank's first `per_rank` samples (iteration x batch size)."""
+        self.start, self.seed = per_rank, seed
+        self.indices = self._indices_of_rank()
+
+
+@DATASETS.register_module()
+class SeededSamples(TorchDataset):
+    """The training set, read with (seed, index) items from `SeededInfiniteSampler`: each sample's augmentation
+    runs with the python / numpy / torch CPU generators seeded from its place in the stream, so it depends
+    neither on the worker that loads it nor on how many workers there are; the process's own random states are
+    left as they were (with num_workers=0 that process trains)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+
+    @property
+    def metainfo(self) -> dict:
+        return self.dataset.metainfo
+
+    def full_init(self) -> None:
+        self.dataset.full_init()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        seed, index = item
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.random.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def seed_training_samples(cfg: Any) -> None:
+    """Read the training set through `SeededSamples` / `SeededInfiniteSampler` (iteration-based configs, whose
+    sampler is mmengine's InfiniteSampler)."""
+    loader = cfg.get("train_dataloader")
+    sampler = (loader or {}).get("sampler") or {}
+    if sampler.get("type") in ("InfiniteSampler", "mmengine.InfiniteSampler"):
+        loader.sampler = dict(sampler, type="SeededInfiniteSampler")
+        loader.dataset = dict(type="SeededSamples", dataset=loader.dataset)
+
+
+class _ReplaySkipped:
+    """Stands for the training data iterator while mmengine's loop replays the batches a resumed run has
+    already trained on (`IterBasedTrainLoop.run`): the sampler already starts after them, so those calls
+    load nothing."""
+
+    def __init__(self, iterator: Any, replayed: int) -> None:
+        self.iterator, self.replayed = iterator, replayed
+
+    def __iter__(self) -> "_ReplaySkipped":
+        return self
+
+    def __next__(self) -> Any:
+        if self.replayed:
+            self.replayed -= 1
+            return None
+        return next(self.iterator)
+
+
+class ExactResume(Hook):
+    """Every checkpoint holds the random states (`RNG_KEY`); a resumed run restores them, and its sampler starts
+    after the samples already trained on; a validation during training leaves the random states as it found
+    them (an uninterrupted run validates after the checkpoint a resumed run starts from)."""
+
+    priority = "LOWEST"
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] | None = None
+        self.before_validation: dict[str, Any] | None = None
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+        sampler = runner.train_loop.dataloader.sampler
+        if isinstance(sampler, SeededInfiniteSampler):  # the stream's seed (random when the config sets none)
+            checkpoint[RNG_KEY]["sampler_seed"] = sampler.seed
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        self.loaded = checkpoint.get(RNG_KEY)
+
+    def before_train(self, runner: Any) -> None:
+        if runner.iter == 0:  # a new run, or load_from
+            return
+        loop = runner.train_loop
+        sampler = loop.dataloader.sampler
+        if isinstance(sampler, SeededInfiniteSampler):
+            seed = (self.loaded or {}).get("sampler_seed", sampler.seed)
+            sampler.start_at(runner.iter * loop.dataloader.batch_size, seed)
+            # a new iterator: the old one's workers already hold batches from the stream's start
+            loop.dataloader_iterator = _ReplaySkipped(iter(loop.dataloader), runner.iter)
+        if self.loaded is not None:  # after iter(): a new iterator draws its base seed from torch's generator
+            set_rng_states(self.loaded)
+        else:
+            logger.warning("the checkpoint holds no random states (written before they were saved): the resumed "
+                           "run continues with other random draws than an uninterrupted run")
+
+    def before_val(self, runner: Any) -> None:
+        self.before_validation = rng_states()
+
+    def after_val(self, runner: Any) -> None:
+        if self.before_validation is not None:
+            set_rng_states(self.before_validation)
+            self.before_validation = None
+
+
 # ---------------------------------------------------------------------------------------- runs
 def train(cfg: Any) -> tuple[Any, dict[str, float]]:
     """Train with the Runner; returns it and the final validation's metrics (written to eval_metrics.json)."""
     check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+    seed_training_samples(cfg)
     runner = Runner.from_cfg(cfg)
     final = FinalValidation()
     runner.register_hook(final, priority="LOWEST")
+    runner.register_hook(ExactResume(), priority="LOWEST")
     runner.train()
     if final.start_iter is not None and final.start_iter >= runner.max_iters and runner.val_loop is not None:
         # mmengine saves the last checkpoint before the last validation: a run stopped between the two

@@ -441,36 +441,57 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys):
-    """2 iterations + --resume to 4 == 4 straight iterations (same weights up to fp noise)."""
+def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys, monkeypatch):
+    """4 straight iterations == 2, then --resume to 4: the same weights and the same final validation, with drop
+    path, dropout and random augmentation on. The straight run loads data in the main process, the resumed run in
+    a (persistent) worker process, a second resume in the main process: each sample's augmentation depends on its
+    place in the stream only (3 images, batches of 2: the resume starts inside the second pass). The straight run
+    validates after the checkpoint at 2 (validation must leave the random states alone); a resume loads only the
+    batches it trains on."""
+    import shutil
+
+    from mae_transfer import segmentation
+
     root = ade20k_sample / "ADEChallengeData2016"
-    common = ["--cfg-options", f"train_dataloader.dataset.data_root={root}",
-              f"val_dataloader.dataset.data_root={root}", f"test_dataloader.dataset.data_root={root}",
-              "train_dataloader.batch_size=2", "model.backbone.drop_path_rate=0.0",
-              "model.decode_head.dropout_ratio=0.0", "model.auxiliary_head.dropout_ratio=0.0",
-              "train_cfg.val_interval=1000", "val_cfg=None", "val_dataloader=None", "val_evaluator=None",
-              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
     config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "straight", *common, "train_cfg.max_iters=4"],
-                   capsys)
-    assert rc == 0, err
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", *common, "train_cfg.max_iters=2"], capsys)
-    assert rc == 0, err
-    assert not (tmp_path / "resumed" / "iter_4.pth").exists()
-    rc, err = _run(["--config", config, "--output-dir", tmp_path / "resumed", "--resume", *common,
-                    "train_cfg.max_iters=4"], capsys)
-    assert rc == 0, err
+    common = ["--cfg-options", *(f"{split}_dataloader.dataset.data_root={root}" for split in ("train", "val", "test")),
+              "train_dataloader.batch_size=2", "model.backbone.drop_path_rate=0.2", "train_cfg.val_interval=2",
+              "default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1"]
+    # as the full-size configs (persistent); one worker: here each worker's shutdown waits 5 s in torch
+    workers = ["train_dataloader.num_workers=1", "train_dataloader.persistent_workers=True"]
+    no_validation = ["val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+
+    def run(name, *extra, resume=False):
+        rc, err = _run(["--config", config, "--output-dir", tmp_path / name, *(["--resume"] if resume else []),
+                        *common, *extra], capsys)
+        assert rc == 0, err
+
+    run("straight", "train_cfg.max_iters=4")
+    run("resumed", *no_validation, "train_cfg.max_iters=2")
+    shutil.copytree(tmp_path / "resumed", tmp_path / "resumed_in_main")
+    first = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_2.pth")  # the safe loader takes the states
+    assert first["rng_states"]["torch"].dtype == torch.uint8 and len(first["rng_states"]["python"][1]) == 625
+    run("resumed", *workers, "train_cfg.max_iters=4", resume=True)
+    loads = []
+    real_getitem = segmentation.SeededSamples.__getitem__
+    monkeypatch.setattr(segmentation.SeededSamples, "__getitem__", lambda self, item: loads.append(item) or
+                        real_getitem(self, item))
+    run("resumed_in_main", *no_validation, "train_cfg.max_iters=4", resume=True)
+    assert len(loads) == 2 * 2  # iterations 3-4 x batch 2: mmengine's replay of 1-2 loads nothing
+
     a = read_mmengine_checkpoint(tmp_path / "straight" / "iter_4.pth")
-    b = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_4.pth")
-    assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+    moved = 0
+    for name in ("resumed", "resumed_in_main"):
+        b = read_mmengine_checkpoint(tmp_path / name / "iter_4.pth")
+        assert a["meta"]["iter"] == b["meta"]["iter"] == 4
+        for k, v in a["state_dict"].items():
+            assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), (name, k)
+            moved += not torch.equal(v, first["state_dict"][k])
+    assert read_eval_metrics(tmp_path / "resumed", "seg")["metrics"] == \
+        read_eval_metrics(tmp_path / "straight", "seg")["metrics"]
+    assert moved > 20  # iterations 3-4 really trained
     logs = "".join(p.read_text() for p in (tmp_path / "resumed").rglob("*.log"))
     assert "resumed" in logs.lower()
-    start = read_mmengine_checkpoint(tmp_path / "resumed" / "iter_2.pth")
-    moved = 0
-    for k, v in a["state_dict"].items():
-        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6, rtol=0), k
-        moved += not torch.equal(v, start["state_dict"][k])
-    assert moved > 10  # iterations 3-4 really trained
 
 
 @pytest.mark.slow
@@ -526,6 +547,17 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     if not torch.cuda.is_available():  # mmengine's distributed launch is GPU-only
         rc, err = _run([config, *work, "--launcher", "pytorch"], capsys)
         assert rc == 2 and "needs CUDA GPUs" in err
+    # a value of another type than the config's: named with the key and the type expected
+    rc, err = _run([config, *work, "--cfg-options", "train_cfg.max_iters=abc"], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        "error: --cfg-options train_cfg.max_iters=abc: expected an integer (the config has 300), got a string"]
+    from mae_transfer.segmentation import apply_cfg_options
+
+    cfg = _cfg("camvid_upernet_vit_tiny_cpu.py")
+    apply_cfg_options(cfg, ["optim_wrapper.optimizer.lr=1", "train_dataloader.dataset.data_prefix.img_path=2017",
+                            "val_cfg=None"], str(config))
+    assert cfg.optim_wrapper.optimizer.lr == 1.0 and isinstance(cfg.optim_wrapper.optimizer.lr, float)
+    assert cfg.train_dataloader.dataset.data_prefix.img_path == "2017" and cfg.val_cfg is None
     # missing data root
     rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={tmp_path / 'nope'}"], capsys)
     assert rc == 2 and "data root not found" in err and "train_dataloader.dataset.data_root" in err
@@ -560,3 +592,100 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
                     f"val_dataloader.dataset.data_root={camvid_mini}",
                     f"test_dataloader.dataset.data_root={camvid_mini}"], capsys)
     assert rc == 2 and "different architecture" in err
+
+
+def _seg_data(root, sizes, rng, shape=(24, 32)):
+    """A CamVid-layout folder (camvid_upernet_vit_tiny_cpu.py): random RGB images and label maps of the 11
+    classes + the ignore index 11; `sizes` = {split: number of images}."""
+    from PIL import Image
+
+    for split, count in sizes.items():
+        for sub in (split, f"{split}annot"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / split / f"f{i:02d}.png")
+            Image.fromarray(rng.integers(0, 12, shape, dtype=np.uint8)).save(root / f"{split}annot" / f"f{i:02d}.png")
+    return [f"{split}_dataloader.dataset.data_root={root}" for split in ("train", "val", "test")]
+
+
+def _one_error_line(rc, err):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_every_label_map_checked_once_with_a_cache(tmp_path, capsys, monkeypatch):
+    """A bad label value in the 23rd label map and a label map of another size than its image are errors naming
+    the file before training starts; the facts read are cached, so a second check reads only what changed."""
+    from PIL import Image
+
+    from mae_transfer import segmentation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    roots = _seg_data(data, {"train": 24, "val": 2}, np.random.default_rng(0))
+    config = CONFIGS / "camvid_upernet_vit_tiny_cpu.py"
+    argv = ["--config", config, "--output-dir", tmp_path / "w", "--cfg-options", *roots]
+    label = data / "trainannot" / "f22.png"
+    bad = np.asarray(Image.open(label)).copy()
+    bad[3, 4] = 50
+    Image.fromarray(bad).save(label)
+    line = _one_error_line(*_run(argv, capsys))
+    assert f"label values [50] in {label} " in line and "num_classes=11" in line
+    assert "1 of 24 label maps of train_dataloader" in line
+    assert not (tmp_path / "w" / "eval_metrics.json").exists() and not list((tmp_path / "w").glob("*.pth"))
+
+    Image.fromarray(np.zeros((30, 40), dtype=np.uint8)).save(data / "valannot" / "f01.png")
+    bad[3, 4] = 11  # the ignore index
+    Image.fromarray(bad).save(label)
+    reads = []
+    real_read = segmentation.read_label_facts
+    monkeypatch.setattr(segmentation, "read_label_facts", lambda path: reads.append(path) or real_read(path))
+    line = _one_error_line(*_run(argv, capsys))
+    assert line == (f"error: 1 of 2 label maps of val_dataloader differ in size from their images, e.g. "
+                    f"{data / 'valannot' / 'f01.png'} is 40x30, its image {data / 'val' / 'f01.png'} 32x24; "
+                    "a label map must have its image's size")
+    # the 23 unchanged training label maps came from the cache; the validation set was not reached before
+    assert sorted(reads) == [str(label), *(str(data / "valannot" / f"f0{i}.png") for i in (0, 1))]
+    assert len(list((tmp_path / "cache" / "mae_transfer" / "seg_data").glob("*.json"))) == 2  # train, val folders
+
+
+def test_unreadable_images_skipped_in_training_errors_elsewhere(tmp_path, capsys, caplog, monkeypatch):
+    """A truncated training image is skipped with one counted warning and the dataset the Runner builds leaves it
+    out; more than half unreadable, or one in the validation set, is an error."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    from mae_transfer import segmentation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    roots = _seg_data(data, {"train": 4, "val": 2}, np.random.default_rng(1))
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:200])
+
+    truncate(data / "train" / "f02.png")
+    cfg = _cfg("camvid_upernet_vit_tiny_cpu.py")
+    segmentation.apply_cfg_options(cfg, roots, "camvid")
+    with caplog.at_level("WARNING", logger="mae_transfer.segmentation"):
+        segmentation.check_data(cfg, ["train_dataloader", "val_dataloader"])
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"1 of 4 images of train_dataloader (or their label maps) cannot be read, e.g. "
+                              f"{data / 'train' / 'f02.png'} (")
+    assert cfg.train_dataloader.dataset.indices == [0, 1, 3]
+    init_default_scope("mmseg")
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)  # as the Runner builds it
+    names = [Path(dataset.get_data_info(i)["img_path"]).name for i in range(len(dataset))]
+    assert names == ["f00.png", "f01.png", "f03.png"]
+
+    config = CONFIGS / "camvid_upernet_vit_tiny_cpu.py"
+    argv = ["--config", config, "--output-dir", tmp_path / "w", "--cfg-options", *roots]
+    truncate(data / "val" / "f01.png")
+    line = _one_error_line(*_run(argv, capsys))
+    assert "1 of 2 images of val_dataloader" in line and str(data / "val" / "f01.png") in line
+    for name in ("f00.png", "f01.png"):
+        truncate(data / "train" / name)
+    line = _one_error_line(*_run(argv, capsys))
+    assert "3 of 4 images of train_dataloader" in line and "more than half" in line
+    assert not (tmp_path / "w" / "eval_metrics.json").exists()
