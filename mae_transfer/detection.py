@@ -367,10 +367,15 @@ def do_test(cfg: Any, model: Any) -> dict:
 
 
 def write_det_metrics(output_dir: str, results: dict, iteration: int | None, checkpoint: str | None) -> Path:
-    """eval_metrics.json of a COCOEvaluator result: AP^box and AP^mask, every COCO number in `details`."""
+    """eval_metrics.json of a COCOEvaluator result: AP^box and AP^mask, every COCO number in `details`. COCO's AP
+    is undefined (NaN) when the model made no detection: null, with that reason."""
     ap = {task: float(results.get(task, {}).get("AP", math.nan)) for task in ("bbox", "segm")}
-    return write_eval_metrics(output_dir, "det", {"AP_box": ap["bbox"], "AP_mask": ap["segm"]}, tool=TOOL,
-                              iteration=iteration, checkpoint=checkpoint,
+    names = {"bbox": "AP_box", "segm": "AP_mask"}
+    reasons = {names[task]: ("no results for this task" if task not in results else
+                             "no detections on the evaluation images (COCO AP is undefined without any)")
+               for task, value in ap.items() if not math.isfinite(value)}
+    return write_eval_metrics(output_dir, "det", {names[task]: value for task, value in ap.items()}, tool=TOOL,
+                              iteration=iteration, checkpoint=checkpoint, reasons=reasons,
                               details={task: dict(values) for task, values in results.items()})
 
 

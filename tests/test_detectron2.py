@@ -267,14 +267,39 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
 
 
+def _subset_json(fruits_nuts: Path, dst: Path, n: int) -> Path:
+    """The first n fruits_nuts photos and their annotations."""
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    data["images"] = data["images"][:n]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {im["id"] for im in data["images"]}]
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
 def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, capsys):
     """Real data, one run reused for: loss falls; TensorBoard + checkpoints written; --resume after an
-    interruption continues from the right iteration; a non-finite loss stops with one clear line and the
-    last good checkpoint stays; --infer saves a picture."""
+    interruption continues exactly (the final weights and evaluation of the uninterrupted run, with 0 and with 2
+    DataLoader workers); a non-finite loss stops with one clear line and the last good checkpoint stays; --infer
+    saves a picture."""
     out = tmp_path / "run"
-    common = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.eval_period=0",
-              "train.log_period=1", "train.checkpointer.period=2", "train.seed=0", "optimizer.lr=0.0005"]
+    images = str(fruits_nuts / "images")
+    one = _subset_json(fruits_nuts, tmp_path / "one.json", 1)  # the evaluation at the end: one photo
+    common = ["--config", TINY, "--train-json", str(fruits_nuts / "trainval.json"), "--train-images", images,
+              "--val-json", str(one), "--val-images", images, f"train.output_dir={out}", "train.eval_period=6",
+              "model.roi_heads.box_predictor.test_topk_per_image=10", "train.log_period=1",
+              "train.checkpointer.period=2", "train.seed=0", "optimizer.lr=0.0005"]
     assert run_cli(train_det.main, [*common, "train.max_iter=6"]) == 0
+    uninterrupted = _weights(out / "model_final.pth")
+    evaluated = read_eval_metrics(out, "det")
     rows = [m for m in _metrics(out) if "total_loss" in m]  # detectron2 logs running medians
     assert [r["iteration"] for r in rows] == list(range(6))
     # Medians lag: the total falls a little within 6 iterations, the classification losses clearly.
@@ -284,22 +309,27 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth"} <= {p.name for p in out.iterdir()}
 
-    # Interrupted after iteration 3: later checkpoints gone. --resume must continue at iteration 4.
-    (out / "model_final.pth").unlink()
-    (out / "model_0000005.pth").unlink(missing_ok=True)
-    (out / "last_checkpoint").write_text("model_0000003.pth")
-    before = len(_metrics(out))
-    assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume"]) == 0
-    assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
-    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
+    # Killed after the checkpoint of iteration 3 (later checkpoints gone): --resume continues at iteration 4 and
+    # ends exactly as the uninterrupted run, whether the data come from the main process or from 2 workers.
+    # (Equal weights evaluate equally: the evaluation is compared once, after the 2-worker resume.)
+    for workers, evaluate in ((0, False), (2, True)):
+        (out / "model_final.pth").unlink()
+        (out / "model_0000005.pth").unlink(missing_ok=True)
+        (out / "eval_metrics.json").unlink(missing_ok=True)
+        (out / "last_checkpoint").write_text("model_0000003.pth")
+        before = len(_metrics(out))
+        assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume", f"train.eval_period={6 * evaluate}",
+                                        f"dataloader.train.num_workers={workers}"]) == 0
+        assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
+        assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
+        assert _max_difference(_weights(out / "model_final.pth"), uninterrupted) <= 1e-6, workers
+    resumed = read_eval_metrics(out, "det")
+    assert resumed["details"] == evaluated["details"] and resumed["metrics"] == evaluated["metrics"]
 
     # --eval-only CKPT evaluates that checkpoint (on 2 of the photos), recorded in eval_metrics.json.
-    data = json.loads((fruits_nuts / "trainval.json").read_text())
-    data["images"] = data["images"][:2]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {im["id"] for im in data["images"]}]
-    (tmp_path / "two.json").write_text(json.dumps(data))
+    two = _subset_json(fruits_nuts, tmp_path / "two.json", 2)
     assert run_cli(train_det.main, ["--config", TINY, "--output-dir", str(out), "--eval-only",
-                                    str(out / "model_0000003.pth"), "--val-json", str(tmp_path / "two.json"),
+                                    str(out / "model_0000003.pth"), "--val-json", str(two),
                                     "--val-images", str(fruits_nuts / "images")]) == 0
     record = read_eval_metrics(out, "det")
     assert record["checkpoint"] == str(out / "model_0000003.pth") and record["iteration"] == 4
