@@ -444,7 +444,7 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             problems.setdefault(kind, []).append(ann_id)
         else:
             boxes.add(ann)
-    boxes.check(jp)
+    box_warning = boxes.check(jp)
     num_invalid, total = sum(map(len, problems.values())), len(data["annotations"]) - len(on_unreadable)
     if num_invalid > MAX_INVALID_FRACTION * total:
         kind, ids = max(problems.items(), key=lambda item: len(item[1]))
@@ -458,12 +458,15 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             ids = problems[kind]
             logger.warning("%s: skipped %d annotation%s %s (first: id %s)", jp, len(ids), "" if len(ids) == 1 else "s",
                            reason, ids[0])
+    if box_warning:
+        logger.warning("%s", box_warning)
     skipped = {i for ids in problems.values() for i in ids}
     if unreadable:
         first = next(im for im in data["images"] if im["id"] in unreadable)
-        logger.warning("%s: skipped %d unreadable image%s and their %d annotation%s (first: %s: %s)", jp,
-                       len(unreadable), "" if len(unreadable) == 1 else "s", len(on_unreadable),
-                       "" if len(on_unreadable) == 1 else "s", root / first["file_name"], unreadable[first["id"]])
+        logger.warning("%s: skipped %d unreadable image%s and %s %d annotation%s (first: %s: %s)", jp,
+                       len(unreadable), "" if len(unreadable) == 1 else "s", "its" if len(unreadable) == 1 else "their",
+                       len(on_unreadable), "" if len(on_unreadable) == 1 else "s", root / first["file_name"],
+                       unreadable[first["id"]])
         data["images"] = [im for im in data["images"] if im["id"] not in unreadable]
     if skipped or unreadable:
         data["annotations"] = [a for a in data["annotations"]
@@ -511,9 +514,10 @@ class _BoxFormatTally:
             self.disagreeing.append((ann["id"], ann["bbox"], bounds))
             self.xyxy += verdict == "xyxy"
 
-    def check(self, jp: Path) -> None:
+    def check(self, jp: Path) -> str | None:
+        """Raises when most boxes are [x1, y1, x2, y2]; else the warning about disagreeing boxes, if any."""
         if not self.disagreeing:
-            return
+            return None
         ann_id, box, (x0, y0, x1, y1) = self.disagreeing[0]
         first = (f"first: id {ann_id}, bbox {[round(v, 1) for v in box]}, polygon bounds as [x, y, width, height] "
                  f"{[round(v, 1) for v in (x0, y0, x1 - x0, y1 - y0)]}")
@@ -521,8 +525,8 @@ class _BoxFormatTally:
             raise MaeTransferError(
                 f"{jp}: {self.xyxy} of {self.compared} boxes are their polygon's bounds written as [x1, y1, x2, y2] "
                 f"({first}); COCO boxes are [x, y, width, height]: convert them")
-        logger.warning("%s: %d of %d boxes disagree with the bounds of their segmentation polygons, kept (%s)", jp,
-                       len(self.disagreeing), self.compared, first)
+        return (f"{jp}: {len(self.disagreeing)} of {self.compared} boxes disagree with the bounds of their "
+                f"segmentation polygons, kept ({first})")
 
 
 def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:
