@@ -371,8 +371,10 @@ def write_det_metrics(output_dir: str, results: dict, iteration: int | None, che
     is undefined (NaN) when the model made no detection: null, with that reason."""
     ap = {task: float(results.get(task, {}).get("AP", math.nan)) for task in ("bbox", "segm")}
     names = {"bbox": "AP_box", "segm": "AP_mask"}
-    reasons = {names[task]: ("no results for this task" if task not in results else
-                             "no detections on the evaluation images (COCO AP is undefined without any)")
+    # without detections COCOEvaluator gives NaN box APs and no mask results at all
+    none_detected = "bbox" in results and not math.isfinite(ap["bbox"])
+    reasons = {names[task]: ("no detections on the evaluation images (COCO AP is undefined without any)"
+                             if none_detected else f"the evaluator gave no {task} results")
                for task, value in ap.items() if not math.isfinite(value)}
     return write_eval_metrics(output_dir, "det", {names[task]: value for task, value in ap.items()}, tool=TOOL,
                               iteration=iteration, checkpoint=checkpoint, reasons=reasons,

@@ -499,6 +499,9 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
         "no categories": (["--val-json", str(_write(tmp_path / "nocat.json", json.dumps(no_cats))),
                            "--val-images", images], "'categories' is empty"),
         "unknown key": (["train.no_such_key=1"], "no such key"),
+        "wrong type": (["train.max_iter=abc"],
+                       "config override train.max_iter=abc: expected an int (the config has 200), got str 'abc'"),
+        "not a list": (["model.pixel_std=3"], "model.pixel_std=3: expected a list [a, b, ...]"),
         "not a checkpoint": (["--val-json", str(fruits_nuts / "trainval.json"), "--val-images", images,
                               f"train.init_checkpoint={_write(tmp_path / 'junk.pth', 'hello')}"], "junk.pth"),
     }
@@ -514,6 +517,105 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, name
         assert err and err[-1].startswith("error: ") and expected in err[-1], (name, err[-1:])
+
+
+def _error_line(capsys) -> str:
+    """The tool's one error line. (In-process, an error that run_cli did not turn into this line would have
+    propagated out of run_cli and failed the test: no traceback is printed.)"""
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_datasets_without_annotations_are_one_error(fruits_nuts, tmp_path, capsys):
+    """A training json without (non-crowd) annotations, and an evaluation json without any: one line, exit 2,
+    before a model is built."""
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    images, trainval, out = str(fruits_nuts / "images"), str(fruits_nuts / "trainval.json"), tmp_path / "out"
+    empty = _write(tmp_path / "empty.json", json.dumps(dict(data, annotations=[])))
+    crowd = _write(tmp_path / "crowd.json", json.dumps(dict(data, annotations=[dict(a, iscrowd=1)
+                                                                               for a in data["annotations"]])))
+    train = ["--config", TINY, "--val-json", trainval, "--val-images", images, "--output-dir", str(out)]
+    capsys.readouterr()
+    assert run_cli(train_det.main, [*train, "--train-json", str(empty), "--train-images", images]) == 2
+    assert _error_line(capsys) == (f"error: {empty}: no annotations in 18 images: nothing to train on (detectron2 "
+                                   "trains on images with non-crowd annotations)")
+    assert run_cli(train_det.main, [*train, "--train-json", str(crowd), "--train-images", images]) == 2
+    assert _error_line(capsys).startswith(f"error: {crowd}: only 165 crowd annotation(s) (iscrowd=1) in 18 images")
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(empty), "--val-images",
+                                    images, "--output-dir", str(out)]) == 2
+    assert _error_line(capsys) == (f"error: {empty}: no annotations in 18 images: nothing to evaluate against "
+                                   "(--infer draws predictions without ground truth)")
+    assert not out.exists() or not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
+
+
+class _Warnings(logging.Handler):
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "_Warnings":
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+
+
+def test_detector_of_another_class_count_is_refused(coco_tiny, tmp_path, capsys):
+    """A 3-class detector on an 80-class dataset: --eval-only and --resume stop with one line naming both counts
+    (detectron2 would leave the class layers random and evaluate them); as train.init_checkpoint it is a warning,
+    detectron2's way of fine-tuning a detector on new classes."""
+    sub = _coco_tiny_subset(coco_tiny, tmp_path, n=1)
+    val = ["--val-json", str(sub), "--val-images", str(coco_tiny / "train2017")]
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "model_0000003.pth"
+    three = _tiny_model()
+    torch.save({"model": three.state_dict(), "iteration": 3}, ckpt)
+    capsys.readouterr()
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", str(ckpt), *val, "--output-dir", str(out)]) == 2
+    assert _error_line(capsys) == (
+        f"error: --eval-only checkpoint {ckpt} is a detector of 3 classes, the dataset has 80 "
+        "(model.roi_heads.num_classes); its class-specific layers would be random: evaluate it with the data it was "
+        "trained on (--val-json)")
+    (out / "last_checkpoint").write_text(ckpt.name)
+    train = ["--config", TINY, "--train-json", str(sub), "--train-images", str(coco_tiny / "train2017"), *val,
+             "--output-dir", str(out), "train.eval_period=0"]
+    assert run_cli(train_det.main, [*train, "--resume"]) == 2
+    assert _error_line(capsys).startswith(f"error: --resume checkpoint {ckpt} is a detector of 3 classes, "
+                                          "the dataset has 80")
+    assert not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
+    # init: the check do_train gives the checkpointer, on an 80-class detector's weights for the 3-class model
+    eighty = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 4), "backbone.net.pos_embed": torch.zeros(1)}
+    with _Warnings("mae_transfer.detection") as warnings:
+        detection.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
+        detection.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
+        detection.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")
+    assert warnings.lines == ["train.init_checkpoint checkpoint coco.pth is a detector of 80 classes, the dataset has "
+                              "3 (model.roi_heads.num_classes): its class-specific layers are not loaded and start "
+                              "from scratch"]
+
+
+def test_no_detections_give_null_metrics_with_the_reason(fruits_nuts, tmp_path):
+    """COCO AP is undefined when the model detects nothing: eval_metrics.json says null and why, strict JSON."""
+    one = _subset_json(fruits_nuts, tmp_path / "one.json", 1)
+    out = tmp_path / "eval"
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(one), "--val-images",
+                                    str(fruits_nuts / "images"), "--output-dir", str(out),
+                                    "model.roi_heads.box_predictor.test_score_thresh=1.1"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads((out / "eval_metrics.json").read_text(), parse_constant=refuse)
+    assert record["metrics"] == {"AP_box": None, "AP_mask": None}
+    reason = "no detections on the evaluation images (COCO AP is undefined without any)"
+    assert record["undefined"] == {"AP_box": reason, "AP_mask": reason}
+    assert record["details"]["bbox"]["AP50"] is None
 
 
 def test_cli_vocabulary_and_eval_weights(tmp_path):
