@@ -1,10 +1,12 @@
 """Mask R-CNN with our plain ViT in detectron2 (LazyConfig, ViTDet recipe): what tools/train_det.py runs.
 
 Follows detectron2's tools/lazyconfig_train_net.py (SimpleTrainer / AMPTrainer, hooks, COCOEvaluator,
-DetectionCheckpointer). Additions: `key=value` overrides are checked to exist, user datasets are validated
-before detectron2 sees them, `train.init_checkpoint` in any format `mae_transfer.checkpoint` reads is
-converted on the fly, optional gradient clipping (a trainer hook), a clean stop on a non-finite loss, and the
-final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json` (`mae_transfer.metrics`).
+DetectionCheckpointer). Additions: `key=value` overrides are checked to exist and to have the config value's type,
+user datasets are validated before detectron2 sees them, `train.init_checkpoint` in any format
+`mae_transfer.checkpoint` reads is converted on the fly, loaded detectors must have the dataset's class count,
+optional gradient clipping (a trainer hook), exact resume (`mae_transfer.detectron2_resume`), a clean stop on a
+non-finite loss, and the final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json`
+(`mae_transfer.metrics`).
 
 Framework glue, not the MAE core: importing this module imports detectron2 and registers our backbone there.
 """
