@@ -389,7 +389,11 @@ def resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
         if not Path(resume).is_file():
             raise MaeTransferError(f"--resume: checkpoint not found: {resume}")
         return resume
-    return last_checkpoint(output_dir) if resume == "auto" else None
+    last = last_checkpoint(output_dir) if resume == "auto" else None
+    if last is not None and not Path(last).is_file():
+        raise MaeTransferError(f"--resume: {Path(output_dir) / 'last_checkpoint'} names {last}, which does not exist; "
+                               "pass the checkpoint to resume from (--resume CKPT)")
+    return last
 
 
 def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) -> dict:
@@ -415,9 +419,10 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
         evaluation.update(do_test(cfg, model))
         return dict(evaluation)
 
+    exact_resume = ExactResume(seed, train_loader)
     trainer.register_hooks([
         hooks.IterationTimer(),
-        ExactResume(seed, train_loader),  # before the checkpointer: its state is saved after each iteration
+        exact_resume,  # before the checkpointer: its state is saved after each iteration
         clipper,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
@@ -430,6 +435,9 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
         checkpointer.load(resume_from)  # model, optimizer, scheduler, iteration, seed and data position
         start_iter = trainer.iter + 1
         logger.info("resuming from %s at iteration %d", resume_from, start_iter)
+        if not exact_resume.restored:
+            logger.warning("%s holds no data-stream position or run seed (written before exact resume): training "
+                           "continues, on other images and random draws than an uninterrupted run", resume_from)
     else:
         init = prepare_init_checkpoint(cfg.train.init_checkpoint, model, cfg.train.output_dir, allow_pickle)
         checkpointer.load(init, checkpointables=[])

@@ -183,7 +183,11 @@ def build_train_loader(cfg: Any, seed: int) -> Any:
     from detectron2.config import instantiate
 
     train = cfg.dataloader.train
-    if train.get("_target_") is not build_detection_train_loader or set(train.keys()) - _LOADER_KEYS:
+    target = train.get("_target_")  # the function, or its dotted name in a config read back from yaml
+    if isinstance(target, str):
+        target = target.replace("detectron2.data.build.", "detectron2.data.")
+    if target not in (build_detection_train_loader, "detectron2.data.build_detection_train_loader") or \
+            set(train.keys()) - _LOADER_KEYS:
         logger.warning("dataloader.train is not detectron2's build_detection_train_loader with the keys %s: "
                        "built as configured, so --resume will not continue its data stream exactly",
                        sorted(_LOADER_KEYS - {"_target_"}))
@@ -199,6 +203,7 @@ class ExactResume(HookBase):
 
     def __init__(self, seed: int, loader: Any) -> None:
         self.seed, self.loader = int(seed), loader
+        self.restored = False  # whether a checkpoint gave its state (older checkpoints do not have it)
         self._states = self._loader_states()
 
     def _loader_states(self) -> list[dict[str, Any]]:
@@ -218,7 +223,7 @@ class ExactResume(HookBase):
         return {"seed": self.seed, "loader_states": self._states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
+        self.seed, self.restored = int(state["seed"]), True
         states = state.get("loader_states") or []
         if not isinstance(self.loader, ResumableTrainLoader):
             return
