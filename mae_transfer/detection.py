@@ -99,6 +99,8 @@ def override_value(item: str, current: Any) -> Any:
             raise MaeTransferError(f"config override {item!r}: {str(err).strip().splitlines()[0]}") from None
     if current is None or value is None:
         return value
+    if key.endswith("dataset.names") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value  # detectron2 takes one dataset name or a list of them
     for config_type, accepted, name in _OVERRIDE_TYPES:
         if isinstance(current, config_type) and not (config_type is int and isinstance(current, bool)):
             if not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool)):
