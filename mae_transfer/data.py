@@ -9,12 +9,13 @@ where no image can be read is a user error.
 
 `read_coco_instances` reads a COCO instances json for every tool that takes one (tools/train_det.py,
 tools/demo.py, `coco_crops_to_imagefolder`): a file that is wrong is a one-line error, single invalid
-annotations (degenerate or outside boxes, empty masks) are skipped with one warning per kind, so that
-all of them train on the same annotations. `coco_crops_to_imagefolder` turns such a json into a labelled
-folder of object crops, a small real labelled set for CPU runs of the supervised baseline.
+annotations (degenerate or outside boxes, empty masks) and unreadable images are skipped with one warning
+per kind, so that all of them train on the same annotations. `coco_crops_to_imagefolder` turns such a json
+into a labelled folder of object crops, a small real labelled set for CPU runs of the supervised baseline.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -274,11 +275,107 @@ def _segmentation_problem(segm: Any, width: float, height: float) -> str | None:
     return None if mask_utils.area(dict(segm)) else "empty_segmentation"
 
 
+# ---------------------------------------------------------------------------------------------- image files
+# Checking every image of a large set (COCO train: 118k) by decoding takes minutes; below this many images it
+# takes seconds and no cache is written.
+IMAGE_CHECK_CACHE_MIN = 500
+_EXIF_ORIENTATION = 0x0112
+
+
+def image_file_status(path: str | os.PathLike) -> tuple[int, int] | str:
+    """(width, height) of an image file as detectron2's `read_image` sees it (EXIF rotation applied), or why it
+    cannot be read. The size comes from the header; the whole file is decoded too (JPEGs at 1/8 scale, which
+    still reads every byte), because a truncated file has a good header and fails only when decoded."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees when read
+                width, height = height, width
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+    return width, height
+
+
+def _image_check_cache_file(root: Path) -> Path:
+    base = Path(os.environ.get("MAE_TRANSFER_CACHE_DIR") or Path.home() / ".cache" / "mae_transfer")
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return base / "image_checks" / f"{key}.json"
+
+
+def check_image_files(root: str | os.PathLike, names: list[str]) -> dict[str, tuple[int, int] | str]:
+    """`image_file_status` of `root/name` for each name. For large sets the results are cached per file (by
+    size and modification time) in $MAE_TRANSFER_CACHE_DIR (default ~/.cache/mae_transfer)."""
+    root = Path(root)
+    cache_file = _image_check_cache_file(root) if len(names) >= IMAGE_CHECK_CACHE_MIN else None
+    cached: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+    status: dict[str, tuple[int, int] | str] = {}
+    fresh = 0
+    for name in dict.fromkeys(names):
+        stat = (root / name).stat()
+        key = [stat.st_size, stat.st_mtime_ns]
+        entry = cached.get(name)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == key:
+            status[name] = tuple(entry[2]) if isinstance(entry[2], list) else entry[2]
+            continue
+        status[name] = image_file_status(root / name)
+        cached[name] = [*key, list(status[name]) if isinstance(status[name], tuple) else status[name]]
+        fresh += 1
+    if cache_file is not None and fresh:
+        from mae_transfer.io import atomic_write_text
+
+        try:
+            atomic_write_text(json.dumps(cached), cache_file)
+        except OSError as err:  # a read-only home: the check is only slower next time
+            logger.info("image check cache %s not written (%s)", cache_file, err)
+    return status
+
+
+def _polygon_bounds(segm: Any) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) of a segmentation's polygons (those of at least 3 points); None for an RLE."""
+    if not isinstance(segm, list):
+        return None
+    points = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    if not points:
+        return None
+    xs = [v for p in points for v in p[0::2]]
+    ys = [v for p in points for v in p[1::2]]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def box_vs_polygon(box: list[float], bounds: tuple[float, float, float, float]) -> str:
+    """"agrees" when the [x, y, width, height] box is its polygon's bounding box (within 2 px or 5% of the
+    bounds' size, rounding in real files), "xyxy" when it is those bounds written as [x1, y1, x2, y2],
+    else "disagrees"."""
+    x0, y0, x1, y1 = bounds
+    tol_x, tol_y = max(2.0, 0.05 * (x1 - x0)), max(2.0, 0.05 * (y1 - y0))
+
+    def near(found: list[float], expected: tuple[float, ...]) -> bool:
+        return all(abs(f - e) <= (tol_x if i % 2 == 0 else tol_y) for i, (f, e) in enumerate(zip(found, expected)))
+
+    if near(box, (x0, y0, x1 - x0, y1 - y0)):
+        return "agrees"
+    return "xyxy" if near(box, bounds) else "disagrees"
+
+
 @dataclass
 class CocoInstances:
-    """A checked COCO instances json: `data` without the invalid annotations, whose ids are `skipped_ids`."""
+    """A checked COCO instances json: `data` without the invalid annotations (whose ids are `skipped_ids`) and
+    without the images that cannot be read (`skipped_images`: image id -> why) and their annotations."""
     data: dict[str, Any]
     skipped_ids: set[Any] = field(default_factory=set)
+    skipped_images: dict[Any, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """Whether `data` differs from the file (then frameworks that read the file need a cleaned copy)."""
+        return bool(self.skipped_ids or self.skipped_images)
 
 
 def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> CocoInstances:
@@ -286,10 +383,12 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
 
     Errors (MaeTransferError, one line): missing paths, malformed json, non-list images/annotations/
     categories, no or duplicate categories, an image without file_name or positive width/height, a
-    missing image file, an annotation without a unique id, an unknown category_id or image_id, and more
-    than MAX_INVALID_FRACTION of the annotations invalid. Invalid annotations otherwise (see
-    COCO_SKIP_REASONS) are removed from `data`, with one warning per kind naming the file, how many
-    and the first id.
+    missing image file, an image whose width/height differs from its file's, an annotation without a unique
+    id, an unknown category_id or image_id, more than MAX_INVALID_FRACTION of the images unreadable or of the
+    annotations invalid, and most boxes written as [x1, y1, x2, y2] (told by their polygons' bounds). Invalid
+    annotations otherwise (see COCO_SKIP_REASONS) are removed from `data`, with one warning per kind naming the
+    file, how many and the first id; so are unreadable images (truncated, corrupt) with their annotations, in one
+    warning. Boxes that disagree with their polygons otherwise are counted in a warning and kept.
     """
     jp, root = Path(json_path), Path(image_root)
     if not jp.is_file():
@@ -322,8 +421,11 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
     for name in files:
         if not (root / name).is_file():
             raise MaeTransferError(f"{jp}: image file not found: {root / name}")
+    unreadable = _check_image_sizes(jp, root, data["images"])
     ann_ids: set[Any] = set()
     problems: dict[str, list[Any]] = {}
+    on_unreadable: list[Any] = []  # annotations of skipped images
+    boxes = _BoxFormatTally()
     for index, ann in enumerate(data["annotations"]):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         if ann_id is None or not isinstance(ann_id, (int, str)) or ann_id in ann_ids:
@@ -338,10 +440,16 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             )
         if ann.get("image_id") not in sizes:
             raise MaeTransferError(f"{jp}: annotation {ann_id} refers to unknown image_id {ann.get('image_id')!r}")
+        if ann["image_id"] in unreadable:
+            on_unreadable.append(ann_id)
+            continue
         kind = coco_annotation_problem(ann, *sizes[ann["image_id"]])
         if kind:
             problems.setdefault(kind, []).append(ann_id)
-    num_invalid, total = sum(map(len, problems.values())), len(data["annotations"])
+        else:
+            boxes.add(ann)
+    box_warning = boxes.check(jp)
+    num_invalid, total = sum(map(len, problems.values())), len(data["annotations"]) - len(on_unreadable)
     if num_invalid > MAX_INVALID_FRACTION * total:
         kind, ids = max(problems.items(), key=lambda item: len(item[1]))
         raise MaeTransferError(
@@ -354,10 +462,75 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             ids = problems[kind]
             logger.warning("%s: skipped %d annotation%s %s (first: id %s)", jp, len(ids), "" if len(ids) == 1 else "s",
                            reason, ids[0])
+    if box_warning:
+        logger.warning("%s", box_warning)
     skipped = {i for ids in problems.values() for i in ids}
-    if skipped:
-        data["annotations"] = [a for a in data["annotations"] if a["id"] not in skipped]
-    return CocoInstances(data, skipped)
+    if unreadable:
+        first = next(im for im in data["images"] if im["id"] in unreadable)
+        logger.warning("%s: skipped %d unreadable image%s and %s %d annotation%s (first: %s: %s)", jp,
+                       len(unreadable), "" if len(unreadable) == 1 else "s", "its" if len(unreadable) == 1 else "their",
+                       len(on_unreadable), "" if len(on_unreadable) == 1 else "s", root / first["file_name"],
+                       unreadable[first["id"]])
+        data["images"] = [im for im in data["images"] if im["id"] not in unreadable]
+    if skipped or unreadable:
+        data["annotations"] = [a for a in data["annotations"]
+                               if a["id"] not in skipped and a["image_id"] not in unreadable]
+    return CocoInstances(data, skipped, unreadable)
+
+
+def _check_image_sizes(jp: Path, root: Path, images: list[dict]) -> dict[Any, str]:
+    """Decode every image of the json (`check_image_files`): unreadable ones (truncated, corrupt) are returned
+    (image id -> why) to be skipped, an error when more than MAX_INVALID_FRACTION are; a width/height in the json
+    other than the file's is an error (detectron2 would stop at the first such image in the middle of training)."""
+    status = check_image_files(root, [im["file_name"] for im in images])
+    unreadable = {im["id"]: status[im["file_name"]] for im in images if isinstance(status[im["file_name"]], str)}
+    if unreadable and len(unreadable) > MAX_INVALID_FRACTION * len(images):
+        first = next(im for im in images if im["id"] in unreadable)
+        raise MaeTransferError(f"{jp}: {len(unreadable)} of {len(images)} images cannot be read (first: "
+                               f"{root / first['file_name']}: {unreadable[first['id']]})")
+    wrong = [im for im in images if im["id"] not in unreadable
+             and tuple(status[im["file_name"]]) != (im["width"], im["height"])]
+    if wrong:
+        im = wrong[0]
+        (fw, fh), what = status[im["file_name"]], "image has" if len(wrong) == 1 else "images have"
+        raise MaeTransferError(
+            f"{jp}: {len(wrong)} of {len(images)} {what} another width x height in the json than in the file "
+            f"(first: {root / im['file_name']}: json {im['width']:g}x{im['height']:g}, file {fw}x{fh}); "
+            "fix 'width'/'height' in the json")
+    return unreadable
+
+
+class _BoxFormatTally:
+    """Boxes compared with the bounds of their annotation's polygons: a few disagreeing ones are a warning (kept);
+    most of them being the bounds as [x1, y1, x2, y2] is an error (the file uses another box format)."""
+
+    def __init__(self) -> None:
+        self.compared, self.xyxy = 0, 0
+        self.disagreeing: list[tuple[Any, list, tuple]] = []
+
+    def add(self, ann: dict) -> None:
+        bounds = _polygon_bounds(ann.get("segmentation"))
+        if bounds is None:
+            return
+        self.compared += 1
+        verdict = box_vs_polygon(ann["bbox"], bounds)
+        if verdict != "agrees":
+            self.disagreeing.append((ann["id"], ann["bbox"], bounds))
+            self.xyxy += verdict == "xyxy"
+
+    def check(self, jp: Path) -> str | None:
+        """Raises when most boxes are [x1, y1, x2, y2]; else the warning about disagreeing boxes, if any."""
+        if not self.disagreeing:
+            return None
+        ann_id, box, (x0, y0, x1, y1) = self.disagreeing[0]
+        first = (f"first: id {ann_id}, bbox {[round(v, 1) for v in box]}, polygon bounds as [x, y, width, height] "
+                 f"{[round(v, 1) for v in (x0, y0, x1 - x0, y1 - y0)]}")
+        if self.xyxy > MAX_INVALID_FRACTION * self.compared:
+            raise MaeTransferError(
+                f"{jp}: {self.xyxy} of {self.compared} boxes are their polygon's bounds written as [x1, y1, x2, y2] "
+                f"({first}); COCO boxes are [x, y, width, height]: convert them")
+        return (f"{jp}: {len(self.disagreeing)} of {self.compared} boxes disagree with the bounds of their "
+                f"segmentation polygons, kept ({first})")
 
 
 def read_coco_instances(json_path: str | os.PathLike, image_root: str | os.PathLike) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Mask R-CNN with our plain ViT in detectron2 (LazyConfig, ViTDet recipe): what tools/train_det.py runs.
 
 Follows detectron2's tools/lazyconfig_train_net.py (SimpleTrainer / AMPTrainer, hooks, COCOEvaluator,
-DetectionCheckpointer). Additions: `key=value` overrides are checked to exist, user datasets are validated
-before detectron2 sees them, `train.init_checkpoint` in any format `mae_transfer.checkpoint` reads is
-converted on the fly, optional gradient clipping (a trainer hook), a clean stop on a non-finite loss, and the
-final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json` (`mae_transfer.metrics`).
+DetectionCheckpointer). Additions: `key=value` overrides are checked to exist and to have the config value's type,
+user datasets are validated before detectron2 sees them, `train.init_checkpoint` in any format
+`mae_transfer.checkpoint` reads is converted on the fly, loaded detectors must have the dataset's class count,
+optional gradient clipping (a trainer hook), exact resume (`mae_transfer.detectron2_resume`), a clean stop on a
+non-finite loss, and the final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json`
+(`mae_transfer.metrics`).
 
 Framework glue, not the MAE core: importing this module imports detectron2 and registers our backbone there.
 """
@@ -15,8 +17,9 @@ import hashlib
 import logging
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -29,13 +32,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for yacs configs)
 from mae_transfer import checkpoint as ckpt
 from mae_transfer import detection_recipe
 from mae_transfer.data import IMAGE_SUFFIXES
 from mae_transfer.detectron2_data import register_coco_instances_checked
+from mae_transfer.detectron2_resume import ExactResume, build_train_loader, run_seed
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import detection_checkpointer, local_checkpoint_path
 from mae_transfer.metrics import write_eval_metrics
@@ -50,22 +54,68 @@ _MISSING = object()
 
 # ----------------------------------------------------------------------------------------- config
 def load_config(path: str, overrides: Sequence[str]) -> Any:
-    """LazyConfig.load + apply_overrides, refusing keys that do not exist in the config."""
+    """LazyConfig.load + the `key=value` overrides, refusing keys that do not exist in the config and values of
+    another type than the config's (`override_value`)."""
     if not Path(path).is_file():
         raise MaeTransferError(f"config file not found: {path}")
     cfg = LazyConfig.load(path)
-    overrides = [o for o in overrides if o != "--"]
-    for item in overrides:
+    for item in (o for o in overrides if o != "--"):
         if "=" not in item:
             raise MaeTransferError(f"config override {item!r} is not of the form key=value")
         key = item.split("=", 1)[0]
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        current = OmegaConf.select(cfg, key, default=_MISSING, throw_on_resolution_failure=False)
+        if current is _MISSING:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
             known = ", ".join(sorted(map(str, node.keys()))) if hasattr(node, "keys") else ""
             raise MaeTransferError(f"config override {key!r}: no such key in {path}"
                                    + (f" (keys under {parent!r}: {known})" if known else ""))
-    return LazyConfig.apply_overrides(cfg, overrides)
+        OmegaConf.update(cfg, key, override_value(item, current), merge=True)
+    return cfg
+
+
+# the config value's type -> (the override types it takes, their name in errors); int is taken for float
+_OVERRIDE_TYPES = ((bool, (bool,), "a bool (true/false)"), (int, (int,), "an int"),
+                   (float, (int, float), "a number"), (str, (str, int, float, bool), "a string"),
+                   ((list, tuple, ListConfig), (list,), "a list [a, b, ...]"))
+
+
+def override_value(item: str, current: Any) -> Any:
+    """The value of a `key=value` override in detectron2's grammar (hydra's: 3, 0.5, true, null, [1, 2], text),
+    checked against the type of the config's `current` value (None or a node: anything goes)."""
+    key, text = item.split("=", 1)
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+    except ImportError:  # detectron2's own fallback without hydra
+        import ast
+
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+    else:
+        try:
+            value = OverridesParser.create().parse_overrides([item])[0].value()
+        except HydraException as err:
+            raise MaeTransferError(f"config override {item!r}: {str(err).strip().splitlines()[0]}") from None
+    if current is None or value is None:
+        return value
+    if key.endswith("dataset.names") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value  # detectron2 takes one dataset name or a list of them
+    for config_type, accepted, name in _OVERRIDE_TYPES:
+        if isinstance(current, config_type) and not (config_type is int and isinstance(current, bool)):
+            if not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool)):
+                raise MaeTransferError(f"config override {key}={text}: expected {name} (the config has "
+                                       f"{_shown(current)}), got {type(value).__name__} {value!r}")
+            if config_type is str:
+                return text  # a number given for a text value (a path, a name): its text
+            return float(value) if config_type is float else value
+    return value
+
+
+def _shown(value: Any) -> str:
+    return str(OmegaConf.to_object(value) if isinstance(value, ListConfig) else value)
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
@@ -94,18 +144,20 @@ def setup(args: argparse.Namespace) -> Any:
     default_setup(cfg, argparse.Namespace(config_file=args.config, eval_only=bool(args.eval_only or args.infer)))
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="mae_transfer")
     setup_datasets(cfg, args.train_json, args.train_images, args.val_json, args.val_images,
-                   splits=() if args.infer else ("val",) if args.eval_only else ("train", "val"))
+                   splits=() if args.infer else ("val",) if args.eval_only else ("train", "val"),
+                   evaluate=bool(args.eval_only) or cfg.train.eval_period > 0)
     return cfg
 
 
 # ----------------------------------------------------------------------------------------- datasets
-def register_coco_json(split: str, json_path: str, image_root: str) -> tuple[str, list[str]]:
-    """Check a COCO instances json + image folder (errors; invalid annotations skipped with a warning)
-    and register it, minus the skipped annotations, under a name derived from the paths; returns
-    (name, class names in category-id order, detectron2's contiguous-id order)."""
+def register_coco_json(split: str, json_path: str, image_root: str, use: str | None = None) -> tuple[str, list[str]]:
+    """Check a COCO instances json + image folder (errors; invalid annotations and unreadable images skipped with
+    a warning; `use` "train" / "eval": it must hold annotations for that) and register it, minus what was
+    skipped, under a name derived from the paths; returns (name, class names in category-id order, detectron2's
+    contiguous-id order)."""
     key = hashlib.sha1(f"{Path(json_path).resolve()}|{Path(image_root).resolve()}".encode()).hexdigest()[:8]
     name = f"{split}_{Path(json_path).stem}_{key}"
-    return name, register_coco_instances_checked(name, json_path, image_root)
+    return name, register_coco_instances_checked(name, json_path, image_root, use)
 
 
 def check_builtin_coco(name: str) -> None:
@@ -123,15 +175,18 @@ def check_builtin_coco(name: str) -> None:
 
 def setup_datasets(cfg: Any, train_json: str | None = None, train_images: str | None = None,
                    val_json: str | None = None, val_images: str | None = None,
-                   splits: Sequence[str] = ("train", "val")) -> None:
+                   splits: Sequence[str] = ("train", "val"), evaluate: bool = True) -> None:
     """Point the config's loaders at the user's datasets and set num_classes from them; the builtin datasets
-    the run reads (`splits`: "train", "val") must exist."""
+    the run reads (`splits`: "train", "val") must exist, and the user's must hold annotations to train on and,
+    when the run evaluates, to evaluate against."""
     classes: dict[str, list[str]] = {}
+    uses = {"train": "train" if "train" in splits else None,
+            "val": "eval" if "val" in splits and evaluate and "evaluator" in cfg.dataloader else None}
     for split, js, im in (("train", train_json, train_images), ("val", val_json, val_images)):
         if bool(js) != bool(im):
             raise MaeTransferError(f"--{split}-json and --{split}-images must be given together")
         if js:
-            name, classes[split] = register_coco_json(split, js, im)
+            name, classes[split] = register_coco_json(split, js, im, uses[split])
             if split == "train":
                 cfg.dataloader.train.dataset.names = name
             else:
@@ -224,6 +279,49 @@ def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
+_CLASS_SCORES = re.compile(r"roi_heads\.box_predictor(\.\d+)?\.cls_score\.weight")
+
+
+def checkpoint_num_classes(state: dict) -> int | None:
+    """The classes a detector's weights were trained for (its box classifier scores them and the background);
+    None for weights without a box classifier (a backbone)."""
+    for key, value in state.items():
+        if _CLASS_SCORES.fullmatch(key) and len(getattr(value, "shape", ())) == 2:
+            return int(value.shape[0]) - 1
+    return None
+
+
+# what loads the weights -> how a detector of another class count is answered (None: a warning)
+_CLASS_COUNT_ADVICE = {
+    "--eval-only": "evaluate it with the data it was trained on (--val-json)",
+    "--infer": "run it with the config and data it was trained on",
+    "--resume": "resume with the data it was trained on, or start a new output folder",
+    "train.init_checkpoint": None,
+}
+
+
+def class_count_check(model: Any, purpose: str) -> Callable[[dict, str], None]:
+    """A `check_model` for `detection_checkpointer`: weights of a detector trained for another number of classes
+    than the dataset's would load with their class-specific layers skipped (random), so evaluating, running or
+    resuming them is an error; as train.init_checkpoint it is a warning (their class layers start from scratch,
+    detectron2's way of fine-tuning a detector on new classes)."""
+    expected = int(_unwrap(model).roi_heads.num_classes)
+
+    def check(state: dict, path: str) -> None:
+        found = checkpoint_num_classes(state)
+        if found is None or found == expected:
+            return
+        what = (f"{purpose} checkpoint {path} is a detector of {found} classes, the dataset has {expected} "
+                "(model.roi_heads.num_classes)")
+        advice = _CLASS_COUNT_ADVICE[purpose]
+        if advice is None:
+            logger.warning("%s: its class-specific layers are not loaded and start from scratch", what)
+            return
+        raise MaeTransferError(f"{what}; its class-specific layers would be random: {advice}")
+
+    return check
+
+
 # ----------------------------------------------------------------------------------------- gradient clipping
 def clip_gradients(optimizer: torch.optim.Optimizer, clip_type: str, clip_value: float, norm_type: float = 2.0) -> None:
     """full_model: one norm over all parameters; norm / value: each parameter on its own (detectron2's
@@ -284,25 +382,50 @@ def do_test(cfg: Any, model: Any) -> dict:
 
 
 def write_det_metrics(output_dir: str, results: dict, iteration: int | None, checkpoint: str | None) -> Path:
-    """eval_metrics.json of a COCOEvaluator result: AP^box and AP^mask, every COCO number in `details`."""
+    """eval_metrics.json of a COCOEvaluator result: AP^box and AP^mask, every COCO number in `details`. COCO's AP
+    is undefined (NaN) when the model made no detection: null, with that reason."""
     ap = {task: float(results.get(task, {}).get("AP", math.nan)) for task in ("bbox", "segm")}
-    return write_eval_metrics(output_dir, "det", {"AP_box": ap["bbox"], "AP_mask": ap["segm"]}, tool=TOOL,
-                              iteration=iteration, checkpoint=checkpoint,
+    names = {"bbox": "AP_box", "segm": "AP_mask"}
+    # without detections COCOEvaluator gives NaN box APs and no mask results at all
+    none_detected = "bbox" in results and not math.isfinite(ap["bbox"])
+    reasons = {names[task]: ("no detections on the evaluation images (COCO AP is undefined without any)"
+                             if none_detected else f"the evaluator gave no {task} results")
+               for task, value in ap.items() if not math.isfinite(value)}
+    return write_eval_metrics(output_dir, "det", {names[task]: value for task, value in ap.items()}, tool=TOOL,
+                              iteration=iteration, checkpoint=checkpoint, reasons=reasons,
                               details={task: dict(values) for task, values in results.items()})
+
+
+def resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """The checkpoint `--resume [CKPT]` continues from: CKPT, or ("auto") the output folder's last one if any."""
+    if resume not in (None, "auto"):
+        if not Path(resume).is_file():
+            raise MaeTransferError(f"--resume: checkpoint not found: {resume}")
+        return resume
+    last = last_checkpoint(output_dir) if resume == "auto" else None
+    if last is not None and not Path(last).is_file():
+        raise MaeTransferError(f"--resume: {Path(output_dir) / 'last_checkpoint'} names {last}, which does not exist; "
+                               "pass the checkpoint to resume from (--resume CKPT)")
+    return last
 
 
 def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) -> dict:
     """Train (from train.init_checkpoint, or resumed: `resume` "auto" = the output folder's last checkpoint,
-    else a checkpoint path); returns the last evaluation, also written to eval_metrics.json."""
+    else a checkpoint path; exactly, see `mae_transfer.detectron2_resume`); returns the last evaluation, also
+    written to eval_metrics.json."""
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     clipper = clip_grad_hook(cfg)
-    train_loader = instantiate(cfg.dataloader.train)
+    seed = run_seed(cfg.train.seed)
+    train_loader = build_train_loader(cfg, seed)
     model = create_ddp_model(model, **detection_recipe.ddp_kwargs(cfg))
     trainer = detection_recipe.build_trainer(model, train_loader, optimizer, cfg.train.amp.enabled,
                                              cfg.train.get("accumulation", 1))
-    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle, trainer=trainer)
+    resume_from = resume_checkpoint(resume, cfg.train.output_dir)
+    checkpointer = detection_checkpointer(
+        model, cfg.train.output_dir, allow_pickle, trainer=trainer,
+        check_model=class_count_check(model, "--resume" if resume_from else "train.init_checkpoint"))
     evaluation: dict = {}
 
     def evaluate() -> dict:
@@ -310,8 +433,10 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
         evaluation.update(do_test(cfg, model))
         return dict(evaluation)
 
+    exact_resume = ExactResume(seed, train_loader)
     trainer.register_hooks([
         hooks.IterationTimer(),
+        exact_resume,  # before the checkpointer: its state is saved after each iteration
         clipper,
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
@@ -320,21 +445,17 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
-    if resume not in (None, "auto"):
-        if not Path(resume).is_file():
-            raise MaeTransferError(f"--resume: checkpoint not found: {resume}")
-        checkpointer.load(resume)  # model, optimizer, scheduler and iteration
+    if resume_from:
+        checkpointer.load(resume_from)  # model, optimizer, scheduler, iteration, seed and data position
         start_iter = trainer.iter + 1
-    elif resume == "auto" and checkpointer.has_checkpoint():
-        checkpointer.load(checkpointer.get_checkpoint_file())
-        start_iter = trainer.iter + 1
+        logger.info("resuming from %s at iteration %d", resume_from, start_iter)
+        if not exact_resume.restored:
+            logger.warning("%s holds no data-stream position or run seed (written before exact resume): training "
+                           "continues, on other images and random draws than an uninterrupted run", resume_from)
     else:
         init = prepare_init_checkpoint(cfg.train.init_checkpoint, model, cfg.train.output_dir, allow_pickle)
         checkpointer.load(init, checkpointables=[])
         start_iter = 0
-    if start_iter:
-        logger.info("resuming from %s at iteration %d",
-                    resume if resume != "auto" else checkpointer.get_checkpoint_file(), start_iter)
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as err:
@@ -353,7 +474,8 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
 def do_eval_only(cfg: Any, weights: str, allow_pickle: bool = False) -> dict:
     """Evaluate `weights` (any format prepare_init_checkpoint reads); the result also goes to eval_metrics.json."""
     model = create_ddp_model(build_model(cfg))
-    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle,
+                                          check_model=class_count_check(model, "--eval-only"))
     extra = checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir, allow_pickle)) or {}
     results = do_test(cfg, model)
     if results and comm.is_main_process():
@@ -496,7 +618,8 @@ def do_infer(cfg: Any, images: Sequence[str], weights: str, output: str | None, 
     if not weights:
         raise MaeTransferError("--infer needs trained weights: none in train.output_dir and no train.init_checkpoint")
     model = build_model(cfg).eval()
-    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle)
+    checkpointer = detection_checkpointer(model, cfg.train.output_dir, allow_pickle,
+                                          check_model=class_count_check(model, "--infer"))
     checkpointer.load(prepare_init_checkpoint(weights, model, cfg.train.output_dir, allow_pickle))
     augs = T.AugmentationList([instantiate(a) for a in cfg.dataloader.test.mapper.augmentations])
     fmt = cfg.dataloader.train.mapper.image_format

@@ -75,16 +75,22 @@ def use_safe_mmengine_loading(allow_pickle: bool = False) -> None:
     CheckpointLoader.register_scheme(prefixes="", loader=load_local, force=True)
 
 
-def detection_checkpointer(model: Any, save_dir: str = "", allow_pickle: bool = False, **checkpointables: Any) -> Any:
+def detection_checkpointer(model: Any, save_dir: str = "", allow_pickle: bool = False,
+                           check_model: Callable[[dict, str], None] | None = None, **checkpointables: Any) -> Any:
     """A detectron2 `DetectionCheckpointer` (resume, `train.init_checkpoint`, `--eval-only`) that reads files
-    with `read_checkpoint`; model-zoo `.pkl` files are plain pickles and load only with `allow_pickle`."""
+    with `read_checkpoint`; model-zoo `.pkl` files are plain pickles and load only with `allow_pickle`.
+    `check_model(model state, filename)` sees every file's weights before they are loaded (detectron2 itself only
+    logs a warning for parameters of another shape and leaves them as they were)."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     class SafeDetectionCheckpointer(DetectionCheckpointer):
         def _load_file(self, filename: str) -> Any:
             if filename.endswith((".pkl", ".pyth")) and not allow_pickle:
                 raise needs_pickle_error(filename, "a pickle file (detectron2 model-zoo format)")
-            return super()._load_file(filename)
+            loaded = super()._load_file(filename)
+            if check_model is not None and isinstance(loaded.get("model"), dict):
+                check_model(loaded["model"], filename)
+            return loaded
 
         def _torch_load(self, f: str) -> Any:
             return read_checkpoint(f, allow_pickle)

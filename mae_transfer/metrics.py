@@ -5,8 +5,13 @@
      "iteration": 1000 | null, "epoch": 100 | null,   # when the evaluated weights were trained to
      "checkpoint": "path/of/the/evaluated/weights" | null,
      "tool": "tools/train_det.py",
-     "details": {...}}                                 # anything else the tool wants to keep
+     "details": {...},                                 # anything else the tool wants to keep
                                                        # (all COCO AP variants, ...)
+     "undefined": {"AP_box": "why"}}                   # only when a metric is undefined: it is null
+
+Strict JSON: an undefined number (NaN, e.g. COCO AP when the model made no detection) is written as null, and a
+metric that is null says why in `undefined`. `read_eval_metrics` gives undefined metrics back as NaN, which
+tables show as missing.
 
 Metric names are the study table's (`METRIC_NAMES`): the study runner and the demo read this file only, never
 a framework's own logs. Written atomically; a missing or malformed file is one clear error.
@@ -26,24 +31,31 @@ FILENAME = "eval_metrics.json"
 METRIC_NAMES = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1", "top5")}
 
 
-def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mapping[str, float], *, tool: str,
+def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mapping[str, float | None], *, tool: str,
                        iteration: int | None = None, epoch: int | None = None,
                        checkpoint: str | os.PathLike | None = None,
-                       details: Mapping[str, Any] | None = None) -> Path:
-    """Write `output_dir/eval_metrics.json`; `metrics` must hold the task's `METRIC_NAMES` (finite or NaN numbers)."""
+                       details: Mapping[str, Any] | None = None, reasons: Mapping[str, str] | None = None) -> Path:
+    """Write `output_dir/eval_metrics.json`; `metrics` must hold the task's `METRIC_NAMES`. A metric that is None
+    or not finite is written as null, with `reasons[name]` (or what the value was) in "undefined"; any other
+    non-finite number (in `details`) as null."""
     if task not in METRIC_NAMES:
         raise ValueError(f"task must be one of {sorted(METRIC_NAMES)}, got {task!r}")
     missing = [m for m in METRIC_NAMES[task] if m not in metrics]
     if missing:
         raise ValueError(f"{task} metrics need {list(METRIC_NAMES[task])}, missing {missing}")
-    record = {"task": task, "metrics": {k: float(v) for k, v in metrics.items()},
+    values = {k: None if v is None else float(v) for k, v in metrics.items()}
+    undefined = {k: (reasons or {}).get(k) or f"the evaluation gave {v}"
+                 for k, v in values.items() if v is None or not math.isfinite(v)}
+    record = {"task": task, "metrics": {k: None if k in undefined else v for k, v in values.items()},
               "iteration": None if iteration is None else int(iteration),
               "epoch": None if epoch is None else int(epoch),
               "checkpoint": None if checkpoint is None else str(checkpoint),
               "tool": tool, "details": dict(details or {})}
+    if undefined:
+        record["undefined"] = undefined
     path = Path(output_dir) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(json.dumps(record, indent=1, default=_json_default) + "\n", path)
+    return atomic_write_text(json.dumps(_strict_json(record), indent=1, allow_nan=False) + "\n", path)
 
 
 def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
@@ -64,15 +76,23 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
     missing = [m for m in METRIC_NAMES[record["task"]] if m not in record["metrics"]]
     if missing:
         raise MaeTransferError(f"{path}: metrics {missing} missing")
+    record["metrics"] = {k: math.nan if v is None else v for k, v in record["metrics"].items()}
     return record
 
 
-def _json_default(value: Any) -> Any:
-    """numpy / torch scalars and paths in `details`."""
-    if hasattr(value, "item"):
-        return value.item()
+def _strict_json(value: Any) -> Any:
+    """`value` with numpy / torch scalars as Python numbers, paths as strings, tuples as lists and non-finite
+    numbers as None: what strict JSON holds."""
+    if isinstance(value, Mapping):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
     if isinstance(value, os.PathLike):
         return str(value)
-    if isinstance(value, float) and math.isnan(value):
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
         return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

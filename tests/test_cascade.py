@@ -141,8 +141,12 @@ def test_tiny_cascade_study_cell_trains_on_fruits_nuts_evaluates_and_resumes(fru
     """Real data, through the study runner's tools/train_det.py command: the three stages' classification
     losses fall, a COCOEvaluator (bbox + segm) result lands in eval_metrics.json, and --resume after an
     interruption continues from the right iteration."""
+    # Every detection of the 5-iteration model is evaluated (its scores may all be under the 0.05 default, which
+    # would leave COCO AP undefined), the 10 best per image (CPU).
     study = _study(fruits_nuts, tmp_path, iters=5, checkpoint_period=2,
-                   opts=["train.log_period=1", "optimizer.lr=0.0005"])
+                   opts=["train.log_period=1", "optimizer.lr=0.0005",
+                         "model.roi_heads.box_predictors.2.test_score_thresh=0.0",
+                         "model.roi_heads.box_predictors.2.test_topk_per_image=10"])
     cell = Cell("scratch", "det", 0, 0)
     cmd = cell_command(study, cell, None, resume=False)
     assert cmd[1].endswith("tools/train_det.py") and cmd[cmd.index("--config") + 1] == TINY

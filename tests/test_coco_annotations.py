@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_transfer.data import check_coco_instances, coco_crops_to_imagefolder, read_coco_instances
+from mae_transfer.data import check_coco_instances, check_image_files, coco_crops_to_imagefolder, read_coco_instances
 from mae_transfer.errors import MaeTransferError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,9 @@ FAULTY = {NEGATIVE_WIDTH, ZERO_HEIGHT, OUTSIDE, EMPTY_SEGM, TWO_POINT_POLYGON, S
 OVERHANG = 4  # overhangs the right border by 0.4 px (rounding): kept, detectron2 clips it
 
 
-def _expected_warnings(path: Path) -> list[str]:
+def _expected_warnings(path: Path, compared: int = 165 - len(FAULTY)) -> list[str]:
+    """The warnings for the faults: one per kind of skipped annotation, then the moved OVERHANG box, which no longer
+    agrees with its polygon (of the `compared` valid annotations with polygons)."""
     return [
         f"{path}: skipped 2 annotations without a valid bbox (expected [x, y, width, height], 4 finite numbers) "
         f"(first: id {SHORT_BBOX})",
@@ -34,6 +36,9 @@ def _expected_warnings(path: Path) -> list[str]:
         f"{path}: skipped 1 annotation with a box entirely outside the image (first: id {OUTSIDE})",
         f"{path}: skipped 2 annotations with an empty segmentation ([], no polygon of at least 3 points, or an "
         f"empty RLE) (first: id {EMPTY_SEGM})",
+        f"{path}: 1 of {compared} boxes disagree with the bounds of their segmentation polygons, kept (first: id "
+        f"{OVERHANG}, bbox [642.4, 413.0, 158.0, 114.0], polygon bounds as [x, y, width, height] "
+        "[431.6, 413.9, 158.4, 113.7])",
     ]
 
 
@@ -204,6 +209,120 @@ def test_crops_skip_the_same_annotations(fruits_nuts, clean, tmp_path, warnings_
     assert {p.stem for p in (tmp_path / "crops").rglob("*.jpg")} == expected
 
 
+def _linked_images(fruits_nuts: Path, dst: Path, truncated: set[str]) -> Path:
+    """A folder of links to the fruits_nuts photos, except `truncated` ones: copies cut to half their bytes."""
+    dst.mkdir()
+    for src in sorted((fruits_nuts / "images").iterdir()):
+        if src.name in truncated:
+            (dst / src.name).write_bytes(src.read_bytes()[:src.stat().st_size // 2])
+        else:
+            (dst / src.name).symlink_to(src)
+    return dst
+
+
+def test_truncated_images_are_skipped_with_their_annotations(fruits_nuts, clean, tmp_path, warnings_of):
+    """A truncated JPEG (a good header, an error only when decoded) is found before training: skipped with its
+    annotations in one counted warning, and absent from what detectron2 trains and evaluates on; more than half
+    of the images truncated is an error."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from pycocotools.coco import COCO
+
+    from mae_transfer.detectron2_data import register_coco_instances_checked
+
+    images = _linked_images(fruits_nuts, tmp_path / "images", {"2.jpg"})
+    path = fruits_nuts / "trainval.json"
+    checked = check_coco_instances(path, images)
+    image_2 = next(im["id"] for im in clean["images"] if im["file_name"] == "2.jpg")
+    on_2 = {a["id"] for a in clean["annotations"] if a["image_id"] == image_2}
+    assert list(checked.skipped_images) == [image_2] and not checked.skipped_ids and len(on_2) > 0
+    assert checked.skipped_images[image_2].startswith("OSError: image file is truncated")
+    assert warnings_of() == [f"{path}: skipped 1 unreadable image and its {len(on_2)} annotations (first: "
+                             f"{images / '2.jpg'}: {checked.skipped_images[image_2]})"]
+    assert {a["id"] for a in checked.data["annotations"]} == {a["id"] for a in clean["annotations"]} - on_2
+    name = "test_coco_annotations_truncated"
+    try:
+        register_coco_instances_checked(name, path, images)
+        assert "2.jpg" not in {Path(r["file_name"]).name for r in DatasetCatalog.get(name)}
+        assert len(DatasetCatalog.get(name)) == len(clean["images"]) - 1
+        assert image_2 not in COCO(MetadataCatalog.get(name).json_file).imgs  # the evaluator's ground truth
+    finally:
+        for catalog in (DatasetCatalog, MetadataCatalog):
+            catalog.remove(name)
+
+    most = _linked_images(fruits_nuts, tmp_path / "most", {f"{i}.jpg" for i in range(10)})  # 10 of 18
+    with pytest.raises(MaeTransferError, match=rf"{path}: 10 of 18 images cannot be read \(first: {most}/0.jpg: "
+                                               "OSError: image file is truncated"):
+        check_coco_instances(path, most)
+
+
+def test_image_checks_are_cached_for_large_sets(fruits_nuts, tmp_path, monkeypatch):
+    """Above IMAGE_CHECK_CACHE_MIN images the decode results are cached by file size and modification time: a
+    second check decodes nothing, a changed file is decoded again."""
+    import mae_transfer.data as data_module
+
+    monkeypatch.setattr(data_module, "IMAGE_CHECK_CACHE_MIN", 2)
+    monkeypatch.setenv("MAE_TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
+    images = _linked_images(fruits_nuts, tmp_path / "images", {"3.jpg"})
+    names = sorted(p.name for p in images.iterdir())
+    first = data_module.check_image_files(images, names)
+    assert first["0.jpg"] == (800, 600) and first["3.jpg"].startswith("OSError")
+    decoded = []
+    real = data_module.image_file_status
+    monkeypatch.setattr(data_module, "image_file_status", lambda p: decoded.append(Path(p).name) or real(p))
+    assert data_module.check_image_files(images, names) == first and decoded == []
+    (images / "3.jpg").write_bytes((fruits_nuts / "images" / "3.jpg").read_bytes())  # repaired
+    assert data_module.check_image_files(images, names)["3.jpg"] == (800, 600) and decoded == ["3.jpg"]
+
+
+def test_image_size_is_read_as_detectron2_reads_it(tmp_path):
+    """EXIF orientation 6 (rotated 90 degrees): detectron2 reads the image transposed, so must the check."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30)).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (40, 30)).save(tmp_path / "plain.png")
+    assert check_image_files(tmp_path, ["rotated.jpg", "plain.png"]) == {"rotated.jpg": (30, 40), "plain.png": (40, 30)}
+
+
+def test_json_size_other_than_the_file_is_one_error(fruits_nuts, clean, tmp_path):
+    data = copy.deepcopy(clean)
+    for im in data["images"][3:5]:
+        im["width"] = 640
+    bad = _write(tmp_path / "size.json", data)
+    name = data["images"][3]["file_name"]
+    with pytest.raises(MaeTransferError) as err:
+        check_coco_instances(bad, fruits_nuts / "images")
+    assert str(err.value) == (f"{bad}: 2 of 18 images have another width x height in the json than in the file "
+                              f"(first: {fruits_nuts / 'images' / name}: json 640x600, file 800x600); "
+                              "fix 'width'/'height' in the json")
+
+
+def test_boxes_against_their_polygons(fruits_nuts, clean, tmp_path, warnings_of):
+    """Boxes written as [x1, y1, x2, y2] are told from their polygons' bounds: an error when most are; a few boxes
+    that disagree with their polygons are counted in a warning and kept."""
+    data = copy.deepcopy(clean)
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["bbox"] = [x, y, x + w, y + h]
+    xyxy = _write(tmp_path / "xyxy.json", data)
+    with pytest.raises(MaeTransferError, match=rf"{xyxy}: 165 of 165 boxes are their polygon's bounds written as "
+                                               r"\[x1, y1, x2, y2\] \(first: id 1, .*COCO boxes are \[x, y, width, "
+                                               r"height\]: convert them"):
+        check_coco_instances(xyxy, fruits_nuts / "images")
+
+    data = copy.deepcopy(clean)
+    moved = data["annotations"][5:8]
+    for a in moved:
+        a["bbox"][1] += 40  # 40 px lower than the object
+    shifted = _write(tmp_path / "shifted.json", data)
+    checked = check_coco_instances(shifted, fruits_nuts / "images")
+    assert checked.data["annotations"] == data["annotations"] and not checked.changed
+    (line,) = warnings_of()
+    assert line.startswith(f"{shifted}: 3 of 165 boxes disagree with the bounds of their segmentation polygons, "
+                           f"kept (first: id {moved[0]['id']}, bbox "), line
+
+
 def _train_det(*args: str | Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "tools" / "train_det.py"), "--config", str(TINY), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -211,13 +330,15 @@ def _train_det(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def test_train_det_warns_and_trains_or_stops_with_one_line(fruits_nuts, clean, tmp_path):
-    """The real tool: the faulty file trains (2 iterations) and evaluates (val: its two faulty images),
-    printing the warnings; an unknown category id ends with one error line, exit 2, no traceback."""
-    images = fruits_nuts / "images"
+    """The real tool: the faulty file, with its third photo truncated, trains (2 iterations) and evaluates (val:
+    its two faulty images and the truncated one), printing the warnings; an unknown category id ends with one
+    error line, exit 2, no traceback."""
+    third = clean["images"][2]
+    images = _linked_images(fruits_nuts, tmp_path / "images", {third["file_name"]})
     bad = _write(tmp_path / "bad.json", _faulty(clean))
     val = _faulty(clean)
-    val["images"] = val["images"][:2]
-    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in (0, 1)]
+    val["images"] = val["images"][:3]
+    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in (0, 1, third["id"])]
     bad_val = _write(tmp_path / "bad_val.json", val)
     out = tmp_path / "run"
     proc = _train_det("--train-json", bad, "--train-images", images, "--val-json", bad_val, "--val-images", images,
@@ -225,7 +346,12 @@ def test_train_det_warns_and_trains_or_stops_with_one_line(fruits_nuts, clean, t
                       f"train.output_dir={out}")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    for line in _expected_warnings(bad) + _expected_warnings(bad_val):
+    on_third = sum(a["image_id"] == third["id"] for a in clean["annotations"])
+    expected = _expected_warnings(bad, 165 - len(FAULTY) - on_third) + _expected_warnings(bad_val, 21 - len(FAULTY))
+    for path in (bad, bad_val):
+        expected.append(f"{path}: skipped 1 unreadable image and its {on_third} annotations (first: "
+                        f"{images / third['file_name']}: OSError: image file is truncated")
+    for line in expected:
         assert line in output, (line, output[-3000:])
     assert "Evaluation results for segm" in output and (out / "model_final.pth").is_file()
 

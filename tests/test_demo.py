@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -147,6 +148,42 @@ def test_det_metrics_from_eval_metrics_json(tmp_path: Path) -> None:
                        details={"bbox": {"AP": 7.0, "AP50": 20.0}, "segm": {"AP": 3.0}})
     assert last_det_evaluation(tmp_path) == {"bbox/AP": 7.0, "bbox/AP50": 20.0, "segm/AP": 3.0}  # what the demo prints
     assert read_det_metrics(tmp_path) == {"AP_box": 7.0, "AP_mask": 3.0}  # what a study cell records
+
+
+def _strict(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_metrics_are_null_with_a_reason_and_readers_cope(tmp_path: Path) -> None:
+    """eval_metrics.json is strict JSON: an undefined metric (NaN) is null with its reason, NaNs in details are
+    null; the readers (study cells, the demo's table) show such a metric as missing."""
+    import numpy as np
+
+    from mae_transfer.metrics import read_eval_metrics, write_eval_metrics
+    from mae_transfer.study import read_det_metrics
+
+    write_eval_metrics(tmp_path, "det", {"AP_box": float("nan"), "AP_mask": np.float64(2.5)}, tool="t",
+                       reasons={"AP_box": "no detections"},
+                       details={"bbox": {"AP": np.float64("nan"), "APs": float("inf")}, "n": np.int64(3)})
+    record = _strict((tmp_path / "eval_metrics.json").read_text())
+    assert record["metrics"] == {"AP_box": None, "AP_mask": 2.5} and record["undefined"] == {"AP_box": "no detections"}
+    assert record["details"] == {"bbox": {"AP": None, "APs": None}, "n": 3}
+    write_eval_metrics(tmp_path / "seg", "seg", {"mIoU": float("nan")}, tool="t")  # no reason given: the value
+    assert _strict((tmp_path / "seg" / "eval_metrics.json").read_text())["undefined"] == {
+        "mIoU": "the evaluation gave nan"}
+
+    assert math.isnan(read_eval_metrics(tmp_path, "det")["metrics"]["AP_box"])
+    box, mask = read_det_metrics(tmp_path).values()
+    assert math.isnan(box) and mask == 2.5
+    det = demo.DetData(tmp_path / "a.json", tmp_path, tmp_path / "a.json", tmp_path, "built-in shapes")
+    data = demo.StepData(tmp_path, 40, det, [], demo.SegData("builtin", tmp_path, "train"))
+    text = demo.summary_table(demo.Schedule(det_iters=200), data, dict(epochs=1, first_loss=1.0, last_loss=0.5),
+                              dict(record=read_eval_metrics(tmp_path, "det")),
+                              dict(record=read_eval_metrics(tmp_path / "seg", "seg")))
+    assert "AP box n/a, AP50 box n/a, AP mask 2.5 |" in text and "mIoU n/a" in text
 
 
 def test_summary_table_says_what_the_detection_pictures_show(tmp_path: Path) -> None:

@@ -333,14 +333,39 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
 
 
+def _subset_json(fruits_nuts: Path, dst: Path, n: int) -> Path:
+    """The first n fruits_nuts photos and their annotations."""
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    data["images"] = data["images"][:n]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {im["id"] for im in data["images"]}]
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
 def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, capsys):
     """Real data, one run reused for: loss falls; TensorBoard + checkpoints written; --resume after an
-    interruption continues from the right iteration; a non-finite loss stops with one clear line and the
-    last good checkpoint stays; --infer saves a picture."""
+    interruption continues exactly (the final weights and evaluation of the uninterrupted run, with 0 and with 2
+    DataLoader workers); a non-finite loss stops with one clear line and the last good checkpoint stays; --infer
+    saves a picture."""
     out = tmp_path / "run"
-    common = ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}", "train.eval_period=0",
-              "train.log_period=1", "train.checkpointer.period=2", "train.seed=0", "optimizer.lr=0.0005"]
+    images = str(fruits_nuts / "images")
+    one = _subset_json(fruits_nuts, tmp_path / "one.json", 1)  # the evaluation at the end: one photo
+    common = ["--config", TINY, "--train-json", str(fruits_nuts / "trainval.json"), "--train-images", images,
+              "--val-json", str(one), "--val-images", images, f"train.output_dir={out}", "train.eval_period=6",
+              "model.roi_heads.box_predictor.test_topk_per_image=10", "train.log_period=1",
+              "train.checkpointer.period=2", "train.seed=0", "optimizer.lr=0.0005"]
     assert run_cli(train_det.main, [*common, "train.max_iter=6"]) == 0
+    uninterrupted = _weights(out / "model_final.pth")
+    evaluated = read_eval_metrics(out, "det")
     rows = [m for m in _metrics(out) if "total_loss" in m]  # detectron2 logs running medians
     assert [r["iteration"] for r in rows] == list(range(6))
     # Medians lag: the total falls a little within 6 iterations, the classification losses clearly.
@@ -350,22 +375,25 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth"} <= {p.name for p in out.iterdir()}
 
-    # Interrupted after iteration 3: later checkpoints gone. --resume must continue at iteration 4.
+    # Killed after the checkpoint of iteration 3 (later checkpoints gone): --resume continues at iteration 4 and
+    # ends exactly as the uninterrupted run, even with the data now made by 2 DataLoader workers instead of the
+    # main process (test_resumable_train_loader_continues_exactly covers each worker count on its own).
     (out / "model_final.pth").unlink()
     (out / "model_0000005.pth").unlink(missing_ok=True)
+    (out / "eval_metrics.json").unlink()
     (out / "last_checkpoint").write_text("model_0000003.pth")
     before = len(_metrics(out))
-    assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume"]) == 0
+    assert run_cli(train_det.main, [*common, "train.max_iter=6", "--resume", "dataloader.train.num_workers=2"]) == 0
     assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [4, 5]
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 5
+    assert _max_difference(_weights(out / "model_final.pth"), uninterrupted) <= 1e-6
+    resumed = read_eval_metrics(out, "det")
+    assert resumed["details"] == evaluated["details"] and resumed["metrics"] == evaluated["metrics"]
 
     # --eval-only CKPT evaluates that checkpoint (on 2 of the photos), recorded in eval_metrics.json.
-    data = json.loads((fruits_nuts / "trainval.json").read_text())
-    data["images"] = data["images"][:2]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {im["id"] for im in data["images"]}]
-    (tmp_path / "two.json").write_text(json.dumps(data))
+    two = _subset_json(fruits_nuts, tmp_path / "two.json", 2)
     assert run_cli(train_det.main, ["--config", TINY, "--output-dir", str(out), "--eval-only",
-                                    str(out / "model_0000003.pth"), "--val-json", str(tmp_path / "two.json"),
+                                    str(out / "model_0000003.pth"), "--val-json", str(two),
                                     "--val-images", str(fruits_nuts / "images")]) == 0
     record = read_eval_metrics(out, "det")
     assert record["checkpoint"] == str(out / "model_0000003.pth") and record["iteration"] == 4
@@ -388,6 +416,47 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
 
     (w, h), (pw, ph) = Image.open(image).size, Image.open(vis / "0_pred.png").size
     assert pw > 2 * w and h < ph < h + 100  # two panels (800 x 600 photos are drawn at their size) + titles
+
+
+def test_resumable_train_loader_continues_exactly():
+    """The loader's stream is detectron2 TrainingSampler's; after any batch, a new loader given its state yields
+    the batches the first one would have, items waiting in an aspect-ratio bucket included, with random
+    augmentations equal whether 0 or 2 workers make them."""
+    import itertools
+    import random
+
+    import numpy as np
+    from detectron2.data.samplers import TrainingSampler
+
+    from mae_transfer.detectron2_resume import ResumableTrainLoader, training_indices
+
+    stream = list(itertools.islice(iter(TrainingSampler(7, seed=3)), 40))
+    for start in (0, 5, 7, 23):  # inside the first epoch, at and after epoch boundaries
+        assert list(itertools.islice(training_indices(7, 3, start), 40 - start)) == stream[start:]
+
+    records = [dict(i=i, width=5 if i % 3 == 0 else 10, height=8) for i in range(7)]  # portrait / landscape
+
+    def augment(record):
+        return dict(record, draws=(random.random(), float(np.random.rand()), float(torch.rand(1))))
+
+    def batches(loader, n):
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    by_workers = {}
+    for workers in (0, 2):
+        uninterrupted = batches(ResumableTrainLoader(records, augment, 2, seed=3, num_workers=workers), 8)
+        first = ResumableTrainLoader(records, augment, 2, seed=3, num_workers=workers)
+        done = batches(first, 3)
+        state = first.state_dict()
+        assert state["position"] == 7 and sum(map(len, state["buckets"])) == 1  # one portrait image waiting
+        resumed = ResumableTrainLoader(records, augment, 2, seed=3, num_workers=workers)
+        resumed.load_state_dict(state)
+        assert done + batches(resumed, 5) == uninterrupted, workers
+        by_workers[workers] = uninterrupted
+    assert by_workers[0] == by_workers[2]
+    assert all(len({d["width"] > d["height"] for d in batch}) == 1 for batch in by_workers[0])  # grouped
+    assert [d["i"] for d in by_workers[0][0]] == [i for i in stream if records[i]["width"] > 8][:2]
 
 
 def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_nms():
@@ -535,6 +604,9 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
         "no categories": (["--val-json", str(_write(tmp_path / "nocat.json", json.dumps(no_cats))),
                            "--val-images", images], "'categories' is empty"),
         "unknown key": (["train.no_such_key=1"], "no such key"),
+        "wrong type": (["train.max_iter=abc"],
+                       "config override train.max_iter=abc: expected an int (the config has 200), got str 'abc'"),
+        "not a list": (["model.pixel_std=3"], "model.pixel_std=3: expected a list [a, b, ...]"),
         "not a checkpoint": (["--val-json", str(fruits_nuts / "trainval.json"), "--val-images", images,
                               f"train.init_checkpoint={_write(tmp_path / 'junk.pth', 'hello')}"], "junk.pth"),
     }
@@ -550,6 +622,105 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, name
         assert err and err[-1].startswith("error: ") and expected in err[-1], (name, err[-1:])
+
+
+def _error_line(capsys) -> str:
+    """The tool's one error line. (In-process, an error that run_cli did not turn into this line would have
+    propagated out of run_cli and failed the test: no traceback is printed.)"""
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_datasets_without_annotations_are_one_error(fruits_nuts, tmp_path, capsys):
+    """A training json without (non-crowd) annotations, and an evaluation json without any: one line, exit 2,
+    before a model is built."""
+    data = json.loads((fruits_nuts / "trainval.json").read_text())
+    images, trainval, out = str(fruits_nuts / "images"), str(fruits_nuts / "trainval.json"), tmp_path / "out"
+    empty = _write(tmp_path / "empty.json", json.dumps(dict(data, annotations=[])))
+    crowd = _write(tmp_path / "crowd.json", json.dumps(dict(data, annotations=[dict(a, iscrowd=1)
+                                                                               for a in data["annotations"]])))
+    train = ["--config", TINY, "--val-json", trainval, "--val-images", images, "--output-dir", str(out)]
+    capsys.readouterr()
+    assert run_cli(train_det.main, [*train, "--train-json", str(empty), "--train-images", images]) == 2
+    assert _error_line(capsys) == (f"error: {empty}: no annotations in 18 images: nothing to train on (detectron2 "
+                                   "trains on images with non-crowd annotations)")
+    assert run_cli(train_det.main, [*train, "--train-json", str(crowd), "--train-images", images]) == 2
+    assert _error_line(capsys).startswith(f"error: {crowd}: only 165 crowd annotation(s) (iscrowd=1) in 18 images")
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(empty), "--val-images",
+                                    images, "--output-dir", str(out)]) == 2
+    assert _error_line(capsys) == (f"error: {empty}: no annotations in 18 images: nothing to evaluate against "
+                                   "(--infer draws predictions without ground truth)")
+    assert not out.exists() or not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
+
+
+class _Warnings(logging.Handler):
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "_Warnings":
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+
+
+def test_detector_of_another_class_count_is_refused(coco_tiny, tmp_path, capsys):
+    """A 3-class detector on an 80-class dataset: --eval-only and --resume stop with one line naming both counts
+    (detectron2 would leave the class layers random and evaluate them); as train.init_checkpoint it is a warning,
+    detectron2's way of fine-tuning a detector on new classes."""
+    sub = _coco_tiny_subset(coco_tiny, tmp_path, n=1)
+    val = ["--val-json", str(sub), "--val-images", str(coco_tiny / "train2017")]
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = out / "model_0000003.pth"
+    three = _tiny_model()
+    torch.save({"model": three.state_dict(), "iteration": 3}, ckpt)
+    capsys.readouterr()
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", str(ckpt), *val, "--output-dir", str(out)]) == 2
+    assert _error_line(capsys) == (
+        f"error: --eval-only checkpoint {ckpt} is a detector of 3 classes, the dataset has 80 "
+        "(model.roi_heads.num_classes); its class-specific layers would be random: evaluate it with the data it was "
+        "trained on (--val-json)")
+    (out / "last_checkpoint").write_text(ckpt.name)
+    train = ["--config", TINY, "--train-json", str(sub), "--train-images", str(coco_tiny / "train2017"), *val,
+             "--output-dir", str(out), "train.eval_period=0"]
+    assert run_cli(train_det.main, [*train, "--resume"]) == 2
+    assert _error_line(capsys).startswith(f"error: --resume checkpoint {ckpt} is a detector of 3 classes, "
+                                          "the dataset has 80")
+    assert not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
+    # init: the check do_train gives the checkpointer, on an 80-class detector's weights for the 3-class model
+    eighty = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 4), "backbone.net.pos_embed": torch.zeros(1)}
+    with _Warnings("mae_transfer.detection") as warnings:
+        detection.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
+        detection.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
+        detection.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")
+    assert warnings.lines == ["train.init_checkpoint checkpoint coco.pth is a detector of 80 classes, the dataset has "
+                              "3 (model.roi_heads.num_classes): its class-specific layers are not loaded and start "
+                              "from scratch"]
+
+
+def test_no_detections_give_null_metrics_with_the_reason(fruits_nuts, tmp_path):
+    """COCO AP is undefined when the model detects nothing: eval_metrics.json says null and why, strict JSON."""
+    one = _subset_json(fruits_nuts, tmp_path / "one.json", 1)
+    out = tmp_path / "eval"
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(one), "--val-images",
+                                    str(fruits_nuts / "images"), "--output-dir", str(out),
+                                    "model.roi_heads.box_predictor.test_score_thresh=1.1"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads((out / "eval_metrics.json").read_text(), parse_constant=refuse)
+    assert record["metrics"] == {"AP_box": None, "AP_mask": None}
+    reason = "no detections on the evaluation images (COCO AP is undefined without any)"
+    assert record["undefined"] == {"AP_box": reason, "AP_mask": reason}
+    assert record["details"]["bbox"]["AP50"] is None
 
 
 def test_cli_vocabulary_and_eval_weights(tmp_path):
