@@ -62,6 +62,9 @@ train.amp.enabled = True
 train.ddp.fp16_compression = True
 train.init_checkpoint = "detectron2://ImageNetPretrained/MAE/mae_pretrain_vit_base.pth"
 train.reference_world_size = 64  # GPUs of ViTDet's run: its 1 image per GPU is the default per-GPU load
+# A full detector of another class count as init_checkpoint is an error unless this is set: then its
+# class-specific layers start from scratch (fine-tuning a detector on new classes).
+train.new_class_heads = False
 train.seed = -1  # < 0: random; detectron2's default_setup seeds every RNG with it
 # Gradient clipping (detectron2's clipper); ViTDet trains without it.
 train.clip_grad = dict(enabled=False, clip_type="full_model", clip_value=1.0, norm_type=2.0)

@@ -296,15 +296,16 @@ _CLASS_COUNT_ADVICE = {
     "--eval-only": "evaluate it with the data it was trained on (--val-json)",
     "--infer": "run it with the config and data it was trained on",
     "--resume": "resume with the data it was trained on, or start a new output folder",
-    "train.init_checkpoint": None,
+    "train.init_checkpoint": ("start from its backbone only, or pass train.new_class_heads=True to fine-tune it on "
+                              "these classes with its class-specific layers started from scratch"),
 }
 
 
-def class_count_check(model: Any, purpose: str) -> Callable[[dict, str], None]:
+def class_count_check(model: Any, purpose: str, new_class_heads: bool = False) -> Callable[[dict, str], None]:
     """A `check_model` for `detection_checkpointer`: weights of a detector trained for another number of classes
     than the dataset's would load with their class-specific layers skipped (random), so evaluating, running or
-    resuming them is an error; as train.init_checkpoint it is a warning (their class layers start from scratch,
-    detectron2's way of fine-tuning a detector on new classes)."""
+    resuming them is an error. As train.init_checkpoint it is an error too unless `new_class_heads`
+    (`train.new_class_heads=True`: detectron2's way of fine-tuning a detector on new classes, said in a warning)."""
     expected = int(_unwrap(model).roi_heads.num_classes)
 
     def check(state: dict, path: str) -> None:
@@ -314,7 +315,7 @@ def class_count_check(model: Any, purpose: str) -> Callable[[dict, str], None]:
         what = (f"{purpose} checkpoint {path} is a detector of {found} classes, the dataset has {expected} "
                 "(model.roi_heads.num_classes)")
         advice = _CLASS_COUNT_ADVICE[purpose]
-        if advice is None:
+        if purpose == "train.init_checkpoint" and new_class_heads:
             logger.warning("%s: its class-specific layers are not loaded and start from scratch", what)
             return
         raise MaeTransferError(f"{what}; its class-specific layers would be random: {advice}")
@@ -425,7 +426,8 @@ def do_train(cfg: Any, resume: str | None = None, allow_pickle: bool = False) ->
     resume_from = resume_checkpoint(resume, cfg.train.output_dir)
     checkpointer = detection_checkpointer(
         model, cfg.train.output_dir, allow_pickle, trainer=trainer,
-        check_model=class_count_check(model, "--resume" if resume_from else "train.init_checkpoint"))
+        check_model=class_count_check(model, "--resume" if resume_from else "train.init_checkpoint",
+                                      bool(cfg.train.get("new_class_heads", False))))
     evaluation: dict = {}
 
     def evaluate() -> dict:

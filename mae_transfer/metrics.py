@@ -55,7 +55,7 @@ def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mappin
         record["undefined"] = undefined
     path = Path(output_dir) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(json.dumps(_strict_json(record), indent=1, allow_nan=False) + "\n", path)
+    return atomic_write_text(json.dumps(strict_json(record), indent=1, allow_nan=False) + "\n", path)
 
 
 def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
@@ -80,13 +80,13 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
     return record
 
 
-def _strict_json(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """`value` with numpy / torch scalars as Python numbers, paths as strings, tuples as lists and non-finite
     numbers as None: what strict JSON holds."""
     if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
+        return {str(k): strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
+        return [strict_json(v) for v in value]
     if isinstance(value, os.PathLike):
         return str(value)
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):

@@ -64,7 +64,7 @@ from mae_transfer.config import apply_overrides, load_config
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.io import atomic_write, atomic_write_text
 from mae_transfer.launch import run_logged
-from mae_transfer.metrics import read_eval_metrics
+from mae_transfer.metrics import read_eval_metrics, strict_json
 from mae_transfer.paths import REPO_ROOT, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -674,7 +674,8 @@ def write_done(study: Study, cell: Cell, checkpoint: str | None, metrics: dict[s
     record = {"cell": cell.__dict__, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks), "checkpoint": checkpoint,
               "metrics": metrics, "seconds": round(seconds, 1), "resumed": resumed,
               "command": cell_command(study, cell, checkpoint, False), **extra}
-    atomic_write_text(json.dumps(record, indent=1) + "\n", study.cell_dir(cell) / DONE)
+    # strict JSON: an undefined metric (NaN) is null, which the tables skip like a missing value
+    atomic_write_text(json.dumps(strict_json(record), indent=1, allow_nan=False) + "\n", study.cell_dir(cell) / DONE)
     return record
 
 

@@ -694,10 +694,13 @@ def test_detector_of_another_class_count_is_refused(coco_tiny, tmp_path, capsys)
     assert _error_line(capsys).startswith(f"error: --resume checkpoint {ckpt} is a detector of 3 classes, "
                                           "the dataset has 80")
     assert not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
-    # init: the check do_train gives the checkpointer, on an 80-class detector's weights for the 3-class model
+    # init: the check do_train gives the checkpointer, on an 80-class detector's weights for the 3-class model: an
+    # error naming both counts and the opt-in; with train.new_class_heads=True a warning
     eighty = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 4), "backbone.net.pos_embed": torch.zeros(1)}
-    with _Warnings("mae_transfer.detection") as warnings:
+    with pytest.raises(MaeTransferError, match="of 80 classes, the dataset has 3 .*train.new_class_heads=True"):
         detection.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
+    with _Warnings("mae_transfer.detection") as warnings:
+        detection.class_count_check(three, "train.init_checkpoint", new_class_heads=True)(eighty, "coco.pth")
         detection.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
         detection.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")
     assert warnings.lines == ["train.init_checkpoint checkpoint coco.pth is a detector of 80 classes, the dataset has "

@@ -431,3 +431,22 @@ def test_supervised_needs_two_class_folders(layout: str, crops: Path, tmp_path: 
         pretrain(cfg)
     with pytest.raises(MaeTransferError, match="num_classes=5 but .* has 3 class folders"):
         pretrain({**cfg, "data_path": str(crops), "num_classes": 5})
+
+
+def test_done_marker_is_strict_json_with_an_undefined_metric(tmp_path: Path) -> None:
+    """A cell whose evaluation is undefined (COCO AP without detections: NaN) writes null in done.json, which parses
+    as strict JSON and counts as no value in the table."""
+    from mae_transfer.study import write_done
+
+    study = load_study(spec(tmp_path), tmp_path / "out")
+    cell = next(c for c in study.cells() if c.task == "det")
+    study.cell_dir(cell).mkdir(parents=True)
+    write_done(study, cell, None, {"AP_box": float("nan"), "AP_mask": 1.5}, 2.0, False)
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    record = json.loads((study.cell_dir(cell) / DONE).read_text(), parse_constant=refuse)
+    assert record["metrics"] == {"AP_box": None, "AP_mask": 1.5}
+    (row,) = collect(study)
+    assert row["AP_box"] is None and row["AP_mask"] == 1.5
