@@ -11,15 +11,15 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENVS="${MAE_TRANSFER_VENVS:-$ROOT}"
-SUPPORTED=(3.10 3.11 3.12 3.13)
+read -r -a SUPPORTED <<<"$(sed -n 's/^SUPPORTED=(\(.*\))$/\1/p' "$ROOT/scripts/setup_env.sh")"  # one list
 
 reuse=0
 versions=()
 for arg in "$@"; do
   case "$arg" in
     --reuse) reuse=1 ;;
-    3.*) versions+=("$arg") ;;
-    *) echo "usage: bash scripts/test_pythons.sh [--reuse] [VERSION ...]  (supported: ${SUPPORTED[*]})" >&2
+    *) if [[ " ${SUPPORTED[*]} " == *" $arg "* ]]; then versions+=("$arg"); continue; fi
+       echo "usage: bash scripts/test_pythons.sh [--reuse] [VERSION ...]  (supported: ${SUPPORTED[*]})" >&2
        exit 2 ;;
   esac
 done
@@ -43,9 +43,9 @@ failed=0
 for v in "${versions[@]}"; do
   py="$(find_python "$v")" || {
     if (( explicit )); then
-      rows+=("$v|not found|-|FAILED: no python$v on the PATH or under pyenv|-"); failed=1
+      rows+=("$v|not found|-|-|-|FAILED: no python$v on the PATH or under pyenv"); failed=1
     else
-      rows+=("$v|not found|-|skipped|-")
+      rows+=("$v|not found|-|-|-|skipped")
     fi
     continue
   }
@@ -58,10 +58,11 @@ for v in "${versions[@]}"; do
   fi
   start=$(date +%s)
   if ! MAE_TRANSFER_VENV="$venv" PYTHON="$py" bash "$ROOT/scripts/setup_env.sh" 2>&1 | tee "$log"; then
-    rows+=("$v|$py|$(( $(date +%s) - start )) s|FAILED: setup (see $log)|-"); failed=1
+    rows+=("$v|$py|$(( $(date +%s) - start )) s|-|-|FAILED: setup (see $log)"); failed=1
     continue
   fi
   setup_s=$(( $(date +%s) - start ))
+  size="$(du -sh "$venv" 2>/dev/null | cut -f1)"  # the torch wheel brings its CUDA libraries: most of it
   start=$(date +%s)
   # run_tests.sh: the README's command (its setup step is a no-op now); the smoke marker selects the subset.
   MAE_TRANSFER_VENV="$venv" PYTHON="$py" bash "$ROOT/scripts/run_tests.sh" -m smoke -q -p no:cacheprovider 2>&1 \
@@ -71,9 +72,9 @@ for v in "${versions[@]}"; do
   summary="$(grep -E '([0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran).* in [0-9.]+s' "$log" \
              | tail -n 1 | tr -d '=' | xargs)"
   if [[ $status -eq 0 ]]; then
-    rows+=("$v|$py|$setup_s s|${summary:-passed}|$test_s s")
+    rows+=("$v|$py|$setup_s s|$size|$test_s s|${summary:-passed}")
   else
-    rows+=("$v|$py|$setup_s s|FAILED (exit $status): ${summary:-see $log}|$test_s s"); failed=1
+    rows+=("$v|$py|$setup_s s|$size|$test_s s|FAILED (exit $status): ${summary:-see $log}"); failed=1
   fi
   echo "[pythons] Python $v: ${summary:-exit $status} in $test_s s"
 done
@@ -81,9 +82,9 @@ done
 echo
 echo "[pythons] smoke subset per Python ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1)," \
      "$(nproc) cores; setup = scripts/setup_env.sh, $([[ $reuse -eq 1 ]] && echo "venvs reused" || echo "fresh venvs"))"
-printf '%-7s %-45s %-9s %-9s %s\n' version python setup tests result
+printf '%-7s %-42s %-8s %-6s %-7s %s\n' version python setup venv tests result
 for row in "${rows[@]}"; do
-  IFS='|' read -r v py setup result test_s <<<"$row"
-  printf '%-7s %-45s %-9s %-9s %s\n' "$v" "$py" "$setup" "$test_s" "$result"
+  IFS='|' read -r v py setup size test_s result <<<"$row"
+  printf '%-7s %-42s %-8s %-6s %-7s %s\n' "$v" "$py" "$setup" "$size" "$test_s" "$result"
 done
 exit $failed
