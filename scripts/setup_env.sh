@@ -17,6 +17,7 @@ D2_WHEEL_VERSION="0.7.2"
 version_of() {  # version_of PYTHON: prints X.Y, fails if it does not run
   "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null
 }
+full_version_of() { "$1" -c 'import sys; print(sys.version.split()[0])'; }
 is_supported() {
   local v
   for v in "${SUPPORTED[@]}"; do [[ "$1" == "$v" ]] && return 0; done
@@ -48,15 +49,15 @@ is_supported "$pyver" || {
 
 LOCK="$ROOT/requirements/lock-py$pyver.txt"
 [[ -f "$LOCK" ]] || LOCK="$ROOT/requirements/lock.txt"
-full_version="$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
+full_version="$(full_version_of "$PYTHON")"
 
 # Everything that defines the environment goes into the fingerprint; a changed pin means a reinstall.
-fingerprint="$( (echo "$full_version"; cat "$ROOT/requirements/stack.txt" "$LOCK" "$ROOT/setup.cfg" \
+fingerprint="$( (echo "$pyver"; cat "$ROOT/requirements/stack.txt" "$LOCK" "$ROOT/setup.cfg" \
                   "$ROOT/scripts/setup_env.sh") | sha256sum | cut -d' ' -f1)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" && "$venv_version" == "$pyver" ]] \
    && "$VENV/bin/python" -c "import mae_transfer" >/dev/null 2>&1; then
-  echo "[setup] environment up to date: $VENV (Python $full_version)"
+  echo "[setup] environment up to date: $VENV (Python $(full_version_of "$VENV/bin/python"))"
   exit 0
 fi
 echo "[setup] using Python $full_version ($PYTHON), pins: ${LOCK#"$ROOT/"}"
