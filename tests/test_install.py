@@ -3,44 +3,106 @@ from __future__ import annotations
 
 import configparser
 import importlib
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from tests.conftest import REPO_ROOT
 
 
-def _pins(lines: list[str]) -> dict[str, str]:
+SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # newest last; scripts/setup_env.sh, setup.cfg agree
+REQUIREMENTS = REPO_ROOT / "requirements"
+
+
+def _pins(lines: list[str], python: str) -> dict[str, str]:
+    """name -> version of the `name==version[; marker]` lines that apply to Python `python` (X.Y)."""
+    env = {"python_version": python, "python_full_version": f"{python}.0"}
     pins = {}
     for line in lines:
         line = line.split("#", 1)[0].strip()
         if line:
-            name, version = line.split("==")
-            pins[name.lower()] = version
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                (spec,) = req.specifier
+                assert spec.operator == "==", line
+                assert req.name.lower() not in pins, f"{req.name} pinned twice for Python {python}"
+                pins[req.name.lower()] = spec.version
     return pins
 
 
-def test_setup_cfg_pins_match_requirements() -> None:
+def stack_pins(python: str) -> dict[str, str]:
+    """The top-level pins of requirements/stack.txt for Python `python` (X.Y)."""
+    return _pins((REQUIREMENTS / "stack.txt").read_text().splitlines(), python)
+
+
+def lock_file_for(python: str) -> Path:
+    """The full lock scripts/setup_env.sh uses for Python `python`: lock-pyX.Y.txt where pins differ, else lock.txt."""
+    own = REQUIREMENTS / f"lock-py{python}.txt"
+    return own if own.is_file() else REQUIREMENTS / "lock.txt"
+
+
+def test_setup_cfg_pins_match_requirements_for_every_python() -> None:
     cfg = configparser.ConfigParser()
     cfg.read(REPO_ROOT / "setup.cfg")
-    from_cfg = _pins(cfg["options"]["install_requires"].splitlines())
-    from_txt = _pins((REPO_ROOT / "requirements" / "stack.txt").read_text().splitlines())
-    assert from_cfg == from_txt
-    lock = _pins((REPO_ROOT / "requirements" / "lock.txt").read_text().splitlines())
-    for name, version in from_txt.items():
-        if name in lock:
-            assert lock[name] == version, f"{name}: stack.txt {version} != lock.txt {lock[name]}"
+    cfg_lines = cfg["options"]["install_requires"].splitlines()
+    for python in SUPPORTED_PYTHONS:
+        from_txt = stack_pins(python)
+        assert _pins(cfg_lines, python) == from_txt, python
+        lock_path = lock_file_for(python)
+        lock = _pins(lock_path.read_text().splitlines(), python)
+        for name, version in from_txt.items():
+            if name != "setuptools":  # pip freeze leaves it out
+                found = lock.get(name)
+                assert found == version, f"Python {python}: stack.txt {name}=={version}, {lock_path.name}: {found}"
+    # A per-version lock exists only for a supported version, and only where some pin differs from lock.txt.
+    shared = _pins((REQUIREMENTS / "lock.txt").read_text().splitlines(), "3.11")
+    for path in REQUIREMENTS.glob("lock-py*.txt"):
+        python = path.stem.removeprefix("lock-py")
+        assert python in SUPPORTED_PYTHONS, path
+        assert _pins(path.read_text().splitlines(), python) != shared, f"{path.name} is the same as lock.txt"
 
 
-def test_installed_versions_match_pins() -> None:
-    from importlib.metadata import version
+def test_supported_pythons_agree_everywhere() -> None:
+    """setup.cfg's python_requires and classifiers, and scripts/setup_env.sh, name the versions we test."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO_ROOT / "setup.cfg")
+    requires = SpecifierSet(cfg["options"]["python_requires"])
+    candidates = [f"3.{minor}" for minor in range(6, 16)]
+    assert [v for v in candidates if f"{v}.0" in requires] == list(SUPPORTED_PYTHONS)
+    classifiers = [c.strip() for c in cfg["metadata"]["classifiers"].splitlines()]
+    versions = r"Programming Language :: Python :: (3\.\d+)"
+    listed = [m.group(1) for m in (re.fullmatch(versions, c) for c in classifiers) if m]
+    assert listed == list(SUPPORTED_PYTHONS)
+    script = (REPO_ROOT / "scripts" / "setup_env.sh").read_text()
+    assert re.search(r"^SUPPORTED=\((.*)\)$", script, re.M).group(1).split() == list(SUPPORTED_PYTHONS)
 
-    pins = _pins((REPO_ROOT / "requirements" / "stack.txt").read_text().splitlines())
-    for name, pinned in pins.items():
-        assert version(name) == pinned, name
-    assert version("sal-detectron2") == "0.7.2"
+
+def installed_versions_not_pinned(python: str) -> dict[str, tuple[str, str]]:
+    """name -> (installed, pinned) for every stack.txt pin and lock entry of Python `python` installed otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "missing"
+
+    lock = _pins(lock_file_for(python).read_text().splitlines(), python)
+    wrong = {name: (installed(name), pinned) for name, pinned in {**lock, **stack_pins(python)}.items()
+             if installed(name) != pinned}
+    if installed("sal-detectron2") != "0.7.2":
+        wrong["sal-detectron2"] = (installed("sal-detectron2"), "0.7.2")
+    return wrong
+
+
+def test_installed_versions_match_the_lock_of_this_python() -> None:
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert not installed_versions_not_pinned(python), lock_file_for(python).name
 
 
 def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
@@ -66,7 +128,8 @@ def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
 def test_detectron2_runs_without_compiled_ops() -> None:
     from mae_transfer.compat import detectron2_has_compiled_ops
 
-    assert not detectron2_has_compiled_ops()
+    if detectron2_has_compiled_ops():  # the cp310 wheel on 3.10, where its _C loads: tests/test_smoke.py checks it
+        pytest.skip("detectron2._C loads with this Python: no fallback in use")
     from detectron2.evaluation import coco_evaluation
     from pycocotools.cocoeval import COCOeval
 
