@@ -369,6 +369,14 @@ def test_acceptance_plan_fits_eight_minutes_and_eight_files() -> None:
     assert len(files) <= 8 and {acceptance.log_group(row.name) for row in acceptance.ROWS} <= set(files)
 
 
+def test_a_row_gets_its_cap_plus_what_earlier_rows_left_unused() -> None:
+    rows = [acceptance.Row("a", "", 30), acceptance.Row("b", "", 40), acceptance.Row("c", "", 50)]
+    assert acceptance.row_cap(rows, 0, 120) == 30
+    assert acceptance.row_cap(rows, 1, 110) == 60  # row a used 10 s of its 30: b may use 40 + 20
+    assert acceptance.row_cap(rows, 2, 35) == 35  # never past the budget
+    assert acceptance.row_cap(rows, 1, 80) == 40  # its own cap even when earlier rows overran theirs
+
+
 def test_trim_log_keeps_its_start_and_end(tmp_path: Path) -> None:
     log = tmp_path / "det.log"
     log.write_bytes(b"first line\n" + b"x" * 5000 + b"\nTraceback: the last error\n")
