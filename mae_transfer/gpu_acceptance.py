@@ -87,9 +87,8 @@ ROWS = [
     Row("bench_seg", "benchmark: UperNet ViT-B iter vs mmseg MAE backbone", 45),
 ]
 ROW_NAMES = [row.name for row in ROWS]
-# All rows together (the sum of their caps): with the kit's install, its import check and the GPU probe
-# (16 s on this project's 2-core CPU machine) the run stays within 8 minutes, inside one 10-minute command on the
-# lent machine (docs/GPU.md).
+# All rows together (the sum of their caps): with the kit's install, its import check and the GPU probe the run
+# stays within 8 minutes, inside one 10-minute command on the lent machine (docs/GPU.md).
 DEFAULT_BUDGET_S = 450
 RUN_LIMIT_S = 480  # what the plan must fit: DEFAULT_BUDGET_S + SETUP_ALLOWANCE_S (tests/test_cuda.py checks it)
 SETUP_ALLOWANCE_S = 30
