@@ -482,6 +482,8 @@ def check_inputs(study: Study, cells: list[Cell], executor: str | None = None) -
     problems = input_problems(study, cells, executor)
     if problems:
         action = "nothing was submitted" if executor else "no cell was run"
+        if len(problems) == 1:  # one problem: the error line itself says it
+            raise MaeTransferError(f"study {study.name} ({action}): {problems[0]}")
         raise MaeTransferError(f"study {study.name}: {len(problems)} problem(s) with its inputs, {action}:\n"
                                + "\n".join(f"  - {p}" for p in problems))
 

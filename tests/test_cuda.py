@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -357,3 +358,43 @@ def test_pytest_summary_counts() -> None:
     assert acceptance.pytest_counts("F.\n=== 1 failed, 1 passed, 2 errors in 3.0s ===") == dict(
         failed=1, passed=1, errors=2)
     assert acceptance.pytest_counts("collected 0 items\n") == {}
+
+
+def test_acceptance_plan_fits_eight_minutes_and_eight_files() -> None:
+    """The lent GPU machine gives one command 10 minutes and brings back at most 8 files: the rows' caps add up to
+    the default budget, which with the kit's set-up fits 8 minutes; every row logs to one of the planned files."""
+    assert sum(row.budget_s for row in acceptance.ROWS) == acceptance.DEFAULT_BUDGET_S
+    assert acceptance.DEFAULT_BUDGET_S + acceptance.SETUP_ALLOWANCE_S <= acceptance.RUN_LIMIT_S == 8 * 60
+    files = acceptance.out_files()
+    assert len(files) <= 8 and {acceptance.log_group(row.name) for row in acceptance.ROWS} <= set(files)
+
+
+def test_a_row_gets_its_cap_plus_what_earlier_rows_left_unused() -> None:
+    rows = [acceptance.Row("a", "", 30), acceptance.Row("b", "", 40), acceptance.Row("c", "", 50)]
+    assert acceptance.row_cap(rows, 0, 120) == 30
+    assert acceptance.row_cap(rows, 1, 110) == 60  # row a used 10 s of its 30: b may use 40 + 20
+    assert acceptance.row_cap(rows, 2, 35) == 35  # never past the budget
+    assert acceptance.row_cap(rows, 1, 80) == 40  # its own cap even when earlier rows overran theirs
+
+
+def test_trim_log_keeps_its_start_and_end(tmp_path: Path) -> None:
+    log = tmp_path / "det.log"
+    log.write_bytes(b"first line\n" + b"x" * 5000 + b"\nTraceback: the last error\n")
+    acceptance.trim_log(log, limit=1000)
+    text = log.read_text()
+    assert len(text) < 1000 and text.startswith("first line") and text.endswith("the last error\n")
+    assert "bytes cut ...]" in text
+
+
+def test_rehearsal_of_a_row_builds_the_real_config_and_steps_the_tiny_one(tmp_path: Path) -> None:
+    """--rehearse (no GPU): the mae_vit_b row builds configs/mae_pretrain_vit_b.py's model (MAE ViT-B with its
+    8-block 512-wide decoder: 111.9M parameters, as the official MAE code counts it) and takes one step of the tiny
+    CPU config, in a row process of its own; --out then holds the planned files only."""
+    out = tmp_path / "out"
+    assert acceptance.main(["--rehearse", "--only", "mae_vit_b", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mae.log", "results.json", "results.md"]
+    row, = json.loads((out / "results.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["memory"] == "-"
+    assert row["result"] == ("rehearsal: mae_pretrain_vit_b.py: 111.9M parameters built; 1 step of "
+                             "mae_pretrain_vit_tiny_cpu.py on the CPU")
+    assert math.isfinite(row["data"]["loss"]) and row["data"]["iters_timed"] == 1
