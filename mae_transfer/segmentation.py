@@ -667,9 +667,13 @@ class ExactResume(Hook):
 
 
 # ---------------------------------------------------------------------------------------- runs
-def train(cfg: Any) -> tuple[Any, dict[str, float]]:
+TRAINING_SPLITS = ("train_dataloader", "val_dataloader", "test_dataloader")
+
+
+def train(cfg: Any, data_checked: bool = False) -> tuple[Any, dict[str, float]]:
     """Train with the Runner; returns it and the final validation's metrics (written to eval_metrics.json)."""
-    check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+    if not data_checked:
+        check_data(cfg, TRAINING_SPLITS)
     seed_training_samples(cfg)
     runner = Runner.from_cfg(cfg)
     final = FinalValidation()
@@ -721,9 +725,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         recipe = segmentation_recipe.resolve(cfg, args, segmentation_recipe.world_size_of(args),
                                              segmentation_recipe.run_device())
         segmentation_recipe.check_amp_support(recipe)
+        check_data(cfg, TRAINING_SPLITS)  # bad data is one error line, before the recipe table
         if int(os.environ.get("RANK", "0")) == 0:
             announce_recipe(recipe, cfg.work_dir)
-        runner, metrics = train(cfg)
+        runner, metrics = train(cfg, data_checked=True)
     if args.save_pictures:
         save_pictures(runner, cfg, args.save_pictures, args.num_pictures)
     return metrics

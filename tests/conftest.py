@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,20 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real test data not found: {path} (expected ../shared/data/{name} beside the repo)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_stale_log_streams():
+    """A tool run in-process under capsys leaves logging handlers (detectron2's `setup_logger` on our logger) that
+    write to that test's capture stream; once pytest closes it, the next test's log records would print
+    'Logging error' tracebacks into its stderr. Drop such handlers after each test."""
+    yield
+    for name in ("mae_transfer", "detectron2", "fvcore", ""):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                logger.removeHandler(handler)
 
 
 @pytest.fixture
