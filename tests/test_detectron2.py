@@ -19,7 +19,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from mae_transfer import detection
+from mae_transfer import detection, detection_pictures
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
@@ -473,20 +473,20 @@ def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_n
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         masks[i, y0:y1, x0:x1] = True
     inst.pred_masks = masks
-    shown = detection.display_detections(inst, score_thresh=0.2, top_k=5)
+    shown = detection_pictures.display_detections(inst, score_thresh=0.2, top_k=5)
     assert shown.scores.tolist() == pytest.approx([0.9, 0.5])  # the 0.8 box is the same object; 0.1 < floor
-    assert detection.display_detections(inst, 0.2, 1).scores.tolist() == pytest.approx([0.9])
-    assert len(detection.display_detections(inst, 0.0, 0)) == 3  # 0: no limit
-    assert detection.prediction_title(inst, shown, 0.2, 5) == ("prediction (top 5 after class-agnostic NMS, "
+    assert detection_pictures.display_detections(inst, 0.2, 1).scores.tolist() == pytest.approx([0.9])
+    assert len(detection_pictures.display_detections(inst, 0.0, 0)) == 3  # 0: no limit
+    assert detection_pictures.prediction_title(inst, shown, 0.2, 5) == ("prediction (top 5 after class-agnostic NMS, "
                                                                "score >= 0.2): 2 of 4 shown")
-    none = detection.display_detections(inst, 0.95, 5)
-    assert detection.prediction_title(inst, none, 0.95, 5).endswith("0 of 4 shown; best score 0.90")
+    none = detection_pictures.display_detections(inst, 0.95, 5)
+    assert detection_pictures.prediction_title(inst, none, 0.95, 5).endswith("0 of 4 shown; best score 0.90")
 
     rgb = np.full((192, 192, 3), 100, dtype=np.uint8)
     record = {"annotations": [{"bbox": [10, 10, 90, 90], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
                                "segmentation": [[10, 10, 100, 10, 100, 100, 10, 100]]}]}
     meta = Metadata(name="unit", thing_classes=["circle", "triangle"])
-    picture = np.asarray(detection.prediction_picture(rgb, inst, meta, record, 0.2, 5))
+    picture = np.asarray(detection_pictures.prediction_picture(rgb, inst, meta, record, 0.2, 5))
     side, margin, gap = 512, 8, 16
     assert picture.shape[1] == 2 * side + gap + 2 * margin and picture.shape[0] > side + 30  # + the titles
     top = picture.shape[0] - margin - side
@@ -501,7 +501,7 @@ def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_n
     assert (inside(left, 10, 40, 100, 100) != 100).any(axis=-1).mean() > 0.9  # the ground-truth mask
     assert picture[:top].min() < 50  # title text
 
-    alone = np.asarray(detection.prediction_picture(rgb, inst, meta, None, 0.2, 5))
+    alone = np.asarray(detection_pictures.prediction_picture(rgb, inst, meta, None, 0.2, 5))
     assert alone.shape[1] == side + 2 * margin  # no ground truth: the prediction alone
 
 

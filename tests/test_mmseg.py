@@ -450,7 +450,7 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys, monkeypatch):
     batches it trains on."""
     import shutil
 
-    from mae_transfer import segmentation
+    from mae_transfer import mmseg_resume
 
     root = ade20k_sample / "ADEChallengeData2016"
     config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
@@ -473,8 +473,8 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys, monkeypatch):
     assert first["rng_states"]["torch"].dtype == torch.uint8 and len(first["rng_states"]["python"][1]) == 625
     run("resumed", *workers, "train_cfg.max_iters=4", resume=True)
     loads = []
-    real_getitem = segmentation.SeededSamples.__getitem__
-    monkeypatch.setattr(segmentation.SeededSamples, "__getitem__", lambda self, item: loads.append(item) or
+    real_getitem = mmseg_resume.SeededSamples.__getitem__
+    monkeypatch.setattr(mmseg_resume.SeededSamples, "__getitem__", lambda self, item: loads.append(item) or
                         real_getitem(self, item))
     run("resumed_in_main", *no_validation, "train_cfg.max_iters=4", resume=True)
     assert len(loads) == 2 * 2  # iterations 3-4 x batch 2: mmengine's replay of 1-2 loads nothing
