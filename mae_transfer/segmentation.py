@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import logging
 import os
 import uuid
@@ -33,10 +31,9 @@ from mmseg.registry import DATASETS
 from PIL import Image
 
 from mae_transfer import segmentation_recipe
-from mae_transfer.data import IMAGE_READ_ERRORS, MAX_INVALID_FRACTION
+from mae_transfer.data import IMAGE_READ_ERRORS, MAX_INVALID_FRACTION, FileFacts, image_file_status
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
-from mae_transfer.io import atomic_write_text
 from mae_transfer.metrics import write_eval_metrics
 from mae_transfer.mmseg_resume import ExactResume, seed_training_samples
 from mae_transfer.paths import resolve_path
@@ -162,33 +159,6 @@ def _datasets(cfg: Any, split_keys: Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def data_check_cache_dir() -> Path:
-    """Where the facts read from segmentation data files are cached: $XDG_CACHE_HOME/mae_transfer/seg_data
-    (default ~/.cache/mae_transfer/seg_data)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mae_transfer" / "seg_data"
-
-
-EXIF_ORIENTATION = 0x0112
-TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
-def read_image_facts(path: str) -> list[int] | str:
-    """[width, height] of an image as mmcv loads it (its cv2 decoder applies the EXIF orientation), after decoding
-    the whole file (a truncated file fails only there); or why it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
-            # JPEGs decode at 1/8 scale: still every byte of the file, a fraction of the time
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-    except IMAGE_READ_ERRORS as err:
-        return f"{type(err).__name__}: {err}"
-    return [width, height]
-
-
 def read_label_facts(path: str) -> dict[str, Any] | str:
     """{"size": [width, height], "values": the label values present} of a label map ("channels" instead of
     "values" when it has several), or why it cannot be read."""
@@ -205,41 +175,6 @@ def read_label_facts(path: str) -> dict[str, Any] | str:
     else:
         facts["values"] = np.unique(arr).tolist()
     return facts
-
-
-class FileFacts:
-    """Facts read from data files, kept in a json cache per data folder pair, keyed by path, size and
-    modification time: a dataset's files are read once (ADE20K's 20k pairs take minutes), later runs only
-    read files that changed."""
-
-    def __init__(self, key: str) -> None:
-        self.path = data_check_cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-        self.files: dict[str, Any] = {}
-        self.read = 0
-        try:
-            files = json.loads(self.path.read_text()).get("files")
-            self.files = files if isinstance(files, dict) else {}
-        except (OSError, ValueError, AttributeError):  # no cache yet, or a damaged one: read the files again
-            pass
-
-    def get(self, path: str, read: Any) -> Any:
-        stat = os.stat(path)
-        stamp = [stat.st_size, stat.st_mtime_ns]
-        entry = self.files.get(path)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
-            return entry[2]
-        facts = read(path)
-        self.files[path] = [*stamp, facts]
-        self.read += 1
-        return facts
-
-    def save(self) -> None:
-        if not self.read:
-            return
-        try:
-            atomic_write_text(json.dumps({"files": self.files}), self.path)
-        except OSError as err:  # a read-only home: the check still ran, the next run reads the files again
-            logger.warning("cannot write the data check cache %s (%s)", self.path, err)
 
 
 def _data_list(key: str, ds: Any) -> list[dict]:
@@ -304,12 +239,13 @@ def check_split(key: str, ds: Any, num_classes: int, ignore_index: int) -> None:
                 f"{first['img_path']}; label maps are <image name without img_suffix>+seg_map_suffix in {seg_dir})")
     logger.info("checking %d images and label maps of %s", len(used), key)
     reduce_zero = _reduce_zero_label(ds, bool(items[0].get("reduce_zero_label")))
-    facts = FileFacts(f"{os.path.abspath(img_dir)}\0{os.path.abspath(seg_dir)}")
+    facts = FileFacts("seg_data", f"{os.path.abspath(img_dir)}\0{os.path.abspath(seg_dir)}")
     unreadable, layered, resized, bad_values = [], [], [], []
     try:
         for i in used:
             img_path, seg_path = items[i]["img_path"], items[i]["seg_map_path"]
-            size = facts.get(img_path, read_image_facts)
+            size = facts.get(img_path, image_file_status)
+            size = list(size) if isinstance(size, tuple) else size  # [w, h] as json gives it back from the cache
             label = facts.get(seg_path, read_label_facts)
             if isinstance(size, str) or isinstance(label, str):
                 unreadable.append((i, *((img_path, size) if isinstance(size, str) else (seg_path, label))))
