@@ -18,11 +18,9 @@ other drop-path / RoI-sampling draws. Three pieces make it exact:
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import operator
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +32,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mae_transfer.runtime import seed_everything
+from mae_transfer.runtime import seed_everything, seeded_cpu_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +62,6 @@ def training_indices(size: int, seed: int, start: int = 0, shuffle: bool = True)
         order = torch.randperm(size, generator=generator) if shuffle else torch.arange(size)
         yield from order[offset if first else 0:].tolist()
         first = False
-
-
-@contextlib.contextmanager
-def seeded_cpu_rngs(seed: int) -> Iterator[None]:
-    """Python, numpy and torch's CPU RNG seeded with `seed` inside, as they were outside (mapping an item in the
-    main process leaves the training's own draws alone)."""
-    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.random.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.random.set_rng_state(saved[2])
 
 
 class _PositionStream(IterableDataset):

@@ -18,6 +18,8 @@ from mmengine.hooks import Hook
 from mmseg.registry import DATA_SAMPLERS, DATASETS
 from torch.utils.data import Dataset as TorchDataset
 
+from mae_transfer.runtime import seeded_cpu_rngs
+
 logger = logging.getLogger("mae_transfer.segmentation")
 
 # A run resumed from iter_N.pth continues as the uninterrupted run would have: the same samples in the same
@@ -97,16 +99,8 @@ class SeededSamples(TorchDataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         seed, index = item
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.random.default_generator.manual_seed(seed)
-        try:
+        with seeded_cpu_rngs(seed):
             return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
 
 
 def seed_training_samples(cfg: Any) -> None:

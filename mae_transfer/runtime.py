@@ -147,6 +147,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def seeded_cpu_rngs(seed: int) -> Iterator[None]:
+    """Python, numpy and torch's CPU RNG seeded with `seed` inside, as they were outside (mapping an item in the
+    main process leaves the training's own draws alone)."""
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
+
+
 def lr_at(epoch: float, cfg: dict[str, Any], base_lr: float) -> float:
     """Linear warmup for `warmup_epochs`, then half-cycle cosine to `min_lr` (epoch is fractional)."""
     warmup, total, min_lr = cfg["warmup_epochs"], cfg["epochs"], cfg["min_lr"]
