@@ -5,7 +5,8 @@
 # supported one found (python3.13, python3.12, python3.10, python3). The pins of each version:
 # requirements/lock-pyX.Y.txt where it exists, else requirements/lock.txt (docs/ENVIRONMENT_NOTES.md has the matrix).
 # Idempotent: if nothing that defines the environment changed, it returns in about a second.
-set -euo pipefail
+# -E: the ERR trap below also fires for a step that fails inside run_step (a function).
+set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MAE_TRANSFER_VENV:-$ROOT/.venv}"
@@ -63,9 +64,13 @@ fi
 echo "[setup] using Python $full_version ($PYTHON), pins: ${LOCK#"$ROOT/"}"
 
 step="start"
+free_space() { df -Ph "$VENV" 2>/dev/null | awk 'NR == 2 {print $4}'; }
 fail() {
-  echo "[setup] FAILED at step '$step'. Last lines of $LOG:" >&2
+  echo "[setup] FAILED at step '$step' ($(free_space) free on the venv's disk). Last lines of $LOG:" >&2
   tail -n 15 "$LOG" >&2 || true
+  if grep -q "No space left on device" "$LOG" 2>/dev/null; then
+    echo "[setup] the disk is full: a venv takes about 6 GB (torch's CUDA libraries); free some and run it again" >&2
+  fi
   exit 1
 }
 trap fail ERR
@@ -82,6 +87,10 @@ if [[ -n "$venv_version" && "$venv_version" != "$pyver" ]]; then
 fi
 mkdir -p "$VENV"
 : >"$LOG"
+avail_kb="$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')"
+if [[ ! -d "$VENV/lib/python$pyver/site-packages/torch" && "${avail_kb:-0}" -lt $(( 8 * 1024 * 1024 )) ]]; then
+  echo "[setup] warning: only $(free_space) free on the venv's disk; a new venv takes about 6 GB"
+fi
 [[ -x "$VENV/bin/python" ]] || run_step "create virtual environment $VENV" "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
