@@ -3,7 +3,7 @@ mixup/cutmix, label smoothing, LLRD AdamW, warmup + cosine), small sizes: the 4-
 mae_pretrain_vit_tiny_cpu.py at 96 px, batch 16, absolute lr, a few seconds per epoch on ~100 crops.
 Data: an ImageFolder of COCO object crops, e.g.
   python tools/coco_to_imagefolder.py --json ../shared/data/fruits_nuts/trainval.json \
-      --images ../shared/data/fruits_nuts/images --out /tmp/fruit_crops --val-fraction 0.25
+      --images ../shared/data/fruits_nuts/images --output-dir /tmp/fruit_crops --val-fraction 0.25
 Run: python tools/finetune_cls.py --config configs/cls_finetune_vit_tiny_cpu.py --data /tmp/fruit_crops \
          --finetune MAE_CKPT --output-dir /tmp/cls_tiny
 """

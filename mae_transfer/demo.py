@@ -393,7 +393,7 @@ def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[st
              out / "logs" / "train_det.log")
     pics = det_dir / "pictures"
     run_step("detection pictures", pics / DONE,
-             [*base, "--output-dir", str(det_dir), "--infer", *map(str, data.det_pictures), "--output", str(pics),
+             [*base, "--output-dir", str(det_dir), "--infer", *map(str, data.det_pictures), "--pictures-dir", str(pics),
               "--score-thresh", str(DET_PICTURE_SCORE),  # a short CPU run ranks well (AP) but scores low
               "--top-k", str(DET_PICTURE_TOP_K),
               f"train.init_checkpoint={det_dir / 'model_final.pth'}"],
@@ -413,7 +413,7 @@ def segment(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[s
              [*base, "--init-checkpoint", str(init), *_resume_flag(seg_dir), *options], out / "logs" / "train_seg.log")
     pics = seg_dir / "pictures"
     run_step("segmentation evaluation + pictures", pics / DONE,
-             [*base, "--eval-only", str(seg_dir / f"iter_{n}.pth"), "--save-pictures", str(pics),
+             [*base, "--eval-only", str(seg_dir / f"iter_{n}.pth"), "--pictures-dir", str(pics),
               "--num-pictures", str(NUM_PICTURES), *options], out / "logs" / "eval_seg.log")
     return dict(record=read_eval_metrics(seg_dir, "seg"), pictures=sorted(pics.glob("*.png")))
 

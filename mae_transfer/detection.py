@@ -488,7 +488,7 @@ def do_eval_only(cfg: Any, weights: str, allow_pickle: bool = False) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- pictures
-def do_infer(cfg: Any, images: Sequence[str], weights: str, output: str | None, score_thresh: float,
+def do_infer(cfg: Any, images: Sequence[str], weights: str, pictures_dir: str | None, score_thresh: float,
              allow_pickle: bool = False, top_k: int = 10) -> list[str]:
     """Run the model on images (or folders of them) and save one picture each, `<stem>_pred.png`: the ground
     truth (when the test dataset, e.g. --val-json, annotates the image) beside the prediction (the `top_k` best
@@ -516,7 +516,7 @@ def do_infer(cfg: Any, images: Sequence[str], weights: str, output: str | None, 
     metadata = MetadataCatalog.get(cfg.dataloader.test.dataset.names
                                    if isinstance(cfg.dataloader.test.dataset.names, str) else "__unused")
     truth = ground_truth_records(cfg)
-    out_dir = Path(output or os.path.join(cfg.train.output_dir, "vis"))
+    out_dir = Path(pictures_dir or os.path.join(cfg.train.output_dir, "vis"))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for f in files:
@@ -549,7 +549,7 @@ def run(args: argparse.Namespace) -> Any:
     out, init = cfg.train.output_dir, cfg.train.init_checkpoint
     if args.infer:
         weights = last_checkpoint(out) or init
-        return do_infer(cfg, args.infer, local_checkpoint_path(weights) if weights else weights, args.output,
+        return do_infer(cfg, args.infer, local_checkpoint_path(weights) if weights else weights, args.pictures_dir,
                         args.score_thresh, args.allow_pickle, args.top_k)
     if args.eval_only:
         weights = eval_weights(args.eval_only, out, init)

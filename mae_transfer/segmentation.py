@@ -400,7 +400,7 @@ def titled_picture(drawn: np.ndarray, sample: Any, meta: dict, has_gt: bool) -> 
     return with_legend(side_by_side(panels, titles), entries)
 
 
-def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
+def save_pictures(runner: Any, cfg: Any, pictures_dir: str, limit: int) -> list[str]:
     """Ground truth | prediction (dataset palette, alpha blend), titled, with a legend of the classes shown, for the
     first `limit` test images."""
     import mmcv
@@ -408,7 +408,7 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
 
     if not is_main_process() or limit <= 0:
         return []
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(pictures_dir, exist_ok=True)
     loader_cfg = cfg.test_dataloader.copy()
     loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
     loader = runner.build_dataloader(loader_cfg)
@@ -422,7 +422,7 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
         for batch in loader:
             for sample in model.test_step(batch):
                 image = mmcv.imread(sample.img_path, channel_order="rgb")
-                out_file = os.path.join(out_dir, Path(sample.img_path).stem + ".png")
+                out_file = os.path.join(pictures_dir, Path(sample.img_path).stem + ".png")
                 has_gt = "gt_sem_seg" in sample
                 # mmseg hands its drawing only to a file (or a display): read it back to add titles and a legend
                 vis.add_datasample(Path(sample.img_path).stem, image, sample, draw_gt=has_gt, draw_pred=True,
@@ -432,7 +432,7 @@ def save_pictures(runner: Any, cfg: Any, out_dir: str, limit: int) -> list[str]:
                 written.append(out_file)
             if len(written) >= limit:
                 break
-    logger.info("wrote %d pictures (ground truth | prediction) to %s", len(written), out_dir)
+    logger.info("wrote %d pictures (ground truth | prediction) to %s", len(written), pictures_dir)
     return written
 
 
@@ -480,7 +480,7 @@ def evaluate(cfg: Any, checkpoint: str, allow_pickle: bool = False) -> tuple[Any
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     """One tools/train_seg.py run: training, or --eval-only [CKPT] (no value: the work dir's last checkpoint);
-    then --save-pictures. Returns the final metrics."""
+    then --pictures-dir. Returns the final metrics."""
     use_safe_mmengine_loading(args.allow_pickle)  # load_from, resume and --eval-only read through it
     cfg = build_config(args)
     if args.init_checkpoint:
@@ -499,6 +499,6 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if int(os.environ.get("RANK", "0")) == 0:
             announce_recipe(recipe, cfg.work_dir)
         runner, metrics = train(cfg, data_checked=True)
-    if args.save_pictures:
-        save_pictures(runner, cfg, args.save_pictures, args.num_pictures)
+    if args.pictures_dir:
+        save_pictures(runner, cfg, args.pictures_dir, args.num_pictures)
     return metrics

@@ -411,7 +411,7 @@ def test_tiny_config_trains_on_fruits_nuts_then_resumes(fruits_nuts, tmp_path, c
     vis = tmp_path / "vis"
     image = fruits_nuts / "images" / "0.jpg"
     assert run_cli(train_det.main, ["--config", TINY, *_data_args(fruits_nuts), f"train.output_dir={out}",
-                                    "--infer", str(image), "--output", str(vis), "--score-thresh", "0.0"]) == 0
+                                    "--infer", str(image), "--pictures-dir", str(vis), "--score-thresh", "0.0"]) == 0
     from PIL import Image
 
     (w, h), (pw, ph) = Image.open(image).size, Image.open(vis / "0_pred.png").size

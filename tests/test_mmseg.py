@@ -418,7 +418,7 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     root = ade20k_sample / "ADEChallengeData2016"
     pics = tmp_path / "pics"
     rc, err = _run(["--config", CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--output-dir", tmp_path / "work",
-                    "--eval-only", ckpt, "--save-pictures", pics,
+                    "--eval-only", ckpt, "--pictures-dir", pics,
                     "--cfg-options", f"test_dataloader.dataset.data_root={root}"], capsys)
     assert rc == 0, err
     # slide: 128-px windows, several per image (the 3 images are resized to a 128-px short side)
@@ -530,6 +530,7 @@ def test_cli_spellings_and_bare_eval_only(tmp_path, capsys):
     config = str(CONFIGS / "camvid_upernet_vit_tiny_cpu.py")
     new = tool.parse_args(["--config", config, "--output-dir", "w", "--resume", "--cfg-options", "a=1"])
     old = tool.parse_args([config, "--work-dir", "w", "--resume", "--cfg-options", "a=1"])
+    assert capsys.readouterr().err == "note: --work-dir is deprecated; use --output-dir\n"
     assert vars(new) == vars(old) and (new.config, new.output_dir, new.resume) == (config, "w", "auto")
     rc, err = _run(["--config", config, "--output-dir", tmp_path / "empty", "--eval-only"], capsys)
     assert rc == 2 and err.strip().splitlines() == [
@@ -540,7 +541,7 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     from PIL import Image
 
     config = CONFIGS / "camvid_upernet_vit_tiny_cpu.py"
-    work = ["--work-dir", tmp_path / "w"]
+    work = ["--output-dir", tmp_path / "w"]
     # unknown config key
     rc, err = _run([config, *work, "--cfg-options", "model.backbone.embed_dimz=3"], capsys)
     assert rc == 2 and "unknown config key 'model.backbone.embed_dimz'" in err and len(err.strip().splitlines()) == 1

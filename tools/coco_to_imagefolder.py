@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Build a labelled ImageFolder of object crops from any COCO instances json (a small real classification set).
+r"""Build a labelled ImageFolder of object crops from any COCO instances json (a small real classification set).
 
-  python tools/coco_to_imagefolder.py --json ANN.json --images IMAGE_DIR --out OUT [--val-fraction 0.25] [--min-size 16]
+  python tools/coco_to_imagefolder.py --json ANN.json --images IMAGE_DIR --output-dir OUT \
+      [--val-fraction 0.25] [--min-size 16]
 
 With --val-fraction, photos are split (crops of one photo stay on one side): OUT/train/<category>/*.jpg and
 OUT/val/<category>/*.jpg, the layout tools/finetune_cls.py reads. Without it: OUT/<category>/*.jpg.
@@ -17,7 +18,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="COCO instances json")
     p.add_argument("--images", required=True, help="folder the json's file_name entries are relative to")
     p.add_argument("--output-dir", help="output ImageFolder root (required)")
-    p.add_argument("--out", dest="output_dir", help=argparse.SUPPRESS)  # the earlier spelling
+    add_deprecated_spelling(p, "--out", "--output-dir")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of photos for OUTPUT_DIR/val (0: no split)")
     p.add_argument("--min-size", type=int, default=16, help="smallest box side in pixels to keep")

@@ -6,7 +6,7 @@ r"""Train / evaluate / run Mask R-CNN with our plain ViT in detectron2 (LazyConf
       --train-json D/trainval.json --train-images D/images --val-json ... --val-images ...
   python tools/train_det.py --config ... --output-dir out/det --eval-only [CKPT]  # default: its last checkpoint
   python tools/train_det.py --config ... --output-dir out/det --resume [CKPT]     # default: its last checkpoint
-  python tools/train_det.py --config ... --infer a.jpg b.jpg --output vis/        # ground truth | prediction
+  python tools/train_det.py --config ... --infer a.jpg b.jpg --pictures-dir vis/  # ground truth | prediction
   python tools/train_det.py --config ... --num-gpus 8 [--num-machines 2 --machine-rank 0 --dist-url tcp://...]
   python tools/train_det.py --config configs/coco_mask_rcnn_vit_l.py --num-gpus 8 --plan   # the recipe, then exit
 
@@ -27,7 +27,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import add_deprecated_spelling, default_argument_parser, finish_args, run_cli  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-json", help="COCO-format annotation json for evaluation (instead of coco_2017_val)")
     p.add_argument("--val-images", help="image folder for --val-json")
     p.add_argument("--infer", nargs="+", metavar="IMAGE", help="run the model on these images (or folders)")
-    p.add_argument("--output", help="folder for --infer pictures (default: OUTPUT_DIR/vis)")
+    p.add_argument("--pictures-dir", metavar="DIR", help="folder for --infer pictures (default: OUTPUT_DIR/vis)")
+    add_deprecated_spelling(p, "--output", "--pictures-dir")
     p.add_argument("--score-thresh", type=float, default=0.5, help="--infer: minimum score drawn")
     p.add_argument("--top-k", type=int, default=10,
                    help="--infer: draw at most the K best detections after class-agnostic NMS (0: all)")

@@ -4,7 +4,7 @@ r"""Train / evaluate UperNet with our ViT in MMSegmentation (mmengine Runner).
     python tools/train_seg.py --config configs/ade20k_upernet_vit_b.py --output-dir work_dirs/vit_b \
         --init-checkpoint mae_pretrain.pth [--freeze-blocks 4] [--cfg-options k=v ...]
     python tools/train_seg.py --config CONFIG --output-dir DIR --resume [CKPT]     # default: its last checkpoint
-    python tools/train_seg.py --config CONFIG --output-dir DIR --eval-only [CKPT] --save-pictures pics/
+    python tools/train_seg.py --config CONFIG --output-dir DIR --eval-only [CKPT] --pictures-dir pics/
     python -m torch.distributed.run --nproc_per_node 8 tools/train_seg.py --config CONFIG --launcher pytorch
     python tools/train_seg.py --config configs/ade20k_upernet_vit_b.py --num-gpus 1 --plan   # the recipe, then exit
 
@@ -28,7 +28,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import add_deprecated_spelling, default_argument_parser, finish_args, run_cli  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
@@ -37,20 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = __doc__.split("\n", 2)[2]
     # the spellings of earlier versions, still accepted
     p.add_argument("config_positional", nargs="?", metavar="CONFIG", help=argparse.SUPPRESS)
-    p.add_argument("--work-dir", dest="output_dir", help=argparse.SUPPRESS)
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override existing config keys, e.g. train_cfg.max_iters=1000 (unknown keys are an error)")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none",
                    help="mmengine distributed launcher (multi-GPU / multi-node)")
     p.add_argument("--init-checkpoint", help="backbone weights, any format mae_transfer.checkpoint imports")
     p.add_argument("--freeze-blocks", type=int, help="freeze patch embedding + the first k blocks (-1: all)")
-    p.add_argument("--save-pictures", metavar="DIR",
+    p.add_argument("--pictures-dir", metavar="DIR",
                    help="write colourised ground truth | prediction pictures of the test set to DIR")
-    p.add_argument("--num-pictures", type=int, default=8, help="pictures to write with --save-pictures")
+    p.add_argument("--num-pictures", type=int, default=8, help="pictures to write with --pictures-dir")
     p.add_argument("--num-gpus", type=int, default=None,
                    help="GPUs (processes) per machine: for --plan; under a launcher checked against its WORLD_SIZE")
     p.add_argument("--num-machines", type=int, default=1, help="machines (for --plan and the check)")
     add_recipe_arguments(p)
+    add_deprecated_spelling(p, "--work-dir", "--output-dir")
+    add_deprecated_spelling(p, "--save-pictures", "--pictures-dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 

@@ -2,7 +2,7 @@
 (the MAE paper's Fig. 9 protocol, at toy scale).
 
   python tools/coco_to_imagefolder.py --json ../shared/data/fruits_nuts/trainval.json \
-      --images ../shared/data/fruits_nuts/images --out work_dirs/fruit_crops --val-fraction 0.25
+      --images ../shared/data/fruits_nuts/images --output-dir work_dirs/fruit_crops --val-fraction 0.25
   python tools/study.py --spec configs/studies/cpu_cls_crops.py --output work_dirs/studies/cpu_cls_crops
 
 Data: the 165 object crops of fruits_nuts (date / fig / hazelnut), split by photo: 133 train / 32 val crops
