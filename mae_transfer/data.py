@@ -414,6 +414,27 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
     warning. Boxes that disagree with their polygons otherwise are counted in a warning and kept.
     """
     jp, root = Path(json_path), Path(image_root)
+    data = _read_coco_json(jp, root)
+    cat_ids, sizes = _check_coco_images(jp, root, data)
+    unreadable = _check_image_sizes(jp, root, data["images"])
+    problems, on_unreadable, boxes = _sort_coco_annotations(jp, data["annotations"], cat_ids, sizes, unreadable)
+    box_warning = boxes.check(jp)
+    _check_invalid_fraction(jp, problems, len(data["annotations"]) - len(on_unreadable))
+    _warn_skipped_annotations(jp, problems)
+    if box_warning:
+        logger.warning("%s", box_warning)
+    skipped = {i for ids in problems.values() for i in ids}
+    if unreadable:
+        _warn_unreadable_images(jp, root, data["images"], unreadable, len(on_unreadable))
+        data["images"] = [im for im in data["images"] if im["id"] not in unreadable]
+    if skipped or unreadable:
+        data["annotations"] = [a for a in data["annotations"]
+                               if a["id"] not in skipped and a["image_id"] not in unreadable]
+    return CocoInstances(data, skipped, unreadable)
+
+
+def _read_coco_json(jp: Path, root: Path) -> dict:
+    """The json's object, after checking that both paths exist and that it has the three COCO lists."""
     if not jp.is_file():
         raise MaeTransferError(f"annotation file not found: {jp}")
     if not root.is_dir():
@@ -429,6 +450,12 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             raise MaeTransferError(f"{jp}: missing or non-list '{key}' (expected COCO instances format)")
     if not data["categories"]:
         raise MaeTransferError(f"{jp}: 'categories' is empty; at least one category is needed")
+    return data
+
+
+def _check_coco_images(jp: Path, root: Path, data: dict) -> tuple[set[Any], dict[Any, tuple[Any, Any]]]:
+    """The category ids and each image's (width, height), after checking that category ids are unique, sizes are
+    positive numbers and every image file exists."""
     try:
         cat_ids = {c["id"] for c in data["categories"]}
         sizes = {im["id"]: (im.get("width"), im.get("height")) for im in data["images"]}
@@ -444,25 +471,38 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
     for name in files:
         if not (root / name).is_file():
             raise MaeTransferError(f"{jp}: image file not found: {root / name}")
-    unreadable = _check_image_sizes(jp, root, data["images"])
+    return cat_ids, sizes
+
+
+def _check_annotation_refs(jp: Path, index: int, ann: Any, ann_ids: set[Any], cat_ids: set[Any],
+                           sizes: dict[Any, Any]) -> Any:
+    """The annotation's id, after checking it is a new int or string and that its category and image exist."""
+    ann_id = ann.get("id") if isinstance(ann, dict) else None
+    if ann_id is None or not isinstance(ann_id, (int, str)) or ann_id in ann_ids:
+        what = "has no id" if ann_id is None else f"has id {ann_id!r}, " + (
+            "not an integer or string" if not isinstance(ann_id, (int, str)) else "which is not unique")
+        raise MaeTransferError(f"{jp}: annotation #{index} {what} (COCO annotations need unique ids)")
+    if ann.get("category_id") not in cat_ids:
+        raise MaeTransferError(
+            f"{jp}: annotation {ann_id} has category_id {ann.get('category_id')!r}, "
+            f"absent from 'categories' (ids: {sorted(cat_ids)})"
+        )
+    if ann.get("image_id") not in sizes:
+        raise MaeTransferError(f"{jp}: annotation {ann_id} refers to unknown image_id {ann.get('image_id')!r}")
+    return ann_id
+
+
+def _sort_coco_annotations(jp: Path, annotations: list, cat_ids: set[Any], sizes: dict[Any, Any],
+                           unreadable: dict[Any, str]) -> tuple[dict[str, list[Any]], list[Any], _BoxFormatTally]:
+    """Each annotation checked (ids and references: errors) and sorted: the ids of invalid ones by kind, the ids of
+    those on unreadable images, and the box-format tally of the valid ones."""
     ann_ids: set[Any] = set()
     problems: dict[str, list[Any]] = {}
     on_unreadable: list[Any] = []  # annotations of skipped images
     boxes = _BoxFormatTally()
-    for index, ann in enumerate(data["annotations"]):
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if ann_id is None or not isinstance(ann_id, (int, str)) or ann_id in ann_ids:
-            what = "has no id" if ann_id is None else f"has id {ann_id!r}, " + (
-                "not an integer or string" if not isinstance(ann_id, (int, str)) else "which is not unique")
-            raise MaeTransferError(f"{jp}: annotation #{index} {what} (COCO annotations need unique ids)")
+    for index, ann in enumerate(annotations):
+        ann_id = _check_annotation_refs(jp, index, ann, ann_ids, cat_ids, sizes)
         ann_ids.add(ann_id)
-        if ann.get("category_id") not in cat_ids:
-            raise MaeTransferError(
-                f"{jp}: annotation {ann_id} has category_id {ann.get('category_id')!r}, "
-                f"absent from 'categories' (ids: {sorted(cat_ids)})"
-            )
-        if ann.get("image_id") not in sizes:
-            raise MaeTransferError(f"{jp}: annotation {ann_id} refers to unknown image_id {ann.get('image_id')!r}")
         if ann["image_id"] in unreadable:
             on_unreadable.append(ann_id)
             continue
@@ -471,8 +511,13 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             problems.setdefault(kind, []).append(ann_id)
         else:
             boxes.add(ann)
-    box_warning = boxes.check(jp)
-    num_invalid, total = sum(map(len, problems.values())), len(data["annotations"]) - len(on_unreadable)
+    return problems, on_unreadable, boxes
+
+
+def _check_invalid_fraction(jp: Path, problems: dict[str, list[Any]], total: int) -> None:
+    """An error when more than MAX_INVALID_FRACTION of the `total` annotations are invalid (a wrong format rather
+    than a few bad entries), naming the most common problem."""
+    num_invalid = sum(map(len, problems.values()))
     if num_invalid > MAX_INVALID_FRACTION * total:
         kind, ids = max(problems.items(), key=lambda item: len(item[1]))
         raise MaeTransferError(
@@ -480,25 +525,25 @@ def check_coco_instances(json_path: str | os.PathLike, image_root: str | os.Path
             f"{COCO_SKIP_REASONS[kind]} (first: id {ids[0]}); expected COCO instances (bbox [x, y, width, height] "
             "in pixels of the image)"
         )
+
+
+def _warn_skipped_annotations(jp: Path, problems: dict[str, list[Any]]) -> None:
+    """One warning per kind of invalid annotation: how many, why and the first id."""
     for kind, reason in COCO_SKIP_REASONS.items():
         if kind in problems:
             ids = problems[kind]
             logger.warning("%s: skipped %d annotation%s %s (first: id %s)", jp, len(ids), "" if len(ids) == 1 else "s",
                            reason, ids[0])
-    if box_warning:
-        logger.warning("%s", box_warning)
-    skipped = {i for ids in problems.values() for i in ids}
-    if unreadable:
-        first = next(im for im in data["images"] if im["id"] in unreadable)
-        logger.warning("%s: skipped %d unreadable image%s and %s %d annotation%s (first: %s: %s)", jp,
-                       len(unreadable), "" if len(unreadable) == 1 else "s", "its" if len(unreadable) == 1 else "their",
-                       len(on_unreadable), "" if len(on_unreadable) == 1 else "s", root / first["file_name"],
-                       unreadable[first["id"]])
-        data["images"] = [im for im in data["images"] if im["id"] not in unreadable]
-    if skipped or unreadable:
-        data["annotations"] = [a for a in data["annotations"]
-                               if a["id"] not in skipped and a["image_id"] not in unreadable]
-    return CocoInstances(data, skipped, unreadable)
+
+
+def _warn_unreadable_images(jp: Path, root: Path, images: list[dict], unreadable: dict[Any, str],
+                            num_annotations: int) -> None:
+    """One warning for the unreadable images skipped with their annotations, naming the first and why."""
+    first = next(im for im in images if im["id"] in unreadable)
+    logger.warning("%s: skipped %d unreadable image%s and %s %d annotation%s (first: %s: %s)", jp,
+                   len(unreadable), "" if len(unreadable) == 1 else "s", "its" if len(unreadable) == 1 else "their",
+                   num_annotations, "" if num_annotations == 1 else "s", root / first["file_name"],
+                   unreadable[first["id"]])
 
 
 def _check_image_sizes(jp: Path, root: Path, images: list[dict]) -> dict[Any, str]:
