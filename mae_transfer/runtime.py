@@ -302,49 +302,27 @@ def _train(task: Task, rank: int, world: int, device: torch.device) -> list[dict
     task.amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
 
     dataset = task.build_data()
-    accum = cfg["accum_iter"]
-    iters = math.ceil(len(dataset) / world) // cfg["batch_size"] // accum * accum
-    if iters == 0:
-        raise MaeTransferError(
-            f"{len(dataset)} training images in {cfg['data_path']} give no full step of "
-            f"batch_size={cfg['batch_size']} x accum_iter={accum} per process ({world} process(es)); lower batch_size"
-        )
-
+    iters = _iterations_per_epoch(len(dataset), cfg, world)
     seed_everything(cfg["seed"])  # model init
     model = task.build_model().to(device)
-    eff_batch = cfg["batch_size"] * accum * world
+    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * world
     base_lr = cfg["lr"] if cfg["lr"] is not None else cfg["blr"] * eff_batch / 256
     optimizer = task.build_optimizer(model, base_lr)
     scaler = torch.amp.GradScaler("cuda") if cfg["amp"] == "fp16" else None
 
-    start_epoch, history = 0, []
     resume_path = find_resume_checkpoint(cfg)
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, task.checkpoint_format, task.tool)
-        for key, value in task.checkpoint_extra().items():
-            if ckpt.get(key) != value:
-                raise MaeTransferError(f"cannot resume from {resume_path}: it was trained on {key} {ckpt.get(key)}, "
-                                       f"the data has {value}")
-        start_epoch, history = restore_training_state(ckpt, resume_path, model, optimizer, scaler)
+    start_epoch, history = _resume(task, resume_path, model, optimizer, scaler)
     if start_epoch >= cfg["epochs"]:
         logger.info("nothing to do: %d of %d epochs already done", start_epoch, cfg["epochs"])
         return history
 
-    net = model  # what the loop calls; checkpoints save the plain `model`
-    if cfg.get("compile"):
-        net = torch.compile(net)  # inside DDP: DDP's gradient hooks stay eager, checkpoints keep plain keys
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    net = _parallel_net(model, cfg, world, device)  # what the loop calls; checkpoints save the plain `model`
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
-
     writer = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch * iters // accum)
+        writer = _start_writer(out, start_epoch * iters // cfg["accum_iter"])
         logger.info("%s, %d process(es), effective batch %d, lr %.3g, epochs %d-%d, output %s", task.describe(),
                     world, eff_batch, base_lr, start_epoch + 1, cfg["epochs"], out)
     last_good = resume_path
@@ -356,29 +334,8 @@ def _train(task: Task, rank: int, world: int, device: torch.device) -> list[dict
             task.end_epoch(net, record, totals, seconds)
             history.append(record)
             if main:
-                extra = "".join(f"  {k} {v:.4g}" for k, v in record.items()
-                                if k not in ("epoch", "loss", "lr", "seconds"))
-                logger.info("epoch %d/%d  loss %.4f  lr %.3e  %.1fs  %.1f img/s%s", epoch + 1, cfg["epochs"],
-                            record["loss"], record["lr"], seconds,
-                            iters * cfg["batch_size"] * world / max(seconds, 1e-9), extra)
-                writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
-                for key, tag in task.epoch_scalars.items():
-                    if key in record:
-                        writer.add_scalar(tag, record[key], epoch + 1)
-                state = {
-                    "format": task.checkpoint_format,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch + 1,  # completed epochs; training resumes at this epoch index
-                    "config": copy.deepcopy(cfg),
-                    "history": copy.deepcopy(history),
-                    "world_size": world,
-                    **task.checkpoint_extra(),
-                }
-                last_good, numbered = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"],
-                                                            history)
-                task.after_checkpoint(model, epoch + 1, numbered)
+                _log_epoch(task, writer, record, epoch, seconds, iters * cfg["batch_size"] * world)
+                last_good = _save_epoch(task, model, optimizer, scaler, epoch, history, out)
             if world > 1:
                 dist.barrier()  # nobody reads checkpoint_last.pth before it is complete
     finally:
@@ -387,6 +344,83 @@ def _train(task: Task, rank: int, world: int, device: torch.device) -> list[dict
     if main:
         task.finish(history)
     return history
+
+
+def _iterations_per_epoch(num_images: int, cfg: dict[str, Any], world: int) -> int:
+    """Batches per process and epoch, whole accumulation groups only; none is an error."""
+    accum = cfg["accum_iter"]
+    iters = math.ceil(num_images / world) // cfg["batch_size"] // accum * accum
+    if iters == 0:
+        raise MaeTransferError(
+            f"{num_images} training images in {cfg['data_path']} give no full step of "
+            f"batch_size={cfg['batch_size']} x accum_iter={accum} per process ({world} process(es)); lower batch_size"
+        )
+    return iters
+
+
+def _resume(task: Task, resume_path: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> tuple[int, list[dict[str, Any]]]:
+    """(completed epochs, history) of the checkpoint resumed from, after checking it was trained on the same data
+    (the task's checkpoint_extra); (0, []) without one."""
+    if resume_path is None:
+        return 0, []
+    ckpt = load_checkpoint(resume_path, task.checkpoint_format, task.tool)
+    for key, value in task.checkpoint_extra().items():
+        if ckpt.get(key) != value:
+            raise MaeTransferError(f"cannot resume from {resume_path}: it was trained on {key} {ckpt.get(key)}, "
+                                   f"the data has {value}")
+    return restore_training_state(ckpt, resume_path, model, optimizer, scaler)
+
+
+def _parallel_net(model: nn.Module, cfg: dict[str, Any], world: int, device: torch.device) -> nn.Module:
+    """`model` compiled (cfg compile) and wrapped in DDP (more than one process), as the loop calls it."""
+    net = model
+    if cfg.get("compile"):
+        net = torch.compile(net)  # inside DDP: DDP's gradient hooks stay eager, checkpoints keep plain keys
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
+def _start_writer(out: Path, first_step: int) -> Any:
+    """The TensorBoard writer of rank 0 under OUTPUT_DIR/tensorboard; scalars from `first_step` on are replaced
+    (a resumed run rewrites what the interrupted one logged after its checkpoint)."""
+    out.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_step)
+
+
+def _log_epoch(task: Task, writer: Any, record: dict[str, Any], epoch: int, seconds: float,
+               images_per_epoch: int) -> None:
+    """The epoch's log line (loss, lr, time, speed and the task's own numbers) and its TensorBoard scalars."""
+    extra = "".join(f"  {k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "loss", "lr", "seconds"))
+    logger.info("epoch %d/%d  loss %.4f  lr %.3e  %.1fs  %.1f img/s%s", epoch + 1, task.cfg["epochs"],
+                record["loss"], record["lr"], seconds, images_per_epoch / max(seconds, 1e-9), extra)
+    writer.add_scalar("train/epoch_loss", record["loss"], epoch + 1)
+    for key, tag in task.epoch_scalars.items():
+        if key in record:
+            writer.add_scalar(tag, record[key], epoch + 1)
+
+
+def _save_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                epoch: int, history: list[dict[str, Any]], out: Path) -> Path:
+    """The training checkpoint after `epoch` (0-based); returns checkpoint_last.pth, the last good one."""
+    cfg = task.cfg
+    state = {
+        "format": task.checkpoint_format,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch + 1,  # completed epochs; training resumes at this epoch index
+        "config": copy.deepcopy(cfg),
+        "history": copy.deepcopy(history),
+        "world_size": task.world,
+        **task.checkpoint_extra(),
+    }
+    last, numbered = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"], history)
+    task.after_checkpoint(model, epoch + 1, numbered)
+    return last
 
 
 def train_one_epoch(net: nn.Module, task: Task, loader: DataLoader, optimizer: torch.optim.Optimizer,
