@@ -9,7 +9,7 @@ The pyramid (deconv / identity / max-pool + LastLevelMaxPool p6) and the heads a
 LazyConfig users put `L(ViTBackbone)(...)` in place of detectron2's `ViT` (see configs/coco_mask_rcnn_vit_b.py);
 yacs users set `MODEL.BACKBONE.NAME = "build_mae_vit_backbone"` after `add_mae_vit_config(cfg)`.
 Layer-wise lr decay needs no registration in detectron2: configs pass the shared rule's functions
-(`backbones.lr_decay.lr_decay_factor` / `d2_param_groups`) to the optimizer directly.
+(`backbones.lr_decay.lr_decay_factor` / `param_groups`) to the optimizer directly.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ No weight decay on 1-D parameters (norms, biases, layer scales), pos_embed, cls_
 and rel-pos tables. Frozen parameters (`VisionTransformer.freeze_blocks`) are left out of every group.
 
 Framework hooks, all calling `param_groups` / `lr_decay_factor`:
-  detectron2 LazyConfig: `optimizer.params = L(d2_param_groups)(base_lr="${..lr}", weight_decay=0.1,
-      layer_decay=0.7)` (the training tool sets `optimizer.params.model = model`), or keep detectron2's
-      `get_default_optimizer_params` and set `optimizer.params.lr_factor_func =
-      partial(lr_decay_factor, num_layers=12, layer_decay=0.7)`.
+  detectron2 LazyConfig: keep detectron2's `get_default_optimizer_params` and set
+      `optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=12, layer_decay=0.7)` (the
+      configs do), or `optimizer.params = L(param_groups)(base_lr="${..lr}", weight_decay=0.1,
+      layer_decay=0.7, backbone_prefix="backbone.net.")` (the training tool sets `optimizer.params.model`).
   mmseg / mmengine: `constructor="MaeLayerDecayOptimizerConstructor"` in `optim_wrapper`, registered by the
       mmseg adapter (`backbones.mmseg`, which the configs import through `custom_imports`).
 Plain torch (mae_transfer's own loops) uses `param_groups` directly, through `mae_transfer.optim`.
@@ -21,8 +21,7 @@ Plain torch (mae_transfer's own loops) uses `param_groups` directly, through `ma
 from __future__ import annotations
 
 import re
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -96,14 +95,3 @@ def param_groups(model: nn.Module, base_lr: float | None = None, weight_decay: f
         group["param_names"].append(name)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
-
-def d2_param_groups(model: nn.Module, base_lr: float, weight_decay: float = 0.1, layer_decay: float = 1.0,
-                    num_layers: int | None = None, backbone_prefix: str = "backbone.net.") -> list[dict[str, Any]]:
-    """`param_groups` with detectron2's backbone prefix, for `optimizer.params` in a LazyConfig."""
-    return param_groups(model, base_lr, weight_decay, layer_decay, num_layers, backbone_prefix)
-
-
-def d2_lr_factor_func(num_layers: int = 12, layer_decay: float = 1.0,
-                      backbone_prefix: str = "backbone.net.") -> Callable[[str], float]:
-    """`lr_factor_func` for detectron2's `get_default_optimizer_params` (frozen params are skipped there)."""
-    return partial(lr_decay_factor, num_layers=num_layers, layer_decay=layer_decay, backbone_prefix=backbone_prefix)

@@ -406,10 +406,6 @@ class VisionTransformer(nn.Module):
                 if block.attn.rel_pos_bias_grid:
                     block.attn.relative_position_bias_table.zero_()
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
     # ------------------------------------------------------------------ partial fine-tuning
     def freeze_blocks(self, k: int) -> list[str]:
         """Freeze the first `k` blocks in place; returns the frozen parameter names.

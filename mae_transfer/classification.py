@@ -37,7 +37,7 @@ from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import autocast_dtype
 from mae_transfer.metrics import write_eval_metrics
-from mae_transfer.optim import adamw, freeze_blocks, param_groups
+from mae_transfer.optim import adamw, param_groups
 from mae_transfer.runtime import AMP_MODES, LAST_CHECKPOINT, Task
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ class ClassificationTask(Task):
             nn.init.trunc_normal_(classifier_head(model).weight, std=cfg["head_init_std"])
             logger.info("no pretrained weights (finetune=''): training from random init")
         if cfg["freeze_blocks"]:
-            freeze_blocks(model, cfg["freeze_blocks"])
+            model.freeze_blocks(cfg["freeze_blocks"])
         return model
 
     def build_optimizer(self, model: nn.Module, base_lr: float) -> torch.optim.Optimizer:
@@ -377,11 +377,6 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
         if rank == 0:
             _write_metrics(cfg, metrics, val.classes, path, None)
         return metrics
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by `finetune` (`runtime.load_checkpoint` of this format)."""
-    return runtime.load_checkpoint(path, CLASSIFIER_FORMAT, TOOL)
 
 
 def _num_classes(cfg: dict[str, Any], dataset: LabelledImageFolder) -> int:

@@ -46,14 +46,8 @@ def _one_message(err: BaseException) -> str:
 
 
 def setup_training_cli(args: argparse.Namespace) -> int:
-    """Shared start of the training tools; returns the process rank (torchrun's RANK, else 0).
-
-    `--resume key=value`: argparse gives the optional value of --resume the first override, so that value
-    goes back to the overrides and --resume becomes bare. Logging: INFO on rank 0, warnings elsewhere.
-    """
-    if getattr(args, "resume", None) and "=" in args.resume and not Path(args.resume).exists():
-        args.overrides.insert(0, args.resume)
-        args.resume = "auto"
+    """Shared start of the training tools (after `finish_args`); returns the process rank (torchrun's RANK,
+    else 0). Logging: INFO on rank 0, warnings elsewhere."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",

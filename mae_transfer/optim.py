@@ -1,24 +1,20 @@
 """Optimizers for mae_transfer's own training loops, on the shared LLRD rule of `backbones.lr_decay`.
 
 The layer-wise lr decay and no-weight-decay rules (`layer_id`, `lr_decay_factor`, `no_weight_decay`,
-`count_blocks`, `param_groups`, and the detectron2 hooks `d2_param_groups`, `d2_lr_factor_func`) have one
-implementation, in `backbones.lr_decay`, which the framework adapters use too (backbones/ cannot import
-this package); they are re-exported here. The mmengine constructor (`MaeLayerDecayOptimizerConstructor`)
-is registered by the mmseg adapter, `backbones.mmseg`. Partial fine-tuning is
-`VisionTransformer.freeze_blocks`; `freeze_blocks(vit, k)` below is the same call as a function.
+`count_blocks`, `param_groups`) have one implementation, in `backbones.lr_decay`, which the framework adapters
+use too (backbones/ cannot import this package); they are re-exported here. The mmengine constructor
+(`MaeLayerDecayOptimizerConstructor`) is registered by the mmseg adapter, `backbones.mmseg`. Partial fine-tuning
+is `VisionTransformer.freeze_blocks`.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from torch import nn
 
-from backbones.lr_decay import (count_blocks, d2_lr_factor_func, d2_param_groups, layer_id, lr_decay_factor,
-                                no_weight_decay, param_groups)
+from backbones.lr_decay import count_blocks, layer_id, lr_decay_factor, no_weight_decay, param_groups
 
-__all__ = ["adamw", "count_blocks", "d2_lr_factor_func", "d2_param_groups", "freeze_blocks", "layer_id",
-           "lr_decay_factor", "no_weight_decay", "param_groups"]
+__all__ = ["adamw", "count_blocks", "layer_id", "lr_decay_factor", "no_weight_decay", "param_groups"]
 
 
 def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
@@ -28,7 +24,3 @@ def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = 
     fused = bool(devices) and devices <= {"cpu", "cuda"}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
-
-def freeze_blocks(vit: nn.Module, k: int) -> list[str]:
-    """`vit.freeze_blocks(k)` (a `backbones.vit.VisionTransformer`); returns the frozen parameter names."""
-    return vit.freeze_blocks(k)

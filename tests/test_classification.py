@@ -153,9 +153,7 @@ def test_linprobe_optimizer_follows_the_official_lars_rule() -> None:
                              if k in ("encoder_overrides", "img_size", "data_path", "output_dir")}})
     assert (cfg["optimizer"], cfg["weight_decay"], cfg["momentum"]) == ("lars", 0.0, 0.9)
     model = build_classifier(cfg, num_classes=4)
-    from mae_transfer.optim import freeze_blocks
-
-    freeze_blocks(model, -1)
+    model.freeze_blocks(-1)
     head = model.head[1]
     with torch.no_grad():
         head.weight.normal_(std=0.01)  # (the official rule leaves an all-zero matrix unscaled)

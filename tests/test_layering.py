@@ -104,6 +104,5 @@ def test_llrd_rule_has_one_implementation() -> None:
     import backbones.lr_decay as lr_decay
     import mae_transfer.optim as optim
 
-    for name in ("layer_id", "lr_decay_factor", "no_weight_decay", "count_blocks", "param_groups",
-                 "d2_param_groups", "d2_lr_factor_func"):
+    for name in ("layer_id", "lr_decay_factor", "no_weight_decay", "count_blocks", "param_groups"):
         assert getattr(optim, name) is getattr(lr_decay, name), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ from torch import nn
 
 from backbones.errors import BackboneError
 from backbones.vit import VisionTransformer, create_vit
-from mae_transfer.optim import (d2_lr_factor_func, d2_param_groups, freeze_blocks, layer_id, lr_decay_factor,
-                                param_groups)
+from mae_transfer.optim import layer_id, lr_decay_factor, param_groups
 
 DECAY = 0.65
+D2_PREFIX = "backbone.net."  # where detectron2's ViTDet keeps the ViT
 
 
 def vit_b(**kw) -> VisionTransformer:
@@ -73,7 +74,7 @@ def test_detectron2_parity_get_vit_lr_decay_rate():
 
     # ViTDet has no cls token; detectron2's rule does not know one (it would put it in the last layer).
     model = _D2Like(vit_b(class_token=False, use_rel_pos=True, window_size=14, global_block_indexes=(2, 5, 8, 11)))
-    ours = scales(d2_param_groups(model, base_lr=1e-4, weight_decay=0.1, layer_decay=DECAY))
+    ours = scales(param_groups(model, base_lr=1e-4, weight_decay=0.1, layer_decay=DECAY, backbone_prefix=D2_PREFIX))
     assert len(ours) == len(list(model.parameters()))
     for name, _ in model.named_parameters():
         expect = get_vit_lr_decay_rate(name, lr_decay_rate=DECAY, num_layers=12)
@@ -89,7 +90,9 @@ def test_detectron2_parity_get_vit_lr_decay_rate():
         groups = get_default_optimizer_params(real, base_lr=1.0, lr_factor_func=factor)
         return {id(p): g["lr"] for g in groups for p in g["params"]}
 
-    assert lrs(d2_lr_factor_func(4, DECAY)) == lrs(lambda n: get_vit_lr_decay_rate(n, DECAY, 4))
+    # as the configs set it: optimizer.params.lr_factor_func = partial(lr_decay_factor, num_layers=..., layer_decay=...)
+    assert lrs(partial(lr_decay_factor, num_layers=4, layer_decay=DECAY)) == lrs(
+        lambda n: get_vit_lr_decay_rate(n, DECAY, 4))
 
 
 def test_mmseg_parity_and_constructor():
@@ -143,26 +146,27 @@ def test_mmseg_parity_and_constructor():
     d2 = nn.Module()
     d2.backbone = nn.Module()
     d2.backbone.net = vit
-    d2_table = {n[len("backbone.net."):]: s for n, s in scales(d2_param_groups(d2, 1e-3, 0.05, DECAY)).items()}
+    d2_groups = param_groups(d2, 1e-3, 0.05, DECAY, backbone_prefix=D2_PREFIX)
+    d2_table = {n[len("backbone.net."):]: s for n, s in scales(d2_groups).items()}
     mm_table = {n[len("backbone."):]: s for n, s in ours_scale.items() if n.startswith("backbone.")}
     assert d2_table == mm_table
 
 
 def test_detectron2_lazyconfig_param_groups_hook():
-    """`optimizer.params = L(d2_param_groups)(...)` in a LazyConfig, as the training tool instantiates it."""
+    """`optimizer.params = L(param_groups)(...)` in a LazyConfig, as the training tool instantiates it."""
     from detectron2.config import LazyCall as L
     from detectron2.config import instantiate
     from omegaconf import OmegaConf
 
-    from mae_transfer.optim import d2_param_groups as hook
+    from mae_transfer.optim import param_groups as hook
 
     model = nn.Module()
     model.backbone = nn.Module()
     model.backbone.net = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, class_token=False)
     model.roi_heads = nn.Linear(64, 3)
-    freeze_blocks(model.backbone.net, 2)
+    model.backbone.net.freeze_blocks(2)
     cfg = OmegaConf.create({"optimizer": L(torch.optim.AdamW)(
-        params=L(hook)(base_lr="${..lr}", weight_decay=0.1, layer_decay=DECAY), lr=1e-4)})
+        params=L(hook)(base_lr="${..lr}", weight_decay=0.1, layer_decay=DECAY, backbone_prefix=D2_PREFIX), lr=1e-4)})
     cfg.optimizer.params.model = model
     opt = instantiate(cfg.optimizer)
     names = {n for g in opt.param_groups for n in g["param_names"]}
@@ -191,7 +195,7 @@ def test_freeze_blocks_one_step(k):
     torch.manual_seed(0)
     # No drop path here: a dropped residual branch gives zero grads, which would leave params unchanged.
     vit = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, num_classes=5)
-    frozen = set(freeze_blocks(vit, k))
+    frozen = set(vit.freeze_blocks(k))
     vit.train()
     if k > 0:
         assert not any(b.training for b in vit.blocks[:k]) and all(b.training for b in vit.blocks[k:])
@@ -220,16 +224,16 @@ def test_freezing_saves_activations_and_validates():
     for k in (0, 1, 2, 3, 4, -1):
         torch.manual_seed(0)
         vit = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, num_classes=5)
-        freeze_blocks(vit, k)
+        vit.freeze_blocks(k)
         saved[k] = _saved_activation_bytes(vit.train(), x)
     assert saved[0] > saved[1] > saved[2] > saved[3] > saved[4] >= saved[-1]
     # Frozen blocks run in eval mode even in model.train(): their drop path is off.
     vit = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.9)
-    freeze_blocks(vit, 4)
+    vit.freeze_blocks(4)
     vit.train()
     with torch.no_grad():
         assert torch.equal(vit.forward_features(x), vit.forward_features(x))
         unfrozen = VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.9).train()
         assert not torch.equal(unfrozen.forward_features(x), unfrozen.forward_features(x))
     with pytest.raises(BackboneError, match="freeze_blocks must be"):
-        freeze_blocks(VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2), 5)
+        VisionTransformer(img_size=32, embed_dim=64, depth=4, num_heads=2).freeze_blocks(5)
