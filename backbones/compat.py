@@ -1,7 +1,7 @@
 """The workaround the MMSegmentation adapter needs before it can import mmseg on the pinned stack.
 
-It lives here, beside the adapter that applies it, because backbones/ imports nothing from mae_transfer;
-`mae_transfer.compat` re-exports it with the toolkit's other workarounds (docs/ENVIRONMENT_NOTES.md).
+It lives here, beside the adapter that applies it, because backbones/ knows nothing of the toolkit above it;
+the toolkit's compat module re-exports it with its other workarounds (docs/ENVIRONMENT_NOTES.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The backbones' user-facing error: one clear line, no traceback needed.
 
-`mae_transfer.errors.MaeTransferError` subclasses it, so `except BackboneError` (what the CLIs catch) covers
-both the backbones' and the toolkit's user errors, while backbones/ itself imports nothing from mae_transfer.
+The toolkit's own user error subclasses it, so `except BackboneError` (what the CLIs catch) covers both the
+backbones' and the toolkit's user errors, while backbones/ itself knows nothing of the toolkit.
 """
 from __future__ import annotations
 

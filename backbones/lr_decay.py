@@ -16,7 +16,7 @@ Framework hooks, all calling `param_groups` / `lr_decay_factor`:
       layer_decay=0.7, backbone_prefix="backbone.net.")` (the training tool sets `optimizer.params.model`).
   mmseg / mmengine: `constructor="MaeLayerDecayOptimizerConstructor"` in `optim_wrapper`, registered by the
       mmseg adapter (`backbones.mmseg`, which the configs import through `custom_imports`).
-Plain torch (mae_transfer's own loops) uses `param_groups` directly, through `mae_transfer.optim`.
+Plain torch (the toolkit's own loops) uses `param_groups` directly.
 """
 from __future__ import annotations
 

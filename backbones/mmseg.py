@@ -2,7 +2,11 @@
 layer-wise lr decay optimizer-wrapper constructor registered in mmengine as `MaeLayerDecayOptimizerConstructor`.
 
 Importing this module registers both (a config does it with
-`custom_imports=dict(imports=['backbones.mmseg'], allow_failed_imports=False)`).
+`custom_imports=dict(imports=['backbones.mmseg', ...], allow_failed_imports=False)`).
+
+backbones/ knows no checkpoint formats: `MAEViT(init_checkpoint=...)` reads the file with the loader handed in
+through `set_checkpoint_loader` (the configs' custom_imports list the module that hands in the toolkit's
+any-format reader, next to this one).
 
 The backbone *is* our ViT (a subclass, no wrapper module), so its parameters are named
 `backbone.<ViT keys>` inside mmseg's `EncoderDecoder` and converted checkpoints map 1:1. It returns
@@ -18,7 +22,7 @@ Two token layouts, both the same blocks:
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -35,6 +39,18 @@ from mmseg.registry import MODELS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Reads `init_checkpoint` into the backbone: loader(source, vit, allow_pickle) -> its load report (which the
+# loader also logs). None until a module hands one in.
+CheckpointLoader = Callable[[str, VisionTransformer, bool], Any]
+_checkpoint_loader: CheckpointLoader | None = None
+
+
+def set_checkpoint_loader(loader: CheckpointLoader | None) -> CheckpointLoader | None:
+    """Hand in the function `MAEViT.init_weights` reads `init_checkpoint` with; returns the one it replaces."""
+    global _checkpoint_loader
+    previous, _checkpoint_loader = _checkpoint_loader, loader
+    return previous
+
 
 @MODELS.register_module()
 class MAEViT(VisionTransformer):
@@ -46,9 +62,9 @@ class MAEViT(VisionTransformer):
     use_rel_pos_bias: BEiT relative position bias per block, zero-initialised (mmseg `MAE`).
     init_values: layer scale `gamma_1` / `gamma_2` per block (mmseg `MAE(init_values=1.0)`); None: none.
     out_indices: blocks whose outputs are returned, in increasing order (B: 3,5,7,11; L: 7,11,15,23).
-    init_checkpoint: any checkpoint format `mae_transfer.checkpoint` imports (our MAE, official MAE,
-        timm, HF, mmseg, ...); loaded in `init_weights`, i.e. when the Runner initialises the model, with
-        a load report in the log.
+    init_checkpoint: a checkpoint in any format the loader handed in reads (`set_checkpoint_loader`; the
+        toolkit's reads our MAE, official MAE, timm, HF, mmseg, ...); loaded in `init_weights`, i.e. when the
+        Runner initialises the model, with a load report in the log.
     allow_pickle: let `init_checkpoint` hold pickled Python objects (only for files you trust).
     freeze_blocks: freeze the patch embedding, position table and the first k blocks
         (`VisionTransformer.freeze_blocks`); -1 freezes the whole backbone.
@@ -93,7 +109,7 @@ class MAEViT(VisionTransformer):
         self.with_cls_token = with_cls_token
         self.init_checkpoint = init_checkpoint
         self.allow_pickle = allow_pickle
-        self.init_report: Any = None  # mae_transfer.checkpoint.LoadReport after init_weights
+        self.init_report: Any = None  # the checkpoint loader's report after init_weights
         if not with_cls_token:
             # Kept so checkpoints load 1:1, but unused: no gradient (DDP would flag it as unused).
             self.cls_token.requires_grad_(False)
@@ -105,7 +121,12 @@ class MAEViT(VisionTransformer):
         super().init_weights()
         path = getattr(self, "init_checkpoint", None)  # unset while VisionTransformer.__init__ runs
         if path:
-            self.init_report = load_backbone_checkpoint(self, path, self.allow_pickle)
+            if _checkpoint_loader is None:
+                raise BackboneError(
+                    f"MAEViT init_checkpoint={path!r}: no checkpoint loader was handed in; list the module that "
+                    "provides one in the config's custom_imports, as the configs in configs/ do, or call "
+                    "backbones.mmseg.set_checkpoint_loader")
+            self.init_report = _checkpoint_loader(path, self, self.allow_pickle)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -121,23 +142,6 @@ class MAEViT(VisionTransformer):
 
         self.run_blocks(self.embed_tokens(x), self.out_indices, hook=keep, hw=(h, w))
         return tuple(outs)
-
-
-def load_backbone_checkpoint(vit: VisionTransformer, path: str, allow_pickle: bool = False) -> Any:
-    """Import `path` (any supported format) into `vit` through `mae_transfer.checkpoint`.
-
-    The load report (format, loaded / missing / unexpected keys, resized tables) goes to the
-    mmengine log of the run, so every training log says what the backbone started from.
-    """
-    from mmengine.logging import print_log
-
-    # The one use of mae_transfer in backbones/ (only with init_checkpoint set): the any-format checkpoint
-    # reader lives there and has not moved below the line yet.
-    from mae_transfer.checkpoint import load_backbone
-
-    report = load_backbone(vit, path, allow_pickle)
-    print_log(f"backbone init_checkpoint load report:\n{report}", logger="current")
-    return report
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()

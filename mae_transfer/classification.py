@@ -188,7 +188,7 @@ def classifier_head(model: VisionTransformer) -> nn.Linear:
     return model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
 
 
-def init_from_pretrained(model: VisionTransformer, path: str, cfg: dict[str, Any]) -> None:
+def init_from_pretrained(path: str, model: VisionTransformer, cfg: dict[str, Any]) -> None:
     """Load pretrained weights (any supported format, pos-embed resampled) and start a new head, as the
     official fine-tuning does: a head in the checkpoint is not kept; fc_norm is kept if present."""
     sd, report = load_backbone_state_dict(path, model, cfg["allow_pickle"])
@@ -199,7 +199,7 @@ def init_from_pretrained(model: VisionTransformer, path: str, cfg: dict[str, Any
     nn.init.zeros_(head.bias)
 
 
-def load_for_eval(model: VisionTransformer, path: str | Path, allow_pickle: bool = False) -> None:
+def load_for_eval(path: str | Path, model: VisionTransformer, allow_pickle: bool = False) -> None:
     """Load a whole fine-tuned classifier (ours, official MAE fine-tuned / linprobe, timm, DeiT, HF ...):
     every tensor must be there and the head must have the data's number of classes."""
     sd, report = load_backbone_state_dict(str(path), model, allow_pickle)
@@ -311,7 +311,7 @@ class ClassificationTask(Task):
         if cfg["finetune"]:
             if not Path(cfg["finetune"]).exists():
                 raise MaeTransferError(f"pretrained checkpoint not found: {cfg['finetune']}")
-            init_from_pretrained(model, cfg["finetune"], cfg)
+            init_from_pretrained(cfg["finetune"], model, cfg)
         else:
             nn.init.trunc_normal_(classifier_head(model).weight, std=cfg["head_init_std"])
             logger.info("no pretrained weights (finetune=''): training from random init")
@@ -369,7 +369,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
         path = Path(cfg["output_dir"]) / LAST_CHECKPOINT if str(checkpoint) == "auto" else Path(checkpoint)
         if not path.is_file():
             raise MaeTransferError(f"checkpoint not found: {path}")
-        load_for_eval(model, path, cfg["allow_pickle"])
+        load_for_eval(path, model, cfg["allow_pickle"])
         model.to(device)
         amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32
         metrics = evaluate(model, _val_loader(val, cfg, rank, world, device), device, nc, amp_dtype, world)

@@ -47,7 +47,7 @@ def img() -> torch.Tensor:
 
 
 def _load(src, model, **kw) -> LoadReport:
-    report = load_backbone(model, src, **kw)
+    report = load_backbone(src, model, **kw)
     assert "format" in str(report) and report.format in str(report)
     return report
 
@@ -248,6 +248,82 @@ def test_detectron2_vitdet_parity_and_rel_pos_resize(img, tmp_path):
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(big.forward_spatial(x)[0], ref(x)["last_feat"], **TOL)
+
+
+def test_bare_detectron2_vit_is_labelled_detectron2_and_detector_report_says_what_is_unused(img):
+    """detectron2's `ViT` module state dict (no cls token, no final norm) is called what it is, not `timm`; a
+    whole ViTDet backbone's pyramid keys are reported as a feature pyramid this backbone does not use."""
+    from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
+
+    ref = _d2_vit()
+    model = ours(class_token=False, window_size=2, global_block_indexes=[1], use_rel_pos=True, rel_pos_input_size=64)
+    report = _load(ref.state_dict(), model)
+    assert report.format == "detectron2_vit" and "detectron2" in report.label and "timm" not in report.label
+    assert report.missing == ["norm.weight", "norm.bias"] and not report.unexpected
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_spatial(img)[0], ref(img)["last_feat"], **TOL)
+    pyramid = SimpleFeaturePyramid(ref, "last_feat", out_channels=32, scale_factors=(4.0, 2.0, 1.0, 0.5),
+                                   norm="LN", square_pad=64)
+    n_pyramid = sum(1 for k in pyramid.state_dict() if not k.startswith("net."))
+    assert n_pyramid > 0
+    detector = {"backbone." + k: v for k, v in pyramid.state_dict().items()}
+    detector["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(4, 32)
+    report = _load(detector, ours(class_token=False, window_size=2, global_block_indexes=[1], use_rel_pos=True,
+                                  rel_pos_input_size=64))
+    assert report.format == "detectron2_vitdet" and len(report.unexpected) == n_pyramid + 1
+    text = str(report)
+    assert f"not used by this backbone: feature pyramid, {n_pyramid} keys" in text, text
+    assert "not used by this backbone: box / mask heads, 1 key" in text, text
+    assert "ignored" not in text and "backbone.*" not in text, text  # nothing reads as "the backbone was ignored"
+
+
+def test_report_names_unused_and_kept_keys_by_what_they_are(tmp_path):
+    sd = _official_mae_pretrain_dict(timm_vit())["model"]
+    sd["mystery.weight"] = torch.zeros(3)
+    text = str(_load(sd, ours(final_norm=False)))
+    assert "format mae_official_pretrain (facebookresearch/mae pretraining checkpoint" in text, text
+    assert "not used by this backbone: MAE decoder, 8 keys" in text, text  # mask token + 7 decoder tensors
+    assert "not used by this backbone: final norm, 2 keys" in text, text
+    assert "not used by this backbone: other keys, 1 key (mystery.weight)" in text, text
+    text = str(_load(sd, ours(use_rel_pos=True, window_size=2, global_block_indexes=[1])))
+    assert f"not in the checkpoint, model init kept: {2 * DEPTH} keys (blocks.*.attn.rel_pos_h (2)" in text, text
+
+
+def test_format_priority_not_registration_order():
+    """A format registered later with a higher priority wins over an earlier lower-priority match, and a lower
+    one loses although registered last; priorities are unique."""
+    from mae_transfer.checkpoint import Format, detect_format, register_format, registered_formats, unregister_format
+
+    sd = timm_vit().state_dict()
+    sd["mask_token"] = torch.zeros(1, 1, DIM)  # matches timm (30) and mae_official_pretrain (50)
+    assert detect_format(sd) == "mae_official_pretrain"
+    probe = lambda sd, meta: "mask_token" in sd  # noqa: E731
+    keep = lambda sd: (dict(sd), [], [])  # noqa: E731
+    low = register_format(Format("test_low", "a test format", probe, keep, priority=20))
+    try:
+        assert detect_format(sd) == "mae_official_pretrain"  # registered last, lower priority: loses
+        high = register_format(Format("test_high", "a test format", probe, keep, priority=51))
+        try:
+            assert detect_format(sd) == "test_high"
+            names = [f.name for f in registered_formats()]  # highest priority first
+            assert names.index("test_high") < names.index("mae_official_pretrain") < names.index("test_low")
+            with pytest.raises(ValueError, match="priority 51 is already 'test_high'"):
+                register_format(Format("test_clash", "a test format", probe, keep, priority=51))
+        finally:
+            unregister_format(high.name)
+    finally:
+        unregister_format(low.name)
+    assert detect_format(sd) == "mae_official_pretrain"
+    assert not {"test_low", "test_high", "test_clash"} & {f.name for f in registered_formats()}
+
+
+def test_load_backbone_takes_the_source_first_and_warns_on_the_old_order():
+    sd = timm_vit().state_dict()
+    new, old = ours(num_classes=7), ours(num_classes=7)
+    assert load_backbone(sd, new).format == "timm"
+    with pytest.warns(DeprecationWarning, match=r"load_backbone\(source, model\)"):
+        assert load_backbone(old, sd).format == "timm"
+    torch.testing.assert_close(old.blocks[1].attn.qkv.weight, new.blocks[1].attn.qkv.weight, atol=0, rtol=0)
 
 
 def test_rel_pos_tables_absent_are_created_fresh():

@@ -121,7 +121,7 @@ def test_official_finetuned_checkpoint_gives_identical_logits(tmp_path: Path) ->
     assert "fc_norm.weight" in sd and "norm.weight" not in sd
     torch.save({"model": sd, "epoch": 99}, tmp_path / "official_ft.pth")
     ours = build_classifier(_our_cfg("finetune", "avg"), num_classes=7)
-    load_for_eval(ours, tmp_path / "official_ft.pth")
+    load_for_eval(tmp_path / "official_ft.pth", ours)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), ref(x), atol=1e-5, rtol=1e-5)
@@ -138,7 +138,7 @@ def test_linprobe_head_matches_official_layout(tmp_path: Path) -> None:
     ref.eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "linprobe.pth")
     ours = build_classifier(_our_cfg("linprobe", "token"), num_classes=5)
-    load_for_eval(ours, tmp_path / "linprobe.pth")
+    load_for_eval(tmp_path / "linprobe.pth", ours)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), ref(x), atol=1e-5, rtol=1e-5)

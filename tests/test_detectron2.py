@@ -139,7 +139,7 @@ def test_abs_pos_resize_equals_detectron2_get_abs_pos_at_1024():
         expect = get_abs_pos(run_time.pos_embed, True, (64, 64))
         assert torch.equal(run_time.abs_pos((64, 64)), expect)
         at_import = ViTBackbone(img_size=1024, **arch)
-        load_backbone(at_import, {"model": {"backbone.net." + k: v for k, v in run_time.state_dict().items()}})
+        load_backbone({"model": {"backbone.net." + k: v for k, v in run_time.state_dict().items()}}, at_import)
         assert torch.equal(at_import.pos_embed[:, 1:].reshape(1, 64, 64, 32), expect)
         assert torch.equal(at_import.pos_embed[:, :1], run_time.pos_embed[:, :1])
 

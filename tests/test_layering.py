@@ -40,6 +40,46 @@ def test_no_backbones_module_loads_mae_transfer() -> None:
     assert result == {"core": [], "adapters": []}
 
 
+def test_backbones_sources_never_name_mae_transfer() -> None:
+    """Static: no file in backbones/ mentions the toolkit at all (no import, no lazy import inside a function,
+    no import_module string), so nothing can reach it at run time either; what the mmseg adapter needs from
+    above (its checkpoint reader) is handed in."""
+    sources = sorted((REPO_ROOT / "backbones").rglob("*.py"))
+    assert len(sources) >= 6
+    naming = [str(p.relative_to(REPO_ROOT)) for p in sources if "mae_transfer" in p.read_text()]
+    assert naming == []
+
+
+def test_mmseg_backbone_gets_its_checkpoint_loader_handed_in() -> None:
+    """Without a loader, init_checkpoint is one clear error; the config's custom_imports hand the toolkit's in,
+    and loading it then goes through mae_transfer.checkpoint with its report."""
+    result = run_fresh("""
+        import json, sys
+        import backbones.mmseg
+        from backbones.errors import BackboneError
+        vit = backbones.mmseg.MAEViT(img_size=32, embed_dim=32, depth=2, num_heads=2, out_indices=(1,),
+                                     init_checkpoint="nowhere.pth")
+        try:
+            vit.init_weights()
+            error = ""
+        except BackboneError as err:
+            error = str(err)
+        loaded_before = "mae_transfer" in sys.modules
+        from mmengine.config import Config
+        Config.fromfile("configs/ade20k_upernet_vit_tiny_cpu.py")  # runs custom_imports
+        after = "no error"
+        try:
+            vit.init_weights()
+        except Exception as err:
+            after = type(err).__module__ + ": " + str(err)
+        print(json.dumps({"error": error, "loaded_before": loaded_before, "after": after,
+                          "loader": backbones.mmseg._checkpoint_loader.__module__}))
+    """)
+    assert "no checkpoint loader" in result["error"] and "custom_imports" in result["error"], result
+    assert not result["loaded_before"] and result["loader"] == "mae_transfer.mmseg_checkpoint", result
+    assert result["after"].startswith("mae_transfer.errors: ") and "nowhere.pth" in result["after"], result
+
+
 def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
     result = run_fresh(f"""
         import json, sys

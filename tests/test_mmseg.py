@@ -96,7 +96,7 @@ def test_parity_with_mmseg_mae_at_512_with_interpolated_pos_embed(tmp_path):
     ref.eval()
     assert ref.pos_embed.shape == (1, 1 + 32 * 32, C)
     ours = MAEViT(img_size=224, embed_dim=C, depth=DEPTH, num_heads=HEADS, out_indices=OUT, drop_path_rate=0.0)
-    report = load_backbone(ours, str(path))
+    report = load_backbone(str(path), ours)
     assert report.format == "mmseg_mae" and report.missing == []
     assert ours.pos_embed.shape == (1, 1 + 14 * 14, C)  # interpolated in forward, not in the weights
     ours.eval()
@@ -129,7 +129,7 @@ def test_pos_embed_resize_at_import_equals_mmseg_mae_resize_abs_pos_embed(tmp_pa
 
     ours = MAEViT(img_size=512, use_rel_pos_bias=True, init_values=1.0, embed_dim=C, depth=DEPTH, num_heads=HEADS,
                   out_indices=OUT, drop_path_rate=0.0)
-    report = load_backbone(ours, str(tmp_path / "mmseg_mae_224.pth"))
+    report = load_backbone(str(tmp_path / "mmseg_mae_224.pth"), ours)
     assert report.resized["pos_embed"] == ((1, 197, C), (1, 1025, C))
     assert torch.equal(ours.pos_embed.detach(), expect)
     timm_like = resize_abs_pos(sd["pos_embed"], (32, 32), 1, antialias=True).reshape(1, 1024, C)
@@ -163,7 +163,7 @@ def test_parity_with_mmseg_mae_rel_pos_bias_layer_scale_512_table(tmp_path, capl
     ours = MAEViT(embed_dim=C, depth=DEPTH, num_heads=HEADS, out_indices=OUT, drop_path_rate=0.0, **opts)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     with caplog.at_level("WARNING"):
-        report = load_backbone(ours, str(path))
+        report = load_backbone(str(path), ours)
     assert report.format == "mmseg_mae" and report.missing == [] and report.resized == {} and not caplog.records
     ours.eval()
     x = torch.randn(1, 3, 512, 512, generator=g)
@@ -206,7 +206,7 @@ def test_parity_without_cls_token_with_mmseg_vision_transformer():
     ref.eval()
     ours = MAEViT(img_size=224, embed_dim=C, depth=DEPTH, num_heads=HEADS, out_indices=OUT, drop_path_rate=0.0,
                   with_cls_token=False)
-    report = load_backbone(ours, ref.state_dict())
+    report = load_backbone(ref.state_dict(), ours)
     assert report.format == "mmseg_vit" and report.missing == []
     assert not ours.cls_token.requires_grad  # unused in this layout
     ours.eval()
@@ -267,7 +267,8 @@ def test_real_configs_build_and_parameter_counts_match_mmseg_mae(name, capsys):
 def test_recipe_values():
     b = _cfg("ade20k_upernet_vit_b.py")
     # MAE paper A.4 / mmseg mae-base_upernet_8xb2-amp-160k_ade20k-512x512
-    assert b.model.backbone.type == "MAEViT" and b.custom_imports.imports == ["backbones.mmseg"]
+    assert b.model.backbone.type == "MAEViT"
+    assert b.custom_imports.imports == ["backbones.mmseg", "mae_transfer.mmseg_checkpoint"]  # adapter, its loader
     assert b.model.backbone.out_indices == (3, 5, 7, 11) and b.model.backbone.drop_path_rate == 0.1
     assert b.model.neck == dict(type="Feature2Pyramid", embed_dim=768, rescales=[4, 2, 1, 0.5],
                                 norm_cfg=dict(type="SyncBN", requires_grad=True))

@@ -139,7 +139,7 @@ def test_timm_checkpoint_converts_with_equal_outputs(tmp_path: Path, capsys) -> 
             p.add_(torch.randn_like(p) * 0.05)
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
     ours = VisionTransformer(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
-    report = load_backbone(ours, tmp_path / "timm.pth")
+    report = load_backbone(tmp_path / "timm.pth", ours)
     assert report.format == "timm" and not report.missing and not report.unexpected
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -5,8 +5,9 @@
         --model vit_base_patch16_224 --window-size 14 --global-blocks 2 5 8 11 --use-rel-pos \
         --rel-pos-input-size 1024
 
-Prints the load report (format, loaded / missing / unexpected / resized keys). The output is written
-atomically: on any error nothing is left at DST. Training tools accept the SRC file directly as well.
+Prints the load report (format, loaded / resized tensors, tensors kept at init, unused keys by what they are).
+The output is written atomically: on any error nothing is left at DST. Training tools accept the SRC file
+directly as well.
 A detectron2 file holds what detectron2's ViTDet `ViT` loads: the pretraining position table with its cls row
 (keep the default --img-size 224, no --no-cls-token: detectron2 resizes it at run time), no cls token or final norm.
 """
