@@ -5,7 +5,7 @@ preemption / timeout and resumes from the tool's last checkpoint.
     python tools/submit.py --nodes 2 --gpus-per-node 8 --partition gpu --time 72:00:00 \\
         pretrain --config configs/mae_pretrain_vit_l.py --data /datasets/imagenet/train --output-dir work_dirs/mae_l
 
-Inside the job, per tool (`TOOLS`):
+Inside the job, per tool (`TOOLS`, mae_transfer/task_kinds.py):
 - `pretrain`, `finetune_cls` (our engine) and `train_seg` (mmengine's `pytorch` launcher): one task per GPU, each
   with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) taken
   from `submitit.JobEnvironment`;
@@ -39,23 +39,11 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.launch import STOP_GRACE_S, stop_child
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.task_kinds import TOOLS
 
 EXECUTORS = ("slurm", "local")
 
 
-@dataclass(frozen=True)
-class Tool:
-    script: str  # relative to the repository root
-    mode: str  # "torch_env": torchrun's variables; "mmengine": the same + --launcher; "detectron2": launch flags
-    checkpoint_marker: str  # the file in the output folder that says there is a checkpoint to resume from
-
-
-TOOLS = {
-    "pretrain": Tool("tools/pretrain.py", "torch_env", "checkpoint_last.pth"),
-    "finetune_cls": Tool("tools/finetune_cls.py", "torch_env", "checkpoint_last.pth"),
-    "train_det": Tool("tools/train_det.py", "detectron2", "last_checkpoint"),
-    "train_seg": Tool("tools/train_seg.py", "mmengine", "last_checkpoint"),
-}
 
 
 def tool_name(name: str) -> str:
@@ -218,7 +206,7 @@ def output_dir_of(args: Sequence[str]) -> str | None:
 
 
 def has_checkpoint(tool: str, output_dir: str | os.PathLike) -> bool:
-    return (Path(output_dir) / TOOLS[tool].checkpoint_marker).is_file()
+    return TOOLS[tool].has_checkpoint(output_dir)
 
 
 class ToolJob:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.launch import run_logged, sigterm_as_interrupt
@@ -368,25 +369,26 @@ def convert(out: Path, mae_ckpt: Path) -> Path:
     return dst
 
 
-def _resume_flag(work_dir: Path) -> list[str]:
-    """detectron2 and mmengine both leave `last_checkpoint`: a training that was interrupted continues."""
-    if not (work_dir / "last_checkpoint").is_file():
+def _resume_flag(work_dir: Path, kind: str) -> list[str]:
+    """A training that was interrupted continues from the checkpoint its tool left (`task_kinds`)."""
+    last = task_kinds.last_checkpoint(kind, work_dir)
+    if last is None:
         return []
     if not (work_dir / DONE).is_file():
-        log(f"  resuming from {(work_dir / 'last_checkpoint').read_text().strip()}")
+        log(f"  resuming from {last}")
     return ["--resume"]
 
 
 def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[str, Any]:
     det_dir = out / "det"
-    n = schedule.det_iters
-    base = ["tools/train_det.py", "--config", DET_CONFIG, *data.det.args()]
-    # checkpoints 4x per run (the newest kept, plus model_final.pth), so an interruption loses little
+    n, det = schedule.det_iters, task_kinds.get("det")
+    base = [det.tool.script, "--config", DET_CONFIG, *data.det.args()]
+    # checkpoints 4x per run (the newest kept, plus model_final.pth), so an interruption loses little;
+    # seed 0: the recipe's -1 draws a seed per run, and 200-iteration AP then ranged 3-20 between runs
     run_step("detection training", det_dir / DONE,
-             [*base, *_resume_flag(det_dir), "--output-dir", str(det_dir),
-              f"train.init_checkpoint={init}", f"train.max_iter={n}", f"train.eval_period={n}",
-              f"train.checkpointer.period={max(1, n // 4)}", "train.checkpointer.max_to_keep=1",
-              "train.seed=0",  # the recipe's -1 draws a seed per run: 200-iteration AP then ranged 3-20 between runs
+             [*base, *_resume_flag(det_dir, "det"), "--output-dir", str(det_dir),
+              det.overrides.init_override.format(checkpoint=init), *det.overrides.cell(n, max(1, n // 4), 0),
+              "train.checkpointer.max_to_keep=1",
               "optimizer.lr=5e-4",  # a few hundred CPU iterations instead of ViTDet's 184k
               f"lr_multiplier.scheduler.num_updates={n}",
               f"lr_multiplier.scheduler.milestones=[{int(n * 0.8)},{int(n * 0.95)}]"],
@@ -396,21 +398,23 @@ def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[st
              [*base, "--output-dir", str(det_dir), "--infer", *map(str, data.det_pictures), "--pictures-dir", str(pics),
               "--score-thresh", str(DET_PICTURE_SCORE),  # a short CPU run ranks well (AP) but scores low
               "--top-k", str(DET_PICTURE_TOP_K),
-              f"train.init_checkpoint={det_dir / 'model_final.pth'}"],
+              det.overrides.init_override.format(checkpoint=det_dir / "model_final.pth")],
              out / "logs" / "infer_det.log")
     return dict(record=read_eval_metrics(det_dir, "det"), pictures=sorted(pics.glob("*.png")))
 
 
 def segment(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[str, Any]:
     seg_dir = out / "seg"
-    n = schedule.seg_iters
-    base = ["tools/train_seg.py", "--config", str(data.seg.config), "--output-dir", str(seg_dir)]
-    options = ["--cfg-options", *data.seg.cfg_options(), f"train_cfg.max_iters={n}", f"train_cfg.val_interval={n}",
-               f"default_hooks.checkpoint.interval={max(1, n // 2)}",  # a checkpoint half-way, to resume from
+    n, seg = schedule.seg_iters, task_kinds.get("seg")
+    base = [seg.tool.script, "--config", str(data.seg.config), "--output-dir", str(seg_dir)]
+    spelling = seg.overrides
+    options = [spelling.overrides_flag, *data.seg.cfg_options(), *(t.format(iters=n) for t in spelling.length),
+               spelling.checkpoint_period.format(period=max(1, n // 2)),  # a checkpoint half-way, to resume from
                f"param_scheduler.0.end={max(1, n // 10)}", f"param_scheduler.1.begin={max(1, n // 10)}",
                f"param_scheduler.1.end={n}"]
     run_step("segmentation training", seg_dir / DONE,
-             [*base, "--init-checkpoint", str(init), *_resume_flag(seg_dir), *options], out / "logs" / "train_seg.log")
+             [*base, spelling.init_flag, str(init), *_resume_flag(seg_dir, "seg"), *options],
+             out / "logs" / "train_seg.log")
     pics = seg_dir / "pictures"
     run_step("segmentation evaluation + pictures", pics / DONE,
              [*base, "--eval-only", str(seg_dir / f"iter_{n}.pth"), "--pictures-dir", str(pics),

@@ -35,7 +35,7 @@ from omegaconf import ListConfig, OmegaConf
 
 import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for yacs configs)
 from mae_transfer import checkpoint as ckpt
-from mae_transfer import detection_recipe
+from mae_transfer import detection_recipe, task_kinds
 from mae_transfer.data import IMAGE_SUFFIXES
 from mae_transfer.detectron2_data import register_coco_instances_checked
 from mae_transfer.detection_pictures import ground_truth_records, prediction_picture
@@ -210,10 +210,8 @@ def setup_datasets(cfg: Any, train_json: str | None = None, train_images: str | 
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-def last_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint named in `output_dir/last_checkpoint` (written by detectron2's checkpointer), if any."""
-    marker = Path(output_dir) / "last_checkpoint"
-    return os.path.join(output_dir, marker.read_text().strip()) if marker.is_file() else None
+# the checkpoint named in `output_dir/last_checkpoint` (written by detectron2's checkpointer), if any
+last_checkpoint = task_kinds.KINDS["det"].last_checkpoint
 
 
 def eval_weights(eval_only: str, output_dir: str, init_checkpoint: str) -> str:

@@ -13,8 +13,9 @@ Strict JSON: an undefined number (NaN, e.g. COCO AP when the model made no detec
 metric that is null says why in `undefined`. `read_eval_metrics` gives undefined metrics back as NaN, which
 tables show as missing.
 
-Metric names are the study table's (`METRIC_NAMES`): the study runner and the demo read this file only, never
-a framework's own logs. Written atomically; a missing or malformed file is one clear error.
+The task kinds and the metrics each must hold are `mae_transfer.task_kinds`' (`TaskKind.eval_metrics`): the study
+runner and the demo read this file only, never a framework's own logs. Written atomically; a missing or malformed
+file is one clear error.
 """
 from __future__ import annotations
 
@@ -24,25 +25,26 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 
 FILENAME = "eval_metrics.json"
-METRIC_NAMES = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1", "top5")}
 
 
 def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mapping[str, float | None], *, tool: str,
                        iteration: int | None = None, epoch: int | None = None,
                        checkpoint: str | os.PathLike | None = None,
                        details: Mapping[str, Any] | None = None, reasons: Mapping[str, str] | None = None) -> Path:
-    """Write `output_dir/eval_metrics.json`; `metrics` must hold the task's `METRIC_NAMES`. A metric that is None
+    """Write `output_dir/eval_metrics.json`; `metrics` must hold the task kind's `eval_metrics`. A metric that is None
     or not finite is written as null, with `reasons[name]` (or what the value was) in "undefined"; any other
     non-finite number (in `details`) as null."""
-    if task not in METRIC_NAMES:
-        raise ValueError(f"task must be one of {sorted(METRIC_NAMES)}, got {task!r}")
-    missing = [m for m in METRIC_NAMES[task] if m not in metrics]
+    if task not in task_kinds.KINDS:
+        raise ValueError(f"task must be one of {sorted(task_kinds.KINDS)}, got {task!r}")
+    required = task_kinds.KINDS[task].eval_metrics
+    missing = [m for m in required if m not in metrics]
     if missing:
-        raise ValueError(f"{task} metrics need {list(METRIC_NAMES[task])}, missing {missing}")
+        raise ValueError(f"{task} metrics need {list(required)}, missing {missing}")
     values = {k: None if v is None else float(v) for k, v in metrics.items()}
     undefined = {k: (reasons or {}).get(k) or f"the evaluation gave {v}"
                  for k, v in values.items() if v is None or not math.isfinite(v)}
@@ -68,12 +70,12 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MaeTransferError(f"{path}: malformed json ({err})") from None
     if (not isinstance(record, dict) or not isinstance(record.get("metrics"), dict)
-            or record.get("task") not in METRIC_NAMES):
+            or record.get("task") not in task_kinds.KINDS):
         raise MaeTransferError(f"{path}: not an eval_metrics.json record "
                                "(expected task, metrics, ...; see mae_transfer/metrics.py)")
     if task is not None and record["task"] != task:
         raise MaeTransferError(f"{path}: metrics of a {record['task']!r} run, expected {task!r}")
-    missing = [m for m in METRIC_NAMES[record["task"]] if m not in record["metrics"]]
+    missing = [m for m in task_kinds.KINDS[record["task"]].eval_metrics if m not in record["metrics"]]
     if missing:
         raise MaeTransferError(f"{path}: metrics {missing} missing")
     record["metrics"] = {k: math.nan if v is None else v for k, v in record["metrics"].items()}

@@ -30,7 +30,7 @@ from mmengine.runner import Runner
 from mmseg.registry import DATASETS
 from PIL import Image
 
-from mae_transfer import segmentation_recipe
+from mae_transfer import segmentation_recipe, task_kinds
 from mae_transfer.data import IMAGE_READ_ERRORS, MAX_INVALID_FRACTION, FileFacts, image_file_status
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
@@ -346,12 +346,8 @@ def check_eval_checkpoint(model: Any, path: str, allow_pickle: bool = False) -> 
     return meta.get("iter") if isinstance(meta, dict) and isinstance(meta.get("iter"), int) else None
 
 
-def last_checkpoint(work_dir: str) -> str | None:
-    """The checkpoint named in `work_dir/last_checkpoint` (written by mmengine's CheckpointHook), if any."""
-    marker = Path(work_dir) / "last_checkpoint"
-    if not marker.is_file():
-        return None
-    return os.path.join(work_dir, marker.read_text().strip())  # mmengine writes an absolute path; join keeps it
+# the checkpoint named in `work_dir/last_checkpoint` (written by mmengine's CheckpointHook), if any
+last_checkpoint = task_kinds.KINDS["seg"].last_checkpoint
 
 
 # ---------------------------------------------------------------------------------------- metrics, pictures

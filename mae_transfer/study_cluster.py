@@ -26,8 +26,10 @@ from mae_transfer.cluster import ALIVE, Resources, ToolJob, job_states, make_res
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
-from mae_transfer.study import (DONE, METRIC_READERS, TOOL_OF_KIND, Cell, Study, _safe, backbone_commands,
-                                cell_tool_args, check_inputs, prepare_pretrain_data, write_done, write_results)
+from mae_transfer.study_inputs import check_inputs
+from mae_transfer.study_report import write_results
+from mae_transfer.study_run import prepare_pretrain_data, read_metrics, write_done
+from mae_transfer.study_spec import DONE, Cell, Study, _safe, backbone_commands, cell_command
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +46,13 @@ class CellJob(ToolJob):
     tool's distributed mode); on success it writes the cell's `done.json` from the tool's eval_metrics.json."""
 
     def __init__(self, study: Study, cell: Cell, checkpoint: str | None, gpus_per_node: int) -> None:
-        super().__init__(TOOL_OF_KIND[study.tasks[cell.task]["kind"]], cell_tool_args(study, cell, checkpoint),
-                         study.python, gpus_per_node, what=f"cell {cell.name}",
+        tool, args = cell_command(study, cell, checkpoint, resume=False)
+        super().__init__(tool, args, study.python, gpus_per_node, what=f"cell {cell.name}",
                          cwd=REPO_ROOT)  # where the in-process study runs its tools too
         self.study, self.cell, self.checkpoint = study, cell, checkpoint
 
     def on_success(self, seconds: float, resumed: bool) -> dict[str, Any]:
-        metrics = METRIC_READERS[self.study.tasks[self.cell.task]["kind"]](self.study.cell_dir(self.cell))
+        metrics = read_metrics(self.study.cell_dir(self.cell), self.study.tasks[self.cell.task]["kind"])
         return write_done(self.study, self.cell, self.checkpoint, metrics, seconds, resumed)
 
 

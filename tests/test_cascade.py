@@ -148,10 +148,10 @@ def test_tiny_cascade_study_cell_trains_on_fruits_nuts_evaluates_and_resumes(fru
                          "model.roi_heads.box_predictors.2.test_score_thresh=0.0",
                          "model.roi_heads.box_predictors.2.test_topk_per_image=10"])
     cell = Cell("scratch", "det", 0, 0)
-    cmd = cell_command(study, cell, None, resume=False)
-    assert cmd[1].endswith("tools/train_det.py") and cmd[cmd.index("--config") + 1] == TINY
+    tool, cmd = cell_command(study, cell, None, resume=False)
+    assert tool == "train_det" and cmd[cmd.index("--config") + 1] == TINY
     out = study.cell_dir(cell)
-    assert run_cli(train_det.main, cmd[2:]) == 0
+    assert run_cli(train_det.main, cmd) == 0
     rows = [m for m in _metrics(out) if "total_loss" in m]  # detectron2 logs running medians
     assert [r["iteration"] for r in rows] == list(range(5))
     for stage in range(3):
@@ -167,8 +167,8 @@ def test_tiny_cascade_study_cell_trains_on_fruits_nuts_evaluates_and_resumes(fru
         (out / name).unlink()
     (out / "last_checkpoint").write_text("model_0000001.pth")
     before = len(_metrics(out))
-    cmd = cell_command(study, cell, None, resume=True)
-    assert cmd[-1] == "--resume" and run_cli(train_det.main, cmd[2:]) == 0
+    _, cmd = cell_command(study, cell, None, resume=True)
+    assert cmd[-1] == "--resume" and run_cli(train_det.main, cmd) == 0
     assert [m["iteration"] for m in _metrics(out)[before:] if "total_loss" in m] == [2, 3, 4]
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 4
     record = read_eval_metrics(out, "det")
@@ -180,8 +180,8 @@ def test_study_cell_command_builds_the_cascade_model(fruits_nuts, tmp_path):
     """The study's det command for the cascade config sets up a cascade model with the dataset's classes in
     every stage and the cell's frozen blocks."""
     study = _study(fruits_nuts, tmp_path, iters=8)
-    cmd = cell_command(study, Cell("scratch", "det", 2, 0), None, resume=False)
-    cfg = detection.setup(train_det.parse_args(cmd[2:]))
+    _, cmd = cell_command(study, Cell("scratch", "det", 2, 0), None, resume=False)
+    cfg = detection.setup(train_det.parse_args(cmd))
     assert cfg.train.max_iter == 8 and cfg.train.eval_period == 8
     model = instantiate(cfg.model)
     assert isinstance(model.roi_heads, CascadeROIHeads)

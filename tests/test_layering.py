@@ -91,6 +91,7 @@ def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
         mae_frameworks = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})
         import mae_transfer.optim, mae_transfer.checkpoint, mae_transfer.runtime
         import mae_transfer.pretraining, mae_transfer.classification, mae_transfer.recipe
+        import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.study, mae_transfer.study_cluster
         print(json.dumps({{
             "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
             "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,

@@ -167,7 +167,7 @@ def test_study_passes_the_opt_in_to_every_cell(shapes, tmp_path):
     for allow in (False, True):
         study = load_study(spec, tmp_path, allow_pickle=allow)
         for cell in study.cells():
-            assert ("--allow-pickle" in cell_command(study, cell, None, False)) == allow
+            assert ("--allow-pickle" in cell_command(study, cell, None, False)[1]) == allow
 
 
 def test_mmengine_reader_allows_exactly_the_runner_types(tmp_path):

@@ -19,8 +19,8 @@ from mae_transfer.checkpoint import BACKBONE_FORMAT
 from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
-from mae_transfer.study import (DONE, Cell, cell_command, load_study, read_seg_metrics, results_markdown, run_study,
-                                collect, differences, plot_caption, summarise, write_results)
+from mae_transfer.study import (DONE, Cell, cell_command, command_line, load_study, read_seg_metrics, results_markdown,
+                                run_study, collect, differences, plot_caption, summarise, write_results)
 from tests.conftest import REPO_ROOT
 
 SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
@@ -70,14 +70,17 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     assert cells[0] == Cell("MAE", "det", 0, 0) and {c.seed for c in cells[:12]} == {0}  # seed-major
     assert [study.blocks_tuned(f) for f in study.freeze_blocks] == [4, 2, 0]
 
-    det = cell_command(study, Cell("MAE", "det", 2, 1), str(tmp_path / "mae.pth"), resume=True)
-    assert det[1].endswith("tools/train_det.py") and det[det.index("--freeze-blocks") + 1] == "2"
+    tool, det = cell_command(study, Cell("MAE", "det", 2, 1), str(tmp_path / "mae.pth"), resume=True)
+    assert tool == "train_det" and det[det.index("--freeze-blocks") + 1] == "2"
+    line = command_line(study, Cell("MAE", "det", 2, 1), str(tmp_path / "mae.pth"), resume=True)
+    assert line[0] == study.python and line[1].endswith("tools/train_det.py") and line[2:] == det
     assert f"train.init_checkpoint={tmp_path / 'mae.pth'}" in det and "train.max_iter=8" in det
     assert "train.seed=1" in det and det[-1] == "--resume" and "train.log_period=2" in det
     assert det[det.index("--output-dir") + 1] == str(study.output_dir / "cells" / "MAE__det__freeze2__seed1")
 
-    seg = cell_command(study, Cell("scratch", "seg", -1, 0), None, resume=False)
-    assert seg[1].endswith("tools/train_seg.py") and "--init-checkpoint" not in seg and "--resume" not in seg
+    tool, seg = cell_command(study, Cell("scratch", "seg", -1, 0), None, resume=False)
+    assert command_line(study, Cell("scratch", "seg", -1, 0), None, resume=False)[1].endswith("tools/train_seg.py")
+    assert tool == "train_seg" and "--init-checkpoint" not in seg and "--resume" not in seg
     assert seg[seg.index("--config") + 1].endswith("configs/camvid_upernet_vit_tiny_cpu.py")
     assert seg[seg.index("--output-dir") + 1] == str(study.cell_dir(Cell("scratch", "seg", -1, 0)))
     assert seg.count("--cfg-options") == 1  # train_seg takes one list: a second flag would replace the first
@@ -100,8 +103,9 @@ def test_spec_expands_to_cells_and_tool_commands(tmp_path: Path) -> None:
     cls_study = load_study(spec(tmp_path, tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py",
                                                              epochs=3, args=["--data", "crops"])}))
     cell = next(c for c in cls_study.cells() if c.freeze_blocks == 2)
-    cmd = cell_command(cls_study, cell, "/ckpt/mae.pth", resume=True)
-    assert cmd[1].endswith("tools/finetune_cls.py") and cmd[cmd.index("--data") + 1] == "crops"
+    tool, cmd = cell_command(cls_study, cell, "/ckpt/mae.pth", resume=True)
+    assert command_line(cls_study, cell, "/ckpt/mae.pth", resume=True)[1].endswith("tools/finetune_cls.py")
+    assert tool == "finetune_cls" and cmd[cmd.index("--data") + 1] == "crops"
     assert {"finetune=/ckpt/mae.pth", "epochs=3", "seed=0"} <= set(cmd) and cmd[-1] == "--resume"
     assert cmd[cmd.index("--freeze-blocks") + 1] == "2"
     assert cmd[cmd.index("--output-dir") + 1] == str(cls_study.cell_dir(cell))

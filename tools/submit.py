@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int, default=3, help="requeues after a timeout (preemptions not counted)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the tool command only")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
-    p.add_argument("tool", help="pretrain | finetune_cls | train_det | train_seg")
+    from mae_transfer.task_kinds import TOOLS
+
+    p.add_argument("tool", help=" | ".join(TOOLS))
     p.add_argument("tool_args", nargs=argparse.REMAINDER, help="the tool's arguments")
     return p
 

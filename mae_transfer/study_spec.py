@@ -1,0 +1,295 @@
+"""A study spec: reading and checking it (`load_study`), its cells, and the tool command of each cell.
+
+The spec format is described in mae_transfer/study.py. A task's `kind` is a `mae_transfer.task_kinds` record: its
+tool, the key of the run's length (`iters` or `epochs`) and how a cell's settings are spelled for the tool.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mae_transfer import task_kinds
+from mae_transfer.cluster import make_resources
+from mae_transfer.config import load_config
+from mae_transfer.errors import MaeTransferError
+from mae_transfer.paths import REPO_ROOT, resolve_path
+from mae_transfer.task_kinds import TaskKind
+
+DONE = "done.json"
+SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python", "slurm",
+             "reference"}
+TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher", "slurm"}
+BACKBONE_FORMS = ("a path, None/'random', or dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., "
+                  "opts=[...]))")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tune + evaluation: a backbone, a task, a number of frozen blocks and a seed."""
+
+    backbone: str
+    task: str
+    freeze_blocks: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return _safe(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
+
+
+@dataclass
+class Study:
+    """A resolved spec: paths made absolute, values checked."""
+
+    name: str
+    depth: int
+    freeze_blocks: list[int]
+    seeds: list[int]
+    backbones: dict[str, Any]  # name -> None | absolute path str | dict(checkpoint=..., pretrain=...)
+    tasks: dict[str, dict[str, Any]]
+    output_dir: Path
+    spec_path: Path | None = None
+    python: str = field(default_factory=lambda: sys.executable)
+    allow_pickle: bool = False  # backbone files may hold pickled objects (passed to every cell as --allow-pickle)
+    slurm: dict[str, Any] = field(default_factory=dict)  # job resources of every job (--executor; tasks add theirs)
+    reference: str | None = None  # backbone the results compare the others against (difference table)
+
+    def cells(self) -> list[Cell]:
+        """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
+        return [Cell(b, t, f, s) for s in self.seeds for b in self.backbones for t in self.tasks
+                for f in self.freeze_blocks]
+
+    def blocks_tuned(self, freeze: int) -> int:
+        return 0 if freeze < 0 else self.depth - freeze
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.output_dir / "cells" / cell.name
+
+    def kind(self, task: str) -> TaskKind:
+        return task_kinds.get(self.tasks[task]["kind"], f"task {task!r}")
+
+    def metrics_of(self, task: str) -> list[str]:
+        return list(self.kind(task).metric_keys)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", text)
+
+
+def _int_list(value: Any, key: str, where: str) -> list[int]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise MaeTransferError(f"{where}: {key} must be a non-empty list of integers, got {value!r}")
+    return list(dict.fromkeys(items))
+
+
+def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os.PathLike | None = None,
+               allow_pickle: bool = False) -> Study:
+    """Read and check a study spec (file or dict); `output_dir` overrides the spec's."""
+    raw, where, spec_path = _read_spec(spec)
+    _check_keys(raw, where)
+    depth, freezes = _check_depth(raw, where)
+    backbones = _check_backbones(raw["backbones"], where)
+    reference = raw.get("reference")
+    if reference is not None and reference not in backbones:
+        raise MaeTransferError(f"{where}: reference {reference!r} is not one of the backbones "
+                               f"({', '.join(map(repr, backbones))})")
+    tasks = _check_tasks(raw["tasks"], where)
+    name = str(raw.get("name") or (spec_path.stem if spec_path else "study"))
+    out = output_dir or raw.get("output_dir") or Path("work_dirs") / "studies" / name
+    return Study(name=name, depth=depth, freeze_blocks=freezes, seeds=_int_list(raw.get("seeds", [0]), "seeds", where),
+                 backbones=backbones, tasks=tasks, output_dir=Path(out).resolve(), spec_path=spec_path,
+                 python=raw.get("python") or sys.executable, allow_pickle=allow_pickle,
+                 slurm=_check_slurm(raw.get("slurm"), where), reference=reference)
+
+
+def _read_spec(spec: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str, Path | None]:
+    """(the spec's keys, how errors name it, its file)"""
+    if isinstance(spec, Mapping):
+        return dict(spec), "study spec", None
+    return load_config(Path(spec)), str(spec), Path(spec)
+
+
+def _check_keys(raw: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise MaeTransferError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                               f"valid: {', '.join(sorted(SPEC_KEYS))}")
+    for key in ("depth", "backbones", "tasks", "freeze_blocks"):
+        if key not in raw:
+            raise MaeTransferError(f"{where}: missing {key!r}")
+
+
+def _check_depth(raw: Mapping[str, Any], where: str) -> tuple[int, list[int]]:
+    """(depth, freeze_blocks), each freeze_blocks value within -1..depth."""
+    depth = raw["depth"]
+    if not isinstance(depth, int) or depth < 1:
+        raise MaeTransferError(f"{where}: depth must be a positive integer, got {depth!r}")
+    freezes = _int_list(raw["freeze_blocks"], "freeze_blocks", where)
+    bad = [f for f in freezes if not -1 <= f <= depth]
+    if bad:
+        raise MaeTransferError(f"{where}: freeze_blocks {bad} outside -1..{depth} (depth={depth})")
+    return depth, freezes
+
+
+def _check_backbones(entries: Any, where: str) -> dict[str, Any]:
+    if not isinstance(entries, Mapping) or not entries:
+        raise MaeTransferError(f"{where}: backbones must be a non-empty dict name -> checkpoint / None / dict(...)")
+    return {name: _check_backbone_entry(name, entry, where) for name, entry in entries.items()}
+
+
+def _check_backbone_entry(name: str, entry: Any, where: str) -> Any:
+    """None (random init), an absolute checkpoint path, or dict(checkpoint=..., pretrain=...) with paths resolved."""
+    if entry is None or entry == "random":
+        return None
+    if isinstance(entry, (str, os.PathLike)):
+        return str(resolve_path(entry))
+    if not isinstance(entry, Mapping):
+        raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
+    extra = sorted(set(entry) - {"checkpoint", "pretrain"})
+    if extra or not (entry.get("checkpoint") or entry.get("pretrain")):
+        raise MaeTransferError(f"{where}: backbone {name!r} must be {BACKBONE_FORMS}")
+    return _check_pretrain(name, dict(entry), where)
+
+
+def _check_tasks(entries: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(entries, Mapping) or not entries:
+        raise MaeTransferError(f"{where}: tasks must be a non-empty dict name -> "
+                               f"dict(kind={'|'.join(map(repr, task_kinds.KINDS))}, config=..., iters=...)")
+    return {name: _check_task(name, task, where) for name, task in entries.items()}
+
+
+def _check_task(name: str, task: Any, where: str) -> dict[str, Any]:
+    """One task, normalised: its length under `iters` whatever the kind counts it in, config path resolved."""
+    if not isinstance(task, Mapping):
+        raise MaeTransferError(f"{where}: task {name!r} must be a dict, got {task!r}")
+    extra = sorted(set(task) - TASK_KEYS)
+    if extra:
+        raise MaeTransferError(f"{where}: task {name!r}: unknown key(s) {extra}; valid: {sorted(TASK_KEYS)}")
+    kind = task_kinds.get(task.get("kind"), f"{where}: task {name!r}")
+    iters = _check_length(kind, task, f"{where}: task {name!r}")
+    if not task.get("config"):
+        raise MaeTransferError(f"{where}: task {name!r}: missing config")
+    config = resolve_path(task["config"])
+    if not config.is_file():
+        raise MaeTransferError(f"{where}: task {name!r}: config file not found: {task['config']}")
+    return dict(kind=kind.name, config=str(config), iters=iters,
+                args=[str(a) for a in task.get("args", [])], opts=[str(o) for o in task.get("opts", [])],
+                checkpoint_period=int(task.get("checkpoint_period") or max(1, iters // 2)),
+                launcher=[str(a) for a in task.get("launcher") or []],
+                slurm=_check_slurm(task.get("slurm"), f"{where}: task {name!r}"))
+
+
+def _check_length(kind: TaskKind, task: Mapping[str, Any], where: str) -> int:
+    """The run's length, given under the key of the kind's unit (`iters`, or `epochs` for classification)."""
+    length, other = kind.length_key, "iters" if kind.length_key == "epochs" else "epochs"
+    if task.get(other) is not None:
+        raise MaeTransferError(f"{where}: kind {kind.name!r} takes {length}=, not {other}=")
+    value = task.get(length)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MaeTransferError(f"{where}: {length} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_slurm(value: Any, where: str) -> dict[str, Any]:
+    """A spec's / task's / pretraining's `slurm=dict(...)`: job resources for `tools/study.py --executor`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MaeTransferError(f"{where}: slurm must be a dict of job resources, got {value!r}")
+    make_resources(value, where)  # unknown keys and bad values fail when the spec is read
+    return dict(value)
+
+
+def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
+    if entry.get("checkpoint"):
+        entry["checkpoint"] = str(resolve_path(entry["checkpoint"]))
+    pre = entry.get("pretrain")
+    if pre is None:
+        return entry
+    if not isinstance(pre, Mapping) or not pre.get("config") or bool(pre.get("data")) == bool(pre.get("crops")):
+        raise MaeTransferError(f"{where}: backbone {name!r}: pretrain must be dict(config=..., data=FOLDER or "
+                               "crops=dict(json=..., images=..., min_size=...), opts=[...])")
+    pre = dict(pre)
+    pre["config"] = str(resolve_path(pre["config"]))
+    if pre.get("data"):
+        pre["data"] = str(resolve_path(pre["data"]))
+    else:
+        crops = dict(pre["crops"])
+        if not crops.get("json") or not crops.get("images"):
+            raise MaeTransferError(f"{where}: backbone {name!r}: crops needs json= and images=")
+        crops["json"], crops["images"] = str(resolve_path(crops["json"])), str(resolve_path(crops["images"]))
+        pre["crops"] = crops
+    pre["opts"] = [str(o) for o in pre.get("opts", [])]
+    pre["slurm"] = _check_slurm(pre.get("slurm"), f"{where}: backbone {name!r}")
+    entry["pretrain"] = pre
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _fill(items: Iterable[str], iters: int, seed: int) -> list[str]:
+    values = {"iters": iters, "warmup": max(1, iters // 10), "seed": seed}
+    return [re.sub(r"\{(iters|warmup|seed)\}", lambda m: str(values[m.group(1)]), s) for s in items]
+
+
+def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> tuple[str, list[str]]:
+    """(tool, arguments) of one cell: the tool's name in `task_kinds.TOOLS` and its command-line arguments, the
+    cell's length, checkpoint period, seed, initial weights and frozen blocks spelled as its task kind says."""
+    task = study.tasks[cell.task]
+    kind = study.kind(cell.task)
+    spelling = kind.overrides
+    iters = task["iters"]
+    args, opts = _fill(task["args"], iters, cell.seed), _fill(task["opts"], iters, cell.seed)
+    if study.allow_pickle:
+        args = ["--allow-pickle", *args]
+    init_flags, init_overrides = spelling.init(checkpoint)
+    overrides = [*init_overrides, *spelling.cell(iters, min(task["checkpoint_period"], iters), cell.seed), *opts]
+    return kind.tool_name, [
+        "--config", task["config"], "--output-dir", str(study.cell_dir(cell)), *args,
+        spelling.freeze_flag, str(cell.freeze_blocks), *init_flags,
+        *([spelling.overrides_flag] if spelling.overrides_flag else []), *overrides,
+        *(["--resume"] if resume else [])]
+
+
+def command_line(study: Study, cell: Cell, checkpoint: str | None, resume: bool) -> list[str]:
+    """The cell's whole command line: the task's launcher (default: the spec's python), the tool, its arguments."""
+    tool, args = cell_command(study, cell, checkpoint, resume)
+    launcher = study.tasks[cell.task]["launcher"] or [study.python]
+    return [*launcher, str(REPO_ROOT / task_kinds.TOOLS[tool].script), *args]
+
+
+def has_checkpoint(study: Study, cell: Cell) -> bool:
+    """Whether an unfinished cell is resumed: its tool left the file it resumes from (its checkpoint marker)."""
+    return study.kind(cell.task).tool.has_checkpoint(study.cell_dir(cell))
+
+
+def _backbone_work(study: Study, name: str) -> Path:
+    return study.output_dir / "backbones" / _safe(name)
+
+
+def _pretrain_data(study: Study, pre: Mapping[str, Any]) -> str:
+    return pre.get("data") or str(study.output_dir / "data" / f"crops_{_safe(Path(pre['crops']['json']).stem)}")
+
+
+def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[str]]]:
+    """(checkpoint path, commands that produce it) for one backbone; no commands if nothing is to be done."""
+    entry = study.backbones[name]
+    if entry is None:
+        return None, []
+    if isinstance(entry, str):
+        return entry, []
+    pre = entry.get("pretrain")
+    work = _backbone_work(study, name)
+    ckpt = entry.get("checkpoint") or str(work / "backbone.pth")
+    if Path(ckpt).is_file() or not pre:
+        return ckpt, []
+    tool = str(REPO_ROOT / task_kinds.TOOLS["pretrain"].script)
+    return ckpt, [
+        [study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
+         "--output-dir", str(work / "pretrain"), "--resume", *pre["opts"]],
+        [study.python, tool, "--export-encoder", str(work / "pretrain" / "checkpoint_last.pth"), ckpt],
+    ]
