@@ -104,6 +104,7 @@ class Bench:
     step: Callable[[], None]
     images: int  # images per step
     flops: float | None = None  # analytic FLOPs per step, where we have a count
+    model: Any = None  # what it steps (for checks of the pair)
 
 
 def _vit_dims(size: str) -> dict[str, int]:
@@ -302,7 +303,7 @@ def build_seg_backbone(impl: str, job: Job) -> Bench:
         model.zero_grad(set_to_none=True)
         sum(out.float().square().mean() for out in model(x)).backward()
 
-    return Bench(step, batch)
+    return Bench(step, batch, model=model)
 
 
 BUILDERS: dict[str, Callable[[str, Job], Bench]] = {

@@ -94,3 +94,27 @@ def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> N
     spec.loader.exec_module(tool)
     assert tool.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
     assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
+
+
+def test_seg_backbone_pair_is_one_architecture_on_both_sides() -> None:
+    """The seg_backbone row compares like with like: our MAEViT and mmseg's MAE at the same size have the same
+    parameters (BEiT relative position bias tables and layer scale included), the same 4 outputs, and one
+    step gives every parameter a gradient on both sides."""
+    from harnesses.benchmark import SIZES, Job, build_seg_backbone
+
+    job = Job(worker="speed", size="micro", device="cpu", warmup=0, threads=1, task="seg_backbone")
+    crop, batch = SIZES["micro"].seg_crop, SIZES["micro"].seg_batch
+    shapes = {}
+    for impl in ("ours", "peer"):
+        bench = build_seg_backbone(impl, job)
+        bench.step()
+        params = dict(bench.model.named_parameters())
+        assert all(p.grad is not None for p in params.values()), impl
+        bias = [n for n in params if n.endswith("attn.relative_position_bias_table")]
+        scale = [n for n in params if n.endswith(("gamma_1", "gamma_2"))]
+        assert len(bias) == 4 and len(scale) == 8, impl  # the micro ViT's 4 blocks
+        with torch.no_grad():
+            outs = bench.model(torch.randn(batch, 3, crop, crop))
+        shapes[impl] = (sum(p.numel() for p in params.values()), len(params), [tuple(o.shape) for o in outs])
+    assert shapes["ours"] == shapes["peer"]
+    assert shapes["ours"][2] == [(batch, 64, crop // 16, crop // 16)] * 4
