@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import STOP_GRACE_S, stop_child
+from mae_transfer.launch import STOP_GRACE_S, run_process
 from mae_transfer.paths import REPO_ROOT
 from mae_transfer.task_kinds import TOOLS
 
@@ -275,14 +275,9 @@ class ToolJob:
 def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: float = STOP_GRACE_S) -> None:
     """Run a tool; its output goes to the job's log. If this task is stopped (submitit's requeue exits with
     SystemExit, the local executor sends SIGINT) the tool gets SIGINT, then SIGKILL after `grace_s`."""
-    # The tool ignores USR2: it is the submitit task's signal (checkpoint + requeue), not the tool's.
-    proc = subprocess.Popen(list(cmd), cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-    try:
-        code = proc.wait()
-    except BaseException:
-        stop_child(proc, grace_s, signal.SIGINT, self_stop_s=0)  # the task was stopped, not the tool: ask it now
-        raise
+    # The tool ignores USR2: it is the submitit task's signal (checkpoint + requeue), not the tool's. Stopped
+    # while waiting: the task was stopped, not the tool, so it is asked at once (self_stop_s=0).
+    code = run_process(cmd, env=env, cwd=cwd, ignore_signals=(signal.SIGUSR2,), grace_s=grace_s, self_stop_s=0).code
     if code != 0:
         raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}")
 

@@ -1,5 +1,8 @@
-"""Run one of the tools in a subprocess, as the demo and the study runner do: output appended to a log file,
-an interrupt (Ctrl-C, SIGTERM) ending the tool cleanly, a failure as one `MaeTransferError` line.
+"""The one subprocess runner of the project (`run_process`): a tool or worker started with a time limit, an
+environment and a log file; the demo, the study runner, the cluster jobs and the harnesses (benchmark, GPU
+acceptance) all start their processes through it. `run_logged` is its strict form for a training step: output
+appended to a log file, an interrupt (Ctrl-C, SIGTERM) ending the tool cleanly, a failure as one
+`MaeTransferError` line.
 
     run_logged([sys.executable, "tools/train_seg.py", ...], work_dir / "run.log", "cell scratch__seg")
 """
@@ -12,6 +15,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -23,11 +27,79 @@ SELF_STOP_S = 2.0  # how long to wait for a tool that got the terminal's Ctrl-C 
 TAIL_BYTES = 64 * 1024  # the part of a log searched for its last line
 
 
+@dataclass(frozen=True)
+class Finished:
+    """How a process started by `run_process` ended."""
+
+    code: int | None  # exit status (negative: killed by that signal); None: it ran past its timeout and was killed
+    log: Path | None  # where its output went (None: this process's own stdout / stderr)
+    start: int = 0  # byte offset in `log` where this run's output begins (after its command line)
+
+    def output(self) -> str:
+        """This run's output, as appended to `log`."""
+        if self.log is None:
+            return ""
+        with open(self.log, "rb") as fh:
+            fh.seek(self.start)
+            return fh.read().decode(errors="replace")
+
+
+def run_process(cmd: Sequence[str | os.PathLike], *, log: str | os.PathLike | None = None, title: str = "",
+                cwd: str | os.PathLike = REPO_ROOT, env: Mapping[str, str] | None = None,
+                timeout: float | None = None, new_session: bool = False, ignore_signals: Sequence[int] = (),
+                stop_signal: int = signal.SIGINT, grace_s: float = STOP_GRACE_S,
+                self_stop_s: float = SELF_STOP_S) -> Finished:
+    """Run `cmd` (program first, e.g. `sys.executable`) in `cwd` with `env` (default: this environment) and
+    PYTHONUNBUFFERED=1, and wait for it.
+
+    log: stdout and stderr appended to this file after a `# <time> [title] $ <command>` line (None: they go
+        where this process's go).
+    timeout: seconds; past it the process is killed (with `new_session`, its whole session: the workers it
+        started too) and `Finished.code` is None.
+    new_session: start it in a session of its own (a terminal's Ctrl-C then reaches this process only).
+    ignore_signals: signals the process starts with ignored (a submitit task's USR2 is the task's, not the tool's).
+    If this process is interrupted (or any exception reaches it) while waiting, the process gets `self_stop_s` to
+    end by itself, then `stop_signal`, then is killed after `grace_s` (`stop_child`); the exception goes on up.
+    A program that cannot be started raises OSError.
+    """
+    cmd = [os.fspath(c) for c in cmd]
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    ignored = tuple(ignore_signals)
+    preexec = (lambda: [signal.signal(sig, signal.SIG_IGN) for sig in ignored]) if ignored else None
+    fh = None
+    start = 0
+    if log is not None:
+        log = Path(log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log, "a")
+        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}{' ' + title if title else ''} $ {shlex.join(cmd)}\n")
+        fh.flush()
+        start = fh.tell()  # this run's output begins here: an earlier attempt's last line is not its error
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT if fh else None,
+                                start_new_session=new_session, preexec_fn=preexec)
+        try:
+            code: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if new_session:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session: workers it started too
+            else:
+                proc.kill()
+            proc.wait()
+            code = None
+        except BaseException:
+            stop_child(proc, grace_s, stop_signal, self_stop_s)
+            raise
+    finally:
+        if fh is not None:
+            fh.close()
+    return Finished(code, log, start)
+
+
 def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: str, *,
                cwd: str | os.PathLike = REPO_ROOT, env: Mapping[str, str] | None = None,
                grace_s: float = STOP_GRACE_S) -> None:
-    """Run `cmd` (program first, e.g. `sys.executable`) in `cwd`, stdout and stderr appended to `log` after a
-    `# <time> $ <command>` line.
+    """Run `cmd` (`run_process`) in `cwd`, stdout and stderr appended to `log` after a `# <time> $ <command>` line.
 
     Interrupts: a terminal's Ctrl-C reaches the tool as well (same process group); SIGINT or SIGTERM sent to
     this process alone is passed on to the tool as SIGINT (a Python tool then unwinds: files closed, temp files
@@ -41,30 +113,19 @@ def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: s
     """
     cmd = [os.fspath(c) for c in cmd]
     log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as fh:
-        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
-        fh.flush()
-        start = fh.tell()  # this run's output begins here: an earlier attempt's last line is not its error
-        proc = None
-        # the tool inherits an ignored SIGINT (a script's `cmd &`): only SIGTERM can ask it to stop then
-        stop_signal = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
-        with sigterm_as_interrupt():
-            try:
-                proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
-                                        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
-                code = proc.wait()
-            except OSError as err:  # not executable / not found
-                raise MaeTransferError(f"{what}: cannot start {cmd[0]}: {err.strerror or err} (log: {log})") from None
-            except KeyboardInterrupt:
-                if proc is not None:
-                    stop_child(proc, grace_s, stop_signal)
-                raise
+    # the tool inherits an ignored SIGINT (a script's `cmd &`): only SIGTERM can ask it to stop then
+    stop_signal = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
+    with sigterm_as_interrupt():
+        try:
+            done = run_process(cmd, log=log, cwd=cwd, env=env, stop_signal=stop_signal, grace_s=grace_s)
+        except OSError as err:  # not executable / not found
+            raise MaeTransferError(f"{what}: cannot start {cmd[0]}: {err.strerror or err} (log: {log})") from None
+    code = done.code
     if code in (130, -signal.SIGINT):
         raise KeyboardInterrupt
     if code != 0:
         how = f"exit {code}" + (f", killed by {_signal_name(-code)}" if code < 0 else "")
-        raise MaeTransferError(f"step failed ({how}): {what}; last line of {log}: {last_line(log, start)}")
+        raise MaeTransferError(f"step failed ({how}): {what}; last line of {log}: {last_line(log, done.start)}")
 
 
 def stop_child(proc: subprocess.Popen, grace_s: float, stop_signal: int, self_stop_s: float = SELF_STOP_S) -> None:

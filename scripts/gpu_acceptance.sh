@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The first run on a CUDA GPU, in one command: measure the GPU paths (detection, segmentation, MAE pretraining,
-# benchmark pairs, pytest -m cuda) and print one table, also written to --out (default benchmarks/gpu/):
+# benchmark pairs, pytest -m cuda) and print one table, also written to --output-dir (default benchmarks/gpu/):
 # results.md, results.json and one log per group of rows. Within 8 minutes on one H100 / H200.
-#   bash scripts/gpu_acceptance.sh [--out DIR] [--only ROWS] [--budget SECONDS] ...   (--help: what it measures)
+#   bash scripts/gpu_acceptance.sh [--output-dir DIR] [--only ROWS] [--budget SECONDS] ...   (--help: what it measures)
 # Exit status: 0 all rows ok, 1 some row failed, 2 no CUDA GPU (one `error:` line) or bad options.
 #
 # Which Python:

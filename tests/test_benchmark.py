@@ -3,6 +3,7 @@ committed base-size run, see benchmarks/README.md). MAE_TRANSFER_CPU_BF16 forces
 either way, so both run on any host: on a CPU without bf16 units the bf16 row is skipped, with the reason."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,8 +25,8 @@ def run_benchmark(out: Path, *args: str, cpu_bf16: str | None = None,
     env = {k: v for k, v in os.environ.items() if k != CPU_BF16_ENV}
     if cpu_bf16 is not None:
         env[CPU_BF16_ENV] = cpu_bf16
-    return subprocess.run([sys.executable, str(TOOL), *args, "--out", str(out)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT, env=env)
+    return subprocess.run([sys.executable, str(TOOL), *args, "--output-dir", str(out)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
 
 
 def check_measured_row(row: dict[str, Any], matmul_gflops: float) -> None:
@@ -67,7 +68,8 @@ def test_cpu_with_bf16_units_runs_the_bf16_row(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args,cpu_bf16,expected", [
     (["--only", "pretrain,detr"], None,
-     "error: --only: unknown task(s) ['detr']; expected some of pretrain, pretrain_bf16, pretrain_compiled, det, seg"),
+     "error: --only: unknown task(s) ['detr']; expected some of pretrain, pretrain_bf16, pretrain_compiled, det, seg, "
+     "seg_backbone"),
     (["--only", "pretrain_bf16"], "yes", f"error: environment variable {CPU_BF16_ENV} must be 0 or 1, got 'yes'"),
 ])
 def test_bad_input_is_one_line_error(tmp_path: Path, args: list[str], cpu_bf16: str | None, expected: str) -> None:
@@ -84,3 +86,35 @@ def test_cuda_without_a_gpu_is_one_line_error(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --device cuda: no CUDA device"), proc.stderr
     assert not (tmp_path / "results.md").exists()
+
+
+def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
+    assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
+
+
+def test_seg_backbone_pair_is_one_architecture_on_both_sides() -> None:
+    """The seg_backbone row compares like with like: our MAEViT and mmseg's MAE at the same size have the same
+    parameters (BEiT relative position bias tables and layer scale included), the same 4 outputs, and one
+    step gives every parameter a gradient on both sides."""
+    from harnesses.benchmark import SIZES, Job, build_seg_backbone
+
+    job = Job(worker="speed", size="micro", device="cpu", warmup=0, threads=1, task="seg_backbone")
+    crop, batch = SIZES["micro"].seg_crop, SIZES["micro"].seg_batch
+    shapes = {}
+    for impl in ("ours", "peer"):
+        bench = build_seg_backbone(impl, job)
+        bench.step()
+        params = dict(bench.model.named_parameters())
+        assert all(p.grad is not None for p in params.values()), impl
+        bias = [n for n in params if n.endswith("attn.relative_position_bias_table")]
+        scale = [n for n in params if n.endswith(("gamma_1", "gamma_2"))]
+        assert len(bias) == 4 and len(scale) == 8, impl  # the micro ViT's 4 blocks
+        with torch.no_grad():
+            outs = bench.model(torch.randn(batch, 3, crop, crop))
+        shapes[impl] = (sum(p.numel() for p in params.values()), len(params), [tuple(o.shape) for o in outs])
+    assert shapes["ours"] == shapes["peer"]
+    assert shapes["ours"][2] == [(batch, 64, crop // 16, crop // 16)] * 4

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from backbones.vit import VisionTransformer, attention
-from mae_transfer import gpu_acceptance as acceptance
+from harnesses import gpu_acceptance as acceptance
+from harnesses import gpu_measure
 from mae_transfer.config import load_config
 from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.mae import MaskedAutoencoder
@@ -223,7 +224,7 @@ def test_accumulating_amp_trainer_steps_once_per_iteration_on_cuda() -> None:
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(DEVICE).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    batch = acceptance.synthetic_detection_batch(1, 256, 3)
+    batch = gpu_measure.synthetic_detection_batch(1, 256, 3)
     served = itertools.count()
     loader = (batch for _ in served)
     trainer = detection_recipe.build_trainer(model, loader, optimizer, amp=True, accumulation=2)
@@ -306,7 +307,7 @@ def test_acceptance_script_help_says_what_it_measures() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
 def test_acceptance_script_without_a_gpu_fails_with_one_line(tmp_path: Path) -> None:
-    proc = run_script("--out", str(tmp_path / "out"))
+    proc = run_script("--output-dir", str(tmp_path / "out"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -317,16 +318,16 @@ def test_acceptance_script_without_a_gpu_fails_with_one_line(tmp_path: Path) -> 
 def test_acceptance_rows_measure_the_tiny_cpu_configs(tmp_path: Path, one_thread: None) -> None:
     """Each GPU row's measuring function, run on the CPU with the tiny configs (same code: config loading,
     model and optimizer building, the trainers, timing, the table); the CLI itself only ever passes cuda."""
-    det = acceptance.measure_detection(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py", "cpu", 1, warmup=1, iters=2)
+    det = gpu_measure.measure_detection(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py", "cpu", 1, warmup=1, iters=2)
     assert det["image_size"] == 256 and det["amp"] == "fp32" and det["iters_timed"] == 2
     assert det["sec_per_image"] > 0 and det["peak_mem_gib"] > 0 and torch.isfinite(torch.tensor(det["total_loss"]))
-    accum = acceptance.measure_detection(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py", "cpu", 1, warmup=0, iters=2,
+    accum = gpu_measure.measure_detection(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py", "cpu", 1, warmup=0, iters=2,
                                          accumulation=2)  # the det_vit_l_accum2 row: our accumulating trainer step
     assert accum["accumulation"] == 2 and accum["sec_per_image"] == pytest.approx(accum["sec_per_iter"] / 2)
-    seg = acceptance.measure_segmentation(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
+    seg = gpu_measure.measure_segmentation(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
     assert seg["crop"] == [128, 128] and seg["images_per_iter"] == 4 and seg["optim_wrapper"] == "OptimWrapper"
     assert seg["sec_per_iter"] > 0 and seg["loss"] > 0
-    mae = acceptance.measure_pretraining(CONFIGS / "mae_pretrain_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
+    mae = gpu_measure.measure_pretraining(CONFIGS / "mae_pretrain_vit_tiny_cpu.py", "cpu", warmup=1, iters=2)
     assert mae["batch"] == 16 and mae["amp"] == "fp32" and mae["img_per_s"] > 0 and mae["loss"] > 0
 
     bench = json.loads((REPO_ROOT / "benchmarks" / "results.json").read_text())["tasks"]["det"]
@@ -350,6 +351,11 @@ def test_acceptance_rows_measure_the_tiny_cpu_configs(tmp_path: Path, one_thread
     assert table in (tmp_path / "results.md").read_text()
     assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == [
         "pytest_cuda", "det_vit_b", "det_vit_l_accum2", "seg_vit_b", "mae_vit_b", "bench_det"]  # the run's order
+
+
+def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
+    assert acceptance.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
+    assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
 
 
 def test_pytest_summary_counts() -> None:
@@ -389,9 +395,9 @@ def test_trim_log_keeps_its_start_and_end(tmp_path: Path) -> None:
 def test_rehearsal_of_a_row_builds_the_real_config_and_steps_the_tiny_one(tmp_path: Path) -> None:
     """--rehearse (no GPU): the mae_vit_b row builds configs/mae_pretrain_vit_b.py's model (MAE ViT-B with its
     8-block 512-wide decoder: 111.9M parameters, as the official MAE code counts it) and takes one step of the tiny
-    CPU config, in a row process of its own; --out then holds the planned files only."""
+    CPU config, in a row process of its own; --output-dir then holds the planned files only."""
     out = tmp_path / "out"
-    assert acceptance.main(["--rehearse", "--only", "mae_vit_b", "--out", str(out)]) == 0
+    assert acceptance.main(["--rehearse", "--only", "mae_vit_b", "--output-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["mae.log", "results.json", "results.md"]
     row, = json.loads((out / "results.json").read_text())["rows"]
     assert row["status"] == "ok" and row["memory"] == "-"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_transfer import demo
+from harnesses import demo
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.synthetic import make_shapes_dataset
@@ -115,10 +115,15 @@ def test_bad_input_is_one_error_line_before_anything_runs(demo_tool, tmp_path: P
               "det_image_missing": "image file not found: ", "det_val_only": "needs --det-train-json",
               "det_data_layout": "not the COCO layout", "det_both": "not both"}[case]
     out = tmp_path / "out"
-    assert run_cli(demo_tool.main, ["--output", str(out), *args]) == 2
+    assert run_cli(demo_tool.main, ["--output-dir", str(out), *args]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
     assert not out.exists()  # nothing was run or written
+
+
+def test_output_is_a_deprecated_spelling_of_output_dir(demo_tool, tmp_path: Path, capsys) -> None:
+    assert demo_tool.build_parser().parse_args(["--output", str(tmp_path)]).output_dir == tmp_path
+    assert capsys.readouterr().err.strip() == "note: --output is deprecated; use --output-dir"
 
 
 def test_det_data_coco_root_with_one_split(coco_tiny: Path, capsys) -> None:
@@ -223,7 +228,7 @@ DRIVER = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from mae_transfer import demo
+    from harnesses import demo
     from mae_transfer.cli import run_cli
     out = Path(sys.argv[2])
 

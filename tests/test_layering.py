@@ -1,8 +1,9 @@
-"""Layering: backbones/ never loads mae_transfer; the core loads no framework and installs no import hooks;
-framework workarounds are applied by whoever enters the framework. Each check runs in a fresh interpreter,
-since this test session has already imported everything."""
+"""Layering: backbones/ never loads mae_transfer; neither loads the harnesses; the core loads no framework and
+installs no import hooks; framework workarounds are applied by whoever enters the framework. Each runtime check
+runs in a fresh interpreter, since this test session has already imported everything."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -78,6 +79,21 @@ def test_mmseg_backbone_gets_its_checkpoint_loader_handed_in() -> None:
     assert "no checkpoint loader" in result["error"] and "custom_imports" in result["error"], result
     assert not result["loaded_before"] and result["loader"] == "mae_transfer.mmseg_checkpoint", result
     assert result["after"].startswith("mae_transfer.errors: ") and "nowhere.pth" in result["after"], result
+
+
+def test_library_never_imports_the_harnesses() -> None:
+    """harnesses/ (demo, benchmark, GPU acceptance) sits above the library: no module of mae_transfer/ or
+    backbones/ imports it, at the top or inside a function, nor starts it as `python -m harnesses...`."""
+    found = []
+    for path in sorted([*(REPO_ROOT / "mae_transfer").rglob("*.py"), *(REPO_ROOT / "backbones").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else [])
+            if any(name == "harnesses" or name.startswith("harnesses.") for name in names):
+                found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert (REPO_ROOT / "harnesses" / "gpu_acceptance.py").is_file()  # the check looks at the right tree
+    assert found == []
 
 
 def test_core_loads_no_framework_and_installs_no_import_hook() -> None:

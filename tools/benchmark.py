@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the benchmark of mae_transfer/benchmark.py and print its report; usage:
+"""Run the benchmark of harnesses/benchmark.py and print its report; usage:
 
   python tools/benchmark.py --size base            # CPU, writes benchmarks/results.{md,json}
   python tools/benchmark.py --size base --only pretrain --rounds 10   # update one row
@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer import benchmark  # noqa: E402
-from mae_transfer.cli import run_cli  # noqa: E402
+from harnesses import benchmark  # noqa: E402
+from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker; default: all cores")
     parser.add_argument("--output-dir", type=Path, default=benchmark.DEFAULT_OUTPUT_DIR,
                         help="folder for results.md and results.json (default: benchmarks/)")
-    parser.add_argument("--out", type=Path, dest="output_dir", default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)  # the flag's former name
+    add_deprecated_spelling(parser, "--out", "--output-dir")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser
 

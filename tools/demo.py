@@ -32,7 +32,7 @@ A full-size dataset makes each step as long as that dataset needs (CPU: minutes 
 Resumable: every finished step leaves a DONE marker and is skipped when the same command runs again; an
 interrupted training resumes from its last checkpoint (Ctrl-C or `kill` prints one line and exits with 130).
 An output folder keeps its settings (demo_settings.json): other settings need another --output-dir, or
-delete it. The steps, data checks and summary live in mae_transfer/demo.py.
+delete it. The steps, data checks and summary live in harnesses/demo.py.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer import demo  # noqa: E402
-from mae_transfer.cli import run_cli  # noqa: E402
+from harnesses import demo  # noqa: E402
+from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
 from mae_transfer.paths import REPO_ROOT  # noqa: E402
 
 
@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "demo_output", metavar="DIR",
                    help="output folder (default: demo_output)")
-    p.add_argument("--output", dest="output_dir", type=Path, default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # the old name of --output-dir
+    add_deprecated_spelling(p, "--output", "--output-dir")
     p.add_argument("--images", metavar="DIR", help="unlabeled image folder for MAE pretraining (default: built-in)")
     p.add_argument("--det-data", metavar="ROOT", help="COCO root (annotations/instances_{train,val}2017.json + images)")
     p.add_argument("--det-train-json", metavar="JSON"), p.add_argument("--det-train-images", metavar="DIR")

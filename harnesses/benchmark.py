@@ -12,6 +12,9 @@ GPU), so the peak is that model's alone. Pairs:
             default (eager, as its Trainer runs unless torch_compile=True)
   det:      our ViT (windows 14, global blocks, rel-pos) vs detectron2's ViT, same weights, fwd+bwd
   seg:      UperNet train iteration with our registered backbone vs mmseg's MAE backbone
+  seg_backbone: the backbone alone, as MMSeg uses it: our MAEViT (backbones/mmseg.py) vs mmseg's `MAE`,
+            fwd+bwd of the seg batch at the seg crop, BEiT relative position bias and layer scale on (the
+            ADE20K configs' layout); the rest of the seg step (mmseg's neck and heads) is the same on both sides
 The machine's dense matmul rate is measured in the same run, and our achieved FLOP rate is given as a
 fraction of it (analytic FLOP counts of the matmuls; attention included).
 
@@ -19,7 +22,7 @@ bf16 rows on a CPU without bf16 units (no AVX512-BF16 / AMX-BF16; bf16 is emulat
 slower) are not run: the report says so, with the CPU model (MAE_TRANSFER_CPU_BF16=1 runs them anyway).
 Sizes: tiny / base / large as named; micro is a 4-block, 64-wide ViT at 64 px for the tool's tests.
 
-Each measurement runs in a worker process, `python -m mae_transfer.benchmark '<Job as json>'`, which
+Each measurement runs in a worker process, `python -m harnesses.benchmark '<Job as json>'`, which
 prints its result as one `RESULT {...}` line. HF, detectron2 and mmseg are imported only by the workers
 that build them.
 """
@@ -27,9 +30,8 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -37,8 +39,10 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Sequence
 
+from harnesses.timing import peak_memory_gib, timed_steps
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import cpu_has_native_bf16, cpu_model, no_bf16_reason
+from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
 
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks"
@@ -66,12 +70,14 @@ SIZES = {
 GLOBAL_BLOCKS = {4: (1, 3), 12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 32: (7, 15, 23, 31)}
 PEERS = {"pretrain": "HF ViTMAEForPreTraining", "pretrain_bf16": "HF ViTMAEForPreTraining",
          "pretrain_compiled": "HF ViTMAEForPreTraining",
-         "det": "detectron2 ViT", "seg": "mmseg MAE backbone"}
-DEFAULT_TASKS = ("pretrain", "pretrain_bf16", "det", "seg")
+         "det": "detectron2 ViT", "seg": "mmseg MAE backbone", "seg_backbone": "mmseg MAE"}
+DEFAULT_TASKS = ("pretrain", "pretrain_bf16", "det", "seg", "seg_backbone")
 # ABBA rounds per task by default: a ViT-B MAE step takes seconds on this CPU, a 1024-px detection or
 # 512-px UperNet step half a minute to a minute. On a GPU every step takes well under a second.
-DEFAULT_ROUNDS = {"cpu": {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "det": 1, "seg": 1},
-                  "cuda": {"pretrain": 20, "pretrain_bf16": 20, "pretrain_compiled": 20, "det": 10, "seg": 10}}
+DEFAULT_ROUNDS = {"cpu": {"pretrain": 6, "pretrain_bf16": 6, "pretrain_compiled": 6, "det": 1, "seg": 1,
+                          "seg_backbone": 2},
+                  "cuda": {"pretrain": 20, "pretrain_bf16": 20, "pretrain_compiled": 20, "det": 10, "seg": 10,
+                           "seg_backbone": 10}}
 # Warm-up steps per side: on a GPU the first steps also pay for kernel selection and allocator growth.
 DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
 
@@ -98,21 +104,7 @@ class Bench:
     step: Callable[[], None]
     images: int  # images per step
     flops: float | None = None  # analytic FLOPs per step, where we have a count
-
-
-def _timeit(step: Callable[[], None], warmup: int, steps: int, device: str) -> float:
-    import torch
-
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    model: Any = None  # what it steps (for checks of the pair)
 
 
 def _vit_dims(size: str) -> dict[str, int]:
@@ -154,7 +146,7 @@ def worker_matmul(job: Job) -> dict[str, Any]:
     n = 2048
     a, b = torch.randn(n, n, device=job.device), torch.randn(n, n, device=job.device)
     # Best of 8 rounds: shared / boosting cloud cores give single readings from ~100 to ~180 GFLOP/s here.
-    sec = min(_timeit(lambda: torch.mm(a, b), 2 if i == 0 else 0, 5, job.device) for i in range(8))
+    sec = min(sum(timed_steps(lambda: torch.mm(a, b), job.device, 2 if i == 0 else 0, 5)) / 5 for i in range(8))
     return dict(gflops=2 * n ** 3 / sec / 1e9)
 
 
@@ -235,6 +227,11 @@ def build_det(impl: str, job: Job) -> Bench:
     return Bench(step, 1, vitdet_flops(dims["embed_dim"], dims["depth"], img // 16, 14, len(glob)))
 
 
+def seg_out_indices(depth: int) -> tuple[int, ...]:
+    """The blocks UperNet reads: after 1/3, 1/2, 2/3 of the depth and the last (B: 3, 5, 7, 11)."""
+    return tuple(int(round(depth * f)) - 1 for f in (1 / 3, 1 / 2, 2 / 3)) + (depth - 1,)
+
+
 def build_seg(impl: str, job: Job) -> Bench:
     import torch
 
@@ -256,7 +253,7 @@ def build_seg(impl: str, job: Job) -> Bench:
         part.norm_cfg = dict(type="BN", requires_grad=True)  # one process: no SyncBN
     model_cfg.data_preprocessor.size = (crop, crop)
     depth, dim = dims["depth"], dims["embed_dim"]
-    out_indices = tuple(int(round(depth * f)) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1))[:3] + (depth - 1,)
+    out_indices = seg_out_indices(depth)
     if impl == "ours":
         model_cfg.backbone.update(embed_dim=dim, depth=depth, num_heads=dims["num_heads"], out_indices=out_indices)
     else:  # mmseg's own MAE backbone (BEiT-style, layer scale 1.0), same sizes
@@ -280,10 +277,39 @@ def build_seg(impl: str, job: Job) -> Bench:
     return Bench(lambda: model.train_step(data, optim_wrapper), batch)
 
 
+def build_seg_backbone(impl: str, job: Job) -> Bench:
+    """The backbone of the seg row alone: fwd+bwd of the seg batch, the ADE20K configs' layout on both sides
+    (512-px position table, BEiT relative position bias, layer scale 1.0, drop path 0.1, cls token kept)."""
+    import torch
+
+    from backbones.mmseg import MAEViT  # first: applies the compat shims `import mmseg` needs (mmcv-lite)
+    from mmseg.models.backbones import MAE  # both sides import both: the same framework in each RSS
+
+    torch.manual_seed(0)
+    dims = _vit_dims(job.size)
+    crop, batch = SIZES[job.size].seg_crop, SIZES[job.size].seg_batch
+    depth, dim, heads = dims["depth"], dims["embed_dim"], dims["num_heads"]
+    out_indices = seg_out_indices(depth)
+    x = torch.randn(batch, 3, crop, crop, device=job.device)
+    if impl == "ours":
+        model = MAEViT(img_size=crop, embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=0.1,
+                       out_indices=out_indices, use_rel_pos_bias=True, init_values=1.0)
+    else:
+        model = MAE(img_size=(crop, crop), patch_size=16, embed_dims=dim, num_layers=depth, num_heads=heads,
+                    mlp_ratio=4, init_values=1.0, drop_path_rate=0.1, out_indices=list(out_indices))
+    model.to(job.device).train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        sum(out.float().square().mean() for out in model(x)).backward()
+
+    return Bench(step, batch, model=model)
+
+
 BUILDERS: dict[str, Callable[[str, Job], Bench]] = {
     "pretrain": build_pretrain, "pretrain_bf16": partial(build_pretrain, bf16=True),
     "pretrain_compiled": partial(build_pretrain, compile_ours=True),
-    "det": build_det, "seg": build_seg}
+    "det": build_det, "seg": build_seg, "seg_backbone": build_seg_backbone}
 
 
 def worker_memory(job: Job) -> dict[str, Any]:
@@ -304,7 +330,7 @@ def worker_speed(job: Job) -> dict[str, Any]:
     times: dict[str, list[float]] = {"ours": [], "peer": []}
 
     def timed(impl: str) -> float:
-        times[impl].append(_timeit(benches[impl].step, 0, 1, job.device))
+        times[impl] += timed_steps(benches[impl].step, job.device, 0, 1)
         return times[impl][-1]
 
     for bench in benches.values():
@@ -335,23 +361,22 @@ def run_worker(job: Job) -> None:
     if job.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = WORKERS[job.worker](job)
-    if job.device == "cuda":
-        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mem_mb"] = peak_memory_gib(job.device) * 1024  # CPU: max RSS; GPU: max allocated
     print("RESULT " + json.dumps(result))
 
 
 # ---------------------------------------------------------------------------------------------- driver
 def measure(job: Job) -> dict[str, Any]:
     """Run `job` in a fresh worker process and return its result."""
-    cmd = [sys.executable, "-m", "mae_transfer.benchmark", json.dumps(asdict(job))]
+    cmd = [sys.executable, "-m", "harnesses.benchmark", json.dumps(asdict(job))]
     print(f"[benchmark] {job.worker} {job.task} {job.impl if job.worker == 'memory' else ''}...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+    with tempfile.TemporaryDirectory(prefix="benchmark_worker_") as scratch:
+        done = run_process(cmd, log=Path(scratch) / "worker.log", cwd=REPO_ROOT)
+        output = done.output()
+    lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
+    if done.code != 0 or not lines:
         # Not a user error: exit 1 with the worker's own traceback, not one of this process on top of it.
-        raise SystemExit(f"error: benchmark worker {job.worker} {job.task} {job.impl} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"error: benchmark worker {job.worker} {job.task} {job.impl} failed:\n{output[-2000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -385,7 +410,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         ours, peer = r["ours"], r["peer"]
         flops = "-"
         if "gflops" in ours:  # the peak is an fp32 matmul: bf16 rows run on other units (AMX where present)
-            flops = f"{ours['gflops']:.1f} " + ("(bf16)" if is_bf16(task) else f"({100 * ours['gflops'] / peak:.0f}%)")
+            row_peak = r.get("matmul_gflops")  # that of the run that measured the row (--only keeps older rows)
+            flops = f"{ours['gflops']:.1f}" + (" (bf16)" if is_bf16(task) else
+                                               f" ({100 * ours['gflops'] / row_peak:.0f}%)" if row_peak else "")
         pairs = r["pair_ratios"]
         rows.append(f"| {task} | {ours['img_per_s']:.3f} | {PEERS[task]} | {peer['img_per_s']:.3f} | "
                     f"**{r['speed_ratio']:.2f}x** ({min(pairs):.2f}-{max(pairs):.2f}, {len(pairs)} pairs) | "
@@ -401,8 +428,9 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         *rows, "",
         "Speed: both implementations in one process, steps interleaved ours, peer, peer, ours; speed ratio = median "
         "over neighbouring steps of peer time / our time (higher is better), range = lowest-highest of those "
-        "ratios; img/s = median per side. Memory: each side alone in a fresh process for two steps (CPU: max RSS, "
-        "includes the framework; GPU: max allocated); memory ratio = ours / peer (lower is better).", "",
+        "ratios; img/s = median per side; GFLOP/s as a % of the matmul rate of the run that measured the row. "
+        "Memory: each side alone in a fresh process for two steps (CPU: max RSS, includes the framework; GPU: max "
+        "allocated); memory ratio = ours / peer (lower is better).", "",
     ])
     atomic_write_text(json.dumps(results, indent=2), out_dir / "results.json")
     return atomic_write_text(text, out_dir / "results.md")
@@ -455,6 +483,9 @@ def run_benchmark(size: str = "tiny", device: str = "cpu", tasks: Sequence[str] 
     # Measured again at the end: the peak the fractions use is the higher of the two readings.
     results["matmul_gflops_start_end"] = [results["matmul_gflops"], measure(base)["gflops"]]
     results["matmul_gflops"] = max(results["matmul_gflops_start_end"])
+    for task in tasks:  # the rate each row's fraction is of: rows kept from earlier runs keep their own
+        if "pair_ratios" in results["tasks"][task]:
+            results["tasks"][task]["matmul_gflops"] = results["matmul_gflops"]
     results["tasks"] = {t: results["tasks"][t] for t in PEERS if t in results["tasks"]}
     return write_report(results, output_dir)
 

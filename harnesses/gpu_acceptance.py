@@ -16,7 +16,7 @@ in the table and the run goes on; the exit status is then 1):
   bench_*          tools/benchmark.py --device cuda --size base, one task each: ours vs HF ViTMAE (fp32 and
                    bf16), detectron2's ViT, mmseg's MAE backbone
 Peak memory is torch.cuda.max_memory_allocated (what detectron2 and mmengine log). The table is printed
-and written as results.md + results.json to --out (default benchmarks/gpu/), beside one log per group of
+and written as results.md + results.json to --output-dir (default benchmarks/gpu/), beside one log per group of
 rows (pytest.log, det.log, seg.log, mae.log, bench.log) and setup.log: at most 8 files, none over 16 MiB.
 Each row has its own time cap; together they fit --budget (default 450 s: with the kit's set-up, the
 whole run stays within 8 minutes on one H100 / H200). Without a CUDA GPU it stops at once with one error
@@ -30,14 +30,10 @@ of its tiny CPU config on the CPU instead, timing nothing: the rehearsal of that
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
 import json
 import math
 import os
 import re
-import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,15 +41,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 from typing import Any, Callable
 
-from mae_transfer.benchmark import PEERS
+from harnesses.benchmark import PEERS
+from harnesses.gpu_measure import (build_detection_model, build_pretraining_model, build_segmentation_model,
+                                   measure_detection, measure_pretraining, measure_segmentation)
+from mae_transfer.cli import add_deprecated_spelling
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.gpu_kit import install_kit
+from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
-
-GIB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ DEFAULT_BUDGET_S = 450
 RUN_LIMIT_S = 480  # what the plan must fit: DEFAULT_BUDGET_S + SETUP_ALLOWANCE_S (tests/test_cuda.py checks it)
 SETUP_ALLOWANCE_S = 30
 BENCH_ROUNDS = {"pretrain": 10, "pretrain_bf16": 10, "det": 5, "seg": 5}
-# The files written to --out: results.md, results.json, setup.log and one log per group (the device tool brings
+# The files written to --output-dir: results.md, results.json, setup.log and one log per group (the device tool brings
 # back at most 8 files of at most 16 MiB each).
 LOG_GROUPS = {"pytest_cuda": "pytest", "det_": "det", "seg_": "seg", "mae_": "mae", "bench_": "bench"}
 MAX_LOG_BYTES = 15 * 2 ** 20
@@ -114,253 +111,6 @@ NOTES = [
     "bench_* rows: tools/benchmark.py (both sides interleaved in one process; memory each side alone); "
     "its own report is in bench.log.",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-def peak_memory_gib(device: str) -> float:
-    """Peak allocated GPU memory of this process; on the CPU (tests) the peak resident set."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / GIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
-def timed_steps(step: Callable[[], Any], device: str, warmup: int, iters: int, deadline: float) -> list[float]:
-    """Seconds of each of up to `iters` steps after `warmup` untimed ones; from the third step on, stops at
-    `deadline` (time.time()), so a slow row still reports what it measured."""
-    import torch
-
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    times: list[float] = []
-    while len(times) < iters and (len(times) < 2 or time.time() < deadline):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def synthetic_detection_batch(images: int, size: int, num_classes: int, instances: int = 8,
-                              seed: int = 0) -> list[dict[str, Any]]:
-    """detectron2 training inputs: random size x size RGB images, each with `instances` boxes and an octagon
-    polygon mask filling each box (the box of the polygon is the box), random classes."""
-    import numpy as np
-    import torch
-    from detectron2.structures import Boxes, Instances, PolygonMasks
-
-    gen = torch.Generator().manual_seed(seed)
-    angles = np.arange(8) * (2 * math.pi / 8)
-    batch = []
-    for _ in range(images):
-        boxes, polygons = [], []
-        for _ in range(instances):
-            w, h = (int(v) for v in torch.randint(size // 16, size // 2, (2,), generator=gen))
-            x0 = int(torch.randint(0, size - w, (1,), generator=gen))
-            y0 = int(torch.randint(0, size - h, (1,), generator=gen))
-            boxes.append([x0, y0, x0 + w, y0 + h])
-            xs, ys = x0 + w / 2 * (1 + np.cos(angles)), y0 + h / 2 * (1 + np.sin(angles))
-            polygons.append([np.stack([xs, ys], 1).reshape(-1)])
-        target = Instances((size, size))
-        target.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
-        target.gt_classes = torch.randint(0, num_classes, (instances,), generator=gen)
-        target.gt_masks = PolygonMasks(polygons)
-        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=gen)
-        batch.append({"image": image, "height": size, "width": size, "instances": target})
-    return batch
-
-
-def measure_detection(config: str | Path, device: str, images_per_iter: int = 1, warmup: int = 3, iters: int = 10,
-                      deadline: float = math.inf, accumulation: int = 1) -> dict[str, Any]:
-    """Mask R-CNN train iterations of a LazyConfig as tools/train_det.py runs them: detectron2's AMPTrainer
-    (fp16 autocast + GradScaler) when train.amp.enabled, else SimpleTrainer; with `accumulation` > 1 our
-    accumulating trainer step (`images_per_iter` images per micro-batch, one optimizer step per iteration); input
-    size = the pyramid's square_pad (1024 for the ViTDet configs)."""
-    import torch
-
-    import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.utils.events import EventStorage
-
-    from mae_transfer.detection_recipe import build_trainer
-
-    cfg = LazyConfig.load(str(config))
-    size = int(cfg.model.backbone.square_pad)
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(device)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    # The schedule's value at iteration 0 (inside the warm-up), as in the first iterations of a real run: a
-    # randomly initialised Mask R-CNN at the full rate can reach a non-finite loss within these few steps.
-    factor = instantiate(cfg.lr_multiplier)(0.0)
-    for group in optimizer.param_groups:
-        group["lr"] *= factor
-    amp = bool(cfg.train.amp.enabled)
-    batch = synthetic_detection_batch(images_per_iter, size, int(cfg.model.roi_heads.num_classes))
-    trainer = build_trainer(model, itertools.repeat(batch), optimizer, amp, accumulation)
-    with EventStorage(0) as storage:
-        counter = itertools.count()
-
-        def step() -> None:
-            trainer.iter = storage.iter = next(counter)
-            trainer.run_step()
-
-        times = timed_steps(step, device, warmup, iters, deadline)
-        loss = storage.history("total_loss").latest()
-    sec = median(times)
-    return dict(config=str(config), image_size=size, images_per_iter=images_per_iter, accumulation=accumulation,
-                amp="fp16 autocast + GradScaler (AMPTrainer)" if amp else "fp32", iters_timed=len(times),
-                sec_per_iter=sec, sec_per_image=sec / (images_per_iter * accumulation), total_loss=loss,
-                peak_mem_gib=peak_memory_gib(device))
-
-
-def measure_segmentation(config: str | Path, device: str, amp: bool = False, warmup: int = 3, iters: int = 10,
-                         deadline: float = math.inf) -> dict[str, Any]:
-    """UperNet train iterations (model.train_step: data preprocessor, forward, backward, optimizer step) of an
-    mmseg config at its crop size and per-GPU batch; amp=True swaps in mmengine's AmpOptimWrapper (fp16)."""
-    import torch
-
-    import backbones.mmseg  # noqa: F401  (registers our backbone and the LLRD optimizer constructor)
-    from mmengine.config import Config
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.structures import PixelData
-    from mmseg.registry import MODELS
-    from mmseg.structures import SegDataSample
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    cfg = Config.fromfile(str(config))
-    for part in (cfg.model.neck, cfg.model.decode_head, cfg.model.auxiliary_head):
-        part.norm_cfg = dict(type="BN", requires_grad=True)  # one process: no SyncBN (as tools/train_seg.py)
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model).to(device)
-    model.train()
-    from mae_transfer.segmentation_recipe import optim_wrapper_amp
-
-    wrapper_cfg = optim_wrapper_amp(copy.deepcopy(cfg.optim_wrapper), "fp16" if amp else "none")  # as train_seg.py
-    optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
-    h, w = cfg.crop_size
-    batch = int(cfg.train_dataloader.batch_size)
-    num_classes = int(cfg.model.decode_head.num_classes)
-    gen = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(batch):
-        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w), generator=gen))
-        samples.append(sample)
-    data = dict(inputs=[torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for _ in range(batch)],
-                data_samples=samples)
-    losses: list[float] = []
-
-    def step() -> None:
-        log_vars = model.train_step(data, optim_wrapper)
-        losses.append(float(log_vars["loss"].detach()))
-
-    times = timed_steps(step, device, warmup, iters, deadline)
-    if not all(math.isfinite(v) for v in losses):
-        raise MaeTransferError(f"non-finite segmentation loss: {losses}")
-    sec = median(times)
-    return dict(config=str(config), crop=[h, w], images_per_iter=batch, optim_wrapper=wrapper_cfg.type,
-                iters_timed=len(times), sec_per_iter=sec, img_per_s=batch / sec, loss=losses[-1],
-                peak_mem_gib=peak_memory_gib(device))
-
-
-def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters: int = 10,
-                        deadline: float = math.inf) -> dict[str, Any]:
-    """MAE pretraining steps as mae_transfer.runtime runs them (autocast from the config's amp, GradScaler for
-    fp16, fused AdamW on pretraining's parameter groups) at the config's per-process batch, random images."""
-    import torch
-
-    from mae_transfer.config import load_config
-    from mae_transfer.hardware import autocast_dtype, resolve_amp
-    from mae_transfer.pretraining import build_mae, build_optimizer, resolve_config
-    from mae_transfer.runtime import optimizer_step
-
-    cfg = resolve_config({**load_config(config), "data_path": "unused", "output_dir": "unused"})
-    torch.manual_seed(0)
-    model = build_mae(cfg).to(device)
-    model.train()
-    batch, img = cfg["batch_size"], cfg["img_size"]
-    optimizer = build_optimizer(model, cfg, cfg["blr"] * batch / 256)
-    amp = resolve_amp(cfg["amp"], device)
-    dtype = autocast_dtype(amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    imgs = torch.randn(batch, 3, img, img, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    losses: list[torch.Tensor] = []
-
-    def step() -> None:
-        with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = model(imgs, model.make_noise(batch, device, gen))
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        optimizer_step(optimizer, scaler)
-        losses.append(loss.detach())
-
-    times = timed_steps(step, device, warmup, iters, deadline)
-    values = [float(v) for v in losses]
-    if not all(math.isfinite(v) for v in values):
-        raise MaeTransferError(f"non-finite MAE loss: {values}")
-    sec = median(times)
-    return dict(config=str(config), encoder=cfg["encoder"], batch=batch, amp=amp if dtype is not None else "fp32",
-                iters_timed=len(times), sec_per_iter=sec, img_per_s=batch / sec, loss=values[-1],
-                peak_mem_gib=peak_memory_gib(device))
-
-
-# ---------------------------------------------------------------------------------------------- rehearsal
-def build_detection_model(config: str | Path) -> int:
-    """A detection row's set-up without its GPU: the LazyConfig's model and optimizer; returns the parameters."""
-    import backbones.detectron2  # noqa: F401
-    from detectron2.config import LazyConfig, instantiate
-
-    cfg = LazyConfig.load(str(config))
-    model = instantiate(cfg.model)
-    cfg.optimizer.params.model = model
-    instantiate(cfg.optimizer)
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_segmentation_model(config: str | Path, amp: bool = False) -> int:
-    """A segmentation row's set-up without its GPU: the mmseg config's UperNet and the optimizer wrapper
-    train_seg.py builds (fp16 AmpOptimWrapper for amp=True); returns the parameters."""
-    import torch
-
-    import backbones.mmseg  # noqa: F401
-    from mmengine.config import Config
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import OPTIM_WRAPPERS
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-
-    from mae_transfer.segmentation_recipe import optim_wrapper_amp
-
-    register_all_modules(init_default_scope=True)
-    cfg = Config.fromfile(str(config))
-    for part in (cfg.model.neck, cfg.model.decode_head, cfg.model.auxiliary_head):
-        part.norm_cfg = dict(type="BN", requires_grad=True)
-    model = MODELS.build(cfg.model)
-    wrapper_cfg = optim_wrapper_amp(copy.deepcopy(cfg.optim_wrapper), "fp16" if amp else "none")
-    if amp and not torch.cuda.is_available():
-        # mmengine builds an AmpOptimWrapper on a GPU only: without one, its class is looked up in the registry
-        # and the rest (parameter groups, LLRD constructor, optimizer) is built as the fp32 wrapper.
-        if OPTIM_WRAPPERS.get(wrapper_cfg.type) is None:
-            raise MaeTransferError(f"mmengine has no optim wrapper {wrapper_cfg.type!r}")
-        wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
-    build_optim_wrapper(model, wrapper_cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_pretraining_model(config: str | Path) -> int:
-    """A pretraining row's set-up without its GPU: the MAE model and its optimizer; returns the parameters."""
-    from mae_transfer.config import load_config
-    from mae_transfer.pretraining import build_mae, build_optimizer, resolve_config
-
-    cfg = resolve_config({**load_config(config), "data_path": "unused", "output_dir": "unused"})
-    model = build_mae(cfg)
-    build_optimizer(model, cfg, cfg["blr"])
-    return sum(p.numel() for p in model.parameters())
 
 
 def rehearse_row(config: Path, build: Callable[[], int], measure: Callable[..., dict[str, Any]],
@@ -497,7 +247,7 @@ def require_cuda() -> None:
 
 
 def log_group(row_name: str) -> str:
-    """The log file (in --out) of a row: one per group of rows."""
+    """The log file (in --output-dir) of a row: one per group of rows."""
     return next(group for prefix, group in LOG_GROUPS.items() if row_name.startswith(prefix)) + ".log"
 
 
@@ -515,26 +265,12 @@ def trim_log(log: Path, limit: int = MAX_LOG_BYTES) -> None:
 
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str], title: str = "") -> tuple[int | None,
                                                                                                            str]:
-    """Run `cmd` (and whatever it starts) with its output appended to `log` under a `title` line; (exit status, or
-    None if it ran past `timeout` and was killed; its output)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
-        fh.write(f"\n===== {title or cmd[-1]} ({time.strftime('%H:%M:%S')}): {' '.join(cmd)}\n")
-        fh.flush()
-        start = fh.tell()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                                start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: benchmark workers too
-            proc.wait()
-            rc = None
-    with log.open("rb") as fh:
-        fh.seek(start)
-        output = fh.read().decode(errors="replace")
+    """Run `cmd` (and whatever it starts, in a session of its own) with its output appended to `log` under a `title`
+    line; (exit status, or None if it ran past `timeout` and was killed; its output)."""
+    done = run_process(cmd, log=log, title=title or cmd[-1], env=env, timeout=max(1.0, timeout), new_session=True)
+    output = done.output()
     trim_log(log)
-    return rc, output
+    return done.code, output
 
 
 def last_error(output: str) -> str:
@@ -545,20 +281,19 @@ def last_error(output: str) -> str:
 
 def child_env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
+    return {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)}
 
 
 def run_one(row: Row, args: argparse.Namespace, timeout: float, scratch: Path) -> tuple[str, dict[str, Any]]:
-    """Measure one row in its own process(es), its output appended to its group's log in --out, its result files
-    in `scratch` (not in --out, which holds at most 8 files): (status, measurements)."""
-    log = args.out / log_group(row.name)
+    """Measure one row in its own process(es), its output appended to its group's log in --output-dir, its result files
+    in `scratch` (not in --output-dir, which holds at most 8 files): (status, measurements)."""
+    log = args.output_dir / log_group(row.name)
     env = child_env()
     over = f"FAILED: over its {timeout:.0f} s cap (log: {log.name})"
     if row.name in CHILD_ROWS:
         result = scratch / f"{row.name}.json"
         result.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "mae_transfer.gpu_acceptance", "--row", row.name, "--row-result", str(result),
+        cmd = [sys.executable, "-m", "harnesses.gpu_acceptance", "--row", row.name, "--row-result", str(result),
                "--row-deadline", str(time.time() + timeout - 10), "--det-batch", str(args.det_batch),
                "--iters", str(args.iters), "--warmup", str(args.warmup)] + (["--rehearse"] if args.rehearse else [])
         rc, output = run_logged(cmd, log, timeout, env, row.name)
@@ -617,7 +352,7 @@ GPU_PROBE = ("import json, torch; p = torch.cuda.get_device_properties(0); x = t
 
 
 def out_files() -> list[str]:
-    """What a run writes to --out (the device tool brings back at most 8 files)."""
+    """What a run writes to --output-dir (the device tool brings back at most 8 files)."""
     return ["results.md", "results.json", "setup.log", *dict.fromkeys(group + ".log" for group in LOG_GROUPS.values())]
 
 
@@ -652,18 +387,18 @@ def run_all(args: argparse.Namespace) -> int:
     if not args.rehearse:
         require_cuda()
     selected = [row for row in ROWS if row.name in args.only]
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     for name in out_files():  # this run's files only, nothing else of the folder
-        (args.out / name).unlink(missing_ok=True)
+        (args.output_dir / name).unlink(missing_ok=True)
     kit_s = None
     if args.kit is not None:
         print(f"[gpu_acceptance] installing the kit {args.kit} into {args.site} (log: setup.log) ...", flush=True)
-        kit_s = round(install_kit(args.kit, args.site, args.out / "setup.log"), 1)
+        kit_s = round(install_kit(args.kit, args.site, args.output_dir / "setup.log"), 1)
     meta = dict(machine_meta(args), commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M"), budget_s=args.budget,
                 python=sys.version.split()[0], kit=str(args.kit) if args.kit else None, kit_setup_s=kit_s,
                 rehearsal=args.rehearse)
     print(f"[gpu_acceptance] {meta['gpu']}, torch {meta['torch']}: {len(selected)} rows, budget {args.budget} s; "
-          f"logs in {args.out}", flush=True)
+          f"logs in {args.output_dir}", flush=True)
     start = time.time()
     deadline = start + args.budget
     rows = []
@@ -684,8 +419,8 @@ def run_all(args: argparse.Namespace) -> int:
                              seconds=round(time.time() - began, 1), data=data))
             print(f"[gpu_acceptance] {row.name}: {status}  {result}  {memory}", flush=True)
     meta["seconds"] = time.time() - start
-    table = write_report(meta, rows, args.out)
-    print(f"\n{table}\n\nwritten: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    table = write_report(meta, rows, args.output_dir)
+    print(f"\n{table}\n\nwritten: {args.output_dir / 'results.md'}, {args.output_dir / 'results.json'}")
     failed = [r["name"] for r in rows if r["status"] != "ok"]
     if failed:
         print(f"[gpu_acceptance] FAILED rows: {', '.join(failed)}", file=sys.stderr)
@@ -704,9 +439,10 @@ def run_child(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/gpu_acceptance.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--output-dir", type=Path, default=None,
                         help="folder for results.md, results.json, setup.log and one log per group of rows "
                              "(default: benchmarks/gpu; with --rehearse work_dirs/gpu_rehearsal)")
+    add_deprecated_spelling(parser, "--out", "--output-dir")
     parser.add_argument("--only", default=",".join(ROW_NAMES),
                         help=f"comma-separated rows to run, in this order: {', '.join(ROW_NAMES)}")
     parser.add_argument("--budget", type=int, default=None,
@@ -747,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         raise MaeTransferError(f"--kit {args.kit}: no such folder; make the kit with scripts/gpu_kit.sh")
     args.only = only
     default_out = REPO_ROOT / "work_dirs" / "gpu_rehearsal" if args.rehearse else REPO_ROOT / "benchmarks" / "gpu"
-    args.out = (args.out or default_out).resolve()
+    args.output_dir = (args.output_dir or default_out).resolve()
     args.kit = args.kit.resolve() if args.kit else None
     return run_all(args)
 
