@@ -9,7 +9,8 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class CompiledOpUnavailableError(RuntimeError):

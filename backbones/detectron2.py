@@ -14,15 +14,16 @@ Layer-wise lr decay needs no registration in detectron2: configs pass the shared
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from torch import Tensor
-
-from backbones.vit import VisionTransformer, vit_config
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import Tensor
+
+from backbones.vit import VisionTransformer, vit_config
 
 logger = logging.getLogger(__name__)
 

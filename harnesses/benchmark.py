@@ -33,11 +33,12 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from statistics import median
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from harnesses.timing import peak_memory_gib, timed_steps
 from mae_transfer.errors import MaeTransferError
@@ -236,10 +237,11 @@ def build_seg(impl: str, job: Job) -> Bench:
     import torch
 
     import backbones.mmseg  # noqa: F401  registers our backbone (and applies the compat shims)
+    # isort: split
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
-    from mmseg.registry import MODELS
     from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
     from mmseg.utils import register_all_modules
 
@@ -283,6 +285,7 @@ def build_seg_backbone(impl: str, job: Job) -> Bench:
     import torch
 
     from backbones.mmseg import MAEViT  # first: applies the compat shims `import mmseg` needs (mmcv-lite)
+    # isort: split
     from mmseg.models.backbones import MAE  # both sides import both: the same framework in each RSS
 
     torch.manual_seed(0)

@@ -39,13 +39,20 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from harnesses.benchmark import PEERS
-from harnesses.gpu_measure import (build_detection_model, build_pretraining_model, build_segmentation_model,
-                                   measure_detection, measure_pretraining, measure_segmentation)
+from harnesses.gpu_measure import (
+    build_detection_model,
+    build_pretraining_model,
+    build_segmentation_model,
+    measure_detection,
+    measure_pretraining,
+    measure_segmentation,
+)
 from mae_transfer.cli import add_deprecated_spelling
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.gpu_kit import install_kit

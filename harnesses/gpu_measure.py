@@ -52,11 +52,10 @@ def measure_detection(config: str | Path, device: str, images_per_iter: int = 1,
     accumulating trainer step (`images_per_iter` images per micro-batch, one optimizer step per iteration); input
     size = the pyramid's square_pad (1024 for the ViTDet configs)."""
     import torch
-
-    import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
     from detectron2.config import LazyConfig, instantiate
     from detectron2.utils.events import EventStorage
 
+    import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
     from mae_transfer.detection_recipe import build_trainer
 
     cfg = LazyConfig.load(str(config))
@@ -95,7 +94,8 @@ def measure_segmentation(config: str | Path, device: str, amp: bool = False, war
     mmseg config at its crop size and per-GPU batch; amp=True swaps in mmengine's AmpOptimWrapper (fp16)."""
     import torch
 
-    import backbones.mmseg  # noqa: F401  (registers our backbone and the LLRD optimizer constructor)
+    import backbones.mmseg  # noqa: F401  (first: the mmcv-lite stand-in; registers our backbone and the LLRD constructor)
+    # isort: split
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.structures import PixelData
@@ -184,8 +184,9 @@ def measure_pretraining(config: str | Path, device: str, warmup: int = 3, iters:
 # ---------------------------------------------------------------------------------------------- rehearsal set-ups
 def build_detection_model(config: str | Path) -> int:
     """A detection row's set-up without its GPU: the LazyConfig's model and optimizer; returns the parameters."""
-    import backbones.detectron2  # noqa: F401
     from detectron2.config import LazyConfig, instantiate
+
+    import backbones.detectron2  # noqa: F401
 
     cfg = LazyConfig.load(str(config))
     model = instantiate(cfg.model)
@@ -199,7 +200,8 @@ def build_segmentation_model(config: str | Path, amp: bool = False) -> int:
     train_seg.py builds (fp16 AmpOptimWrapper for amp=True); returns the parameters."""
     import torch
 
-    import backbones.mmseg  # noqa: F401
+    import backbones.mmseg  # noqa: F401  (first: the mmcv-lite stand-in mmseg's import needs)
+    # isort: split
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import OPTIM_WRAPPERS

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import resource
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 GIB = 2 ** 30
 

@@ -31,9 +31,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
@@ -344,7 +345,7 @@ def _stdio_to(log: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        for fd, copy in zip((1, 2), saved):
+        for fd, copy in zip((1, 2), saved, strict=False):
             os.dup2(copy, fd)
             os.close(copy)
 

@@ -16,8 +16,9 @@ import copy
 import os
 import runpy
 import types
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 

@@ -21,9 +21,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -380,7 +381,8 @@ def box_vs_polygon(box: list[float], bounds: tuple[float, float, float, float]) 
     tol_x, tol_y = max(2.0, 0.05 * (x1 - x0)), max(2.0, 0.05 * (y1 - y0))
 
     def near(found: list[float], expected: tuple[float, ...]) -> bool:
-        return all(abs(f - e) <= (tol_x if i % 2 == 0 else tol_y) for i, (f, e) in enumerate(zip(found, expected)))
+        pairs = enumerate(zip(found, expected, strict=False))
+        return all(abs(f - e) <= (tol_x if i % 2 == 0 else tol_y) for i, (f, e) in pairs)
 
     if near(box, (x0, y0, x1 - x0, y1 - y0)):
         return "agrees"

@@ -18,8 +18,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -37,8 +38,8 @@ import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for
 from mae_transfer import checkpoint as ckpt
 from mae_transfer import detection_recipe, task_kinds
 from mae_transfer.data import IMAGE_SUFFIXES
-from mae_transfer.detectron2_data import register_coco_instances_checked
 from mae_transfer.detection_pictures import ground_truth_records, prediction_picture
+from mae_transfer.detectron2_data import register_coco_instances_checked
 from mae_transfer.detectron2_resume import ExactResume, build_train_loader, run_seed
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.framework_checkpoints import detection_checkpointer, local_checkpoint_path

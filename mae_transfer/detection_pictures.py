@@ -80,7 +80,8 @@ def draw_prediction(rgb: Any, inst: Any, metadata: Any, scale: float) -> Any:
     """The image with the shown detections: box, mask, "class score%", as an RGB array."""
     names = metadata.get("thing_classes", None) or []
     classes = inst.pred_classes.tolist()
-    labels = [f"{names[c] if c < len(names) else c} {s:.0%}" for c, s in zip(classes, inst.scores.tolist())]
+    scores = inst.scores.tolist()
+    labels = [f"{names[c] if c < len(names) else c} {s:.0%}" for c, s in zip(classes, scores, strict=True)]
     masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
     vis = _visualizer(rgb, metadata, scale)
     out = vis.overlay_instances(boxes=inst.pred_boxes.tensor.numpy() if len(inst) else None,

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer

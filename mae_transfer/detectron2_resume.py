@@ -69,7 +69,7 @@ class _PositionStream(IterableDataset):
     makes positions start + w, start + w + W, ..., which the DataLoader, taking one item from each worker in
     turn, yields in order."""
 
-    def __init__(self, loader: "ResumableTrainLoader", start: int) -> None:
+    def __init__(self, loader: ResumableTrainLoader, start: int) -> None:
         self.loader, self.start = loader, start
 
     def __iter__(self) -> Iterator[Any]:

@@ -22,7 +22,8 @@ Frameworks are imported lazily: importing this module loads neither.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from mae_transfer.checkpoint import needs_pickle_error, read_checkpoint

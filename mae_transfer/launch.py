@@ -14,10 +14,10 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.paths import REPO_ROOT

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError

@@ -121,7 +121,7 @@ class _ReplaySkipped:
     def __init__(self, iterator: Any, replayed: int) -> None:
         self.iterator, self.replayed = iterator, replayed
 
-    def __iter__(self) -> "_ReplaySkipped":
+    def __iter__(self) -> _ReplaySkipped:
         return self
 
     def __next__(self) -> Any:

@@ -5,7 +5,7 @@ scalable font, so it has the requested pixel size on any machine.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -39,14 +39,14 @@ def side_by_side(panels: Sequence[np.ndarray | Image.Image], titles: Sequence[st
     images = [_as_image(p) for p in panels]
     face = font(font_size)
     line_h = int(font_size * 1.3)
-    wrapped = [wrap(t, im.width, face) for t, im in zip(titles, images)]
+    wrapped = [wrap(t, im.width, face) for t, im in zip(titles, images, strict=False)]
     title_h = max(len(lines) for lines in wrapped) * line_h + margin
     width = sum(im.width for im in images) + gap * (len(images) - 1) + 2 * margin
     height = title_h + max(im.height for im in images) + 2 * margin
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     x = margin
-    for im, lines in zip(images, wrapped):
+    for im, lines in zip(images, wrapped, strict=False):
         for i, line in enumerate(lines):
             draw.text((x, margin + i * line_h), line, fill=TEXT, font=face)
         canvas.paste(im, (x, margin + title_h))

@@ -472,4 +472,4 @@ def train_one_epoch(net: nn.Module, task: Task, loader: DataLoader, optimizer: t
     if world > 1:
         dist.all_reduce(totals)
     record = {"epoch": epoch + 1, "loss": float(totals[0]) / (iters * world), "lr": lr}
-    return record, dict(zip(sums, totals[1:].tolist()))
+    return record, dict(zip(sums, totals[1:].tolist(), strict=False))

@@ -17,12 +17,16 @@ import copy
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import backbones.mmseg  # noqa: F401  (mmcv-lite workaround, then registers MAEViT + the LLRD constructor)
 import numpy as np
 import torch
+
+import backbones.mmseg  # noqa: F401  (first: the mmcv-lite workaround, then registers MAEViT + the LLRD constructor)
+
+# isort: split
 from mmengine.config import Config, DictAction
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mae_transfer import recipe as rcp
 from mae_transfer.errors import MaeTransferError

@@ -46,13 +46,42 @@ from __future__ import annotations
 # The study in parts: the spec and its commands (study_spec), input checks (study_inputs), running (study_run),
 # results (study_report). This module keeps the names tools and tests import.
 from mae_transfer.study_inputs import check_inputs, input_problems
-from mae_transfer.study_report import (Difference, collect, differences, per_seed, plot_caption, results_markdown,
-                                       summarise, write_csv, write_plot, write_results)
-from mae_transfer.study_run import (Runner, last_det_evaluation, plan, prepare_backbone, prepare_pretrain_data,
-                                    read_cls_metrics, read_det_metrics, read_metrics, read_seg_metrics, run_study,
-                                    subprocess_runner, write_done)
-from mae_transfer.study_spec import (DONE, Cell, Study, backbone_commands, cell_command, command_line, has_checkpoint,
-                                     load_study)
+from mae_transfer.study_report import (
+                                       Difference,
+                                       collect,
+                                       differences,
+                                       per_seed,
+                                       plot_caption,
+                                       results_markdown,
+                                       summarise,
+                                       write_csv,
+                                       write_plot,
+                                       write_results,
+)
+from mae_transfer.study_run import (
+                                       Runner,
+                                       last_det_evaluation,
+                                       plan,
+                                       prepare_backbone,
+                                       prepare_pretrain_data,
+                                       read_cls_metrics,
+                                       read_det_metrics,
+                                       read_metrics,
+                                       read_seg_metrics,
+                                       run_study,
+                                       subprocess_runner,
+                                       write_done,
+)
+from mae_transfer.study_spec import (
+                                       DONE,
+                                       Cell,
+                                       Study,
+                                       backbone_commands,
+                                       cell_command,
+                                       command_line,
+                                       has_checkpoint,
+                                       load_study,
+)
 
 __all__ = ["DONE", "Cell", "Difference", "Runner", "Study", "backbone_commands", "cell_command", "check_inputs",
            "collect", "command_line", "differences", "has_checkpoint", "input_problems", "last_det_evaluation",

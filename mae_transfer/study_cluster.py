@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mae_transfer.cluster import ALIVE, Resources, ToolJob, job_states, make_resources, read_status, submit
 from mae_transfer.errors import MaeTransferError

@@ -9,8 +9,9 @@ import contextlib
 import io
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mae_transfer.checkpoint import read_checkpoint
 from mae_transfer.config import apply_overrides, load_config

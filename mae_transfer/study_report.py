@@ -269,7 +269,7 @@ def write_plot(study: Study, rows: list[dict[str, Any]]) -> Path:
     caption = textwrap.fill(plot_caption(study, rows), width=int(width * 14))
     caption_h = 0.15 * (caption.count("\n") + 1) + 0.1  # inches of 8-pt text lines
     fig, axes = plt.subplots(1, len(cols), figsize=(width, 3.6 + caption_h), squeeze=False)
-    for ax, (task, metric, label) in zip(axes[0], cols):
+    for ax, (task, metric, _label) in zip(axes[0], cols, strict=False):
         for i, backbone in enumerate(study.backbones):
             color = f"C{i}"
             pts = {f: stats[(backbone, task, metric, f)] for f in study.freeze_blocks
@@ -279,7 +279,7 @@ def write_plot(study: Study, rows: list[dict[str, Any]]) -> Path:
             separate = -1 in pts and study.depth in pts  # both at 0 blocks fine-tuned
             line = sorted((study.blocks_tuned(f), m, s) for f, (m, s, _) in pts.items() if not (separate and f < 0))
             if line:
-                xs, ys, es = zip(*line)
+                xs, ys, es = zip(*line, strict=False)
                 ax.errorbar(xs, ys, yerr=es if bars else None, marker="o", color=color, label=backbone, capsize=3)
             if separate:
                 ax.errorbar([0], [pts[-1][0]], yerr=[pts[-1][1]] if bars else None, marker="s", color=color,

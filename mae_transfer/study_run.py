@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
@@ -16,8 +17,16 @@ from mae_transfer.launch import run_logged
 from mae_transfer.metrics import read_eval_metrics, strict_json
 from mae_transfer.study_inputs import check_inputs
 from mae_transfer.study_report import write_results
-from mae_transfer.study_spec import (DONE, Cell, Study, _backbone_work, _pretrain_data, backbone_commands,
-                                     command_line, has_checkpoint)
+from mae_transfer.study_spec import (
+    DONE,
+    Cell,
+    Study,
+    _backbone_work,
+    _pretrain_data,
+    backbone_commands,
+    command_line,
+    has_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
@@ -19,6 +17,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
+from torch import nn
+
 from mae_transfer import detection
 from mae_transfer.cli import run_cli
 from mae_transfer.metrics import read_eval_metrics

@@ -13,8 +13,14 @@ import torch
 
 import mae_transfer  # noqa: F401
 from backbones.vit import VisionTransformer, resize_abs_pos
-from mae_transfer.checkpoint import (LoadReport, load_backbone, load_backbone_state_dict, save_backbone, to_detectron2,
-                                     to_mmseg)
+from mae_transfer.checkpoint import (
+    LoadReport,
+    load_backbone,
+    load_backbone_state_dict,
+    save_backbone,
+    to_detectron2,
+    to_mmseg,
+)
 from mae_transfer.errors import MaeTransferError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,7 +375,7 @@ def test_mmseg_mae_parity_layer_scale_folded(img):
     report = _load({"state_dict": {"backbone." + k: v for k, v in ref.state_dict().items()}}, model)
     assert report.format == "mmseg_mae" and any("folded" in n for n in report.notes)
     with torch.no_grad():
-        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img)):
+        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img), strict=True):
             torch.testing.assert_close(got, expect, **TOL)
 
 
@@ -416,7 +422,7 @@ def test_mmseg_mae_rel_pos_bias_and_layer_scale_load_losslessly(img, caplog):
     assert "blocks.1.attn.relative_position_bias_table" in report.loaded and "blocks.0.gamma_2" in report.loaded
     torch.testing.assert_close(model.blocks[1].gamma_1.detach(), ref.layers[1].gamma_1.detach(), atol=0, rtol=0)
     with torch.no_grad():
-        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img)):
+        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img), strict=True):
             torch.testing.assert_close(got, expect, **TOL)
         # Sensitive to the tables: without one block's, the outputs move.
         model.blocks[0].attn.relative_position_bias_table.zero_()
@@ -486,7 +492,7 @@ def test_mmseg_vit_parity(img):
     report = _load({"state_dict": {"backbone." + k: v for k, v in ref.state_dict().items()}, "meta": {}}, model)
     assert report.format == "mmseg_vit" and "patch_embed.proj.bias" in report.loaded
     with torch.no_grad():
-        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img)):
+        for got, expect in zip(_our_token_maps(model, img, (0, 1)), ref(img), strict=True):
             torch.testing.assert_close(got, expect, **TOL)
 
 

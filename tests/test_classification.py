@@ -16,12 +16,18 @@ import timm
 import torch
 from torch import nn
 
-from mae_transfer.classification import (build_classifier, build_optimizer, evaluate_checkpoint, finetune,
-                                         load_for_eval, resolve_config)
+from mae_transfer.classification import (
+    build_classifier,
+    build_optimizer,
+    evaluate_checkpoint,
+    finetune,
+    load_for_eval,
+    resolve_config,
+)
 from mae_transfer.config import load_config
 from mae_transfer.data import coco_crops_to_imagefolder
-from mae_transfer.runtime import load_checkpoint
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.runtime import load_checkpoint
 from mae_transfer.synthetic import make_shapes_dataset
 
 from .conftest import REPO_ROOT
@@ -180,7 +186,7 @@ def test_resume_continues_exactly(shapes_crops: Path, tmp_path: Path, one_thread
     torch.save(first, tmp_path / "resumed" / "checkpoint_last.pth")
     resumed = finetune(micro_cfg(shapes_crops, tmp_path / "resumed", drop_path=0.1))
     assert len(resumed) == 2
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["acc1"] == pytest.approx(b["acc1"], abs=1e-9)
     wa = load_checkpoint(tmp_path / "full" / "checkpoint_last.pth", "mae_transfer_classifier")["model"]

@@ -5,9 +5,9 @@ submitit's local executor with one job killed mid-run and resumed by the re-run.
 from __future__ import annotations
 
 import csv
-import re
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from mae_transfer.cluster import (Placement, ToolJob, make_resources, parse_time, sbatch_script, task_command,
-                                  tasks_per_node)
+from mae_transfer.cluster import (
+    Placement,
+    ToolJob,
+    make_resources,
+    parse_time,
+    sbatch_script,
+    task_command,
+    tasks_per_node,
+)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.study import DONE, Study, load_study
 from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs

@@ -23,8 +23,8 @@ from backbones.vit import VisionTransformer, attention
 from harnesses import gpu_acceptance as acceptance
 from harnesses import gpu_measure
 from mae_transfer.config import load_config
-from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.mae import MaskedAutoencoder
+from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
@@ -104,7 +104,7 @@ def test_attention_on_cuda_matches_cpu_at_fp32(tokens: int, with_bias: bool) -> 
         out.backward(grad.to(device))
         return [out] + [t.grad for t in leaves]
 
-    for name, got, want in zip(["out", "q", "k", "v", "bias"], run(DEVICE), run("cpu")):
+    for name, got, want in zip(["out", "q", "k", "v", "bias"], run(DEVICE), run("cpu"), strict=True):
         assert max_rel_error(got, want) < 1e-4, name
 
 
@@ -129,7 +129,7 @@ def test_rel_pos_vit_on_cuda_matches_cpu_and_detectron2_at_fp32() -> None:
     ref = ViT(img_size=512, patch_size=16, embed_dim=64, depth=4, num_heads=2, window_size=14,
               window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False, pretrain_img_size=224,
               norm_layer=partial(nn.LayerNorm, eps=1e-6)).to(DEVICE)
-    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
     assert not missing and unexpected == ["cls_token"]
     xr = x.to(DEVICE).requires_grad_()
     out_ref = ref(xr)["last_feat"]

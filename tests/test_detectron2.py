@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from backbones.detectron2 import ViTBackbone, add_mae_vit_config, build_vit_sfp
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import SimpleFeaturePyramid, ViT
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
+
+from backbones.detectron2 import ViTBackbone, add_mae_vit_config, build_vit_sfp
 from mae_transfer import detection, detection_pictures
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
@@ -68,7 +68,7 @@ def test_pyramid_matches_detectron2_vit_sfp_1024():
     # Parameter names line up with detectron2's ViTDet (only our unused, frozen cls token is extra).
     assert set(ours.state_dict()) - set(ref.state_dict()) == {"net.cls_token"}
     assert set(ref.state_dict()) <= set(ours.state_dict())
-    result = ours.load_state_dict(ref.state_dict(), strict=False)
+    result = ours.load_state_dict(ref.state_dict(), strict=True)
     assert result.missing_keys == ["net.cls_token"] and not result.unexpected_keys
     assert ours.output_shape().keys() == ref.output_shape().keys()
     x = torch.randn(1, 3, 1024, 1024)
@@ -91,7 +91,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK_QUERIES", 256)
     ref, ours = _pair(img_size)
     _perturb(ref)
-    ours.load_state_dict(ref.state_dict(), strict=False)
+    ours.load_state_dict(ref.state_dict(), strict=True)
     grid = img_size // 16
     chunked = []
     real_apply = kernels.ChunkedRelPosAttention.apply
@@ -106,7 +106,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
         x_ours = x_ours + ours.abs_pos((grid, grid))
     assert (x_ref - x_ours).abs().max() <= 1e-6
     x = x_ref
-    for i, (rb, ob) in enumerate(zip(ref.blocks, ours.blocks)):
+    for i, (rb, ob) in enumerate(zip(ref.blocks, ours.blocks, strict=True)):
         assert (rb.window_size, ob.window_size) == ((0, 0) if i in GLOBAL else (14, 14))
         xi = x.clone().requires_grad_(True)
         yi = x.clone().requires_grad_(True)
@@ -464,7 +464,7 @@ def test_infer_picture_ground_truth_beside_top_detections_after_class_agnostic_n
     (different classes) only the better is shown, detections under the score floor are not, top_k limits."""
     import numpy as np
     from detectron2.data.catalog import Metadata
-    from detectron2.structures import BoxMode, Boxes, Instances
+    from detectron2.structures import Boxes, BoxMode, Instances
 
     boxes = [[10, 10, 100, 100], [12, 12, 100, 100], [120, 120, 180, 180], [130, 10, 180, 60]]
     inst = Instances((192, 192), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
@@ -662,7 +662,7 @@ class _Warnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
 
-    def __enter__(self) -> "_Warnings":
+    def __enter__(self) -> _Warnings:
         self.logger.addHandler(self)
         return self
 

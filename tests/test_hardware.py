@@ -12,10 +12,15 @@ from mae_transfer import hardware
 from mae_transfer.classification import finetune
 from mae_transfer.config import load_config
 from mae_transfer.data import coco_crops_to_imagefolder
-from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.hardware import (CPU_BF16_ENV, autocast_dtype, cpu_has_native_bf16, native_bf16_from_cpuinfo,
-                                   resolve_amp)
+from mae_transfer.hardware import (
+    CPU_BF16_ENV,
+    autocast_dtype,
+    cpu_has_native_bf16,
+    native_bf16_from_cpuinfo,
+    resolve_amp,
+)
+from mae_transfer.pretraining import load_checkpoint, pretrain
 from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 

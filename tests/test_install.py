@@ -14,7 +14,6 @@ from packaging.specifiers import SpecifierSet
 
 from tests.conftest import REPO_ROOT
 
-
 SUPPORTED_PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # newest last; scripts/setup_env.sh, setup.cfg agree
 REQUIREMENTS = REPO_ROOT / "requirements"
 

@@ -59,7 +59,7 @@ def _assert_same_maps_at_512(ours, ref, x):
     with torch.no_grad():
         a, b = ours(x), ref(x)
     assert len(a) == len(b) == len(OUT)
-    for fa, fb in zip(a, b):
+    for fa, fb in zip(a, b, strict=True):
         assert fa.shape == fb.shape == (1, C, 32, 32)
         assert (fa - fb).abs().max().item() <= 1e-4
     return b
@@ -174,10 +174,10 @@ def test_parity_with_mmseg_mae_rel_pos_bias_layer_scale_512_table(tmp_path, capl
     calls, backward = [], kernels.BiasedAttention.backward
     monkeypatch.setattr(kernels.BiasedAttention, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a)))
     weights = [torch.randn(f.shape, generator=g) for f in b]
-    sum((f * w).sum() for f, w in zip(ours(x), weights)).backward()
-    sum((f * w).sum() for f, w in zip(ref(x), weights)).backward()
+    sum((f * w).sum() for f, w in zip(ours(x), weights, strict=True)).backward()
+    sum((f * w).sum() for f, w in zip(ref(x), weights, strict=True)).backward()
     assert len(calls) == DEPTH
-    for i, (mine, theirs) in enumerate(zip(ours.blocks, ref.layers)):
+    for i, (mine, theirs) in enumerate(zip(ours.blocks, ref.layers, strict=True)):
         for name, ga, gb in [("table", mine.attn.relative_position_bias_table.grad,
                               theirs.attn.relative_position_bias_table.grad),
                              ("gamma_1", mine.gamma_1.grad, theirs.gamma_1.grad),
@@ -212,7 +212,7 @@ def test_parity_without_cls_token_with_mmseg_vision_transformer():
     ours.eval()
     x = torch.randn(1, 3, 512, 512, generator=g)
     with torch.no_grad():
-        for fa, fb in zip(ours(x), ref(x)):
+        for fa, fb in zip(ours(x), ref(x), strict=True):
             assert fa.shape == fb.shape == (1, C, 32, 32)
             assert (fa - fb).abs().max().item() <= 1e-4
 
@@ -321,8 +321,8 @@ def test_b_train_step_at_reduced_size_uses_shared_llrd():
     lrs = sorted({group["lr"] for group in optim.optimizer.param_groups})
     assert len(lrs) >= 13 and lrs[-1] == pytest.approx(1e-4)  # one lr per layer: 0.65 ** k * lr
     assert lrs[0] == pytest.approx(1e-4 * 0.65 ** 13, rel=1e-3)
-    from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
 
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -345,8 +345,8 @@ def test_init_checkpoint_formats_and_freeze(tmp_path):
     missing backbone keys through the config's backbone; freeze_blocks freezes through the shared code."""
     import timm
 
-    from mae_transfer.pretraining import CHECKPOINT_FORMAT
     from mae_transfer.mae import MaskedAutoencoder
+    from mae_transfer.pretraining import CHECKPOINT_FORMAT
 
     cfg = _cfg("ade20k_upernet_vit_tiny_cpu.py")
     mae = MaskedAutoencoder(encoder="vit_tiny_patch16_224", img_size=96, decoder_embed_dim=64, decoder_depth=1,

@@ -40,7 +40,7 @@ def test_llrd_table_vit_b():
     table = scales(groups)
     names = [n for n, _ in vit.named_parameters()]
     assert sorted(table) == sorted(names) and len(names) == 152  # ViT-B/16 with a head: 4 + 12 * 12 + 2 + 2
-    for name, p in vit.named_parameters():
+    for name in names:
         assert table[name] == pytest.approx(DECAY ** (13 - expected_layer(name)), rel=1e-12), name
         assert layer_id(name, 12) == expected_layer(name)
     wd = {n: g["weight_decay"] for g in groups for n in g["param_names"]}

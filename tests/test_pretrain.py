@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from backbones.vit import create_vit
-from mae_transfer.config import apply_overrides, load_config
 from mae_transfer.checkpoint import BACKBONE_FORMAT
-from mae_transfer.pretraining import (CHECKPOINT_FORMAT, build_mae, build_optimizer, export_encoder, load_checkpoint,
-                                      pretrain, resolve_config)
+from mae_transfer.config import apply_overrides, load_config
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.pretraining import (
+    CHECKPOINT_FORMAT,
+    build_mae,
+    build_optimizer,
+    export_encoder,
+    load_checkpoint,
+    pretrain,
+    resolve_config,
+)
 from tests.conftest import REPO_ROOT
 
 TINY = REPO_ROOT / "configs" / "mae_pretrain_vit_tiny_cpu.py"
@@ -95,7 +102,7 @@ def test_reconstruction_picture_has_labelled_rows(tmp_path: Path) -> None:
     model = build_mae(cfg)
     from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD
 
-    black = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]  # ImageNet-normalised black
+    black = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]  # ImageNet-normalised black
     imgs = torch.tensor(black).view(1, 3, 1, 1).expand(2, 3, 64, 64).contiguous()
     path = save_reconstruction(model, imgs, tmp_path / "recon.png", seed=0)
     picture = np.asarray(Image.open(path).convert("L"))
@@ -208,7 +215,7 @@ def test_resume_after_epoch_k_repeats_the_uninterrupted_run(coco_tiny: Path, tmp
     resumed = pretrain(tiny_cfg(images, resumed_dir, *common, "resume=auto"))
 
     assert [h["epoch"] for h in resumed] == [1, 2, 3]
-    for a, b in zip(full, resumed):  # epochs 2 and 3 were recomputed after the resume
+    for a, b in zip(full, resumed, strict=True):  # epochs 2 and 3 were recomputed after the resume
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["lr"] == b["lr"], (full, resumed)
     assert len({h["loss"] for h in full}) == 3  # the losses change from epoch to epoch
     final_full = torch.load(tmp_path / "full" / "checkpoint_last.pth", weights_only=True)["model"]

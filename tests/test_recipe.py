@@ -248,7 +248,7 @@ class _ClipEachMicroBatch:
                         p.grad = None
                     (sum(self.model(next(self._data_loader_iter)).values()) / k).backward()
                     detection.clip_gradients(self.optimizer, "full_model", 0.5)
-                    for p, b in zip(model.parameters(), before):
+                    for p, b in zip(model.parameters(), before, strict=True):
                         if b is not None:
                             p.grad = b + (p.grad if p.grad is not None else 0)
                 self.optimizer.step()

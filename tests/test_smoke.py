@@ -34,12 +34,14 @@ def _tool_main(name: str):
 
 
 def test_imports_and_the_pins_of_this_python() -> None:
-    import backbones.detectron2  # noqa: F401
     import backbones.mmseg  # noqa: F401  (applies the mmcv._ext stand-in, then imports mmseg)
+    # isort: split
     import detectron2.modeling  # noqa: F401
+    import mmseg.models  # noqa: F401
+
+    import backbones.detectron2  # noqa: F401
     import mae_transfer.detection  # noqa: F401
     import mae_transfer.segmentation  # noqa: F401
-    import mmseg.models  # noqa: F401
 
     assert stack_pins(PY)["torch"] == version("torch") == "2.14.1"
     wrong = installed_versions_not_pinned(PY)  # (installed, pinned) of stack.txt and the full lock

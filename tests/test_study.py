@@ -14,13 +14,26 @@ import pytest
 import torch
 
 from backbones.vit import create_vit
-from mae_transfer.config import load_config
 from mae_transfer.checkpoint import BACKBONE_FORMAT
-from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
+from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
-from mae_transfer.study import (DONE, Cell, cell_command, command_line, load_study, read_seg_metrics, results_markdown,
-                                run_study, collect, differences, plot_caption, summarise, write_results)
+from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
+from mae_transfer.study import (
+    DONE,
+    Cell,
+    cell_command,
+    collect,
+    command_line,
+    differences,
+    load_study,
+    plot_caption,
+    read_seg_metrics,
+    results_markdown,
+    run_study,
+    summarise,
+    write_results,
+)
 from tests.conftest import REPO_ROOT
 
 SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"

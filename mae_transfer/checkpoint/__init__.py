@@ -25,9 +25,19 @@ Supported formats (`LoadReport.format`; `formats.registered_formats()` lists the
   mmseg_vit               mmseg `VisionTransformer` (`attn.attn.in_proj_weight`)
 """
 from mae_transfer.checkpoint.fitting import Source, fit_state_dict, load_backbone, load_backbone_state_dict
-from mae_transfer.checkpoint.formats import (BACKBONE_FORMAT, DETECTRON2_PREFIX, MMSEG_PREFIX, Format, StateDict,
-                                             convert_state_dict, detect_format, match_format, register_format,
-                                             registered_formats, unregister_format)
+from mae_transfer.checkpoint.formats import (
+                                             BACKBONE_FORMAT,
+                                             DETECTRON2_PREFIX,
+                                             MMSEG_PREFIX,
+                                             Format,
+                                             StateDict,
+                                             convert_state_dict,
+                                             detect_format,
+                                             match_format,
+                                             register_format,
+                                             registered_formats,
+                                             unregister_format,
+)
 from mae_transfer.checkpoint.reading import needs_pickle_error, read_checkpoint, unwrap_state_dict
 from mae_transfer.checkpoint.report import LoadReport
 from mae_transfer.checkpoint.writing import WRITERS, convert_checkpoint, save_backbone, to_detectron2, to_mmseg

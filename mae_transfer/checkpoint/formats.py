@@ -9,8 +9,9 @@ not a place in a list. Priorities are unique; `register_format` refuses a taken 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
