@@ -216,9 +216,9 @@ def find_det_data(sources: DataSources) -> DetData | None:
 
 
 def check_det_data(det: DetData) -> list[Path]:
-    """Both splits readable (mae_transfer.data.read_coco_instances), instances to train on, the same
+    """Both splits readable (mae_transfer.coco.read_coco_instances), instances to train on, the same
     categories in both; returns the first NUM_PICTURES evaluation images (for the prediction pictures)."""
-    from mae_transfer.data import read_coco_instances
+    from mae_transfer.coco import read_coco_instances
 
     train = read_coco_instances(det.train_json, det.train_images)
     val = train if (det.val_json, det.val_images) == (det.train_json, det.train_images) else \

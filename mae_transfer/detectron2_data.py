@@ -1,4 +1,4 @@
-"""Register a user's COCO instances json in detectron2 after `mae_transfer.data.check_coco_instances`.
+"""Register a user's COCO instances json in detectron2 after `mae_transfer.coco.check_coco_instances`.
 
 detectron2 reads a registered json itself (the training records through `load_coco_json`, the
 COCOEvaluator's ground truth through pycocotools), so annotations and images our check skips would still be
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mae_transfer.data import CocoInstances, check_coco_instances
+from mae_transfer.coco import CocoInstances, check_coco_instances
 from mae_transfer.errors import MaeTransferError
 
 logger = logging.getLogger(__name__)

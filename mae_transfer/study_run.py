@@ -81,7 +81,7 @@ def prepare_pretrain_data(study: Study, name: str) -> None:
     """A backbone pretrained on COCO object crops: write that ImageFolder first (`crops=dict(...)`)."""
     pre = study.backbones[name]["pretrain"]
     if pre.get("crops"):
-        from mae_transfer.data import coco_crops_to_imagefolder
+        from mae_transfer.coco import coco_crops_to_imagefolder
 
         c = pre["crops"]
         coco_crops_to_imagefolder(c["json"], c["images"], _pretrain_data(study, pre), int(c.get("min_size", 16)))

@@ -24,8 +24,8 @@ from mae_transfer.classification import (
     load_for_eval,
     resolve_config,
 )
+from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.config import load_config
-from mae_transfer.data import coco_crops_to_imagefolder
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.runtime import load_checkpoint
 from mae_transfer.synthetic import make_shapes_dataset

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mae_transfer.data import check_coco_instances, check_image_files, coco_crops_to_imagefolder, read_coco_instances
+from mae_transfer.coco import check_coco_instances, coco_crops_to_imagefolder, read_coco_instances
+from mae_transfer.data import check_image_files
 from mae_transfer.errors import MaeTransferError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +79,9 @@ class _Collect(logging.Handler):
 
 @pytest.fixture
 def warnings_of():
-    """The warning lines of mae_transfer.data, from a handler on that logger itself (detectron2's
+    """The warning lines of mae_transfer.coco, from a handler on that logger itself (detectron2's
     setup_logger, run earlier in the same session, stops 'mae_transfer' loggers from propagating)."""
-    log, handler = logging.getLogger("mae_transfer.data"), _Collect()
+    log, handler = logging.getLogger("mae_transfer.coco"), _Collect()
     log.addHandler(handler)
     yield lambda: list(handler.lines)
     log.removeHandler(handler)

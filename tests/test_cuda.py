@@ -129,7 +129,7 @@ def test_rel_pos_vit_on_cuda_matches_cpu_and_detectron2_at_fp32() -> None:
     ref = ViT(img_size=512, patch_size=16, embed_dim=64, depth=4, num_heads=2, window_size=14,
               window_block_indexes=[0, 2], use_rel_pos=True, rel_pos_zero_init=False, pretrain_img_size=224,
               norm_layer=partial(nn.LayerNorm, eps=1e-6)).to(DEVICE)
-    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not missing and unexpected == ["cls_token"]
     xr = x.to(DEVICE).requires_grad_()
     out_ref = ref(xr)["last_feat"]

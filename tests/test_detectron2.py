@@ -68,7 +68,7 @@ def test_pyramid_matches_detectron2_vit_sfp_1024():
     # Parameter names line up with detectron2's ViTDet (only our unused, frozen cls token is extra).
     assert set(ours.state_dict()) - set(ref.state_dict()) == {"net.cls_token"}
     assert set(ref.state_dict()) <= set(ours.state_dict())
-    result = ours.load_state_dict(ref.state_dict(), strict=True)
+    result = ours.load_state_dict(ref.state_dict(), strict=False)
     assert result.missing_keys == ["net.cls_token"] and not result.unexpected_keys
     assert ours.output_shape().keys() == ref.output_shape().keys()
     x = torch.randn(1, 3, 1024, 1024)
@@ -91,7 +91,7 @@ def test_vit_blocks_match_detectron2_vit_block_by_block(img_size, monkeypatch):
     monkeypatch.setattr(kernels, "CHUNK_QUERIES", 256)
     ref, ours = _pair(img_size)
     _perturb(ref)
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.load_state_dict(ref.state_dict(), strict=False)
     grid = img_size // 16
     chunked = []
     real_apply = kernels.ChunkedRelPosAttention.apply

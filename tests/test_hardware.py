@@ -10,8 +10,8 @@ import torch
 
 from mae_transfer import hardware
 from mae_transfer.classification import finetune
+from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.config import load_config
-from mae_transfer.data import coco_crops_to_imagefolder
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import (
     CPU_BF16_ENV,

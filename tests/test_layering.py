@@ -108,6 +108,7 @@ def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
         import mae_transfer.optim, mae_transfer.checkpoint, mae_transfer.runtime
         import mae_transfer.pretraining, mae_transfer.classification, mae_transfer.recipe
         import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.study, mae_transfer.study_cluster
+        import mae_transfer.data, mae_transfer.coco
         print(json.dumps({{
             "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
             "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,

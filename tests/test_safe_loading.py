@@ -64,7 +64,7 @@ def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     make_shapes_dataset(root, num_train=12, num_val=2, size=96)
-    from mae_transfer.data import coco_crops_to_imagefolder
+    from mae_transfer.coco import coco_crops_to_imagefolder
 
     coco_crops_to_imagefolder(root / "annotations" / "instances_train.json", root / "images" / "train",
                               root / "crops", min_size=8, val_fraction=0.34)  # every class on both sides

@@ -395,7 +395,7 @@ def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, m
 # ------------------------------------------------------------------------------------------- supervised
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mae_transfer.data import coco_crops_to_imagefolder
+    from mae_transfer.coco import coco_crops_to_imagefolder
     from tests.conftest import shared_dataset
 
     root = shared_dataset("fruits_nuts")

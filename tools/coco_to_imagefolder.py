@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("the following arguments are required: --output-dir")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-    from mae_transfer.data import coco_crops_to_imagefolder
+    from mae_transfer.coco import coco_crops_to_imagefolder
 
     counts = coco_crops_to_imagefolder(args.json, args.images, args.output_dir, args.min_size, args.context,
                                        args.val_fraction)
