@@ -8,7 +8,6 @@ a labelled folder of object crops, a small real labelled set for CPU runs of the
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from PIL import Image
 
 from mae_transfer.data import MAX_INVALID_FRACTION, check_image_files
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +171,7 @@ def _read_coco_json(jp: Path, root: Path) -> dict:
         raise MaeTransferError(f"annotation file not found: {jp}")
     if not root.is_dir():
         raise MaeTransferError(f"image folder not found: {root}")
-    try:
-        data = json.loads(jp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MaeTransferError(f"{jp}: malformed json ({err})") from None
+    data = read_json(jp)
     if not isinstance(data, dict):
         raise MaeTransferError(f"{jp}: expected a COCO json object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):

@@ -1,6 +1,8 @@
-"""Files that matter are written to a temp file in the same folder, then renamed (never half-written)."""
+"""Files that matter are written to a temp file in the same folder, then renamed (never half-written); a json
+file a user gave is read with one clear error line."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -8,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mae_transfer.errors import MaeTransferError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -38,3 +42,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed content of a json file; a file that is not json (or not UTF-8) is one MaeTransferError line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MaeTransferError(f"{path}: malformed json ({err})") from None

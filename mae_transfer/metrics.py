@@ -28,7 +28,7 @@ from typing import Any
 
 from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.io import atomic_write_text
+from mae_transfer.io import atomic_write_text, read_json
 
 FILENAME = "eval_metrics.json"
 
@@ -66,10 +66,7 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
     path = Path(output_dir) / FILENAME
     if not path.is_file():
         raise MaeTransferError(f"no {FILENAME} in {output_dir}: the run did not finish an evaluation")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MaeTransferError(f"{path}: malformed json ({err})") from None
+    record = read_json(path)
     if (not isinstance(record, dict) or not isinstance(record.get("metrics"), dict)
             or record.get("task") not in task_kinds.KINDS):
         raise MaeTransferError(f"{path}: not an eval_metrics.json record "
