@@ -99,6 +99,7 @@ CLS_DEFAULTS: dict[str, Any] = dict(
     output_dir=None,
     resume="",  # "" (fresh), "auto" (output_dir/checkpoint_last.pth if present) or a checkpoint path
     save_every=10,
+    save_epochs=(),  # further epochs with a numbered checkpoint (a study takes several epochs of one run)
     eval_every=1,  # evaluate on val every N epochs (and after the last)
     progress=True,
 )
@@ -120,6 +121,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("batch_size", "accum_iter", "epochs", "save_every", "eval_every", "img_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise MaeTransferError(f"config key {key!r} must be a positive integer, got {cfg[key]!r}")
+    runtime.check_save_epochs(cfg)
     if not isinstance(cfg["freeze_blocks"], int) or cfg["freeze_blocks"] < -1:
         raise MaeTransferError(f"freeze_blocks must be -1, 0 or a number of blocks, got {cfg['freeze_blocks']!r}")
     if cfg["mode"] == "linprobe" and cfg["freeze_blocks"] != -1:

@@ -81,6 +81,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     output_dir=None,
     resume="",  # "" (fresh), "auto" (output_dir/checkpoint_last.pth if present) or a checkpoint path
     save_every=20,  # numbered checkpoint + reconstruction picture every N epochs (and at the end)
+    save_epochs=(),  # further epochs with a numbered checkpoint (a study takes several epochs of one run)
     recon_images=4,
     progress=True,  # tqdm bar on rank 0
 )
@@ -112,6 +113,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("batch_size", "accum_iter", "epochs", "save_every", "img_size"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise MaeTransferError(f"config key {key!r} must be a positive integer, got {cfg[key]!r}")
+    runtime.check_save_epochs(cfg)
     if not cfg["data_path"]:
         raise MaeTransferError("no image folder given: set data_path in the config or pass --data PATH")
     if not cfg["output_dir"]:

@@ -239,12 +239,21 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, model: nn.Module, o
     return start_epoch, list(ckpt.get("history", []))
 
 
+def check_save_epochs(cfg: dict[str, Any]) -> None:
+    """`save_epochs` is a list of positive epoch numbers (each gets a numbered checkpoint)."""
+    value = cfg["save_epochs"]
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in value):
+        raise MaeTransferError(f"config key 'save_epochs' must be a list of positive integers, got {value!r}")
+
+
 def save_epoch_checkpoint(state: dict[str, Any], out: Path, epoch: int, save_every: int, epochs: int,
-                          history: list[dict[str, Any]]) -> tuple[Path, Path | None]:
-    """`checkpoint_last.pth` every epoch, `checkpoint_XXXX.pth` every `save_every` epochs and at the end, and
-    `log.jsonl` (one line per epoch), all written to a temp file and renamed. Returns (last, numbered or None)."""
+                          history: list[dict[str, Any]], save_epochs: tuple[int, ...] = ()) -> tuple[Path, Path | None]:
+    """`checkpoint_last.pth` every epoch, `checkpoint_XXXX.pth` every `save_every` epochs, at each of `save_epochs`
+    and at the end, and `log.jsonl` (one line per epoch), all written to a temp file and renamed.
+    Returns (last, numbered or None)."""
     last, numbered = out / LAST_CHECKPOINT, None
-    if epoch % save_every == 0 or epoch == epochs:
+    if epoch % save_every == 0 or epoch == epochs or epoch in save_epochs:
         numbered = atomic_torch_save(state, out / f"checkpoint_{epoch:04d}.pth")
         atomic_write(last, lambda tmp: shutil.copyfile(numbered, tmp))
     else:
@@ -418,7 +427,8 @@ def _save_epoch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, 
         "world_size": task.world,
         **task.checkpoint_extra(),
     }
-    last, numbered = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"], history)
+    last, numbered = save_epoch_checkpoint(state, out, epoch + 1, cfg["save_every"], cfg["epochs"], history,
+                                           tuple(cfg["save_epochs"]))
     task.after_checkpoint(model, epoch + 1, numbered)
     return last
 

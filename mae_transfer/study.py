@@ -50,6 +50,7 @@ from mae_transfer.study_report import (
                                        Difference,
                                        collect,
                                        differences,
+                                       paired_difference,
                                        per_seed,
                                        plot_caption,
                                        results_markdown,
@@ -81,10 +82,12 @@ from mae_transfer.study_spec import (
                                        command_line,
                                        has_checkpoint,
                                        load_study,
+                                       pretrain_group,
 )
 
 __all__ = ["DONE", "Cell", "Difference", "Runner", "Study", "backbone_commands", "cell_command", "check_inputs",
            "collect", "command_line", "differences", "has_checkpoint", "input_problems", "last_det_evaluation",
-           "load_study", "per_seed", "plan", "plot_caption", "prepare_backbone", "prepare_pretrain_data",
+           "load_study", "paired_difference", "per_seed", "plan", "pretrain_group", "plot_caption",
+           "prepare_backbone", "prepare_pretrain_data",
            "read_cls_metrics", "read_det_metrics", "read_metrics", "read_seg_metrics", "results_markdown",
            "run_study", "subprocess_runner", "summarise", "write_csv", "write_done", "write_plot", "write_results"]

@@ -30,7 +30,7 @@ from mae_transfer.paths import REPO_ROOT
 from mae_transfer.study_inputs import check_inputs
 from mae_transfer.study_report import write_results
 from mae_transfer.study_run import prepare_pretrain_data, read_metrics, write_done
-from mae_transfer.study_spec import DONE, Cell, Study, _safe, backbone_commands, cell_command
+from mae_transfer.study_spec import DONE, Cell, Study, _safe, backbone_commands, cell_command, pretrain_group
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +151,15 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
         if not commands:
             ready[name] = (ckpt, None)
             continue
-        key = f"backbone {name}"
-        pre = study.backbones[name]["pretrain"]
+        owner = pretrain_group(study.backbones, name)[0]  # one job per pretraining run, shared by its group
+        key = f"backbone {owner}"
+        pre = study.backbones[owner]["pretrain"]
         if may_submit(key) and in_flight < max_parallel:
-            prepare_pretrain_data(study, name)
-            res = resources(study, pre.get("slurm"), overrides, f"backbone {name!r}")
+            commands = backbone_commands(study, owner)[1] if owner != name else commands
+            prepare_pretrain_data(study, owner)
+            res = resources(study, pre.get("slurm"), overrides, f"backbone {owner!r}")
             do_submit(key, ToolJob("pretrain", commands[0][2:], study.python, res.gpus_per_node, then=commands[1:],
-                                   what=f"pretraining of backbone {name!r}", cwd=REPO_ROOT), res)
+                                   what=f"pretraining of backbone {owner!r}", cwd=REPO_ROOT), res)
         entry = jobs.get(key)
         if entry and entry["state"] in IN_FLIGHT and executor == "slurm":
             ready[name] = (ckpt, f"afterok:{entry['job_id']}")  # Slurm starts the cells when it has succeeded

@@ -76,14 +76,48 @@ def summarise(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, 
 
 @dataclass(frozen=True)
 class Difference:
-    """backbone - reference for one (task, metric, freeze). Paired (both finished the same seeds): mean and sample
-    std of the per-seed differences, n pairs. Unpaired: difference of the means, spread sqrt(std_a^2 + std_b^2)
-    (the std of a difference of two independent runs, comparable to the paired spread), n = min(n_a, n_b)."""
+    """a - b for one (task, metric, freeze). Paired (both finished the same seeds): mean and sample std of the
+    per-seed differences, n pairs, and for n >= 3 the 95% t-interval of the mean difference. Unpaired: difference
+    of the means, spread sqrt(std_a^2 + std_b^2) (the std of a difference of two independent runs, comparable to
+    the paired spread), n = min(n_a, n_b), no interval."""
 
     mean: float
     std: float
     n: int
     paired: bool
+    ci95: tuple[float, float] | None = None
+
+    @property
+    def within_noise(self) -> bool | None:
+        """Whether the 95% interval contains 0 (None without an interval)."""
+        return None if self.ci95 is None else self.ci95[0] <= 0 <= self.ci95[1]
+
+    def text(self) -> str:
+        """`+1.2±0.8 [-0.5, +2.9] within noise (n=3)`: mean ± std, the interval and what it says, n."""
+        out = _fmt_spread(self.mean, self.std, self.n > 1 or not self.paired, "+") + ("" if self.paired else "†")
+        if self.ci95 is not None:
+            out += f" [{_fmt(self.ci95[0], '+')}, {_fmt(self.ci95[1], '+')}]" + (
+                " within noise" if self.within_noise else "")
+        return f"{out} (n={self.n})"
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> Difference | None:
+    """a - b from two seed -> value maps: paired over the seeds both have when they have the same seeds, else the
+    difference of the means (see Difference); None when either is empty."""
+    if not a or not b:
+        return None
+    if set(a) == set(b):
+        diffs = [a[s] - b[s] for s in a]
+        mean, std = _mean(diffs)
+        ci = None
+        if len(diffs) >= 3:
+            from scipy.stats import t
+
+            half = float(t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
+            ci = (mean - half, mean + half)
+        return Difference(mean, std, len(diffs), True, ci)
+    (mean_a, std_a), (mean_b, std_b) = _mean(list(a.values())), _mean(list(b.values()))
+    return Difference(mean_a - mean_b, math.hypot(std_a, std_b), min(len(a), len(b)), False)
 
 
 def differences(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Difference]:
@@ -98,16 +132,9 @@ def differences(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str
             continue
         for task, metric, _ in _metric_columns(study):
             for freeze in study.freeze_blocks:
-                a, b = (per_seed(rows, name, task, metric, freeze) for name in (backbone, ref))
-                if not a or not b:
-                    continue
-                if set(a) == set(b):
-                    mean, std = _mean([a[s] - b[s] for s in a])
-                    out[(backbone, task, metric, freeze)] = Difference(mean, std, len(a), True)
-                else:
-                    (mean_a, std_a), (mean_b, std_b) = _mean(list(a.values())), _mean(list(b.values()))
-                    out[(backbone, task, metric, freeze)] = Difference(mean_a - mean_b, math.hypot(std_a, std_b),
-                                                                       min(len(a), len(b)), False)
+                d = paired_difference(*(per_seed(rows, name, task, metric, freeze) for name in (backbone, ref)))
+                if d is not None:
+                    out[(backbone, task, metric, freeze)] = d
     return out
 
 
@@ -190,7 +217,8 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
 
 def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tuple[str, str, str]],
                          freezes: list[int]) -> list[str]:
-    """The table of backbone - reference per cell (spec key `reference`), with how its spread is computed."""
+    """The table of backbone - reference (spec key `reference`), one row per backbone and metric, with how its
+    spread and interval are computed."""
     ref = study.reference
     if ref is None or len(study.backbones) < 2:
         return []
@@ -199,29 +227,21 @@ def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tu
         "",
         f"## Difference to `{ref}`",
         "",
-        f"Each cell: backbone − {ref}, {' / '.join(label for _, _, label in cols)}, per task, metric and blocks "
-        "fine-tuned. Paired by seed when both finished the same seeds: mean ± sample std of the per-seed "
-        "differences, n = pairs. † = the seeds differ: difference of the means ± sqrt(std_a² + std_b²), "
-        "n = the smaller seed count. No ± for one pair.",
+        f"Each cell: backbone − {ref} per task, metric and blocks fine-tuned. Paired by seed when both finished "
+        "the same seeds: mean ± sample std of the per-seed differences, then for n >= 3 pairs the 95% t-interval "
+        "of the mean difference in brackets, \"within noise\" when it contains 0; (n=...) pairs. † = the seeds "
+        "differ: difference of the means ± sqrt(std_a² + std_b²), n = the smaller seed count, no interval.",
         "",
-        "| backbone | " + " | ".join(_freeze_label(study, f) for f in freezes) + " | n |",
-        "|---|" + "---|" * (len(freezes) + 1),
+        "| backbone | metric | " + " | ".join(_freeze_label(study, f) for f in freezes) + " |",
+        "|---|---|" + "---|" * len(freezes),
     ]
     for backbone in study.backbones:
         if backbone == ref:
             continue
-        cells, counts = [], []
-        for f in freezes:
-            parts = []
-            for task, metric, _ in cols:
-                d = diffs.get((backbone, task, metric, f))
-                if d is None or math.isnan(d.mean):
-                    parts.append("-")
-                    continue
-                parts.append(_fmt_spread(d.mean, d.std, d.n > 1 or not d.paired, "+") + ("" if d.paired else "†"))
-                counts.append(d.n)
-            cells.append(" / ".join(parts))
-        lines.append(f"| {backbone} − {ref} | " + " | ".join(cells) + f" | {_n_label(counts)} |")
+        for task, metric, label in cols:
+            cells = [diffs[key].text() if (key := (backbone, task, metric, f)) in diffs
+                     and not math.isnan(diffs[key].mean) else "-" for f in freezes]
+            lines.append(f"| {backbone} − {ref} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 

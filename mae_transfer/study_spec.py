@@ -5,6 +5,7 @@ tool, the key of the run's length (`iters` or `epochs`) and how a cell's setting
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "o
              "reference"}
 TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher", "slurm"}
 BACKBONE_FORMS = ("a path, None/'random', or dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., "
-                  "opts=[...]))")
+                  "opts=[...]), epoch=N)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,52 @@ def _check_depth(raw: Mapping[str, Any], where: str) -> tuple[int, list[int]]:
 def _check_backbones(entries: Any, where: str) -> dict[str, Any]:
     if not isinstance(entries, Mapping) or not entries:
         raise MaeTransferError(f"{where}: backbones must be a non-empty dict name -> checkpoint / None / dict(...)")
-    return {name: _check_backbone_entry(name, entry, where) for name, entry in entries.items()}
+    backbones = {name: _check_backbone_entry(name, entry, where) for name, entry in entries.items()}
+    _check_epochs(backbones, where)
+    return backbones
+
+
+def _pretrain_key(entry: Any) -> str | None:
+    """Backbones with equal `pretrain=dict(...)` share one pretraining run (each may take another epoch of it)."""
+    if not isinstance(entry, Mapping) or not entry.get("pretrain"):
+        return None
+    return json.dumps(entry["pretrain"], sort_keys=True)
+
+
+def pretrain_group(backbones: Mapping[str, Any], name: str) -> list[str]:
+    """The backbones that share `name`'s pretraining run, in spec order; the first owns the run's folder."""
+    key = _pretrain_key(backbones[name])
+    return [n for n, e in backbones.items() if key is not None and _pretrain_key(e) == key] or [name]
+
+
+def _run_epochs(pre: Mapping[str, Any]) -> int | None:
+    """The pretraining run's length: its `epochs=` override, else its config's `epochs` (None if unreadable)."""
+    for opt in reversed(pre["opts"]):
+        if opt.startswith("epochs="):
+            try:
+                return int(opt.split("=", 1)[1])
+            except ValueError:
+                return None  # the pretraining config check reports it
+    try:
+        return int(load_config(pre["config"]).get("epochs"))
+    except (MaeTransferError, OSError, TypeError, ValueError):
+        return None
+
+
+def _check_epochs(backbones: Mapping[str, Any], where: str) -> None:
+    """`epoch=N` takes the checkpoint after epoch N of the (shared) pretraining run, so N must be within it."""
+    for name, entry in backbones.items():
+        epoch = entry.get("epoch") if isinstance(entry, Mapping) else None
+        if epoch is None:
+            continue
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1 or not entry.get("pretrain") \
+                or entry.get("checkpoint"):
+            raise MaeTransferError(f"{where}: backbone {name!r}: epoch must be a positive integer, given with "
+                                   f"pretrain=dict(...) and without checkpoint=, got epoch={epoch!r}")
+        run = _run_epochs(entry["pretrain"])
+        if run is not None and epoch > run:
+            raise MaeTransferError(f"{where}: backbone {name!r}: epoch={epoch} is after the end of its pretraining "
+                                   f"run ({run} epochs)")
 
 
 def _check_backbone_entry(name: str, entry: Any, where: str) -> Any:
@@ -151,7 +197,7 @@ def _check_backbone_entry(name: str, entry: Any, where: str) -> Any:
         return str(resolve_path(entry))
     if not isinstance(entry, Mapping):
         raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
-    extra = sorted(set(entry) - {"checkpoint", "pretrain"})
+    extra = sorted(set(entry) - {"checkpoint", "pretrain", "epoch"})
     if extra or not (entry.get("checkpoint") or entry.get("pretrain")):
         raise MaeTransferError(f"{where}: backbone {name!r} must be {BACKBONE_FORMS}")
     return _check_pretrain(name, dict(entry), where)
@@ -277,20 +323,43 @@ def _pretrain_data(study: Study, pre: Mapping[str, Any]) -> str:
 
 
 def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[str]]]:
-    """(checkpoint path, commands that produce it) for one backbone; no commands if nothing is to be done."""
+    """(checkpoint path, commands that produce it) for one backbone; no commands if nothing is to be done.
+
+    Backbones with equal `pretrain=dict(...)` share one run, in the folder of the first of them: it saves a numbered
+    checkpoint at every `epoch=` they ask for, and each backbone exports its epoch (or the run's last) checkpoint.
+    A backbone whose epoch is already saved only exports it; the owner's commands also export the group's others."""
     entry = study.backbones[name]
     if entry is None:
         return None, []
     if isinstance(entry, str):
         return entry, []
     pre = entry.get("pretrain")
-    work = _backbone_work(study, name)
-    ckpt = entry.get("checkpoint") or str(work / "backbone.pth")
+    ckpt = entry.get("checkpoint") or backbone_checkpoint(study, name)
     if Path(ckpt).is_file() or not pre:
         return ckpt, []
+    group = pretrain_group(study.backbones, name)
+    run = _backbone_work(study, group[0]) / "pretrain"
     tool = str(REPO_ROOT / task_kinds.TOOLS["pretrain"].script)
-    return ckpt, [
-        [study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
-         "--output-dir", str(work / "pretrain"), "--resume", *pre["opts"]],
-        [study.python, tool, "--export-encoder", str(work / "pretrain" / "checkpoint_last.pth"), ckpt],
-    ]
+    epochs = sorted({study.backbones[n]["epoch"] for n in group if study.backbones[n].get("epoch")})
+    keep = [f"save_epochs=[{','.join(map(str, epochs))}]"] if epochs else []
+    exports = [[study.python, tool, "--export-encoder", str(_run_checkpoint(run, study.backbones[n].get("epoch"))),
+                backbone_checkpoint(study, n)]
+               for n in group if (n == name or name == group[0]) and not Path(backbone_checkpoint(study, n)).is_file()]
+    if entry.get("epoch") and _run_checkpoint(run, entry["epoch"]).is_file():
+        return ckpt, exports
+    return ckpt, [[study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
+                   "--output-dir", str(run), "--resume", *pre["opts"], *keep], *exports]
+
+
+def backbone_checkpoint(study: Study, name: str) -> str:
+    """Where a pretrained backbone's encoder is exported: its group's folder, one file per epoch taken."""
+    entry = study.backbones[name]
+    if entry.get("checkpoint"):
+        return entry["checkpoint"]
+    epoch = entry.get("epoch")
+    work = _backbone_work(study, pretrain_group(study.backbones, name)[0])
+    return str(work / (f"backbone_epoch{epoch:04d}.pth" if epoch else "backbone.pth"))
+
+
+def _run_checkpoint(run: Path, epoch: int | None) -> Path:
+    return run / (f"checkpoint_{epoch:04d}.pth" if epoch else "checkpoint_last.pth")

@@ -1,10 +1,18 @@
-"""A small built-in labelled dataset for the demo and smoke runs: rendered shapes on textured backgrounds.
+"""Built-in data for the demo, smoke runs and studies: rendered shapes on textured backgrounds.
+
+The class is decided by the outline alone: every shape's fill (a random colour, two-colour stripes or a noisy
+colour) and the background are drawn independently of its class, so no colour statistic tells the classes apart
+(tests/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each class its own
+colour: a shortcut a random ViT keeps and norm-pix MAE learns to ignore.
 
 `make_shapes_dataset(root)` writes, for splits train/val:
   images/<split>/NNNN.png                 RGB pictures
   annotations/instances_<split>.json      COCO instances (polygon masks, boxes, areas; ids start at 1)
   labels/<split>/NNNN.png                 semantic labels: 0 background, 1..3 = circle, square, triangle
-Everything derives from the seed, so the same call always writes the same files.
+`make_unlabeled_shapes(root, count)` writes unlabelled pictures of the same kind (a pretraining pool), and
+`make_shape_classes(root, ...)` an ImageFolder (train/<class>/, val/<class>/) of one shape per picture.
+Everything derives from the seed, so the same call always writes the same files; the three use separate random
+streams, so a pool never repeats a labelled picture.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from mae_transfer.io import atomic_write_text
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
-PALETTE = [(0, 0, 0), (220, 60, 60), (60, 170, 80), (70, 90, 220)]  # background + one colour per class
+_STREAMS = {"labelled": 0, "unlabeled": 1, "classes": 2}  # one random stream per kind of set
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -30,6 +38,25 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     noise = Image.fromarray(rng.uniform(0, 255, (size // 8, size // 8, 3)).astype(np.uint8)).resize(
         (size, size), Image.BICUBIC)
     img = 0.75 * img + 0.25 * np.asarray(noise, dtype=np.float64)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _fill(rng: np.random.Generator, size: int) -> Image.Image:
+    """A shape's surface, drawn without looking at its class: a plain colour, stripes of two colours at a random
+    angle and period, or a colour with blurred noise."""
+    base = rng.uniform(0, 255, 3)
+    style = int(rng.integers(3))
+    if style == 0:
+        img = np.broadcast_to(base, (size, size, 3))
+    elif style == 1:
+        yy, xx = np.mgrid[0:size, 0:size]
+        angle, period = rng.uniform(0, math.pi), rng.uniform(size * 0.04, size * 0.15)
+        phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
+        img = np.where((np.floor(phase) % 2 == 0)[..., None], base, rng.uniform(0, 255, 3))
+    else:
+        noise = Image.fromarray(rng.uniform(0, 255, (size // 6, size // 6, 3)).astype(np.uint8)).resize(
+            (size, size), Image.BICUBIC)
+        img = 0.6 * base + 0.4 * np.asarray(noise, dtype=np.float64)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -44,20 +71,31 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
              cy + r * math.sin(offset + angle + 2 * math.pi * k / n)) for k in range(n)]
 
 
-def _render(rng: np.random.Generator, size: int, max_shapes: int) -> tuple[Image.Image, np.ndarray, list[dict]]:
+def _draw_shape(rng: np.random.Generator, img: Image.Image, cls: int, cx: float, cy: float,
+                r: float) -> list[tuple[float, float]]:
+    """Paint one shape of class `cls` onto `img` with a class-independent fill; returns its polygon."""
+    poly = _polygon(SHAPE_CLASSES[cls], cx, cy, r, float(rng.uniform(0, math.pi)))
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).polygon(poly, fill=255)
+    img.paste(_fill(rng, img.size[0]), (0, 0), mask)
+    return poly
+
+
+def _render(rng: np.random.Generator, size: int, max_shapes: int, with_labels: bool = True
+            ) -> tuple[Image.Image, np.ndarray, list[dict]]:
     img = _background(rng, size)
     label = Image.new("L", (size, size), 0)
-    draw, draw_label = ImageDraw.Draw(img), ImageDraw.Draw(label)
+    draw_label = ImageDraw.Draw(label)
     instances = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         cls = int(rng.integers(len(SHAPE_CLASSES)))
         r = float(rng.uniform(size * 0.08, size * 0.2))
         cx, cy = rng.uniform(r, size - r, 2)
-        poly = _polygon(SHAPE_CLASSES[cls], float(cx), float(cy), r, float(rng.uniform(0, math.pi)))
-        colour = tuple(int(np.clip(c + rng.integers(-30, 31), 0, 255)) for c in PALETTE[cls + 1])
-        draw.polygon(poly, fill=colour)
+        poly = _draw_shape(rng, img, cls, float(cx), float(cy), r)
         draw_label.polygon(poly, fill=cls + 1)
         instances.append(dict(cls=cls, poly=poly))
+    if not with_labels:
+        return img.filter(ImageFilter.SMOOTH), np.asarray(label), []
     label_arr = np.asarray(label)
     # later shapes may cover earlier ones: keep each instance's visible pixels only
     annotations = []
@@ -97,9 +135,9 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
     """Write the dataset under `root` (skipped if it is already complete). Returns `root`."""
     root = Path(root)
     done = root / ".complete"
-    if done.is_file() and done.read_text() == f"{num_train},{num_val},{size},{max_shapes},{seed}":
+    if done.is_file() and done.read_text() == f"v2,{num_train},{num_val},{size},{max_shapes},{seed}":
         return root
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, _STREAMS["labelled"]])
     for split, count in (("train", num_train), ("val", num_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -115,5 +153,41 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
                 coco["annotations"].append(dict(ann, id=len(coco["annotations"]) + 1, image_id=i + 1))
         (root / "annotations").mkdir(exist_ok=True)
         atomic_write_text(json.dumps(coco), root / "annotations" / f"instances_{split}.json")
-    done.write_text(f"{num_train},{num_val},{size},{max_shapes},{seed}")
+    done.write_text(f"v2,{num_train},{num_val},{size},{max_shapes},{seed}")
+    return root
+
+
+def make_unlabeled_shapes(root: str | os.PathLike, count: int, size: int = 192, max_shapes: int = 4,
+                          seed: int = 0) -> Path:
+    """`count` unlabelled pictures like make_shapes_dataset's (root/NNNN.png): a pool for MAE pretraining."""
+    root = Path(root)
+    done, stamp = root / ".complete", f"unlabeled,{count},{size},{max_shapes},{seed}"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, _STREAMS["unlabeled"]])
+    for i in range(count):
+        _render(rng, size, max_shapes, with_labels=False)[0].save(root / f"{i:05d}.png")
+    done.write_text(stamp)
+    return root
+
+
+def make_shape_classes(root: str | os.PathLike, train_per_class: int, val_per_class: int, size: int = 96,
+                       seed: int = 0) -> Path:
+    """An ImageFolder of one shape per picture: root/{train,val}/<circle|square|triangle>/NNNN.png."""
+    root = Path(root)
+    done, stamp = root / ".complete", f"classes,{train_per_class},{val_per_class},{size},{seed}"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    rng = np.random.default_rng([seed, _STREAMS["classes"]])
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for cls, name in enumerate(SHAPE_CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = _background(rng, size)
+                r = float(rng.uniform(size * 0.2, size * 0.38))
+                cx, cy = rng.uniform(r, size - r, 2)
+                _draw_shape(rng, img, cls, float(cx), float(cy), r)
+                img.filter(ImageFilter.SMOOTH).save(root / split / name / f"{i:04d}.png")
+    done.write_text(stamp)
     return root

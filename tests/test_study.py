@@ -27,6 +27,7 @@ from mae_transfer.study import (
     command_line,
     differences,
     load_study,
+    paired_difference,
     plot_caption,
     read_seg_metrics,
     results_markdown,
@@ -309,15 +310,22 @@ def test_summary_mean_std_n_and_difference_to_reference(tmp_path: Path) -> None:
     assert set(diff) == {("MAE", "seg", "mIoU", 0), ("MAE", "seg", "mIoU", 2)}  # the reference has no row
     paired = diff[("MAE", "seg", "mIoU", 0)]  # per-seed differences 10, 11, 12
     assert paired.paired and paired.n == 3 and paired.mean == 11.0 and paired.std == pytest.approx(1.0)
+    half = 4.303 / 3 ** 0.5  # t(0.975, 2 degrees of freedom) = 4.303 (printed tables), std 1, n 3
+    assert paired.ci95 == pytest.approx((11.0 - half, 11.0 + half), abs=1e-3) and paired.within_noise is False
     unpaired = diff[("MAE", "seg", "mIoU", 2)]  # 32 ± 2 (3 seeds) vs 22 ± sqrt(8) (2 seeds)
-    assert not unpaired.paired and unpaired.n == 2
+    assert not unpaired.paired and unpaired.n == 2 and unpaired.ci95 is None and unpaired.within_noise is None
     assert unpaired.mean == 10.0 and unpaired.std == pytest.approx(12 ** 0.5)
 
     md = results_markdown(study, rows)
     assert "| backbone | 4 (all) | 2 | n |" in md
     assert "| MAE | 53.0±3.6 | 32.0±2.0 | 3 |" in md and "| scratch | 42.0±2.6 | 22.0±2.8 | 2-3 |" in md
     assert "Fewer than 3 seeds: scratch mIoU at 2 (n=2)." in md
-    assert "## Difference to `scratch`" in md and "| MAE − scratch | +11.0±1.0 | +10.0±3.5† | 2-3 |" in md
+    assert "## Difference to `scratch`" in md
+    assert "| MAE − scratch | mIoU | +11.0±1.0 [+8.5, +13.5] (n=3) | +10.0±3.5† (n=2) |" in md
+    # an interval around 0 reads "within noise"; two pairs give ± but no interval
+    small = paired_difference({0: 1.0, 1: -1.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert small.within_noise and small.text().endswith("within noise (n=3)")
+    assert paired_difference({0: 2.0, 1: 4.0}, {0: 1.0, 1: 1.0}).text() == "+2.0±1.4 (n=2)"
     assert "per-seed differences" in md and "sqrt(std_a² + std_b²)" in md
     caption = plot_caption(study, rows)
     assert "seg: mIoU after 20 iterations (camvid_upernet_vit_tiny_cpu.py)" in caption
