@@ -60,5 +60,6 @@ device = "auto"
 output_dir = None
 resume = "auto"
 save_every = 10
+save_epochs = []  # further epochs with a numbered checkpoint
 eval_every = 1
 progress = True

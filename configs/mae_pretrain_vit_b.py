@@ -39,5 +39,6 @@ device = "auto"
 output_dir = None
 resume = "auto"
 save_every = 20
+save_epochs = []  # further epochs with a numbered checkpoint
 recon_images = 4
 progress = True

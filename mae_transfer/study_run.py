@@ -110,7 +110,8 @@ def plan(study: Study) -> list[tuple[str, list[str]]]:
     for name in study.backbones:
         ckpt, commands = backbone_commands(study, name)
         checkpoints[name] = ckpt
-        steps += [(f"backbone {name}", cmd) for cmd in commands]
+        listed = {tuple(cmd) for _, cmd in steps}  # a shared pretraining run is listed once, by its first backbone
+        steps += [(f"backbone {name}", cmd) for cmd in commands if tuple(cmd) not in listed]
     for cell in study.cells():
         if not (study.cell_dir(cell) / DONE).is_file():
             steps.append((f"cell {cell.name}", command_line(study, cell, checkpoints[cell.backbone],

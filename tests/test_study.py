@@ -475,3 +475,43 @@ def test_done_marker_is_strict_json_with_an_undefined_metric(tmp_path: Path) -> 
     assert record["metrics"] == {"AP_box": None, "AP_mask": 1.5}
     (row,) = collect(study)
     assert row["AP_box"] is None and row["AP_mask"] == 1.5
+
+
+def test_backbones_at_several_epochs_share_one_pretraining(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three backbones taken from one MAE run (after epochs 1 and 2, and its last, epoch 3): the study pretrains
+    once, exports three different encoders, and a second preparation runs nothing."""
+    from mae_transfer import study_run
+    from mae_transfer.synthetic import make_unlabeled_shapes
+
+    pool = make_unlabeled_shapes(tmp_path / "pool", 8, size=64)
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool),
+               opts=["epochs=3", "warmup_epochs=1", "batch_size=4", "save_every=10", "recon_images=0"])
+    seg = dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=4)
+    study = load_study(dict(depth=4, freeze_blocks=[0], backbones={
+        "MAE-1": dict(pretrain=mae, epoch=1), "MAE-2": dict(pretrain=mae, epoch=2), "MAE": dict(pretrain=mae),
+        "scratch": None}, tasks={"seg": seg}), tmp_path / "out")
+    launched = []
+    real = study_run.run_logged
+    monkeypatch.setattr(study_run, "run_logged", lambda cmd, *a, **k: (launched.append(cmd), real(cmd, *a, **k)))
+    checkpoints = {name: study_run.prepare_backbone(study, name) for name in ("MAE-1", "MAE-2", "MAE")}
+    pretrainings = [cmd for cmd in launched if "--export-encoder" not in cmd]
+    assert len(pretrainings) == 1 and "save_epochs=[1,2]" in pretrainings[0]
+    run = tmp_path / "out" / "backbones" / "MAE-1" / "pretrain"
+    assert sorted(p.name for p in run.glob("checkpoint_0*.pth")) == [
+        "checkpoint_0001.pth", "checkpoint_0002.pth", "checkpoint_0003.pth"]
+    weights = [torch.load(checkpoints[n], weights_only=True)["model"]["blocks.0.attn.qkv.weight"]
+               for n in ("MAE-1", "MAE-2", "MAE")]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    assert torch.equal(weights[2], load_checkpoint(run / "checkpoint_last.pth")["model"][
+        "encoder.blocks.0.attn.qkv.weight"])
+    launched.clear()
+    assert [study_run.prepare_backbone(study, n) for n in ("MAE-1", "MAE-2", "MAE")] == list(checkpoints.values())
+    assert launched == [] and study_run.plan(study)[0][0].startswith("cell ")
+
+    # an epoch after the run's end, or epoch= without a pretraining, is one error naming the backbone
+    with pytest.raises(MaeTransferError, match=r"backbone 'MAE-9': epoch=9 is after the end of its pretraining run"):
+        load_study(dict(depth=4, freeze_blocks=[0], backbones={"MAE-9": dict(pretrain=mae, epoch=9)},
+                        tasks={"seg": seg}))
+    with pytest.raises(MaeTransferError, match=r"backbone 'x': epoch must be a positive integer, given with pretrain"):
+        load_study(dict(depth=4, freeze_blocks=[0], backbones={"x": dict(checkpoint="a.pth", epoch=2)},
+                        tasks={"seg": seg}))
