@@ -428,18 +428,21 @@ def mini_study(schedule: Schedule, out: Path, data: StepData, mae_ckpt: Path) ->
     from mae_transfer.study import load_study, run_study, write_results
     from mae_transfer.study_report import collect
 
+    study = load_study(mini_study_spec(schedule, data, mae_ckpt), output_dir=out / "study")
+    summary = run_study(study)
+    log(f"  ran {len(summary['ran'])} cell(s), skipped {len(summary['skipped'])} finished in an earlier run")
+    return dict(write_results(study), difference=difference_line(study, collect(study)))
+
+
+def mini_study_spec(schedule: Schedule, data: StepData, mae_ckpt: Path) -> dict[str, Any]:
     seg = data.seg
-    spec = dict(
+    return dict(
         name="demo_mini_study", depth=4, freeze_blocks=[0, -1], seeds=STUDY_SEEDS, reference="scratch",
         backbones={"MAE": str(mae_ckpt), "scratch": None},
         tasks={"seg": dict(kind="seg", config=str(seg.config), iters=schedule.study_iters,
                            opts=[*seg.cfg_options(), "param_scheduler.0.end={warmup}",
                                  "param_scheduler.1.begin={warmup}", "param_scheduler.1.end={iters}"])},
     )
-    study = load_study(spec, output_dir=out / "study")
-    summary = run_study(study)
-    log(f"  ran {len(summary['ran'])} cell(s), skipped {len(summary['skipped'])} finished in an earlier run")
-    return dict(write_results(study), difference=difference_line(study, collect(study)))
 
 
 def difference_line(study: Any, rows: list[dict[str, Any]]) -> str:
