@@ -1,8 +1,9 @@
 """Built-in data for the demo, smoke runs and studies: rendered shapes on textured backgrounds.
 
 The class is decided by the outline alone: every shape's fill (a random colour, two-colour stripes or a noisy
-colour) and the background are drawn independently of its class, so no colour statistic tells the classes apart
-(tests/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each class its own
+colour) and the background are drawn independently of its class, and every class covers the same area for the same
+size draw (a smaller triangle would show in a picture's colour spread), so no colour statistic tells the classes
+apart (tests/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each class its own
 colour: a shortcut a random ViT keeps and norm-pix MAE learns to ignore.
 
 `make_shapes_dataset(root)` writes, for splits train/val:
@@ -60,15 +61,21 @@ def _fill(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+_CORNERS = {"circle": (24, 0.0), "square": (4, math.pi / 4), "triangle": (3, -math.pi / 2)}
+
+
+def _reach(kind: str, r: float) -> float:
+    """Circumradius of a `kind` of size `r`: every class covers the area of the 24-gon of circumradius r, so the
+    area a shape covers (and with it a picture's colour spread) does not give its class away."""
+    n = _CORNERS[kind][0]
+    return r * math.sqrt(math.sin(2 * math.pi / 24) * 12 / (math.sin(2 * math.pi / n) * n / 2))
+
+
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if kind == "circle":
-        n, offset = 24, 0.0
-    elif kind == "square":
-        n, offset, r = 4, math.pi / 4, r * 1.15
-    else:
-        n, offset = 3, -math.pi / 2
-    return [(cx + r * math.cos(offset + angle + 2 * math.pi * k / n),
-             cy + r * math.sin(offset + angle + 2 * math.pi * k / n)) for k in range(n)]
+    n, offset = _CORNERS[kind]
+    reach = _reach(kind, r)
+    return [(cx + reach * math.cos(offset + angle + 2 * math.pi * k / n),
+             cy + reach * math.sin(offset + angle + 2 * math.pi * k / n)) for k in range(n)]
 
 
 def _draw_shape(rng: np.random.Generator, img: Image.Image, cls: int, cx: float, cy: float,
@@ -90,7 +97,8 @@ def _render(rng: np.random.Generator, size: int, max_shapes: int, with_labels: b
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         cls = int(rng.integers(len(SHAPE_CLASSES)))
         r = float(rng.uniform(size * 0.08, size * 0.2))
-        cx, cy = rng.uniform(r, size - r, 2)
+        reach = _reach(SHAPE_CLASSES[cls], r)  # the whole shape inside the picture
+        cx, cy = rng.uniform(reach, size - reach, 2)
         poly = _draw_shape(rng, img, cls, float(cx), float(cy), r)
         draw_label.polygon(poly, fill=cls + 1)
         instances.append(dict(cls=cls, poly=poly))
@@ -135,7 +143,7 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
     """Write the dataset under `root` (skipped if it is already complete). Returns `root`."""
     root = Path(root)
     done = root / ".complete"
-    if done.is_file() and done.read_text() == f"v2,{num_train},{num_val},{size},{max_shapes},{seed}":
+    if done.is_file() and done.read_text() == f"v3,{num_train},{num_val},{size},{max_shapes},{seed}":
         return root
     rng = np.random.default_rng([seed, _STREAMS["labelled"]])
     for split, count in (("train", num_train), ("val", num_val)):
@@ -153,7 +161,7 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
                 coco["annotations"].append(dict(ann, id=len(coco["annotations"]) + 1, image_id=i + 1))
         (root / "annotations").mkdir(exist_ok=True)
         atomic_write_text(json.dumps(coco), root / "annotations" / f"instances_{split}.json")
-    done.write_text(f"v2,{num_train},{num_val},{size},{max_shapes},{seed}")
+    done.write_text(f"v3,{num_train},{num_val},{size},{max_shapes},{seed}")
     return root
 
 
@@ -161,7 +169,7 @@ def make_unlabeled_shapes(root: str | os.PathLike, count: int, size: int = 192, 
                           seed: int = 0) -> Path:
     """`count` unlabelled pictures like make_shapes_dataset's (root/NNNN.png): a pool for MAE pretraining."""
     root = Path(root)
-    done, stamp = root / ".complete", f"unlabeled,{count},{size},{max_shapes},{seed}"
+    done, stamp = root / ".complete", f"unlabeled-v3,{count},{size},{max_shapes},{seed}"
     if done.is_file() and done.read_text() == stamp:
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -176,7 +184,7 @@ def make_shape_classes(root: str | os.PathLike, train_per_class: int, val_per_cl
                        seed: int = 0) -> Path:
     """An ImageFolder of one shape per picture: root/{train,val}/<circle|square|triangle>/NNNN.png."""
     root = Path(root)
-    done, stamp = root / ".complete", f"classes,{train_per_class},{val_per_class},{size},{seed}"
+    done, stamp = root / ".complete", f"classes-v3,{train_per_class},{val_per_class},{size},{seed}"
     if done.is_file() and done.read_text() == stamp:
         return root
     rng = np.random.default_rng([seed, _STREAMS["classes"]])
@@ -185,8 +193,9 @@ def make_shape_classes(root: str | os.PathLike, train_per_class: int, val_per_cl
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 img = _background(rng, size)
-                r = float(rng.uniform(size * 0.2, size * 0.38))
-                cx, cy = rng.uniform(r, size - r, 2)
+                r = float(rng.uniform(size * 0.18, size * 0.3))  # a triangle's reach stays under size / 2
+                reach = _reach(name, r)
+                cx, cy = rng.uniform(reach, size - reach, 2)
                 _draw_shape(rng, img, cls, float(cx), float(cy), r)
                 img.filter(ImageFilter.SMOOTH).save(root / split / name / f"{i:04d}.png")
     done.write_text(stamp)

@@ -206,6 +206,28 @@ def test_summary_table_says_what_the_detection_pictures_show(tmp_path: Path) -> 
     assert "not a trained detector" not in long_run and "after 90000 iterations" in long_run
 
 
+def test_mini_study_states_mae_minus_scratch_per_freeze_setting(tmp_path: Path) -> None:
+    """The demo's own study spec (2 seeds); the summary line gives the paired difference with ± and n for each
+    freeze setting, whatever its sign, and says so where a setting has no finished pair."""
+    from mae_transfer.study import load_study
+
+    ckpt = tmp_path / "mae.pth"
+    ckpt.write_bytes(b"")
+    det = demo.DetData(tmp_path / "a.json", tmp_path, tmp_path / "a.json", tmp_path, "built-in shapes")
+    data = demo.StepData(tmp_path, 320, det, [], demo.SegData("builtin", tmp_path, "train"), 32)
+    study = load_study(demo.mini_study_spec(demo.Schedule(), data, ckpt), output_dir=tmp_path / "study")
+    assert study.seeds == [0, 1] and len(study.cells()) == 8
+    miou = {("MAE", 0): (50.0, 54.0), ("scratch", 0): (49.0, 51.0), ("MAE", -1): (30.0, 31.0)}  # (seed 0, seed 1)
+    rows = [dict(backbone=b, task="seg", freeze_blocks=f, seed=s, mIoU=v[s]) for (b, f), v in miou.items()
+            for s in (0, 1)]
+    line = demo.difference_line(study, rows)
+    # all blocks: differences 1 and 3 -> mean 2, sample std sqrt(2) = 1.4
+    assert line == "MAE − scratch, mIoU: all 4 blocks +2.0±1.4 (n=2); frozen ViT no pair finished"
+    rows += [dict(backbone="scratch", task="seg", freeze_blocks=-1, seed=s, mIoU=v) for s, v in ((0, 33.0), (1, 33.0))]
+    assert demo.difference_line(study, rows).endswith("frozen ViT -2.5±0.7 (n=2)")
+    assert "fine-tuned on 32 labelled" in demo.data_sentence(data) and "320 unlabelled" in demo.data_sentence(data)
+
+
 # ------------------------------------------------------------------------------------------- interrupt + re-run
 FAKE_TOOL = textwrap.dedent("""
     import os, sys, time

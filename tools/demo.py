@@ -7,13 +7,17 @@
         --det-data ../shared/data/coco_tiny --seg-data ../shared/data/ade20k_sample --output-dir demo_real
 
 Steps (each one runs the real tool in a subprocess, exactly as a user would):
-  1. data       generate the built-in set (rendered shapes: COCO json + semantic labels) and an unlabeled
-                folder (those images + scikit-image's sample photos), for whatever the options below leave out
-  2. pretrain   tools/pretrain.py, tiny MAE (configs/mae_pretrain_vit_tiny_cpu.py) -> reconstruction picture
+  1. data       generate the built-in set, for whatever the options below leave out: rendered shapes whose
+                class shows in the outline only (COCO json + semantic labels), label-scarce (32 training
+                pictures, 24 to evaluate on), and an unlabelled pool of 320 pictures of the same kind
+  2. pretrain   tools/pretrain.py, tiny MAE (configs/mae_pretrain_vit_tiny_cpu.py) on the unlabelled pool
+                -> reconstruction picture
   3. convert    tools/convert_checkpoint.py --to detectron2 (the seg run imports the MAE file directly)
   4. detect     tools/train_det.py, tiny Mask R-CNN, COCOEvaluator (bbox + segm), then --infer pictures
   5. segment    tools/train_seg.py, tiny UperNet, IoUMetric, then colourised prediction pictures
-  6. mini-study mae_transfer.study: {MAE, scratch} x {all 4 blocks fine-tuned, frozen ViT} on the seg task
+  6. mini-study mae_transfer.study: {MAE, scratch} x {all 4 blocks fine-tuned, frozen ViT} x seeds {0, 1}
+                on the seg task; the summary states MAE - scratch (mIoU, mean ± std over the seed pairs, n)
+                for each freeze setting, whatever its sign
 
 Real data instead of the built-in set (checked before the first step runs: a bad path ends with one
 `error: ...` line and exit status 2):
