@@ -37,5 +37,5 @@ tasks = {
                 + ["param_scheduler.0.end={warmup}", "param_scheduler.1.begin={warmup}",
                    "param_scheduler.1.end={iters}"]),
     "cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", epochs=30,
-                args=["--data", f"{_data}/shape_classes"], opts=["warmup_epochs=3"]),
+                args=["--data", f"{_data}/shape_classes"], opts=["warmup_epochs=3", "eval_every={iters}"]),
 }
