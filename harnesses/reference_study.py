@@ -274,19 +274,21 @@ def answers_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
                          + " | ".join(_cell(d) for d in cells) + " |")
     stats = summarise(study, rows)
     lines += ["", "**3. Does fine-tuning the last 1-2 blocks recover most of full fine-tuning?** Recovered = "
-              "(partial − frozen) / (all − frozen), from the means; the difference partial − all is paired.", "",
-              "| backbone | metric | " + " | ".join(f"{_freeze_label(study, f)} blocks: recovered, − all"
-                                                   for f in partial) + " |",
-              "|---|---|" + "---|" * len(partial)]
+              "(partial − frozen) / (all − frozen), from the means, given only where all − frozen (paired) is "
+              "above the noise (otherwise there is nothing to recover); partial − all is paired.", "",
+              "| backbone | metric | all − frozen | " + " | ".join(f"last {study.blocks_tuned(f)}: recovered, − all"
+                                                             for f in partial) + " |",
+              "|---|---|---|" + "---|" * len(partial)]
     for backbone in (longest, "scratch"):
         for task, metric, label in cols:
             m = {f: stats.get((backbone, task, metric, f), (math.nan,))[0] for f in study.freeze_blocks}
-            span = m[full] - m[frozen]
-            cells = []
+            span = diff((backbone, full), (backbone, frozen), task, metric)
+            cells = [_cell(span)]
             for f in partial:
-                recovered = (m[f] - m[frozen]) / span if span and not math.isnan(span) else math.nan
                 d = diff((backbone, f), (backbone, full), task, metric)
-                cells.append(f"{recovered:.0%}, {_cell(d)}")
+                recovered = (f"{(m[f] - m[frozen]) / (m[full] - m[frozen]):.0%}"
+                             if span is not None and span.within_noise is False and span.mean > 0 else "-")
+                cells.append(f"{recovered}, {_cell(d)}")
             lines.append(f"| {backbone} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -353,11 +355,13 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> di
         study.output_dir / "timing.json").is_file() else []
     runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": len(summary["ran"])})
     atomic_write_text(json.dumps(runs), study.output_dir / "timing.json")
-    total = sum(r["seconds"] for r in runs)
-    header = (f"Wall time: {total / 60:.0f} min{f' over {len(runs)} runs' if len(runs) > 1 else ''} for data, "
+    working = [r for r in runs if r["cells_run"]]  # runs that trained something; later ones rewrote the results
+    total = sum(r["seconds"] for r in working or runs)
+    rewrites = len(runs) - len(working)
+    header = (f"Wall time: {total / 60:.0f} min{f' over {len(working)} runs' if len(working) > 1 else ''} for data, "
               f"pretraining, {len(rows)} cells and the probes on **{cpu_model()}**, {torch.get_num_threads()} "
               f"threads, Python {platform.python_version()}, torch {torch.__version__} "
-              "(`tools/reference_study.py`; a re-run skips what is done).\n\n"
+              f"(`tools/reference_study.py`; a re-run skips what is done{f', {rewrites} did' if rewrites else ''}).\n\n"
               f"Data: {counts}.\n")
     md = written["md"].read_text()
     title, rest = md.split("\n", 1)

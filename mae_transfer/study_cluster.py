@@ -155,7 +155,8 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
         key = f"backbone {owner}"
         pre = study.backbones[owner]["pretrain"]
         if may_submit(key) and in_flight < max_parallel:
-            commands = backbone_commands(study, owner)[1] if owner != name else commands
+            # the owner's commands run the run and export the whole group; once its own file exists, this one's
+            commands = (backbone_commands(study, owner)[1] if owner != name else []) or commands
             prepare_pretrain_data(study, owner)
             res = resources(study, pre.get("slurm"), overrides, f"backbone {owner!r}")
             do_submit(key, ToolJob("pretrain", commands[0][2:], study.python, res.gpus_per_node, then=commands[1:],

@@ -26,7 +26,7 @@ from mae_transfer.cluster import (
     tasks_per_node,
 )
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.study import DONE, Study, load_study
+from mae_transfer.study import DONE, Study, backbone_commands, load_study
 from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
 from tests.conftest import REPO_ROOT
 from tests.test_study import seg_folder
@@ -122,9 +122,9 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(record))
     seg = seg_folder(tmp_path / "seg")
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path), slurm=dict(nodes=2, gpus_per_node=8))
     spec = dict(name="slurm_unit", depth=4, freeze_blocks=[0, -1], seeds=[0], slurm=dict(partition="gpu", time=60),
-                backbones={"MAE": dict(pretrain=dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path),
-                                                     slurm=dict(nodes=2, gpus_per_node=8)))},
+                backbones={"MAE": dict(pretrain=mae), "MAE-1": dict(pretrain=mae, epoch=1)},  # one run, two epochs
                 tasks={"seg": dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=100,
                                    launcher=["torchrun", "--nproc_per_node", "8"], args=["--launcher", "pytorch"],
                                    opts=[f"{split}_dataloader.dataset.data_root={seg}"
@@ -134,8 +134,12 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     result = run_study_jobs(study, "slurm", overrides={"account": "proj"})
     jobs = load_jobs(study)
     assert jobs["backbone MAE"]["job_id"] == "41" and jobs["backbone MAE"]["depends_on"] is None
+    assert "backbone MAE-1" not in jobs  # the shared run is one job, which exports both backbones
+    pretraining, *exports = backbone_commands(study, "MAE")[1]
+    assert "save_epochs=[1]" in pretraining and [c[-1].rsplit("/", 1)[1] for c in exports] == [
+        "backbone.pth", "backbone_epoch0001.pth"]
     cells = [f"cell {c.name}" for c in study.cells()]
-    assert sorted(jobs[c]["job_id"] for c in cells) == ["42", "43"]
+    assert sorted(jobs[c]["job_id"] for c in cells) == ["42", "43", "44", "45"]
     assert all(jobs[c]["depends_on"] == "afterok:41" and jobs[c]["state"] == "pending" for c in cells)
     pre = (record / "job_41.sh").read_text().splitlines()
     assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --partition=gpu", "#SBATCH --time=60",
@@ -143,7 +147,7 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     cell = (record / "job_42.sh").read_text().splitlines()
     assert {"#SBATCH --dependency=afterok:41", "#SBATCH --time=120", "#SBATCH --gpus-per-node=8",
             "#SBATCH --ntasks-per-node=8", "#SBATCH --nodes=1"} <= set(cell)
-    assert len(result["submitted"]) == 3 and "0 finished" in result["status"]
+    assert len(result["submitted"]) == 5 and "0 finished" in result["status"]
     # the cell's job runs train_seg itself (no torchrun), with the study's arguments and the job's launcher
     job = CellJob(study, study.cells()[0], jobs["backbone MAE"].get("checkpoint"), 8)
     cmd, env = task_command(job.tool, job.args, "py", Placement(1, 0, 8, 5, 5, "n1", 20042), 8, False)
@@ -152,11 +156,11 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
 
     # Collecting: still pending -> nothing new is submitted; gone without a result -> resubmitted (resumes)
     result = run_study_jobs(study, "slurm")
-    assert result["submitted"] == [] and len(result["pending"]) == 3 and len(list(record.glob("job_*"))) == 3
+    assert result["submitted"] == [] and len(result["pending"]) == 5 and len(list(record.glob("job_*"))) == 5
     (record / "state").write_text("NODE_FAIL")
     result = run_study_jobs(study, "slurm")
     jobs = load_jobs(study)
-    assert jobs["backbone MAE"]["job_id"] == "44" and jobs["backbone MAE"]["attempts"] == 2
+    assert jobs["backbone MAE"]["job_id"] == "46" and jobs["backbone MAE"]["attempts"] == 2
     assert all(jobs[c]["depends_on"] == "afterok:44" for c in cells)
 
 
