@@ -161,7 +161,7 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     result = run_study_jobs(study, "slurm")
     jobs = load_jobs(study)
     assert jobs["backbone MAE"]["job_id"] == "46" and jobs["backbone MAE"]["attempts"] == 2
-    assert all(jobs[c]["depends_on"] == "afterok:44" for c in cells)
+    assert all(jobs[c]["depends_on"] == "afterok:46" for c in cells)
 
 
 # ------------------------------------------------------------------------------------------- local study

@@ -115,7 +115,7 @@ def test_a_registered_kind_runs_through_the_study_bookkeeping(toy_kind: TaskKind
     md = (study.output_dir / "results.md").read_text()
     # init, 2 blocks tuned (freeze 2): seeds 0, 1 -> 50 + 10 + 5 + 3 + {0, 1} = 68, 69; all blocks: 58, 59
     assert "| init | 58.5±0.7 | 68.5±0.7 | 2 |" in md, md
-    assert "| init − scratch | +5.0±0.0 | +5.0±0.0 | 2 |" in md, md
+    assert "| init − scratch | score | +5.0±0.0 (n=2) | +5.0±0.0 (n=2) |" in md, md
     assert "`t` = toy with `toy_config.py`, 3 epochs" in md and (study.output_dir / "plot.png").is_file()
     assert run_study(study)["ran"] == []  # finished cells are skipped
 
