@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,18 @@ def setup_training_cli(args: argparse.Namespace) -> int:
                         format=f"[%(asctime)s %(name)s{' r' + str(rank) if rank else ''}] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     return rank
+
+
+def setup_long_run_cli() -> None:
+    """Shared start of the tools that drive other tools (study runs): INFO logging with times, and `kill`
+    (SIGTERM) stopping like Ctrl-C, so the running tool is ended and the tables are written."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # ------------------------------------------------------------------------------------------- shared flags

@@ -9,15 +9,13 @@ the wall time it reports is part of the result.
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.cli import run_cli, setup_long_run_cli  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,15 +28,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop like Ctrl-C (the running tool ended, tables written)
+    setup_long_run_cli()
     from harnesses.reference_study import DATA, run
     from mae_transfer.paths import resolve_path
 

@@ -12,16 +12,14 @@ User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the runn
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import run_cli  # noqa: E402
+from mae_transfer.cli import run_cli, setup_long_run_cli  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,14 +47,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_long_run_cli()
     from mae_transfer.study import load_study, plan, run_study
 
     study = load_study(args.spec, args.output, args.allow_pickle)
@@ -77,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 parse_overrides(args.slurm))
         print(f"{Path(result['results']).read_text()}\n{result['status']}")
         return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill`: stop like Ctrl-C (running tool ended, tables written)
     result = run_study(study)
     print(Path(result["results"]).read_text())
     print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
