@@ -338,7 +338,7 @@ def write_probe(rows: list[dict[str, Any]], out: Path, marks: list[int]) -> dict
 def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> dict[str, Any]:
     """Data, study, probes, answers; the small result files copied to `results_dir`. Returns the summary."""
     from mae_transfer.hardware import cpu_model
-    from mae_transfer.study import load_study, run_study, write_results
+    from mae_transfer.study import load_study, run_study
     from mae_transfer.study_report import collect
 
     start = time.time()
@@ -350,7 +350,6 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> di
     probes = probe_pretraining(study, data)
     marks = sorted(e["epoch"] for e in study.backbones.values() if isinstance(e, dict) and e.get("epoch"))
     write_probe(probes, study.output_dir, marks)
-    written = write_results(study)
     runs = json.loads((study.output_dir / "timing.json").read_text()) if (
         study.output_dir / "timing.json").is_file() else []
     runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": len(summary["ran"])})
@@ -363,11 +362,12 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> di
               f"threads, Python {platform.python_version()}, torch {torch.__version__} "
               f"(`tools/reference_study.py`; a re-run skips what is done{f', {rewrites} did' if rewrites else ''}).\n\n"
               f"Data: {counts}.\n")
-    md = written["md"].read_text()
+    results_md = summary["results"]  # run_study wrote the tables and the plot last
+    md = results_md.read_text()
     title, rest = md.split("\n", 1)
     atomic_write_text(f"{title}\n\n{header}{rest}{answers_markdown(study, rows)}\n"
                       "Pretraining evidence: `pretraining.png` (reconstruction loss and linear probes against MAE "
-                      "epochs), numbers in `probe.csv`.\n", written["md"])
+                      "epochs), numbers in `probe.csv`.\n", results_md)
     results_dir.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         shutil.copyfile(study.output_dir / name, results_dir / name)

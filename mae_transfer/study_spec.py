@@ -160,16 +160,11 @@ def pretrain_group(backbones: Mapping[str, Any], name: str) -> list[str]:
 
 
 def _run_epochs(pre: Mapping[str, Any]) -> int | None:
-    """The pretraining run's length: its `epochs=` override, else its config's `epochs` (None if unreadable)."""
-    for opt in reversed(pre["opts"]):
-        if opt.startswith("epochs="):
-            try:
-                return int(opt.split("=", 1)[1])
-            except ValueError:
-                return None  # the pretraining config check reports it
+    """The pretraining run's length: its config's `epochs` with the run's overrides (None if they do not load:
+    the pretraining input check reports that)."""
     try:
-        return int(load_config(pre["config"]).get("epochs"))
-    except (MaeTransferError, OSError, TypeError, ValueError):
+        return int(load_config(pre["config"], pre["opts"])["epochs"])
+    except (MaeTransferError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -334,7 +329,7 @@ def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[st
     if isinstance(entry, str):
         return entry, []
     pre = entry.get("pretrain")
-    ckpt = entry.get("checkpoint") or backbone_checkpoint(study, name)
+    ckpt = backbone_checkpoint(study, name)
     if Path(ckpt).is_file() or not pre:
         return ckpt, []
     group = pretrain_group(study.backbones, name)
