@@ -33,9 +33,11 @@ from torch.utils.data import DataLoader, Subset
 from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import load_backbone_state_dict
+from mae_transfer.config import check_kinds, check_number_pair, check_ranges
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import autocast_dtype
+from mae_transfer.io import check_output_dir
 from mae_transfer.metrics import write_eval_metrics
 from mae_transfer.optim import adamw, param_groups
 from mae_transfer.runtime import AMP_MODES, LAST_CHECKPOINT, Task
@@ -106,6 +108,21 @@ CLS_DEFAULTS: dict[str, Any] = dict(
 
 
 # ---------------------------------------------------------------------------------------------- config
+# the kinds of the keys whose default does not say (None, or an integer where a fraction is fine); the other keys
+# take the kind of their default
+_KINDS_NOT_OF_DEFAULT = {"num_classes": ("an integer", "None"), "lr": ("a number", "None"),
+                         "warmup_epochs": ("a number",), "clip_grad": ("a number", "None"),
+                         "cutmix_minmax": ("a list", "None"),
+                         "color_jitter": ("a number", "a list", "None"), "auto_augment": ("a string", "None"),
+                         "data_path": ("a string", "None"), "output_dir": ("a string", "None")}
+_RANGES = {**{key: "[0, 1)" for key in ("drop_path", "betas", "momentum", "smoothing")},
+           **{key: "[0, 1]" for key in ("mixup_prob", "mixup_switch_prob", "reprob", "cutmix_minmax")},
+           **{key: "(0, 1]" for key in ("layer_decay", "crop_scale", "eval_crop_pct")},
+           **{key: "[0, inf)" for key in ("warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix", "recount",
+                                          "num_workers", "head_init_std")},
+           **{key: "(0, inf)" for key in ("blr", "lr", "clip_grad")}}
+
+
 def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys and bad values raise `MaeTransferError`."""
     unknown = sorted(set(cfg) - set(CLS_DEFAULTS))
@@ -113,14 +130,20 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise MaeTransferError(f"unknown classification config key(s) {', '.join(map(repr, unknown))}; "
                                f"valid keys: {', '.join(sorted(CLS_DEFAULTS))}")
     cfg = {**copy.deepcopy(CLS_DEFAULTS), **copy.deepcopy(cfg)}
+    check_kinds(cfg, CLS_DEFAULTS, _KINDS_NOT_OF_DEFAULT)  # every value's type first: the checks below compare
     vit_config(cfg["model"])  # unknown model name -> MaeTransferError
     for key, allowed in (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES),
                          ("global_pool", ("avg", "token"))):
         if cfg[key] not in allowed:
             raise MaeTransferError(f"config key {key!r} must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("batch_size", "accum_iter", "epochs", "save_every", "eval_every", "img_size"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+    for key in ("batch_size", "accum_iter", "epochs", "save_every", "eval_every", "img_size", "num_classes"):
+        if cfg[key] is not None and cfg[key] < 1:
             raise MaeTransferError(f"config key {key!r} must be a positive integer, got {cfg[key]!r}")
+    check_number_pair(cfg, "betas")
+    check_number_pair(cfg, "crop_scale")
+    if cfg["cutmix_minmax"] is not None:
+        check_number_pair(cfg, "cutmix_minmax")
+    check_ranges(cfg, _RANGES)  # values that make no sense: refused here rather than training on them
     runtime.check_save_epochs(cfg)
     if not isinstance(cfg["freeze_blocks"], int) or cfg["freeze_blocks"] < -1:
         raise MaeTransferError(f"freeze_blocks must be -1, 0 or a number of blocks, got {cfg['freeze_blocks']!r}")
@@ -128,12 +151,11 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise MaeTransferError("mode='linprobe' trains the head only: set freeze_blocks=-1 (or use mode='finetune')")
     if mixup_active(cfg) and cfg["batch_size"] % 2:
         raise MaeTransferError(f"mixup/cutmix need an even batch_size, got {cfg['batch_size']}")
-    if not 0.0 <= float(cfg["smoothing"]) < 1.0:
-        raise MaeTransferError(f"smoothing must be in [0, 1), got {cfg['smoothing']!r}")
     if not cfg["data_path"]:
         raise MaeTransferError("no data given: set data_path in the config or pass --data ROOT (ROOT/train, ROOT/val)")
     if not cfg["output_dir"]:
         raise MaeTransferError("no output folder given: set output_dir in the config or pass --output-dir PATH")
+    check_output_dir(cfg["output_dir"], "output_dir")
     return cfg
 
 

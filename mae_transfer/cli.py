@@ -119,10 +119,15 @@ def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str, current: 
 
 def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argparse.Namespace:
     """`--resume key=value` / `--eval-only key=value`: argparse gives the optional value the first override;
-    such a value (with '=', not an existing file) goes back to the front of `args.<overrides>`."""
+    such a value (with '=', not an existing file) goes back to the front of `args.<overrides>`. An --output-dir
+    that names an existing file is one error line here, before anything runs."""
     for flag in ("eval_only", "resume"):
         value = getattr(args, flag, None)
         if isinstance(value, str) and "=" in value and not Path(value).exists():
             getattr(args, overrides).insert(0, value)
             setattr(args, flag, "auto")
+    if getattr(args, "output_dir", None):
+        from mae_transfer.io import check_output_dir  # imports torch: not at the top of the tools' shared module
+
+        check_output_dir(args.output_dir)
     return args

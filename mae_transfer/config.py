@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 import os
 import runpy
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,59 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             raise MaeTransferError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(node))}")
         node[leaf] = parse_value(text)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------- value checks
+# What a value may be, by name (the words of the error line); a float-valued key takes an integer too.
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "True or False": lambda v: isinstance(v, bool),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "a string": lambda v: isinstance(v, str),
+    "a list": lambda v: isinstance(v, (list, tuple)),
+    "a dict": lambda v: isinstance(v, dict),
+    "None": lambda v: v is None,
+}
+
+
+def kind_of(value: Any) -> str | None:
+    """The kind a value's replacement must have (None: the value is None, anything may replace it)."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return "a number"
+    return next((name for name, fits in _KINDS.items() if fits(value)), None)
+
+
+def check_kinds(cfg: dict[str, Any], defaults: dict[str, Any],
+                kinds: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Every value has the kind of its default (`kinds` names them where the default does not say, e.g. a None
+    default that takes a number), so `lr=abc` is one error line naming the key before anything runs, as the
+    detectron2 and mmengine overrides are."""
+    kinds = kinds or {}
+    for key, value in cfg.items():
+        expected = kinds.get(key) or ((kind_of(defaults[key]),) if defaults.get(key) is not None else ())
+        if expected and not any(_KINDS[kind](value) for kind in expected):
+            raise MaeTransferError(f"{key} must be {' or '.join(expected)}, got {value!r}")
+
+
+def check_ranges(cfg: dict[str, Any], intervals: dict[str, str]) -> None:
+    """Each number-valued key (kind-checked before; None is left alone; each item of a list) lies in its interval,
+    written as in mathematics: "[0, 1)", "(0, inf)"; otherwise one error line naming the key and the interval."""
+    for key, interval in intervals.items():
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        values = cfg[key] if isinstance(cfg[key], (list, tuple)) else [cfg[key]]
+        for value in values:
+            if value is None:
+                continue
+            below = value <= low if interval[0] == "(" else value < low
+            above = value >= high if interval[-1] == ")" else value > high
+            if below or above:
+                raise MaeTransferError(f"{key} must be in {interval}, got {cfg[key]!r}")
+
+
+def check_number_pair(cfg: dict[str, Any], key: str) -> None:
+    """A key holding two numbers (AdamW betas, a crop scale range): one error line otherwise."""
+    value = cfg[key]
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_KINDS["a number"](v) for v in value)):
+        raise MaeTransferError(f"{key} must be two numbers, e.g. (0.9, 0.95), got {value!r}")

@@ -50,3 +50,15 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MaeTransferError(f"{path}: malformed json ({err})") from None
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--output-dir") -> None:
+    """One MaeTransferError line, before anything runs, where `path` cannot become an output folder: it (or a
+    folder above it) is an existing file."""
+    path = Path(path)
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                named = "is" if where == path else f"lies under {where}, which is"
+                raise MaeTransferError(f"{what} {path}: {named} an existing file; expected a folder")
+            return

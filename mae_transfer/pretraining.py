@@ -28,9 +28,10 @@ from torch import nn
 from backbones.vit import create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import save_backbone
+from mae_transfer.config import check_kinds, check_number_pair, check_ranges
 from mae_transfer.data import ImageFolderDataset, LabelledImageFolder, eval_transform, pretrain_transform, unnormalize
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.io import atomic_write
+from mae_transfer.io import atomic_write, check_output_dir
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
 from mae_transfer.optim import adamw, no_weight_decay, param_groups
 from mae_transfer.pictures import label_rows
@@ -88,6 +89,16 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
 
 
 # ---------------------------------------------------------------------------------------------- config
+# the kinds of the keys whose default does not say (None, or an integer where a fraction is fine); the other keys
+# take the kind of their default
+_KINDS_NOT_OF_DEFAULT = {"num_classes": ("an integer", "None"), "lr": ("a number", "None"),
+                         "warmup_epochs": ("a number",), "data_path": ("a string", "None"),
+                         "output_dir": ("a string", "None")}
+_RANGES = {**{key: "[0, 1)" for key in ("mask_ratio", "label_smoothing", "betas")}, "crop_scale": "(0, 1]",
+           **{key: "[0, inf)" for key in ("warmup_epochs", "min_lr", "weight_decay", "num_workers", "recon_images")},
+           **{key: "(0, inf)" for key in ("blr", "lr")}}
+
+
 def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and values checked; unknown keys and bad values raise `MaeTransferError`."""
     unknown = sorted(set(cfg) - set(PRETRAIN_DEFAULTS))
@@ -97,27 +108,27 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"valid keys: {', '.join(sorted(PRETRAIN_DEFAULTS))}"
         )
     cfg = {**copy.deepcopy(PRETRAIN_DEFAULTS), **copy.deepcopy(cfg)}
+    check_kinds(cfg, PRETRAIN_DEFAULTS, _KINDS_NOT_OF_DEFAULT)  # every value's type first: the checks below compare
     vit_config(cfg["encoder"])  # unknown model name -> MaeTransferError
     if cfg["objective"] not in OBJECTIVES:
         raise MaeTransferError(f"objective must be one of {OBJECTIVES}, got {cfg['objective']!r}")
-    if not 0.0 <= float(cfg["label_smoothing"]) < 1.0:
-        raise MaeTransferError(f"label_smoothing must be in [0, 1), got {cfg['label_smoothing']!r}")
     if cfg["amp"] not in AMP_MODES:
         raise MaeTransferError(f"amp must be one of {AMP_MODES}, got {cfg['amp']!r}")
     if cfg["masking"] not in MASKING_STRATEGIES:
         raise MaeTransferError(f"masking must be one of {MASKING_STRATEGIES}, got {cfg['masking']!r}")
-    if not isinstance(cfg["compile"], bool):
-        raise MaeTransferError(f"compile must be True or False, got {cfg['compile']!r}")
-    if not isinstance(cfg["encoder_overrides"], dict):
-        raise MaeTransferError(f"encoder_overrides must be a dict, got {cfg['encoder_overrides']!r}")
-    for key in ("batch_size", "accum_iter", "epochs", "save_every", "img_size"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+    for key in ("batch_size", "accum_iter", "epochs", "save_every", "img_size", "decoder_embed_dim",
+                "decoder_depth", "decoder_num_heads", "num_classes"):
+        if cfg[key] is not None and cfg[key] < 1:
             raise MaeTransferError(f"config key {key!r} must be a positive integer, got {cfg[key]!r}")
+    check_number_pair(cfg, "betas")
+    check_number_pair(cfg, "crop_scale")
+    check_ranges(cfg, _RANGES)  # values that make no sense: refused here rather than training on them
     runtime.check_save_epochs(cfg)
     if not cfg["data_path"]:
         raise MaeTransferError("no image folder given: set data_path in the config or pass --data PATH")
     if not cfg["output_dir"]:
         raise MaeTransferError("no output folder given: set output_dir in the config or pass --output-dir PATH")
+    check_output_dir(cfg["output_dir"], "output_dir")
     return cfg
 
 

@@ -52,3 +52,84 @@ def test_current_spellings_are_the_documented_ones(capsys):
             _tool(tool).parse_args(["--help"])
         out = capsys.readouterr().out
         assert shown in out and "--output-dir" in out and hidden not in out, out
+
+
+REPO = TOOLS.parent
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("train_det", ["--config", str(REPO / "configs/coco_mask_rcnn_vit_tiny_cpu.py")]),
+    ("train_seg", ["--config", str(REPO / "configs/camvid_upernet_vit_tiny_cpu.py")]),
+    ("pretrain", ["--config", str(REPO / "configs/mae_pretrain_vit_tiny_cpu.py"), "--data", "images"]),
+    ("finetune_cls", ["--config", str(REPO / "configs/cls_finetune_vit_tiny_cpu.py"), "--data", "crops"]),
+    ("study", ["--spec", str(REPO / "configs/studies/cpu_shared_data.py")]),
+])
+@pytest.mark.parametrize("under", [False, True])
+def test_output_dir_naming_a_file_is_one_line_before_anything_runs(tool, args, under, tmp_path, capsys):
+    """--output-dir FILE (or FILE/sub): one error line naming the file, exit 2, the file untouched."""
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    out = existing / "run" if under else existing
+    assert run_cli(_tool(tool).main, [*args, "--output-dir", str(out)]) == 2
+    named = "is" if not under else f"lies under {existing}, which is"
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: --output-dir {out}: {named} an existing file; "
+                                                        "expected a folder")
+    assert existing.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("tool, config, override, message", [
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "lr=abc", "lr must be a number or None, got 'abc'"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "mask_ratio=abc", "mask_ratio must be a number, got 'abc'"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "betas=abc", "betas must be a list, got 'abc'"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "betas=(0.9,)", "betas must be two numbers, e.g. (0.9, 0.95), got "
+                                                                  "(0.9,)"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "betas=(0.9,1.5)", "betas must be in [0, 1), got (0.9, 1.5)"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "mask_ratio=1.0", "mask_ratio must be in [0, 1), got 1.0"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "warmup_epochs=-3", "warmup_epochs must be in [0, inf), got -3"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "lr=0", "lr must be in (0, inf), got 0"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "epochs=2.5", "epochs must be an integer, got 2.5"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "progress=1", "progress must be True or False, got 1"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "lr=abc", "lr must be a number or None, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "layer_decay=abc", "layer_decay must be a number, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "mixup=abc", "mixup must be a number, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "smoothing=abc", "smoothing must be a number, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "drop_path=abc", "drop_path must be a number, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "drop_path=1", "drop_path must be in [0, 1), got 1"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "layer_decay=0", "layer_decay must be in (0, 1], got 0"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "warmup_epochs=-3", "warmup_epochs must be in [0, inf), got -3"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "mixup=-0.5", "mixup must be in [0, inf), got -0.5"),
+])
+def test_plain_config_values_of_the_wrong_kind_or_range_are_one_line(tool, config, override, message, tmp_path,
+                                                                     capsys):
+    """Every key of the pretraining / classification configs is checked like the detectron2 / mmengine overrides:
+    its kind (a float key takes an integer too), and a range where other values make no sense; one line, exit 2,
+    nothing written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    rc = run_cli(_tool(tool).main, ["--config", str(REPO / "configs" / config), "--data", str(data),
+                                    "--output-dir", str(out), override])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"
+    assert not out.exists()
+
+
+def test_plain_config_kinds_accept_the_documented_values() -> None:
+    """The shipped configs pass, and so do the values a key's comment allows beside its default's kind: an integer
+    for a float, None for an optional part, a fraction of a warm-up epoch."""
+    from mae_transfer import classification, pretraining
+    from mae_transfer.config import load_config
+
+    given = ["data_path='d'", "output_dir='o'"]
+    for config in sorted((REPO / "configs").glob("*pretrain_vit_*.py")):
+        cfg = pretraining.resolve_config(load_config(config, given))
+        assert isinstance(cfg["betas"], tuple)
+    cfg = pretraining.resolve_config(load_config(REPO / "configs/mae_pretrain_vit_tiny_cpu.py",
+                                                 [*given, "lr=None", "mask_ratio=0", "warmup_epochs=0.5", "blr=1"]))
+    assert (cfg["lr"], cfg["mask_ratio"], cfg["warmup_epochs"], cfg["blr"]) == (None, 0, 0.5, 1)
+    for config in sorted((REPO / "configs").glob("cls_*_vit_*.py")):
+        classification.resolve_config(load_config(config, given))
+    cfg = classification.resolve_config(load_config(
+        REPO / "configs/cls_finetune_vit_tiny_cpu.py",
+        [*given, "auto_augment=None", "cutmix_minmax=(0.2,0.8)", "layer_decay=1", "mixup=0", "smoothing=0"]))
+    assert (cfg["auto_augment"], cfg["cutmix_minmax"], cfg["layer_decay"]) == (None, (0.2, 0.8), 1)

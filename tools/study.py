@@ -51,9 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_long_run_cli()
+    from mae_transfer.io import check_output_dir
     from mae_transfer.study import load_study, plan, run_study
 
     study = load_study(args.spec, args.output, args.allow_pickle)
+    check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
     if args.dry_run:
         cells = study.cells()
         steps = plan(study)
