@@ -386,13 +386,15 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | Path) -> dict[str
     data_path/val, write output_dir/eval_metrics.json. Returns {"acc1", "acc5", "topk", "loss", "num_images",
     "checkpoint"}."""
     cfg = resolve_config(cfg)
+    path = Path(cfg["output_dir"]) / LAST_CHECKPOINT if str(checkpoint) == "auto" else Path(checkpoint)
+    if not path.is_file():  # before the data is read: a missing checkpoint is one line at once
+        raise MaeTransferError(f"--eval-only: no checkpoint in {cfg['output_dir']} ({LAST_CHECKPOINT} not found); "
+                               "pass --eval-only CKPT" if str(checkpoint) == "auto" else
+                               f"--eval-only: checkpoint not found: {path}")
     with runtime.distributed(cfg["device"]) as (rank, world, device):
         _, val = build_datasets(cfg)
         nc = _num_classes(cfg, val)
         model = build_classifier(cfg, nc)
-        path = Path(cfg["output_dir"]) / LAST_CHECKPOINT if str(checkpoint) == "auto" else Path(checkpoint)
-        if not path.is_file():
-            raise MaeTransferError(f"checkpoint not found: {path}")
         load_for_eval(path, model, cfg["allow_pickle"])
         model.to(device)
         amp_dtype = autocast_dtype(cfg["amp"], device)  # bf16 on a CPU without bf16 units: fp32

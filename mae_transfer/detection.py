@@ -138,7 +138,9 @@ def setup(args: argparse.Namespace) -> Any:
         cfg.train.device = "cpu"
     if cfg.train.device == "cpu" and cfg.train.amp.enabled:
         cfg.train.amp.enabled = False  # detectron2's AMPTrainer needs CUDA
-    if not (args.eval_only or args.infer):  # training: the recipe on this world size, printed and saved first
+    if args.eval_only or args.infer:  # the weights to use exist, before anything is written
+        check_eval_weights(args, cfg.train.output_dir, cfg.train.init_checkpoint)
+    else:  # training: the recipe on this world size, printed and saved first
         recipe = detection_recipe.resolve(cfg, args, comm.get_world_size(), str(cfg.train.device))
         if comm.is_main_process():
             announce_recipe(recipe, cfg.train.output_dir)
@@ -221,6 +223,20 @@ def eval_weights(eval_only: str, output_dir: str, init_checkpoint: str) -> str:
     if eval_only != "auto":
         return eval_only
     return last_checkpoint(output_dir) or init_checkpoint
+
+
+def check_eval_weights(args: argparse.Namespace, output_dir: str, init_checkpoint: str) -> None:
+    """--eval-only / --infer need weights: a given file that exists, else the output folder's last checkpoint or
+    train.init_checkpoint. Without any, one error line (a randomly initialised detector's AP is no result)."""
+    flag, given = ("--eval-only", "--eval-only CKPT, ") if args.eval_only else ("--infer", "")
+    if args.eval_only and args.eval_only != "auto":
+        if "://" not in args.eval_only and not Path(args.eval_only).is_file():
+            raise MaeTransferError(f"--eval-only: checkpoint not found: {args.eval_only}")
+        return
+    if not (last_checkpoint(output_dir) or init_checkpoint):
+        raise MaeTransferError(f"{flag}: no weights to use: no checkpoint in {output_dir} (no last_checkpoint file) "
+                               f"and train.init_checkpoint is empty; pass {given}"
+                               "the --output-dir of a training run, or train.init_checkpoint=CKPT")
 
 
 def prepare_init_checkpoint(path: str, model: Any, output_dir: str, allow_pickle: bool = False) -> str:
@@ -551,13 +567,8 @@ def run(args: argparse.Namespace) -> Any:
         return do_infer(cfg, args.infer, local_checkpoint_path(weights) if weights else weights, args.pictures_dir,
                         args.score_thresh, args.allow_pickle, args.top_k)
     if args.eval_only:
-        weights = eval_weights(args.eval_only, out, init)
-        if args.eval_only != "auto":
-            weights = local_checkpoint_path(weights, override="--eval-only")
-            if not Path(weights).is_file():
-                raise MaeTransferError(f"--eval-only: checkpoint not found: {weights}")
-        elif weights:
-            weights = local_checkpoint_path(weights)
+        weights = local_checkpoint_path(eval_weights(args.eval_only, out, init),
+                                        override="train.init_checkpoint" if args.eval_only == "auto" else "--eval-only")
         return do_eval_only(cfg, weights, args.allow_pickle)
     resuming = args.resume not in (None, "auto") or (args.resume == "auto" and last_checkpoint(out) is not None)
     if init and not resuming:

@@ -28,7 +28,7 @@ import backbones.mmseg  # noqa: F401  (first: the mmcv-lite workaround, then reg
 
 # isort: split
 from mmengine.config import Config, DictAction
-from mmengine.dist import is_main_process
+from mmengine.dist import all_reduce, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 from mmseg.registry import DATASETS
@@ -373,6 +373,32 @@ class FinalValidation(Hook):
         self.metrics, self.iteration = dict(metrics or {}), runner.iter
 
 
+class StopOnNonFiniteLoss(Hook):
+    """Stops training at the first iteration whose loss is NaN or inf, as detectron2's trainer and the runtime loop
+    do: one error line naming the iteration and the last good checkpoint. It runs before mmengine's CheckpointHook
+    (priority VERY_LOW), so no checkpoint of the diverged weights is saved and `last_checkpoint` keeps naming the
+    last good one; no eval_metrics.json is written."""
+
+    priority = "VERY_HIGH"
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        losses = {k: v.detach() for k, v in (outputs or {}).items() if "loss" in k and isinstance(v, torch.Tensor)}
+        if not losses:
+            return
+        bad = {k: float(v.float().mean()) for k, v in losses.items() if not bool(torch.isfinite(v).all())}
+        flag = torch.tensor(float(bool(bad)), device=next(iter(losses.values())).device)
+        if get_world_size() > 1:  # every process stops at the same iteration (a lone one would hang the others)
+            all_reduce(flag, op="max")
+        if flag.item() == 0:
+            return
+        iteration = runner.iter + 1  # mmengine's count, as its log prints it: after_train_iter comes before +1
+        what = ", ".join(f"{k} {v}" for k, v in bad.items()) or "on another process"
+        last = last_checkpoint(runner.work_dir) or "none saved yet"
+        raise MaeTransferError(
+            f"training stopped: non-finite loss at iteration {iteration} ({what}); last good checkpoint: {last}. "
+            "Lower optim_wrapper.optimizer.lr or set optim_wrapper.clip_grad (e.g. dict(max_norm=1.0)), then --resume.")
+
+
 def write_seg_metrics(work_dir: str, metrics: dict[str, Any], split: str, iteration: int | None,
                       checkpoint: str | None) -> Path:
     """eval_metrics.json of an IoUMetric result: mIoU, aAcc and mAcc (percent), the split in `details`."""
@@ -449,6 +475,7 @@ def train(cfg: Any, data_checked: bool = False) -> tuple[Any, dict[str, float]]:
     final = FinalValidation()
     runner.register_hook(final, priority="LOWEST")
     runner.register_hook(ExactResume(), priority="LOWEST")
+    runner.register_hook(StopOnNonFiniteLoss())  # VERY_HIGH: before the CheckpointHook of the same iteration
     runner.train()
     if final.start_iter is not None and final.start_iter >= runner.max_iters and runner.val_loop is not None:
         # mmengine saves the last checkpoint before the last validation: a run stopped between the two

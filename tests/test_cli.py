@@ -133,3 +133,32 @@ def test_plain_config_kinds_accept_the_documented_values() -> None:
         REPO / "configs/cls_finetune_vit_tiny_cpu.py",
         [*given, "auto_augment=None", "cutmix_minmax=(0.2,0.8)", "layer_decay=1", "mixup=0", "smoothing=0"]))
     assert (cfg["auto_augment"], cfg["cutmix_minmax"], cfg["layer_decay"]) == (None, (0.2, 0.8), 1)
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("train_det", ["--config", str(REPO / "configs/coco_mask_rcnn_vit_tiny_cpu.py"), "--eval-only"],
+     "--eval-only: no weights to use: no checkpoint in {out} (no last_checkpoint file) and train.init_checkpoint is "
+     "empty; pass --eval-only CKPT, the --output-dir of a training run, or train.init_checkpoint=CKPT"),
+    ("train_det", ["--config", str(REPO / "configs/coco_mask_rcnn_vit_tiny_cpu.py"), "--infer", "a.jpg"],
+     "--infer: no weights to use: no checkpoint in {out} (no last_checkpoint file) and train.init_checkpoint is "
+     "empty; pass the --output-dir of a training run, or train.init_checkpoint=CKPT"),
+    ("train_det", ["--config", str(REPO / "configs/coco_mask_rcnn_vit_tiny_cpu.py"), "--eval-only", "{out}/m.pth"],
+     "--eval-only: checkpoint not found: {out}/m.pth"),
+    ("train_seg", ["--config", str(REPO / "configs/camvid_upernet_vit_tiny_cpu.py"), "--eval-only"],
+     "--eval-only: no checkpoint in {out} (no last_checkpoint file); pass --eval-only CKPT"),
+    ("finetune_cls", ["--config", str(REPO / "configs/cls_finetune_vit_tiny_cpu.py"), "--data", "{out}",
+                      "--eval-only"],
+     "--eval-only: no checkpoint in {out} (checkpoint_last.pth not found); pass --eval-only CKPT"),
+    ("finetune_cls", ["--config", str(REPO / "configs/cls_finetune_vit_tiny_cpu.py"), "--data", "{out}",
+                      "--eval-only", "{out}/m.pth"],
+     "--eval-only: checkpoint not found: {out}/m.pth"),
+])
+def test_eval_only_without_a_checkpoint_is_one_line_in_every_tool(tool, args, message, tmp_path, capsys):
+    """--eval-only in an output folder without a checkpoint (and no initial weights) evaluates nothing: one error
+    line, exit 2, nothing written (detection used to evaluate a randomly initialised detector)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rc = run_cli(_tool(tool).main, [*(a.replace("{out}", str(out)) for a in args), "--output-dir", str(out)])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: " + message.replace("{out}", str(out))
+    assert list(out.iterdir()) == []

@@ -521,8 +521,10 @@ def _coco_tiny_subset(coco_tiny: Path, dst: Path, n: int = 3) -> Path:
 def test_eval_only_coco_tiny_runs_coco_evaluator(coco_tiny, tmp_path):
     sub = _coco_tiny_subset(coco_tiny, tmp_path)
     out = tmp_path / "eval"
-    argv = ["--config", TINY, "--eval-only", "--val-json", str(sub), "--val-images", str(coco_tiny / "train2017"),
-            "--output-dir", str(out), "model.roi_heads.box_predictor.test_score_thresh=0.0"]
+    untrained = _untrained_detector(tmp_path / "untrained.pth", 80)
+    argv = ["--config", TINY, "--eval-only", str(untrained), "--val-json", str(sub), "--val-images",
+            str(coco_tiny / "train2017"), "--output-dir", str(out),
+            "model.roi_heads.box_predictor.test_score_thresh=0.0"]
     args = train_det.parse_args(argv)
     results = detection.run(args)
     assert set(results) == {"bbox", "segm"}
@@ -531,11 +533,20 @@ def test_eval_only_coco_tiny_runs_coco_evaluator(coco_tiny, tmp_path):
         assert 0.0 <= results[task]["AP50"] <= 100.0
     dets = json.loads((out / "inference" / "coco_instances_results.json").read_text())
     assert dets and {"bbox", "segmentation", "category_id", "score"} <= set(dets[0])
-    # the one metrics file: AP^box / AP^mask, every COCO number in details (random init: no checkpoint)
+    # the one metrics file: AP^box / AP^mask, every COCO number in details (a checkpoint that says no iteration)
     record = read_eval_metrics(out, "det")
     assert record["metrics"] == {"AP_box": results["bbox"]["AP"], "AP_mask": results["segm"]["AP"]}
     assert record["details"]["segm"]["AP50"] == results["segm"]["AP50"] and record["tool"] == "tools/train_det.py"
-    assert record["checkpoint"] is None and record["iteration"] is None
+    assert record["checkpoint"] == str(untrained) and record["iteration"] is None
+
+
+def _untrained_detector(path: Path, num_classes: int) -> Path:
+    """A checkpoint of the tiny config's detector as built (random init): what the evaluation tests evaluate,
+    given explicitly, since --eval-only without weights is refused."""
+    cfg = LazyConfig.load(TINY)
+    cfg.model.roi_heads.num_classes = num_classes
+    torch.save({"model": instantiate(cfg.model).state_dict()}, path)
+    return path
 
 
 def _tiny_model():
@@ -616,9 +627,11 @@ def test_bad_input_one_line_errors(fruits_nuts, tmp_path, capsys):
     torch.save(create_vit("vit_small_patch16_224").state_dict(), vit_s)
     cases["wrong architecture"] = (["--val-json", str(fruits_nuts / "trainval.json"), "--val-images", images,
                                     f"train.init_checkpoint={vit_s}"], "vit_s.pth")
+    untrained = _untrained_detector(tmp_path / "untrained.pth", 3)  # weights (replaced by the cases that give some)
     for name, (extra, expected) in cases.items():
         capsys.readouterr()
-        code = run_cli(train_det.main, ["--config", TINY, "--eval-only", f"train.output_dir={tmp_path / 'o'}", *extra])
+        code = run_cli(train_det.main, ["--config", TINY, "--eval-only", f"train.output_dir={tmp_path / 'o'}",
+                                        f"train.init_checkpoint={untrained}", *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, name
         assert err and err[-1].startswith("error: ") and expected in err[-1], (name, err[-1:])
@@ -646,8 +659,9 @@ def test_datasets_without_annotations_are_one_error(fruits_nuts, tmp_path, capsy
                                    "trains on images with non-crowd annotations)")
     assert run_cli(train_det.main, [*train, "--train-json", str(crowd), "--train-images", images]) == 2
     assert _error_line(capsys).startswith(f"error: {crowd}: only 165 crowd annotation(s) (iscrowd=1) in 18 images")
-    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(empty), "--val-images",
-                                    images, "--output-dir", str(out)]) == 2
+    untrained = str(_untrained_detector(tmp_path / "untrained.pth", 3))  # weights: the data is what is wrong
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", untrained, "--val-json", str(empty),
+                                    "--val-images", images, "--output-dir", str(out)]) == 2
     assert _error_line(capsys) == (f"error: {empty}: no annotations in 18 images: nothing to evaluate against "
                                    "(--infer draws predictions without ground truth)")
     assert not out.exists() or not {"eval_metrics.json", "model_final.pth"} & {p.name for p in out.iterdir()}
@@ -712,8 +726,9 @@ def test_no_detections_give_null_metrics_with_the_reason(fruits_nuts, tmp_path):
     """COCO AP is undefined when the model detects nothing: eval_metrics.json says null and why, strict JSON."""
     one = _subset_json(fruits_nuts, tmp_path / "one.json", 1)
     out = tmp_path / "eval"
-    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", "--val-json", str(one), "--val-images",
-                                    str(fruits_nuts / "images"), "--output-dir", str(out),
+    untrained = _untrained_detector(tmp_path / "untrained.pth", 3)
+    assert run_cli(train_det.main, ["--config", TINY, "--eval-only", str(untrained), "--val-json", str(one),
+                                    "--val-images", str(fruits_nuts / "images"), "--output-dir", str(out),
                                     "model.roi_heads.box_predictor.test_score_thresh=1.1"]) == 0
 
     def refuse(constant: str) -> None:

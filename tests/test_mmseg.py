@@ -691,3 +691,26 @@ def test_unreadable_images_skipped_in_training_errors_elsewhere(tmp_path, capsys
     line = _one_error_line(*_run(argv, capsys))
     assert "3 of 4 images of train_dataloader" in line and "more than half" in line
     assert not (tmp_path / "w" / "eval_metrics.json").exists()
+
+
+def test_nonfinite_loss_stops_training_keeping_the_last_good_checkpoint(camvid_mini, tmp_path, capsys):
+    """A diverging lr (1e30): iteration 1's loss is finite, its step sends the weights to inf, iteration 2's loss is
+    not finite. Training stops there with one error line naming the iteration and the last good checkpoint, as
+    det / pretrain / cls do; the checkpoint of iteration 2 (interval 1) is not written, last_checkpoint still
+    names iter_1.pth, and no eval_metrics.json is written (before: mIoU of the diverged model, exit 0)."""
+    from mae_transfer.segmentation import last_checkpoint
+
+    out = tmp_path / "w"
+    roots = [f"{split}_dataloader.dataset.data_root={camvid_mini}" for split in ("train", "val", "test")]
+    rc, err = _run(["--config", CONFIGS / "camvid_upernet_vit_tiny_cpu.py", "--output-dir", out, "--cfg-options",
+                    *roots, "train_dataloader.batch_size=2", "optim_wrapper.optimizer.lr=1e30",
+                    "train_cfg.max_iters=4", "train_cfg.val_interval=4", "default_hooks.checkpoint.interval=1"],
+                   capsys)
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: training stopped: non-finite loss at iteration 2 (loss "), line
+    assert line.endswith(f"; last good checkpoint: {out / 'iter_1.pth'}. Lower optim_wrapper.optimizer.lr or set "
+                         "optim_wrapper.clip_grad (e.g. dict(max_norm=1.0)), then --resume."), line
+    assert last_checkpoint(out) == str(out / "iter_1.pth")
+    assert sorted(p.name for p in out.glob("*.pth")) == ["iter_1.pth"]
+    assert not (out / "eval_metrics.json").exists()
