@@ -55,7 +55,7 @@ from harnesses.gpu_measure import (
 )
 from mae_transfer.cli import add_deprecated_spelling
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.gpu_kit import install_kit
+from mae_transfer.gpu_kit import install_kit, kit_wheels
 from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
 
@@ -238,7 +238,11 @@ def write_report(meta: dict[str, Any], rows: list[dict[str, Any]], out: Path) ->
 # ---------------------------------------------------------------------------------------------- driver
 def require_cuda() -> None:
     """One clear MaeTransferError unless torch sees a CUDA GPU: this run never falls back to the CPU."""
-    import torch
+    try:
+        import torch
+    except ImportError:  # the kit brings no torch: the GPU machine's image has it
+        raise MaeTransferError(f"{sys.executable} has no torch: run on the GPU machine's image python (docs/GPU.md), "
+                               "or name one with torch: MAE_TRANSFER_PYTHON=/path/to/python") from None
 
     with warnings.catch_warnings(record=True) as caught:  # e.g. a driver too old: folded into the one line
         warnings.simplefilter("always")
@@ -488,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         raise MaeTransferError("--iters, --budget and --det-batch must be positive, --warmup not negative")
     if args.kit is not None and not args.kit.is_dir():
         raise MaeTransferError(f"--kit {args.kit}: no such folder; make the kit with scripts/gpu_kit.sh")
+    if args.kit is not None:
+        kit_wheels(args.kit)  # an empty kit: one line, before anything runs
     args.only = only
     default_out = REPO_ROOT / "work_dirs" / "gpu_rehearsal" if args.rehearse else REPO_ROOT / "benchmarks" / "gpu"
     args.output_dir = (args.output_dir or default_out).resolve()

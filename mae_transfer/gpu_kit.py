@@ -156,15 +156,23 @@ def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> int:
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT).returncode
 
 
+def kit_wheels(kit: Path) -> list[Path]:
+    """The kit folder's wheels; none is one error line (checked before the run starts too: without the kit, the
+    machine's python lacks the project's stack, and the run would stop at its first import)."""
+    wheels = sorted(kit.glob("*.whl"))
+    if not wheels:
+        raise MaeTransferError(f"--kit {kit}: no *.whl files there; expected the wheels of scripts/gpu_kit.sh "
+                               "(make the kit with it, docs/GPU.md)")
+    return wheels
+
+
 def install_kit(kit: Path, site: Path, log_path: Path, imports: tuple[str, ...] = IMPORT_CHECK) -> float:
     """Install the kit's wheels offline into `site` with this interpreter's pip (no dependency resolution: the kit
     was checked against the image where it was made), its fallback/ wheels only where their import fails, then
     import `imports` in a fresh process with `site` and the repo on PYTHONPATH; the log goes to `log_path`.
     Returns the seconds it took; raises MaeTransferError naming the log on failure."""
     start = time.time()
-    wheels = sorted(kit.glob("*.whl"))
-    if not wheels:
-        raise MaeTransferError(f"--kit {kit}: no *.whl files there; make the kit with scripts/gpu_kit.sh")
+    wheels = kit_wheels(kit)
     site.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO_ROOT)]), "PYTHONDONTWRITEBYTECODE": "1"}
     pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",

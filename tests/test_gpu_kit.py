@@ -101,3 +101,35 @@ def test_install_kit_offline_into_a_folder_then_checks_imports(tmp_path: Path, m
     assert "ImportError: needs a GPU" in log.read_text()
     with pytest.raises(MaeTransferError, match="no \\*.whl files there"):
         gpu_kit.install_kit(tmp_path / "empty", site, log)
+
+
+def test_acceptance_run_with_an_empty_kit_or_without_torch_is_one_line(tmp_path: Path) -> None:
+    """scripts/gpu_acceptance.sh --kit EMPTY_DIR on a python without torch (as the GPU machine's python is before
+    the kit is installed, or a wrong MAE_TRANSFER_PYTHON): one error line naming the folder and what it must hold,
+    exit 2, nothing written; without --kit on such a python, one line naming the interpreter (was: a traceback,
+    "No module named torch")."""
+    import subprocess
+
+    empty, out = tmp_path / "kit", tmp_path / "out"
+    empty.mkdir()
+    # a python that cannot import torch: this one, with an import hook that refuses it
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('No module named torch')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    env = {**os.environ, "MAE_TRANSFER_PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO_ROOT)])}
+    env.pop("MAE_TRANSFER_KIT", None)
+    for args, message in (
+            (["--kit", str(empty)], f"error: --kit {empty}: no *.whl files there; expected the wheels of "
+                                    "scripts/gpu_kit.sh (make the kit with it, docs/GPU.md)"),
+            ([], f"error: {sys.executable} has no torch: run on the GPU machine's image python (docs/GPU.md), or "
+                 "name one with torch: MAE_TRANSFER_PYTHON=/path/to/python")):
+        done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_acceptance.sh"), *args, "--output-dir",
+                               str(out)], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines() == [message]
+        assert not out.exists()
