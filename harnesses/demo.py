@@ -389,9 +389,9 @@ def detect(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[st
              [*base, *_resume_flag(det_dir, "det"), "--output-dir", str(det_dir),
               det.overrides.init_override.format(checkpoint=init), *det.overrides.cell(n, max(1, n // 4), 0),
               "train.checkpointer.max_to_keep=1",
-              "optimizer.lr=5e-4",  # a few hundred CPU iterations instead of ViTDet's 184k
-              f"lr_multiplier.scheduler.num_updates={n}",
-              f"lr_multiplier.scheduler.milestones=[{int(n * 0.8)},{int(n * 0.95)}]"],
+              # a few hundred CPU iterations instead of ViTDet's 184k; the config's schedule is a fraction of
+              # train.max_iter (decays at 80% / 95%), so any --det-iters keeps it
+              "optimizer.lr=5e-4"],
              out / "logs" / "train_det.log")
     pics = det_dir / "pictures"
     run_step("detection pictures", pics / DONE,

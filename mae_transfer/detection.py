@@ -142,6 +142,7 @@ def setup(args: argparse.Namespace) -> Any:
         check_eval_weights(args, cfg.train.output_dir, cfg.train.init_checkpoint)
     else:  # training: the recipe on this world size, printed and saved first
         recipe = detection_recipe.resolve(cfg, args, comm.get_world_size(), str(cfg.train.device))
+        check_lr_schedule(cfg)
         if comm.is_main_process():
             announce_recipe(recipe, cfg.train.output_dir)
     default_setup(cfg, argparse.Namespace(config_file=args.config, eval_only=bool(args.eval_only or args.infer)))
@@ -150,6 +151,23 @@ def setup(args: argparse.Namespace) -> Any:
                    splits=() if args.infer else ("val",) if args.eval_only else ("train", "val"),
                    evaluate=bool(args.eval_only) or cfg.train.eval_period > 0)
     return cfg
+
+
+def check_lr_schedule(cfg: Any) -> None:
+    """The lr schedule (after the recipe scaled it) builds: fvcore wants milestones that increase and stay below
+    num_updates. A short run whose milestones were rounded onto each other (e.g. [3, 3] of 4 updates) is one error
+    line here, before anything is written, not a traceback when the trainer starts."""
+    try:
+        instantiate(cfg.lr_multiplier)
+    except (ValueError, AssertionError) as err:
+        sched = cfg.lr_multiplier.get("scheduler", None) if hasattr(cfg.lr_multiplier, "get") else None
+        shown = ""
+        if sched is not None and sched.get("milestones", None) is not None:
+            shown = f" (milestones {list(sched.milestones)}, num_updates {sched.get('num_updates', None)})"
+        raise MaeTransferError(
+            f"lr_multiplier.scheduler: {err}{shown}; milestones must increase and stay below num_updates. The "
+            "schedule is a fraction of train.max_iter: for a short run keep the config's milestones and "
+            "num_updates and change train.max_iter only") from None
 
 
 # ----------------------------------------------------------------------------------------- datasets

@@ -332,3 +332,63 @@ def test_kill_leaves_no_marker_and_failures_name_the_log(tmp_path: Path) -> None
     assert not (out / "DONE").exists()
 
 
+
+
+def _demo_det_lrs(iters: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...] = ()
+                  ) -> list[float]:
+    """The lr multiplier of each iteration of the demo's detection command for --det-iters `iters` (the command
+    as demo.detect builds it, parsed and configured as train_det does; `extra` overrides appended)."""
+    from types import SimpleNamespace
+
+    import torch
+    from detectron2.config import instantiate
+    from detectron2.solver import LRMultiplier
+
+    from mae_transfer import detection
+
+    class Captured(Exception):
+        pass
+
+    commands = []
+
+    def capture(name, marker, args, log_file):
+        commands.append([str(a) for a in args])
+        raise Captured
+
+    monkeypatch.setattr(demo, "run_step", capture)
+    with pytest.raises(Captured):
+        demo.detect(demo.Schedule(det_iters=iters), tmp_path, SimpleNamespace(det=SimpleNamespace(args=list),
+                                                                              det_pictures=[]), tmp_path / "i.pth")
+    spec = importlib.util.spec_from_file_location("train_det", REPO_ROOT / "tools" / "train_det.py")
+    train_det = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_det)
+    args = train_det.parse_args([*commands[0][1:], *extra])
+    cfg = detection.load_config(args.config, detection.overrides_of(args))
+    assert cfg.train.max_iter == iters
+    detection.check_lr_schedule(cfg)  # what train_det checks before anything runs
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter=iters)
+    lrs = []
+    for _ in range(iters):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 4, 5])
+def test_short_detection_runs_keep_a_valid_schedule(iters, tmp_path, monkeypatch):
+    """--det-iters 1..5: the demo used to pass num_updates=N, milestones=[int(0.8N), int(0.95N)] ([3, 3] for 4,
+    which crashed train_det). It keeps the config's schedule, a fraction of train.max_iter: warm-up over the first
+    10%, decays x0.1 at 80% and 95% of the run, for any length."""
+    lrs = _demo_det_lrs(iters, tmp_path, monkeypatch)
+    # the first iteration is in the warm-up (factor 0.001); then full lr until 80% of the run, x0.1 from 80%,
+    # x0.01 from 95% (iteration i is at i / iters of the run)
+    expected = [1.0 if i / iters < 0.8 else 0.1 if i / iters < 0.95 else 0.01 for i in range(1, iters)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[1:] == pytest.approx(expected)
+
+
+def test_default_detection_schedule_is_the_one_of_the_old_overrides(tmp_path, monkeypatch):
+    """At the default 160 iterations the config's schedule is the one the demo's own overrides gave."""
+    old = ("lr_multiplier.scheduler.num_updates=160", "lr_multiplier.scheduler.milestones=[128,152]")
+    assert _demo_det_lrs(160, tmp_path, monkeypatch) == _demo_det_lrs(160, tmp_path, monkeypatch, old)

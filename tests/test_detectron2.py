@@ -795,3 +795,27 @@ def test_gradient_clipping_from_the_config():
     cfg.train.clip_grad.update(enabled=True, clip_type="global")
     with pytest.raises(MaeTransferError, match="clip_type must be full_model, norm or value, got 'global'"):
         detection.clip_grad_hook(cfg)
+
+
+def test_milestones_that_do_not_fit_the_run_are_one_line_before_anything_runs(tmp_path, capsys):
+    """A short schedule whose milestones were rounded onto each other ([3, 3] of 4 updates, as the demo's
+    --det-iters 4 once gave), or lie past num_updates: one error line with the values, exit 2, nothing written
+    (was: fvcore's ValueError traceback when the trainer started)."""
+    out = tmp_path / "out"
+    for overrides, detail in (
+            (["lr_multiplier.scheduler.num_updates=4", "lr_multiplier.scheduler.milestones=[3,3]"],
+             "Milestone must be smaller than start epoch: start_epoch=3, milestone=3 (milestones [3, 3], "
+             "num_updates 4)"),
+            (["lr_multiplier.scheduler.num_updates=4", "lr_multiplier.scheduler.milestones=[2,4]"],
+             "Milestone must be smaller than total number of updates: num_updates=4, milestone=4 (milestones "
+             "[2, 4], num_updates 4)")):
+        assert run_cli(train_det.main, ["--config", TINY, "--output-dir", str(out), "train.max_iter=4",
+                                        *overrides]) == 2
+        assert _error_line(capsys) == (
+            f"error: lr_multiplier.scheduler: {detail}; milestones must increase and stay below num_updates. The "
+            "schedule is a fraction of train.max_iter: for a short run keep the config's milestones and num_updates "
+            "and change train.max_iter only")
+        assert not out.exists()
+    # train.max_iter alone, however small, keeps the config's (fractional) schedule valid
+    cfg = detection.load_config(TINY, ["train.max_iter=1"])
+    detection.check_lr_schedule(cfg)
