@@ -63,6 +63,8 @@ REPO = TOOLS.parent
     ("pretrain", ["--config", str(REPO / "configs/mae_pretrain_vit_tiny_cpu.py"), "--data", "images"]),
     ("finetune_cls", ["--config", str(REPO / "configs/cls_finetune_vit_tiny_cpu.py"), "--data", "crops"]),
     ("study", ["--spec", str(REPO / "configs/studies/cpu_shared_data.py")]),
+    ("coco_to_imagefolder", ["--json", "instances.json", "--images", "images"]),
+    ("benchmark", []),
 ])
 @pytest.mark.parametrize("under", [False, True])
 def test_output_dir_naming_a_file_is_one_line_before_anything_runs(tool, args, under, tmp_path, capsys):

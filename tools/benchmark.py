@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from harnesses import benchmark  # noqa: E402
 from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
+from mae_transfer.io import check_output_dir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_dir(args.output_dir)  # before minutes of measuring
     report = benchmark.run_benchmark(args.size, args.device, args.only.split(","), rounds=args.rounds,
                                      warmup=args.warmup, threads=args.threads, output_dir=args.output_dir)
     print(report.read_text())

@@ -37,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     from mae_transfer.coco import coco_crops_to_imagefolder
+    from mae_transfer.io import check_output_dir
 
+    check_output_dir(args.output_dir)
     counts = coco_crops_to_imagefolder(args.json, args.images, args.output_dir, args.min_size, args.context,
                                        args.val_fraction)
     for name, n in sorted(counts.items()):
