@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import load_backbone_state_dict
-from mae_transfer.config import check_kinds, check_number_pair, check_ranges
+from mae_transfer.config import check_keyword_overrides, check_kinds, check_number_pair, check_ranges
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import autocast_dtype
@@ -131,6 +131,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
                                f"valid keys: {', '.join(sorted(CLS_DEFAULTS))}")
     cfg = {**copy.deepcopy(CLS_DEFAULTS), **copy.deepcopy(cfg)}
     check_kinds(cfg, CLS_DEFAULTS, _KINDS_NOT_OF_DEFAULT)  # every value's type first: the checks below compare
+    check_keyword_overrides(VisionTransformer, cfg["encoder_overrides"], "encoder_overrides")
     vit_config(cfg["model"])  # unknown model name -> MaeTransferError
     for key, allowed in (("mode", MODES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES),
                          ("global_pool", ("avg", "token"))):

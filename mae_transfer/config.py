@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import inspect
 import math
 import os
 import runpy
@@ -140,3 +141,19 @@ def check_number_pair(cfg: dict[str, Any], key: str) -> None:
     value = cfg[key]
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_KINDS["a number"](v) for v in value)):
         raise MaeTransferError(f"{key} must be two numbers, e.g. (0.9, 0.95), got {value!r}")
+
+
+def check_keyword_overrides(func: Callable[..., Any], overrides: dict[str, Any], what: str) -> None:
+    """A dict of keyword arguments for `func` (e.g. `encoder_overrides` for the ViT): each key one of its
+    parameters, each value of the kind of that parameter's default; one error line naming `what` otherwise."""
+    params = {name: p.default for name, p in inspect.signature(func).parameters.items()
+              if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise MaeTransferError(f"{what}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
+                               f"{', '.join(sorted(params))}")
+    defaults = {name: None if default is inspect.Parameter.empty else default for name, default in params.items()}
+    for key, value in overrides.items():
+        kind = kind_of(defaults[key])
+        if kind and not _KINDS[kind](value):
+            raise MaeTransferError(f"{what}.{key} must be {kind}, got {value!r}")

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from backbones.vit import create_vit, vit_config
+from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import save_backbone
-from mae_transfer.config import check_kinds, check_number_pair, check_ranges
+from mae_transfer.config import check_keyword_overrides, check_kinds, check_number_pair, check_ranges
 from mae_transfer.data import ImageFolderDataset, LabelledImageFolder, eval_transform, pretrain_transform, unnormalize
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write, check_output_dir
@@ -109,6 +109,7 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     cfg = {**copy.deepcopy(PRETRAIN_DEFAULTS), **copy.deepcopy(cfg)}
     check_kinds(cfg, PRETRAIN_DEFAULTS, _KINDS_NOT_OF_DEFAULT)  # every value's type first: the checks below compare
+    check_keyword_overrides(VisionTransformer, cfg["encoder_overrides"], "encoder_overrides")
     vit_config(cfg["encoder"])  # unknown model name -> MaeTransferError
     if cfg["objective"] not in OBJECTIVES:
         raise MaeTransferError(f"objective must be one of {OBJECTIVES}, got {cfg['objective']!r}")

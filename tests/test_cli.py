@@ -91,6 +91,12 @@ def test_output_dir_naming_a_file_is_one_line_before_anything_runs(tool, args, u
     ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "lr=0", "lr must be in (0, inf), got 0"),
     ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "epochs=2.5", "epochs must be an integer, got 2.5"),
     ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "progress=1", "progress must be True or False, got 1"),
+    ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "encoder_overrides.depth=abc",
+     "encoder_overrides.depth must be an integer, got 'abc'"),
+    ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "encoder_overrides.dpeth=2",
+     "encoder_overrides: unknown key(s) 'dpeth'; valid keys: class_token, depth, drop_path_rate, embed_dim, "
+     "final_norm, global_block_indexes, global_pool, grad_checkpointing, img_size, in_chans, init_values, mlp_ratio, "
+     "num_classes, num_heads, patch_size, qkv_bias, rel_pos_input_size, use_rel_pos, use_rel_pos_bias, window_size"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "lr=abc", "lr must be a number or None, got 'abc'"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "layer_decay=abc", "layer_decay must be a number, got 'abc'"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "mixup=abc", "mixup must be a number, got 'abc'"),
