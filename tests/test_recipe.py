@@ -376,6 +376,98 @@ class _ClipEachMicroBatch:
         return Trainer(model, loader, optimizer)
 
 
+def _det_step(cfg, start: dict, trainer_of) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 0.1, no clipping) of the tiny Mask R-CNN from `start`: the change of every weight."""
+    from detectron2.config import instantiate
+
+    model = instantiate(cfg.model).train()
+    model.load_state_dict(start)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer_of(model, optimizer).train(0, 1)
+    return {k: v.detach().clone() - start[k] for k, v in model.state_dict().items()}
+
+
+def _gloo_rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of the 2-process CPU run: DDP as tools/train_det.py builds it (create_ddp_model with ddp_kwargs),
+    our accumulating trainer on its 2 images, 1 per micro-batch; its weight change saved for the test."""
+    import torch.distributed as dist
+    from detectron2.engine.defaults import create_ddp_model
+
+    from mae_transfer import detection, detection_recipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = detection.load_config(TINY_DET, DET_EXACT)
+        start = torch.load(Path(folder) / "start.pth", weights_only=True)
+        mine = _det_inputs(2 * world)[2 * rank:2 * rank + 2]
+
+        def trainer_of(model, optimizer):
+            ddp = create_ddp_model(model, **detection_recipe.ddp_kwargs(cfg))
+            return detection_recipe.build_trainer(ddp, itertools.cycle([[x] for x in mine]), optimizer, amp=False,
+                                                  accumulation=2)
+
+        torch.save(_det_step(cfg, start, trainer_of), Path(folder) / f"rank{rank}.pth")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_step_equals_one_process_batch(one_thread, tmp_path):
+    """2 CPU processes (gloo) x 1 image x 2 accumulated micro-batches == 4 images in one process, after one
+    optimizer step: DDP must average the ranks' gradients once (an un-averaged, summed or per-micro-batch
+    all-reduce gives another update). Equal proposal counts per image by construction (_det_inputs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from detectron2.config import instantiate
+    from detectron2.engine import SimpleTrainer
+
+    from mae_transfer import detection
+
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    torch.manual_seed(0)
+    start = instantiate(cfg.model).state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    inputs = _det_inputs(4)
+    single = _det_step(cfg, start, lambda model, opt: SimpleTrainer(model, itertools.repeat(inputs), opt))
+    scale = float(max(d.abs().max() for d in single.values()))
+    assert scale > 0
+    for rank in (0, 1):
+        ranked = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        worst = float(max((ranked[k] - single[k]).abs().max() for k in single))
+        assert worst <= 1e-5 * scale, (rank, worst, scale)
+
+
+def test_det_images_per_micro_batch_change_the_loss_weighting(one_thread):
+    """What README and the plan say: with unequal foreground counts, 2 images at once != 1 image x 2 accumulated
+    (the mask loss is averaged over a micro-batch's foreground proposals); with equal counts they agree
+    (test_det_accumulation_equals_one_batch)."""
+    from detectron2.config import instantiate
+    from detectron2.engine import SimpleTrainer
+    from detectron2.structures import Boxes
+
+    from mae_transfer import detection, detection_recipe
+
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    torch.manual_seed(0)
+    start = instantiate(cfg.model).state_dict()
+    inputs = _det_inputs(2)
+    small = inputs[1]["instances"][:1]  # one object, a third of the size: fewer foreground proposals
+    small.gt_boxes = Boxes(torch.tensor([[100.0, 100.0, 150.0, 150.0]]))
+    small.gt_masks = small.gt_masks[:1]
+    inputs[1] = {**inputs[1], "image": inputs[1]["image"].flip(-1), "instances": small}
+    together = _det_step(cfg, start, lambda model, opt: SimpleTrainer(model, itertools.repeat(inputs), opt))
+    apart = _det_step(cfg, start, lambda model, opt: detection_recipe.AccumulatingTrainer(
+        model, itertools.cycle([[x] for x in inputs]), opt, accumulation=2))
+    norm = torch.cat([d.flatten() for d in together.values()]).norm()
+    difference = torch.cat([(together[k] - apart[k]).flatten() for k in together]).norm() / norm
+    assert norm > 0 and difference > 0.005, float(difference)
+
+
 def test_seg_accumulative_counts_equals_one_batch(one_thread):
     """mmengine's accumulative_counts as our recipe sets it: 1 image x 4 == 4 images in one step for the tiny
     UperNet. GroupNorm in the heads (BN statistics over 1 vs 4 images would differ, and BN over 1 image is refused
@@ -416,7 +508,8 @@ def test_seg_accumulative_counts_equals_one_batch(one_thread):
     def step(accumulative_counts: int, batches: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         model.load_state_dict(start)
         model.train()
-        wrapper_cfg = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.1),
+        # lr 10: updates well above the rounding of the weights they are read back from (GN gradients are small)
+        wrapper_cfg = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=10.0),
                            accumulative_counts=accumulative_counts)
         wrapper = build_optim_wrapper(model, wrapper_cfg)
         for a, b in batches:
