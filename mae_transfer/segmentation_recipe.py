@@ -13,7 +13,9 @@ train_cfg.max_iters, every scheduler's begin/end, val, checkpoint and log interv
 
 On the GPU, amp 'fp16' / 'bf16' makes the optim wrapper mmengine's AmpOptimWrapper (loss_scale 'dynamic', dtype
 float16 / bfloat16; bf16 only where torch.cuda.is_bf16_supported()); on the CPU training stays fp32. In one
-process mmengine turns SyncBN into BN (statistics over one process's micro-batch): the plan says so.
+process mmengine turns SyncBN into BN (statistics over one process's micro-batch): the plan says so, and refuses
+BN over a single image where UperHead's pool-scale-1 branch would see 1 value per channel (it cannot train).
+Under a launcher (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS) --plan describes the processes it started.
 
 Framework glue: reads mmengine Config objects (imports no framework itself).
 """
