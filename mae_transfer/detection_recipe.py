@@ -18,6 +18,7 @@ Framework glue: imports detectron2.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -106,8 +107,11 @@ def effective_milestones(cfg: Any, max_iter: int) -> list[int] | None:
 
 
 def plan(cfg: Any, config: str, world_size: int, device: str, images_per_gpu: int | None = None,
-         total_batch: int | None = None, activation_checkpointing: bool = False) -> rcp.Recipe:
-    """The recipe of this config on `world_size` processes on `device` (the config as loaded, overrides applied)."""
+         total_batch: int | None = None, activation_checkpointing: bool = False,
+         train_json: str | None = None) -> rcp.Recipe:
+    """The recipe of this config on `world_size` processes on `device` (the config as loaded, overrides applied);
+    `train_json`: the run trains on that COCO json instead of the config's dataset (the plan reads no data, so it
+    counts no epochs for it)."""
     ref = reference(cfg, config)
     max_iter = rcp.positive("train.max_iter", cfg.train.max_iter)
     amp = "fp16" if cfg.train.amp.enabled and device.startswith("cuda") else "none"
@@ -119,7 +123,17 @@ def plan(cfg: Any, config: str, world_size: int, device: str, images_per_gpu: in
             cfg.model.backbone.net.get("grad_checkpointing", False)),
         images_per_gpu=images_per_gpu, total_batch=total_batch, milestones=effective_milestones(cfg, max_iter),
         eval_period=int(cfg.train.eval_period), checkpoint_period=int(cfg.train.checkpointer.period),
-        dataset=DATASETS.get(names) if isinstance(names, str) else None)
+        dataset=None if train_json else DATASETS.get(names) if isinstance(names, str) else None)
+    if train_json:
+        recipe.notes.append(f"epochs: not counted, the training set is --train-json {train_json} (the plan reads no "
+                            f"data); epochs = {recipe.max_iter} optimizer steps x {recipe.total_batch} images / its "
+                            "image count")
+    if recipe.images_per_gpu != ref.images_per_gpu and cfg.model.get("roi_heads", None) is not None:
+        recipe.notes.append(
+            f"{recipe.images_per_gpu} image(s) per micro-batch instead of the reference's {ref.images_per_gpu} per "
+            "GPU changes the loss weighting, not only speed: detectron2 averages the box losses over a micro-batch's "
+            "sampled proposals and the mask loss over its foreground proposals, so each image's weight depends on "
+            "what it shares a micro-batch with (equal only when the counts per image are equal)")
     recipe.norm_layers = recipe.reference["norm_layers"] = norm_layers(cfg)
     recipe.reference["amp"] = "fp16" if cfg.train.amp.enabled else "none"
     if amp == "fp16":
@@ -161,7 +175,8 @@ def resolve(cfg: Any, args: argparse.Namespace, world_size: int, device: str) ->
     `cfg`."""
     check_batch_override(args.opts, cfg, args.config)
     recipe = plan(cfg, args.config, world_size, device, getattr(args, "images_per_gpu", None),
-                  getattr(args, "total_batch", None), getattr(args, "activation_checkpointing", False))
+                  getattr(args, "total_batch", None), getattr(args, "activation_checkpointing", False),
+                  getattr(args, "train_json", None))
     apply(cfg, recipe)
     return recipe
 
@@ -171,10 +186,23 @@ def plan_from_args(args: argparse.Namespace) -> rcp.Recipe:
     unless the config is pinned to the CPU (no data, no weights, no model)."""
     from mae_transfer.detection import load_config, overrides_of
 
+    check_launcher()
     cfg = load_config(args.config, overrides_of(args))
     device = rcp.resolve_plan_device(cfg.train.device, args.num_gpus is not None, torch.cuda.is_available())
     world_size = (args.num_gpus or 1) * args.num_machines
     return resolve(cfg, args, world_size, device)
+
+
+def check_launcher() -> None:
+    """train_det.py starts its own processes (detectron2's `launch`: --num-gpus x --num-machines, which is the
+    world size its plan and run use). Under torchrun each of the launcher's processes would be a separate
+    1-process run of its own: refused, naming the flags to use instead."""
+    value = os.environ.get("WORLD_SIZE")
+    if value is not None and value.strip() not in ("", "0", "1"):
+        raise MaeTransferError(
+            f"WORLD_SIZE={value}: train_det.py is not run under torchrun (each of its processes would train alone); "
+            "it starts its GPU processes itself: run it once per machine with --num-gpus G [--num-machines M "
+            "--machine-rank R --dist-url tcp://HOST:PORT]")
 
 
 def ddp_kwargs(cfg: Any) -> dict:

@@ -268,8 +268,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """The count flags are positive (one error line otherwise)."""
+    """The count flags are positive and --machine-rank names one of the --num-machines machines (one error line
+    otherwise)."""
     for flag in ("num_gpus", "num_machines", "images_per_gpu", "total_batch"):
         value = getattr(args, flag, None)
         if value is not None:
             positive("--" + flag.replace("_", "-"), value)
+    rank = getattr(args, "machine_rank", None)
+    machines = getattr(args, "num_machines", None) or 1
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < machines):
+        raise MaeTransferError(f"--machine-rank {rank} with --num-machines {machines}: the rank must be 0.."
+                               f"{machines - 1} (machine 0 is the one --dist-url names)")

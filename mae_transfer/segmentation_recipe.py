@@ -13,7 +13,9 @@ train_cfg.max_iters, every scheduler's begin/end, val, checkpoint and log interv
 
 On the GPU, amp 'fp16' / 'bf16' makes the optim wrapper mmengine's AmpOptimWrapper (loss_scale 'dynamic', dtype
 float16 / bfloat16; bf16 only where torch.cuda.is_bf16_supported()); on the CPU training stays fp32. In one
-process mmengine turns SyncBN into BN (statistics over one process's micro-batch): the plan says so.
+process mmengine turns SyncBN into BN (statistics over one process's micro-batch): the plan says so, and refuses
+BN over a single image where UperHead's pool-scale-1 branch would see 1 value per channel (it cannot train).
+Under a launcher (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS) --plan describes the processes it started.
 
 Framework glue: reads mmengine Config objects (imports no framework itself).
 """
@@ -92,15 +94,28 @@ def dataset_name(cfg: Any) -> str | None:
     return None
 
 
+def _batch_norms(kinds: set[str]) -> set[str]:
+    return {k for k in kinds if "BN" in k and "Frozen" not in k}
+
+
+def bn_images(kinds: set[str], world_size: int, images_per_gpu: int) -> int | None:
+    """The images one batch-statistics computation covers: SyncBN over every process's micro-batch (one
+    process: mmengine turns it into BN), BN over one process's micro-batch; None without batch norms."""
+    batch_norms = _batch_norms(kinds)
+    if not batch_norms:
+        return None
+    return world_size * images_per_gpu if world_size > 1 and batch_norms == {"SyncBN"} else images_per_gpu
+
+
 def _norm_text(kinds: set[str], world_size: int, images_per_gpu: int) -> str:
     if not kinds:
         return "none configured"
-    batch_norms = {k for k in kinds if "BN" in k}
+    batch_norms = _batch_norms(kinds)
     if not batch_norms:
         return ", ".join(sorted(kinds))
     if world_size == 1:
         return f"BN over {images_per_gpu} image(s) (1 process: {'/'.join(sorted(batch_norms))} -> BN)"
-    if "SyncBN" in batch_norms:
+    if batch_norms == {"SyncBN"}:
         return f"SyncBN over {world_size * images_per_gpu} images ({world_size} processes x {images_per_gpu})"
     return f"BN over {images_per_gpu} image(s) per process"
 
@@ -108,6 +123,35 @@ def _norm_text(kinds: set[str], world_size: int, images_per_gpu: int) -> str:
 def norm_kinds(cfg: Any) -> set[str]:
     return {str(cfg.model[part].norm_cfg.type) for part in NORM_PARTS
             if cfg.model.get(part) and cfg.model[part].get("norm_cfg")}
+
+
+def check_one_value_batch_norm(cfg: Any, config: str, recipe: rcp.Recipe) -> None:
+    """A pyramid-pooling head (UPerHead, PSPHead) with pool scale 1 pools each image to a 1x1 map: its batch norm
+    over one image sees 1 value per channel, which torch cannot train on ("Expected more than 1 value per channel
+    when training", on the first iteration). No faithful way around it (BN in eval mode or another norm would be
+    another model), so such a run is refused before it starts, --plan alike."""
+    head = cfg.model.get("decode_head", None) or {}
+    norm = head.get("norm_cfg", None)
+    if 1 not in tuple(head.get("pool_scales", ()) or ()) or not norm or not _batch_norms({str(norm.type)}):
+        return
+    images = bn_images({str(norm.type)}, recipe.world_size, recipe.images_per_gpu)
+    if images is None or images > 1:
+        return
+    per_gpu = recipe.total_batch // recipe.world_size
+    if per_gpu > 1:
+        choices = ", ".join(str(d) for d in rcp.divisors(per_gpu) if d > 1)
+        instead = (f"use --images-per-gpu {choices} (gradient accumulation keeps the total batch of "
+                   f"{recipe.total_batch})")
+    else:
+        instead = f"use a --total-batch of at least {2 * recipe.world_size} (2 images per process)"
+    if norm.type == "SyncBN":
+        instead += " or more processes (SyncBN then covers all of their images)"
+    processes = f"{recipe.world_size} process{'es' if recipe.world_size > 1 else ''}"
+    kind = f"{norm.type} (BN in one process)" if norm.type == "SyncBN" and recipe.world_size == 1 else norm.type
+    raise MaeTransferError(
+        f"{config}: 1 image per GPU on {processes}: the {kind} of {head.get('type', 'the decode head')}'s "
+        f"pool-scale-1 branch would normalise 1 value per channel (each image pooled to 1x1), which cannot train; "
+        f"{instead}")
 
 
 def plan(cfg: Any, config: str, world_size: int, device: str, images_per_gpu: int | None = None,
@@ -142,8 +186,12 @@ def plan(cfg: Any, config: str, world_size: int, device: str, images_per_gpu: in
             f"mmengine counts loader iterations (micro-batches): train_cfg.max_iters = {recipe.max_iter} x "
             f"{recipe.accumulation} = {recipe.max_iter * recipe.accumulation}; scheduler begin/end, val, checkpoint "
             f"and log intervals x {recipe.accumulation} too (optim_wrapper.accumulative_counts={recipe.accumulation})")
-    if kinds & {"SyncBN", "BN"} and recipe.norm_layers != recipe.reference["norm_layers"]:
-        recipe.notes.append("BN statistics come from fewer images than in the reference run (the norm layers row)")
+    run_images = bn_images(kinds, world_size, recipe.images_per_gpu)
+    ref_images = bn_images(kinds, ref.world_size or 1, ref.images_per_gpu)
+    if run_images is not None and ref_images is not None and run_images != ref_images:
+        recipe.notes.append(f"BN statistics come from {'fewer' if run_images < ref_images else 'more'} images than "
+                            f"in the reference run ({run_images} vs {ref_images}: the norm layers row)")
+    check_one_value_batch_norm(cfg, config, recipe)
     return recipe
 
 
@@ -185,23 +233,57 @@ def apply(cfg: Any, recipe: rcp.Recipe) -> None:
             hooks[name].interval = interval(hooks[name].interval)
 
 
+def launcher_variable(launcher: str) -> str:
+    """The environment variable holding a launcher's process count: Slurm's SLURM_NTASKS, else torchrun's
+    WORLD_SIZE (mmengine's `pytorch` launcher reads exactly torchrun's variables)."""
+    return "SLURM_NTASKS" if launcher == "slurm" else "WORLD_SIZE"
+
+
+def launched_processes(launcher: str) -> int | None:
+    """The process count a launcher put in the environment (None: none there); a value that is not a positive
+    integer is one error line."""
+    variable = launcher_variable(launcher)
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    try:
+        return rcp.positive(variable, int(value))
+    except ValueError:
+        raise MaeTransferError(f"{variable}={value!r} in the environment: expected a positive integer") from None
+
+
 def world_size_of(args: argparse.Namespace) -> int:
     """The processes of this run: 1 without a launcher; under one, torchrun's WORLD_SIZE (Slurm: SLURM_NTASKS),
-    which --num-gpus x --num-machines, when given, must equal."""
+    which --num-gpus x --num-machines, when given, must equal. A launcher that started several processes with
+    --launcher none would make as many independent 1-process runs: refused."""
     asked = (args.num_gpus or 1) * args.num_machines
     if args.launcher == "none":
+        started = launched_processes("none")
+        if started is not None and started > 1:
+            raise MaeTransferError(
+                f"WORLD_SIZE={started}: a launcher started {started} processes, but --launcher is none (each would "
+                "train alone on its own copy); add --launcher pytorch")
         if asked > 1:
             raise MaeTransferError(
                 f"--num-gpus {args.num_gpus} --num-machines {args.num_machines}: train_seg.py runs one process per "
                 f"GPU under a launcher: python -m torch.distributed.run --nproc_per_node {args.num_gpus or 1} "
                 "tools/train_seg.py ... --launcher pytorch (--plan shows the recipe without one)")
         return 1
-    variable = "SLURM_NTASKS" if args.launcher == "slurm" else "WORLD_SIZE"
-    world = int(os.environ.get(variable, "1"))
+    variable = launcher_variable(args.launcher)
+    world = launched_processes(args.launcher) or 1
     if args.num_gpus is not None and asked != world:
         raise MaeTransferError(f"--num-gpus {args.num_gpus} x --num-machines {args.num_machines} = {asked}, but the "
                                f"launcher started {world} processes ({variable}={world})")
     return world
+
+
+def plan_world_size(args: argparse.Namespace) -> int:
+    """The world size --plan describes: under a launcher (its variable in the environment) the processes it
+    started, checked as a real run checks them; otherwise --num-gpus x --num-machines (a plan for a run made
+    elsewhere)."""
+    if launched_processes(args.launcher) is not None:
+        return world_size_of(args)
+    return (args.num_gpus or 1) * args.num_machines
 
 
 def resolve(cfg: Any, args: argparse.Namespace, world_size: int, device: str) -> rcp.Recipe:
@@ -229,12 +311,17 @@ def check_amp_support(recipe: rcp.Recipe) -> None:
 
 
 def plan_from_args(args: argparse.Namespace) -> rcp.Recipe:
-    """--plan: the config with the command line's options on --num-gpus x --num-machines processes, for the GPUs
-    when --num-gpus is given or the machine has one (no data, no weights, no model)."""
+    """--plan: the config with the command line's options on the launcher's processes (plan_world_size), for the
+    GPUs when --num-gpus is given or the machine has one, under a launcher for this machine's device (no data, no
+    weights, no model)."""
     import torch
 
     from mae_transfer.segmentation import build_config
 
     cfg = build_config(argparse.Namespace(**{**vars(args), "launcher": "none"}))  # no distributed set-up checks
-    device = rcp.resolve_plan_device(None, args.num_gpus is not None, torch.cuda.is_available())
-    return resolve(cfg, args, (args.num_gpus or 1) * args.num_machines, device)
+    world_size = plan_world_size(args)
+    if launched_processes(args.launcher) is not None:
+        device = run_device()
+    else:
+        device = rcp.resolve_plan_device(None, args.num_gpus is not None, torch.cuda.is_available())
+    return resolve(cfg, args, world_size, device)

@@ -240,6 +240,63 @@ def test_accumulating_amp_trainer_steps_once_per_iteration_on_cuda() -> None:
     assert trainer.grad_scaler.get_scale() > 0
 
 
+def fp16_accumulation_updates(device: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One optimizer step of the tiny Mask R-CNN (every proposal sampled, equal counts per image: the batch-wide
+    loss normalisations agree per micro-batch) under fp16 autocast + GradScaler, with and without clipping
+    (which unscales first), taken two ways: AMPTrainer on 4 images at once, and AccumulatingAMPTrainer on 1 image
+    x 4 micro-batches. Returns each way's weight changes, in fp32 on the CPU; "scale" holds each way's loss scale
+    after the step (unchanged: no step skipped)."""
+    import itertools
+
+    from detectron2.config import instantiate
+    from detectron2.engine import AMPTrainer
+
+    from mae_transfer import detection, detection_recipe
+    from tests.test_recipe import DET_EXACT, TINY_DET, _det_inputs
+
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    start = copy.deepcopy(model.state_dict())
+    inputs = _det_inputs(4)
+    init_scale = 2.0 ** 10  # a loss scale that leaves these tiny fp16 gradients finite: no skipped first step
+
+    def one_step(trainer_of, clip: bool) -> tuple[dict[str, torch.Tensor], float]:
+        model.load_state_dict(start)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        trainer = trainer_of(optimizer, torch.amp.GradScaler(device, init_scale=init_scale))
+        trainer.register_hooks([detection.ClipGradients("full_model", 0.5) if clip else None])
+        trainer.train(0, 1)
+        change = {k: (v.detach().float() - start[k].float()).cpu() for k, v in model.state_dict().items()}
+        return change, float(trainer.grad_scaler.get_scale())
+
+    updates, scales = {}, {}
+    for clip in (False, True):
+        updates[f"batch_clip{clip}"], scales[f"batch_clip{clip}"] = one_step(
+            lambda opt, scaler: AMPTrainer(model, itertools.repeat(inputs), opt, grad_scaler=scaler), clip)
+        updates[f"accumulated_clip{clip}"], scales[f"accumulated_clip{clip}"] = one_step(
+            lambda opt, scaler: detection_recipe.AccumulatingAMPTrainer(
+                model, itertools.cycle([[x] for x in inputs]), opt, accumulation=4, grad_scaler=scaler), clip)
+    assert all(s == init_scale for s in scales.values()), scales  # no step skipped for inf / nan gradients
+    return updates
+
+
+@cuda_test
+def test_fp16_accumulation_equals_one_batch_on_cuda(ieee_fp32: None) -> None:
+    """train_det.py's fp16 accumulation path compared by value, not by counting steps: 1 image x 4 accumulated
+    under autocast + GradScaler (each micro-batch's scaled loss / 4, clipping once on the unscaled sum) makes the
+    update of AMPTrainer on the 4 images at once, to fp16 rounding. A missing / 4, a gradient left scaled by the
+    loss scale, or clipping per micro-batch would differ by far more (x4, x1024, another direction)."""
+    updates = fp16_accumulation_updates(DEVICE)
+    for clip in (False, True):
+        batched, accumulated = updates[f"batch_clip{clip}"], updates[f"accumulated_clip{clip}"]
+        flat_b = torch.cat([d.flatten() for d in batched.values()])
+        flat_a = torch.cat([d.flatten() for d in accumulated.values()])
+        assert flat_b.abs().max() > 0, clip
+        assert norm_rel_error(flat_a, flat_b) < 2e-2, (clip, norm_rel_error(flat_a, flat_b))
+        assert max_rel_error(flat_a, flat_b) < 5e-2, (clip, max_rel_error(flat_a, flat_b))
+
+
 @cuda_test
 def test_nccl_process_group_with_ddp(tmp_path: Path) -> None:
     """One process, world size 1: nccl reduces the engine's float64 epoch totals on the GPU, and a

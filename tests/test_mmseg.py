@@ -294,13 +294,15 @@ def test_recipe_values():
     assert b.train_cfg.max_iters == 160000
 
     large = _cfg("ade20k_upernet_vit_l.py")
-    # BEiT-L ADE20K (mmseg beit-large_upernet_8xb1-160k_ade20k-640x640 / unilm BEiT)
+    # BEiT-L ADE20K (unilm BEiT / mmseg beit-large_upernet_8xb1-160k_ade20k-640x640), in optimizer steps: BEiT's
+    # warmup_iters=3000 counted runner iterations at update_interval 2
     assert large.model.backbone.embed_dim == 1024 and large.model.backbone.depth == 24
     assert large.model.backbone.out_indices == (7, 11, 15, 23) and large.model.backbone.drop_path_rate == 0.2
     assert large.model.decode_head.channels == 1024 and large.model.decode_head.in_channels == [1024] * 4
     assert large.optim_wrapper.optimizer.lr == 2e-5 and large.optim_wrapper.optimizer.weight_decay == 0.05
     assert large.optim_wrapper.paramwise_cfg == dict(num_layers=24, layer_decay_rate=0.95)
-    assert large.param_scheduler[0].end == 3000 and large.param_scheduler[1].end == 160000
+    assert large.param_scheduler[0].end == 1500 and large.param_scheduler[1].end == 160000
+    assert large.param_scheduler[1].begin == 1500
 
     tiny = _cfg("ade20k_upernet_vit_tiny_cpu.py")  # same code path: same types, only sizes differ
     for key in ("type", "custom_imports"):

@@ -149,6 +149,9 @@ def test_bad_input_is_one_error_line(capsys):
         (train_det.main, ["--config", large, "--num-gpus", "-2", "--plan"], "--num-gpus must be a positive integer"),
         (train_det.main, ["--config", large, "--num-gpus", "3", "--plan"], "does not split over 3 GPUs"),
         (train_det.main, ["--config", large, "dataloader.train.total_batch_size=16", "--plan"], "--total-batch 16"),
+        (train_det.main, ["--config", large, "--num-machines", "2", "--machine-rank", "9", "--plan"],
+         "--machine-rank 9 with --num-machines 2: the rank must be 0..1"),
+        (train_det.main, ["--config", large, "--machine-rank", "-1", "--plan"], "the rank must be 0..0"),
         (train_seg.main, ["--config", ade, "--images-per-gpu", "-1", "--plan"], "--images-per-gpu must be a positive"),
         (train_seg.main, ["--config", ade, "--cfg-options", "train_dataloader.batch_size=4", "--plan"],
          "use --images-per-gpu 4"),
@@ -162,7 +165,128 @@ def test_bad_input_is_one_error_line(capsys):
         assert err.startswith("error: ") and expected in err, (argv, err)
 
 
+def _plan_json(main, argv: list[str], capsys) -> dict:
+    """--plan in this process: exit 0, the JSON object on stdout (the table, from stderr, under "table")."""
+    capsys.readouterr()
+    code = run_cli(main, [*argv, "--plan"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    return {**json.loads(out), "table": err}
+
+
+def _refused(main, argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert run_cli(main, argv) == 2, argv
+    err = _last_error(capsys)
+    assert err.startswith("error: "), err
+    return err
+
+
+def test_plan_reads_the_launchers_world_size(monkeypatch, capsys, tmp_path):
+    """Under torchrun (WORLD_SIZE) or Slurm (SLURM_NTASKS) --plan describes the processes the launcher started,
+    and checks them as a run does; train_det starts its own processes and refuses to run under torchrun."""
+    from tests.test_detectron2 import train_det
+    from tests.test_mmseg import _train_seg
+
+    train_seg = _train_seg()
+    ade = ["--config", str(CONFIGS / "ade20k_upernet_vit_b.py")]
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    plan = _plan_json(train_seg.main, [*ade, "--launcher", "pytorch"], capsys)
+    assert (plan["world_size"], plan["images_per_gpu"], plan["accumulation"]) == (8, 2, 1)
+    assert plan["norm_layers"] == "SyncBN over 16 images (8 processes x 2)" and plan["notes"] == []
+    err = _refused(train_seg.main, [*ade, "--launcher", "pytorch", "--num-gpus", "4", "--plan"], capsys)
+    assert "but the launcher started 8 processes (WORLD_SIZE=8)" in err
+    for argv in ([*ade, "--plan"], [*ade, "--output-dir", str(tmp_path / "seg")]):  # --plan and training alike
+        assert "add --launcher pytorch" in _refused(train_seg.main, argv, capsys)
+    large = ["--config", str(CONFIGS / "coco_mask_rcnn_vit_l.py")]
+    for argv in ([*large, "--plan"], [*large, "--output-dir", str(tmp_path / "det")]):
+        assert "train_det.py is not run under torchrun" in _refused(train_det.main, argv, capsys)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a 1-process launch (tools/submit.py's single task) is a plain run
+    assert _plan_json(train_det.main, [*large, "--num-gpus", "8"], capsys)["world_size"] == 8
+    assert _plan_json(train_seg.main, ade, capsys)["world_size"] == 1
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    plan = _plan_json(train_seg.main, [*ade, "--launcher", "slurm"], capsys)
+    assert (plan["world_size"], plan["images_per_gpu"], plan["accumulation"]) == (16, 1, 1)
+    assert plan["norm_layers"] == "SyncBN over 16 images (16 processes x 1)"
+
+
+def test_bn_notes_count_the_images_syncbn_covers():
+    """The note compares the images BN statistics cover (SyncBN: all processes), not the wording of the row."""
+    from mmengine.config import Config
+
+    from mae_transfer import segmentation_recipe
+
+    cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_b.py"))
+    notes = {gpus: segmentation_recipe.plan(copy.deepcopy(cfg), "b", gpus, "cuda").notes for gpus in (1, 2, 8, 16)}
+    assert [n for n in notes[16] if "BN" in n] == [] and [n for n in notes[8] if "BN" in n] == []
+    assert "BN statistics come from fewer images than in the reference run (2 vs 16" in notes[1][-1]
+    assert "BN statistics come from fewer images than in the reference run (4 vs 16" in notes[2][-1]
+    assert segmentation_recipe.bn_images({"SyncBN"}, 16, 1) == 16 and segmentation_recipe.bn_images({"BN"}, 16, 1) == 1
+    assert segmentation_recipe.bn_images({"SyncBN"}, 1, 2) == 2 and segmentation_recipe.bn_images({"GN"}, 1, 1) is None
+
+
+def test_one_image_bn_on_one_process_is_refused_by_plan_and_training(tmp_path, capsys):
+    """UperHead's pool-scale-1 branch pools each image to 1x1; torch's BN cannot train over 1 value per channel
+    (checked on the head itself), so 1 image per GPU on one process is one error line, --plan and training alike;
+    SyncBN over 16 processes x 1 image is the reference's 16 images and plans."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+
+    import backbones.mmseg  # noqa: F401
+    from tests.test_mmseg import _train_seg
+
+    tiny = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"))
+    head_cfg = copy.deepcopy(tiny.model.decode_head)
+    head_cfg.norm_cfg = dict(type="BN", requires_grad=True)  # what SyncBN becomes in one process
+    head = MODELS.build(head_cfg).train()
+    assert 1 in head_cfg.pool_scales
+    features = [torch.randn(2, 192, s, s) for s in (32, 16, 8, 4)]
+    assert torch.isfinite(head(features)).all()  # 2 images: fine
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        head([f[:1] for f in features])
+
+    train_seg = _train_seg()
+    ade = ["--config", str(CONFIGS / "ade20k_upernet_vit_b.py")]
+    err = _refused(train_seg.main, [*ade, "--num-gpus", "1", "--images-per-gpu", "1", "--plan"], capsys)
+    assert "UPerHead's pool-scale-1 branch would normalise 1 value per channel" in err
+    assert "use --images-per-gpu 2, 4, 8, 16 (gradient accumulation keeps the total batch of 16)" in err
+    assert "--total-batch of at least 2" in _refused(train_seg.main, [*ade, "--total-batch", "1", "--plan"], capsys)
+    out = tmp_path / "run"
+    err = _refused(train_seg.main, ["--config", str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"), "--output-dir",
+                                    str(out), "--images-per-gpu", "1"], capsys)
+    assert "pool-scale-1 branch" in err and "use --images-per-gpu 2, 4" in err
+    assert not (out / rcp.RECIPE_FILE).exists()
+    plan = _plan_json(train_seg.main, [*ade, "--num-gpus", "16"], capsys)
+    assert (plan["images_per_gpu"], plan["norm_layers"]) == (1, "SyncBN over 16 images (16 processes x 1)")
+
+
+def test_det_plan_notes_loss_weighting_and_custom_training_set_epochs(capsys):
+    from tests.test_detectron2 import train_det
+
+    vit_b = ["--config", str(CONFIGS / "coco_mask_rcnn_vit_b.py"), "--num-gpus", "8"]
+    default = _plan_json(train_det.main, vit_b, capsys)
+    assert not any("loss weighting" in n for n in default["notes"])
+    two = _plan_json(train_det.main, [*vit_b, "--images-per-gpu", "2"], capsys)
+    assert any(n.startswith("2 image(s) per micro-batch instead of the reference's 1 per GPU changes the loss "
+                            "weighting") for n in two["notes"])
+    assert default["epochs"] == 100.0 and default["dataset"] == "COCO train2017"
+    custom = _plan_json(train_det.main, [*vit_b, "--train-json", "mine/train.json", "--train-images", "mine/images"],
+                        capsys)
+    assert (custom["epochs"], custom["dataset"], custom["reference"]["epochs"]) == (None, None, None)
+    assert any(n.startswith("epochs: not counted, the training set is --train-json mine/train.json")
+               for n in custom["notes"])
+    assert "\n  epochs                      -    " in custom["table"] and "COCO train2017" not in custom["table"]
+
+
 # ------------------------------------------------------------------------------------------- accumulation
+# Tiny Mask R-CNN without randomness in a training step: drop path 0, every anchor and proposal sampled.
+DET_EXACT = ["model.backbone.net.drop_path_rate=0.0", "model.proposal_generator.batch_size_per_image=1000000",
+             "model.proposal_generator.post_nms_topk=[40,40]", "model.roi_heads.batch_size_per_image=1000000",
+             "model.roi_heads.num_classes=3"]
+
+
 def _det_inputs(n: int) -> list[dict]:
     """n images with the same pixels and boxes (so every image gets the same proposals, hence the same proposal and
     foreground counts: detectron2's batch-wide loss normalisations are then equal per micro-batch), different
@@ -195,11 +319,7 @@ def test_det_accumulation_equals_one_batch(one_thread):
 
     from mae_transfer import detection, detection_recipe
 
-    cfg = detection.load_config(TINY_DET, ["model.backbone.net.drop_path_rate=0.0",
-                                           "model.proposal_generator.batch_size_per_image=1000000",
-                                           "model.proposal_generator.post_nms_topk=[40,40]",
-                                           "model.roi_heads.batch_size_per_image=1000000",
-                                           "model.roi_heads.num_classes=3"])
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
     torch.manual_seed(0)
     model = instantiate(cfg.model).train()
     start = copy.deepcopy(model.state_dict())
@@ -256,10 +376,103 @@ class _ClipEachMicroBatch:
         return Trainer(model, loader, optimizer)
 
 
+def _det_step(cfg, start: dict, trainer_of) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 0.1, no clipping) of the tiny Mask R-CNN from `start`: the change of every weight."""
+    from detectron2.config import instantiate
+
+    model = instantiate(cfg.model).train()
+    model.load_state_dict(start)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer_of(model, optimizer).train(0, 1)
+    return {k: v.detach().clone() - start[k] for k, v in model.state_dict().items()}
+
+
+def _gloo_rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One rank of the 2-process CPU run: DDP as tools/train_det.py builds it (create_ddp_model with ddp_kwargs),
+    our accumulating trainer on its 2 images, 1 per micro-batch; its weight change saved for the test."""
+    import torch.distributed as dist
+    from detectron2.engine.defaults import create_ddp_model
+
+    from mae_transfer import detection, detection_recipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = detection.load_config(TINY_DET, DET_EXACT)
+        start = torch.load(Path(folder) / "start.pth", weights_only=True)
+        mine = _det_inputs(2 * world)[2 * rank:2 * rank + 2]
+
+        def trainer_of(model, optimizer):
+            ddp = create_ddp_model(model, **detection_recipe.ddp_kwargs(cfg))
+            return detection_recipe.build_trainer(ddp, itertools.cycle([[x] for x in mine]), optimizer, amp=False,
+                                                  accumulation=2)
+
+        torch.save(_det_step(cfg, start, trainer_of), Path(folder) / f"rank{rank}.pth")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_step_equals_one_process_batch(one_thread, tmp_path):
+    """2 CPU processes (gloo) x 1 image x 2 accumulated micro-batches == 4 images in one process, after one
+    optimizer step: DDP must average the ranks' gradients once (an un-averaged, summed or per-micro-batch
+    all-reduce gives another update). Equal proposal counts per image by construction (_det_inputs)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from detectron2.config import instantiate
+    from detectron2.engine import SimpleTrainer
+
+    from mae_transfer import detection
+
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    torch.manual_seed(0)
+    start = instantiate(cfg.model).state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    inputs = _det_inputs(4)
+    single = _det_step(cfg, start, lambda model, opt: SimpleTrainer(model, itertools.repeat(inputs), opt))
+    scale = float(max(d.abs().max() for d in single.values()))
+    assert scale > 0
+    for rank in (0, 1):
+        ranked = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
+        worst = float(max((ranked[k] - single[k]).abs().max() for k in single))
+        assert worst <= 1e-5 * scale, (rank, worst, scale)
+
+
+def test_det_images_per_micro_batch_change_the_loss_weighting(one_thread):
+    """What README and the plan say: with unequal foreground counts, 2 images at once != 1 image x 2 accumulated
+    (the mask loss is averaged over a micro-batch's foreground proposals); with equal counts they agree
+    (test_det_accumulation_equals_one_batch)."""
+    from detectron2.config import instantiate
+    from detectron2.engine import SimpleTrainer
+    from detectron2.structures import Boxes
+
+    from mae_transfer import detection, detection_recipe
+
+    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    torch.manual_seed(0)
+    start = instantiate(cfg.model).state_dict()
+    inputs = _det_inputs(2)
+    small = inputs[1]["instances"][:1]  # one object, a third of the size: fewer foreground proposals
+    small.gt_boxes = Boxes(torch.tensor([[100.0, 100.0, 150.0, 150.0]]))
+    small.gt_masks = small.gt_masks[:1]
+    inputs[1] = {**inputs[1], "image": inputs[1]["image"].flip(-1), "instances": small}
+    together = _det_step(cfg, start, lambda model, opt: SimpleTrainer(model, itertools.repeat(inputs), opt))
+    apart = _det_step(cfg, start, lambda model, opt: detection_recipe.AccumulatingTrainer(
+        model, itertools.cycle([[x] for x in inputs]), opt, accumulation=2))
+    norm = torch.cat([d.flatten() for d in together.values()]).norm()
+    difference = torch.cat([(together[k] - apart[k]).flatten() for k in together]).norm() / norm
+    assert norm > 0 and difference > 0.005, float(difference)
+
+
 def test_seg_accumulative_counts_equals_one_batch(one_thread):
     """mmengine's accumulative_counts as our recipe sets it: 1 image x 4 == 4 images in one step for the tiny
-    UperNet. BN layers in eval mode (their statistics over 1 vs 4 images would differ), dropout and drop path 0;
-    the decode losses are means over all pixels of the batch (fixed crops), so equal."""
+    UperNet. GroupNorm in the heads (BN statistics over 1 vs 4 images would differ, and BN over 1 image is refused
+    by the plan), dropout and drop path 0; the decode losses are means over all pixels of the batch (fixed
+    crops), so equal."""
     from mmengine.config import Config
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -274,7 +487,7 @@ def test_seg_accumulative_counts_equals_one_batch(one_thread):
     cfg.model.backbone.drop_path_rate = 0.0
     cfg.model.decode_head.dropout_ratio = cfg.model.auxiliary_head.dropout_ratio = 0.0
     for part in ("neck", "decode_head", "auxiliary_head"):
-        cfg.model[part].norm_cfg = dict(type="BN", requires_grad=True)
+        cfg.model[part].norm_cfg = dict(type="GN", num_groups=8, requires_grad=True)
     plan = segmentation_recipe.plan(cfg, "tiny", 1, "cpu", images_per_gpu=1)
     assert (plan.accumulation, plan.total_batch) == (4, 4)
     segmentation_recipe.apply(cfg, plan)
@@ -295,10 +508,8 @@ def test_seg_accumulative_counts_equals_one_batch(one_thread):
     def step(accumulative_counts: int, batches: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         model.load_state_dict(start)
         model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        wrapper_cfg = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.1),
+        # lr 10: updates well above the rounding of the weights they are read back from (GN gradients are small)
+        wrapper_cfg = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=10.0),
                            accumulative_counts=accumulative_counts)
         wrapper = build_optim_wrapper(model, wrapper_cfg)
         for a, b in batches:

@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         recipe.print_plan(detection_recipe.plan_from_args(args))
         return 0
+    detection_recipe.check_launcher()
     args.num_gpus = args.num_gpus or 1
     if args.num_gpus * args.num_machines > 1:
         launch(detection.run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
