@@ -216,11 +216,12 @@ class ToolJob:
     Picklable (submitit pickles it into the job folder); `checkpoint` makes submitit requeue it on USR2.
     A failure of the tool is written to `<job folder>/<job id>_status.json` (rank 0) before it is raised, so
     that a collector tells a failed run (exit status, log) from a killed one without unpickling anything.
+    `resumable=False`: a command with nothing to resume (an export), which needs no --output-dir.
     """
 
     def __init__(self, tool: str, args: Sequence[str], python: str | None = None, gpus_per_node: int = 0,
                  then: Sequence[Sequence[str]] = (), what: str | None = None,
-                 cwd: str | os.PathLike | None = None) -> None:
+                 cwd: str | os.PathLike | None = None, resumable: bool = True) -> None:
         self.tool = tool_name(tool)
         self.cwd = str(cwd or os.getcwd())  # relative paths in the arguments mean what they meant when submitted
         self.args = [str(a) for a in args]
@@ -228,8 +229,8 @@ class ToolJob:
         self.gpus_per_node = gpus_per_node
         self.then = [[str(c) for c in cmd] for cmd in then]
         self.what = what or self.tool
-        self.output_dir = output_dir_of(self.args)
-        if not self.output_dir:
+        self.output_dir = output_dir_of(self.args) if resumable else None  # None: nothing to resume from
+        if resumable and not self.output_dir:
             raise MaeTransferError(f"{self.what}: the {self.tool} command needs --output-dir (the folder its "
                                    "checkpoints go to, from which a requeued job resumes)")
 
@@ -242,7 +243,7 @@ class ToolJob:
                           "127.0.0.1" if local else env.hostnames[0], master_port(env.job_id))
         status = Path(env.paths.folder) / f"{env.job_id}_status.json"
         log = Path(str(env.paths.stderr))
-        resume = has_checkpoint(self.tool, Path(self.cwd) / self.output_dir)
+        resume = self.output_dir is not None and has_checkpoint(self.tool, Path(self.cwd) / self.output_dir)
         cmd, extra = task_command(self.tool, self.args, self.python, place, self.gpus_per_node, resume)
         start = time.time()
         print(f"[mae-transfer] {env}: {'resuming: ' if resume else ''}{shlex.join(cmd)}", flush=True)

@@ -16,6 +16,7 @@ command line's `--slurm KEY=VALUE` (keys: `mae_transfer.cluster.RESOURCE_KEYS`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -159,8 +160,13 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
             commands = (backbone_commands(study, owner)[1] if owner != name else []) or commands
             prepare_pretrain_data(study, owner)
             res = resources(study, pre.get("slurm"), overrides, f"backbone {owner!r}")
+            # export only: the run's checkpoints are all there; one process, nothing to resume
+            trains = "--export-encoder" not in commands[0]
+            if not trains:
+                res = dataclasses.replace(res, nodes=1, gpus_per_node=0)
             do_submit(key, ToolJob("pretrain", commands[0][2:], study.python, res.gpus_per_node, then=commands[1:],
-                                   what=f"pretraining of backbone {owner!r}", cwd=REPO_ROOT), res)
+                                   what=f"{'pretraining' if trains else 'export'} of backbone {owner!r}",
+                                   cwd=REPO_ROOT, resumable=trains), res)
         entry = jobs.get(key)
         if entry and entry["state"] in IN_FLIGHT and executor == "slurm":
             ready[name] = (ckpt, f"afterok:{entry['job_id']}")  # Slurm starts the cells when it has succeeded
