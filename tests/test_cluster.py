@@ -29,7 +29,7 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.study import DONE, Study, backbone_commands, load_study
 from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
 from tests.conftest import REPO_ROOT
-from tests.test_study import seg_folder
+from tests.test_study import assert_same_backbones, seg_folder, shared_run, stop_after_epoch_1  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- sbatch script
@@ -304,6 +304,43 @@ def test_retry_failed_resubmits_every_failed_job_once_as_capacity_frees(tmp_path
     assert {k: e["attempts"] for k, e in again.items()} == {k: 2 for k in first}  # each resubmitted once
     assert all(again[k]["job_id"] != first[k]["job_id"] and again[k]["state"] == "failed" for k in first)
     assert (work / "concurrency").read_text().split() == ["1", "1", "1"]  # one at a time: --max-parallel 1
+
+
+def test_local_executor_continues_an_interrupted_shared_pretraining(shared_run, tmp_path: Path) -> None:  # noqa: F811
+    """--executor local on a study whose shared pretraining was stopped after epoch 1 (of 3): the backbone job
+    continues the run (--resume) and exports what the uninterrupted run exports, bit for bit; with only an export
+    missing, the job exports alone (no --output-dir needed, nothing trained). The cells' tool is the fake above;
+    pretraining is real."""
+    spec_dict, reference = shared_run
+    work = tmp_path / "fake"
+    work.mkdir()
+    python = work / "python"
+    python.write_text(f'#!/bin/sh\ncase "$1" in */pretrain.py) exec {sys.executable} "$@";; esac\n'
+                      + FAKE_PYTHON.format(work=work, sleep=0).split("\n", 1)[1])
+    python.chmod(0o755)
+    study = load_study({**spec_dict, "python": str(python)}, tmp_path / "out")
+    run = stop_after_epoch_1(reference["MAE"].parents[2], study.output_dir)
+
+    def backbones_of_cells() -> dict[str, Path]:
+        return {c.backbone: Path(json.loads((study.cell_dir(c) / DONE).read_text())["checkpoint"])
+                for c in study.cells()}
+
+    result = run_study_jobs(study, "local", max_parallel=2, wait=True, poll_s=0.5)
+    entry = load_jobs(study)["backbone MAE-1"]
+    assert len(result["done"]) == 2 and entry["state"] == "done" and entry["attempts"] == 1
+    assert f"resumed from {run / 'checkpoint_last.pth'} (1 epoch(s) done)" in Path(entry["stderr"]).read_text()
+    made = backbones_of_cells()
+    assert_same_backbones(made, reference)
+
+    cell = next(c for c in study.cells() if c.backbone == "MAE")
+    (study.cell_dir(cell) / DONE).unlink()
+    made["MAE"].unlink()
+    run_study_jobs(study, "local", wait=True, poll_s=0.5)
+    entry = load_jobs(study)["backbone MAE-1"]
+    assert entry["state"] == "done" and entry["attempts"] == 2
+    started = next(line for line in Path(entry["stdout"]).read_text().splitlines() if line.startswith("[mae-transfer]"))
+    assert "--export-encoder" in started and "--config" not in started  # the job's own command: an export
+    assert_same_backbones(backbones_of_cells(), reference)
 
 
 # ------------------------------------------------------------------------------------------- README
