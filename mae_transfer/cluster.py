@@ -38,7 +38,7 @@ from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import STOP_GRACE_S, run_process
+from mae_transfer.launch import STOP_GRACE_S, error_line, run_process
 from mae_transfer.paths import REPO_ROOT
 from mae_transfer.task_kinds import TOOLS
 
@@ -248,11 +248,12 @@ class ToolJob:
         start = time.time()
         print(f"[mae-transfer] {env}: {'resuming: ' if resume else ''}{shlex.join(cmd)}", flush=True)
         try:
-            run_child(cmd, {**os.environ, **extra}, self.cwd)
+            sys.stderr.flush()  # the tool appends to the same log: its error line is found after this point
+            run_child(cmd, {**os.environ, **extra}, self.cwd, log=log)
             if place.global_rank == 0:
                 for then in self.then:
                     print(f"[mae-transfer] $ {shlex.join(then)}", flush=True)
-                    run_child(then, dict(os.environ), self.cwd)
+                    run_child(then, dict(os.environ), self.cwd, log=log)
                 result = self.on_success(time.time() - start, resume)
                 write_status(status, "done", job_id=env.job_id, log=str(log))
                 return result
@@ -274,14 +275,26 @@ class ToolJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: float = STOP_GRACE_S) -> None:
-    """Run a tool; its output goes to the job's log. If this task is stopped (submitit's requeue exits with
-    SystemExit, the local executor sends SIGINT) the tool gets SIGINT, then SIGKILL after `grace_s`."""
+def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: float = STOP_GRACE_S,
+              log: str | os.PathLike | None = None) -> None:
+    """Run a tool; its output goes to the job's log (`log`: the file its stderr goes to, whose last `error: ...`
+    line from this run a failure carries). If this task is stopped (submitit's requeue exits with SystemExit, the
+    local executor sends SIGINT) the tool gets SIGINT, then SIGKILL after `grace_s`."""
+    start = _size(log)
     # The tool ignores USR2: it is the submitit task's signal (checkpoint + requeue), not the tool's. Stopped
     # while waiting: the task was stopped, not the tool, so it is asked at once (self_stop_s=0).
     code = run_process(cmd, env=env, cwd=cwd, ignore_signals=(signal.SIGUSR2,), grace_s=grace_s, self_stop_s=0).code
     if code != 0:
-        raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}")
+        error = error_line(log, start) if log is not None else None
+        raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}"
+                               + (f": {error}" if error else ""))
+
+
+def _size(path: str | os.PathLike | None) -> int:
+    try:
+        return os.path.getsize(path) if path is not None else 0
+    except OSError:
+        return 0
 
 
 def write_status(path: Path, state: str, **values: Any) -> None:

@@ -250,7 +250,7 @@ mkdir -p "$out" {work}/running
 touch {work}/running/$$; ls {work}/running | wc -l >> {work}/concurrency
 sleep {sleep}
 rm {work}/running/$$
-if [ -e {work}/fail ]; then echo "fake tool: failing as asked" >&2; exit 1; fi
+if [ -e {work}/fail ]; then echo "error: fake tool: failing as asked" >&2; echo "a later line" >&2; exit 2; fi
 echo '{{"task": "cls", "metrics": {{"top1": 42.0, "top5": 100.0}}, "iteration": null, "epoch": 1,' \
      '"checkpoint": null, "tool": "fake", "details": {{}}}}' > "$out/eval_metrics.json"
 """
@@ -291,7 +291,8 @@ def test_retry_failed_resubmits_every_failed_job_once_as_capacity_frees(tmp_path
     study = fake_cls_study(tmp_path, [0, 2, -1], sleep=0.2)
     work = tmp_path / "fake"
     (work / "fail").touch()
-    with pytest.raises(MaeTransferError, match="3 job.s. failed.*; --retry-failed resubmits them"):
+    with pytest.raises(MaeTransferError, match="3 job.s. failed, first: cell .*: finetune_cls.py failed with exit "
+                       "status 2: fake tool: failing as asked .log: .*; --retry-failed resubmits them"):
         run_study_jobs(study, "local", max_parallel=3, wait=True)
     first = load_jobs(study)
     assert sorted(e["attempts"] for e in first.values()) == [1, 1, 1] and all(e["state"] == "failed"
