@@ -61,6 +61,7 @@ from mae_transfer.study_report import (
 )
 from mae_transfer.study_run import (
                                        Runner,
+                                       dry_run,
                                        last_det_evaluation,
                                        plan,
                                        prepare_backbone,
@@ -86,7 +87,8 @@ from mae_transfer.study_spec import (
 )
 
 __all__ = ["DONE", "Cell", "Difference", "Runner", "Study", "backbone_commands", "cell_command", "check_inputs",
-           "collect", "command_line", "differences", "has_checkpoint", "input_problems", "last_det_evaluation",
+           "collect", "command_line", "differences", "dry_run", "has_checkpoint", "input_problems",
+           "last_det_evaluation",
            "load_study", "paired_difference", "per_seed", "plan", "pretrain_group", "plot_caption",
            "prepare_backbone", "prepare_pretrain_data",
            "read_cls_metrics", "read_det_metrics", "read_metrics", "read_seg_metrics", "results_markdown",

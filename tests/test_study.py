@@ -26,6 +26,7 @@ from mae_transfer.study import (
     collect,
     command_line,
     differences,
+    dry_run,
     load_study,
     paired_difference,
     plot_caption,
@@ -282,6 +283,9 @@ def test_every_input_is_checked_before_the_first_cell_runs_or_job_is_submitted(t
     assert not (out / "cells").exists() and not (out / "backbones").exists()
     with pytest.raises(MaeTransferError, match="nothing was submitted") as err:
         run_study_jobs(study, "slurm")  # stops before submitit looks for sbatch
+    assert_reported(problems(str(err.value)))
+    with pytest.raises(MaeTransferError, match="no cell was run") as err:  # --dry-run checks what a run checks
+        dry_run(study)
     assert_reported(problems(str(err.value)))
 
 
@@ -612,3 +616,60 @@ def test_an_interrupted_shared_pretraining_is_continued_to_the_same_backbone(sha
     for path in made.values():
         path.unlink()
     assert all("--export-encoder" in cmd for cmd in backbone_commands(study, "MAE-1")[1])
+
+
+def _study_tool(monkeypatch: pytest.MonkeyPatch):
+    """tools/study.py as a module, run in this process (without its SIGTERM handler and logging set-up)."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_study_tool", REPO_ROOT / "tools" / "study.py")
+    tool = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "setup_long_run_cli", lambda: None)
+    return tool
+
+
+def test_dry_run_checks_the_spec_and_job_options_are_refused_before_anything(tmp_path: Path, capsys,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dry-run makes a run's checks (a pretraining override of a wrong type: one error line, exit 2, nothing
+    planned, nothing written), a problem of a shared pretraining is reported once for its backbones, and bad job
+    options (--max-parallel -1, --poll -1, job options without --executor, resources the executor cannot give)
+    are refused with one error line before anything is checked, run or submitted."""
+    from mae_transfer.cli import run_cli
+
+    tool = _study_tool(monkeypatch)
+    (tmp_path / "pool").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "cls" / split / "a").mkdir(parents=True)
+    spec_dict = shared_mae_spec(tmp_path / "pool", tmp_path / "cls")
+    spec_file, out = tmp_path / "spec.py", tmp_path / "out"
+
+    def run(*args: str, bad: str = "save_epochs=abc") -> tuple[int, str, str]:
+        mae = {**spec_dict["backbones"]["MAE"]["pretrain"], "opts": [*SHARED_MAE_OPTS, bad]}
+        spec_file.write_text(f"_mae = {mae!r}\n" + "".join(
+            f"{key} = {value!r}\n" for key, value in spec_dict.items() if key != "backbones")
+            + "backbones = {'MAE-1': dict(pretrain=_mae, epoch=1), 'MAE': dict(pretrain=_mae)}\n")
+        code = run_cli(tool.main, ["--spec", str(spec_file), "--output-dir", str(out), *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, stdout, stderr = run("--dry-run")
+    assert code == 2 and stdout == "" and stderr == (
+        "error: study shared (no cell was run): backbones 'MAE-1', 'MAE' (one pretraining run): pretraining config "
+        "mae_pretrain_vit_tiny_cpu.py: config key 'save_epochs' must be a list of positive integers, got 'abc'\n")
+    code, stdout, stderr = run("--dry-run", "--executor", "local", bad="mask_ratio=0.5")
+    assert code == 0 and stderr == "" and stdout.splitlines()[0].endswith("; inputs checked")
+    assert stdout.splitlines()[-1] == "5 step(s) to run"  # the shared pretraining, its 2 exports, 2 cells
+    assert stdout.count("--export-encoder") == 2 and stdout.count("tools/finetune_cls.py") == 2
+    assert not out.exists()
+    for args, message in (
+            (["--executor", "local", "--max-parallel", "-1"],
+             "--max-parallel must be a positive number of jobs, got -1"),
+            (["--executor", "slurm", "--wait", "--poll", "-1"], "--poll must be a positive number of seconds, got -1"),
+            (["--executor", "local", "--poll", "5"], "--poll is the interval of --wait: give --wait too"),
+            (["--max-parallel", "2", "--wait"], "--max-parallel, --wait: only with --executor local|slurm"),
+            (["--executor", "local", "--dry-run", "--slurm", "nodes=2"],
+             "backbone 'MAE-1': the local executor runs on this machine only: nodes=2 needs slurm")):
+        code, stdout, stderr = run(*args, bad="mask_ratio=0.5")
+        assert code == 2 and stdout == "" and stderr.startswith(f"error: {message}") and stderr.count("\n") == 1
+        assert not out.exists()
