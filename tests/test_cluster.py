@@ -164,6 +164,52 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     assert all(jobs[c]["depends_on"] == "afterok:46" for c in cells)
 
 
+def test_slurm_study_continues_an_interrupted_shared_pretraining(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared run stopped after epoch 1 of 3 (checkpoint_0001 saved): the backbone job continues it (--resume)
+    and then exports both backbones, and the cells wait for it; once the run has ended, a job only exports (one
+    process, no --output-dir). `submit` is replaced by a recorder: the jobs are what would go to Slurm."""
+    from mae_transfer import study_cluster
+
+    for split in ("train", "val"):
+        (tmp_path / "cls" / split / "a").mkdir(parents=True)
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path), opts=["epochs=3"],
+               slurm=dict(gpus_per_node=8))
+    study = load_study(dict(name="s3", depth=4, freeze_blocks=[-1], seeds=[0],
+                            backbones={"MAE-1": dict(pretrain=mae, epoch=1), "MAE": dict(pretrain=mae)},
+                            tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", epochs=1,
+                                               args=["--data", str(tmp_path / "cls")])}), tmp_path / "out")
+    run = study.output_dir / "backbones" / "MAE-1" / "pretrain"
+    run.mkdir(parents=True)
+    for name in ("checkpoint_0001.pth", "checkpoint_last.pth"):
+        (run / name).write_bytes(b"after epoch 1")
+    (run / "log.jsonl").write_text('{"epoch": 0}\n')
+    submitted = []
+
+    def record(job, executor, folder, res, job_name, dependency=None):
+        submitted.append((job, res, dependency))
+        return {"job_id": str(40 + len(submitted)), "executor": executor, "folder": str(folder), "stdout": "out",
+                "stderr": "err", "submitted": "now"}
+
+    monkeypatch.setattr(study_cluster, "submit", record)
+    run_study_jobs(study, "slurm")
+    (job, res, dependency), *cells = submitted
+    assert job.tool == "pretrain" and "--resume" in job.args and "--export-encoder" not in job.args
+    assert job.output_dir == str(run) and res.gpus_per_node == 8 and dependency is None
+    assert [c[2:5] for c in job.then] == [["--epoch", "1", "--export-encoder"],
+                                          ["--export-encoder", str(run / "checkpoint_last.pth"),
+                                           str(run.parent / "backbone.pth")]]
+    assert len(cells) == 2 and all(d == "afterok:41" for _, _, d in cells)
+
+    (run / "log.jsonl").write_text('{"epoch": 0}\n' * 3)  # the run has ended; the exports are still missing
+    (study.output_dir / "jobs.json").unlink()
+    submitted.clear()
+    run_study_jobs(study, "slurm")
+    job, res, _ = submitted[0]
+    assert job.args[:3] == ["--epoch", "1", "--export-encoder"] and len(job.then) == 1
+    assert job.output_dir is None and res.gpus_per_node == 0 and res.nodes == 1
+
+
 # ------------------------------------------------------------------------------------------- local study
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
