@@ -38,7 +38,7 @@ from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import STOP_GRACE_S, run_process
+from mae_transfer.launch import STOP_GRACE_S, error_line, run_process
 from mae_transfer.paths import REPO_ROOT
 from mae_transfer.task_kinds import TOOLS
 
@@ -216,11 +216,12 @@ class ToolJob:
     Picklable (submitit pickles it into the job folder); `checkpoint` makes submitit requeue it on USR2.
     A failure of the tool is written to `<job folder>/<job id>_status.json` (rank 0) before it is raised, so
     that a collector tells a failed run (exit status, log) from a killed one without unpickling anything.
+    `resumable=False`: a command with nothing to resume (an export), which needs no --output-dir.
     """
 
     def __init__(self, tool: str, args: Sequence[str], python: str | None = None, gpus_per_node: int = 0,
                  then: Sequence[Sequence[str]] = (), what: str | None = None,
-                 cwd: str | os.PathLike | None = None) -> None:
+                 cwd: str | os.PathLike | None = None, resumable: bool = True) -> None:
         self.tool = tool_name(tool)
         self.cwd = str(cwd or os.getcwd())  # relative paths in the arguments mean what they meant when submitted
         self.args = [str(a) for a in args]
@@ -228,8 +229,8 @@ class ToolJob:
         self.gpus_per_node = gpus_per_node
         self.then = [[str(c) for c in cmd] for cmd in then]
         self.what = what or self.tool
-        self.output_dir = output_dir_of(self.args)
-        if not self.output_dir:
+        self.output_dir = output_dir_of(self.args) if resumable else None  # None: nothing to resume from
+        if resumable and not self.output_dir:
             raise MaeTransferError(f"{self.what}: the {self.tool} command needs --output-dir (the folder its "
                                    "checkpoints go to, from which a requeued job resumes)")
 
@@ -242,16 +243,17 @@ class ToolJob:
                           "127.0.0.1" if local else env.hostnames[0], master_port(env.job_id))
         status = Path(env.paths.folder) / f"{env.job_id}_status.json"
         log = Path(str(env.paths.stderr))
-        resume = has_checkpoint(self.tool, Path(self.cwd) / self.output_dir)
+        resume = self.output_dir is not None and has_checkpoint(self.tool, Path(self.cwd) / self.output_dir)
         cmd, extra = task_command(self.tool, self.args, self.python, place, self.gpus_per_node, resume)
         start = time.time()
         print(f"[mae-transfer] {env}: {'resuming: ' if resume else ''}{shlex.join(cmd)}", flush=True)
         try:
-            run_child(cmd, {**os.environ, **extra}, self.cwd)
+            sys.stderr.flush()  # the tool appends to the same log: its error line is found after this point
+            run_child(cmd, {**os.environ, **extra}, self.cwd, log=log)
             if place.global_rank == 0:
                 for then in self.then:
                     print(f"[mae-transfer] $ {shlex.join(then)}", flush=True)
-                    run_child(then, dict(os.environ), self.cwd)
+                    run_child(then, dict(os.environ), self.cwd, log=log)
                 result = self.on_success(time.time() - start, resume)
                 write_status(status, "done", job_id=env.job_id, log=str(log))
                 return result
@@ -273,14 +275,26 @@ class ToolJob:
         return DelayedSubmission(self, *args, **kwargs)
 
 
-def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: float = STOP_GRACE_S) -> None:
-    """Run a tool; its output goes to the job's log. If this task is stopped (submitit's requeue exits with
-    SystemExit, the local executor sends SIGINT) the tool gets SIGINT, then SIGKILL after `grace_s`."""
+def run_child(cmd: Sequence[str], env: Mapping[str, str], cwd: str, grace_s: float = STOP_GRACE_S,
+              log: str | os.PathLike | None = None) -> None:
+    """Run a tool; its output goes to the job's log (`log`: the file its stderr goes to, whose last `error: ...`
+    line from this run a failure carries). If this task is stopped (submitit's requeue exits with SystemExit, the
+    local executor sends SIGINT) the tool gets SIGINT, then SIGKILL after `grace_s`."""
+    start = _size(log)
     # The tool ignores USR2: it is the submitit task's signal (checkpoint + requeue), not the tool's. Stopped
     # while waiting: the task was stopped, not the tool, so it is asked at once (self_stop_s=0).
     code = run_process(cmd, env=env, cwd=cwd, ignore_signals=(signal.SIGUSR2,), grace_s=grace_s, self_stop_s=0).code
     if code != 0:
-        raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}")
+        error = error_line(log, start) if log is not None else None
+        raise MaeTransferError(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed with exit status {code}"
+                               + (f": {error}" if error else ""))
+
+
+def _size(path: str | os.PathLike | None) -> int:
+    try:
+        return os.path.getsize(path) if path is not None else 0
+    except OSError:
+        return 0
 
 
 def write_status(path: Path, state: str, **values: Any) -> None:

@@ -108,8 +108,9 @@ def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: s
     that ends by SIGINT / exit 130 on its own raises KeyboardInterrupt too: someone stopped it, so the caller
     stops as well.
 
-    Failure (any other non-zero exit): one line, `MaeTransferError("step failed (exit N): <what>; last line of
-    <log>: <this run's last line of output>")`.
+    Failure (any other non-zero exit): one line, `MaeTransferError("step failed (exit N): <what>: <the tool's
+    error> (log: <log>)")` with the message of this run's last `error: ...` line (a tool's own one-line error), or,
+    when it printed none, `"step failed (exit N): <what>; last line of <log>: <this run's last line of output>"`.
     """
     cmd = [os.fspath(c) for c in cmd]
     log = Path(log)
@@ -125,6 +126,9 @@ def run_logged(cmd: Sequence[str | os.PathLike], log: str | os.PathLike, what: s
         raise KeyboardInterrupt
     if code != 0:
         how = f"exit {code}" + (f", killed by {_signal_name(-code)}" if code < 0 else "")
+        error = error_line(log, done.start)
+        if error is not None:
+            raise MaeTransferError(f"step failed ({how}): {what}: {error} (log: {log})")
         raise MaeTransferError(f"step failed ({how}): {what}; last line of {log}: {last_line(log, done.start)}")
 
 
@@ -163,13 +167,29 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def last_line(log: str | os.PathLike, start: int = 0) -> str:
-    """The last non-empty line of `log` after byte `start` (at most 300 characters), or "no output"."""
+def _tail_lines(log: str | os.PathLike, start: int = 0) -> list[str]:
+    """The non-empty lines of `log` after byte `start` (its last `TAIL_BYTES` at most), stripped."""
     with open(log, "rb") as fh:
         fh.seek(max(start, fh.seek(0, os.SEEK_END) - TAIL_BYTES))
         text = fh.read().decode(errors="replace")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]  # \r too: progress bars
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]  # \r too: progress bars
+
+
+def last_line(log: str | os.PathLike, start: int = 0) -> str:
+    """The last non-empty line of `log` after byte `start` (at most 300 characters), or "no output"."""
+    lines = _tail_lines(log, start)
     return lines[-1][:300] if lines else "no output"
+
+
+def error_line(log: str | os.PathLike, start: int = 0) -> str | None:
+    """The message of the last `error: ...` line of `log` after byte `start` (what `cli.run_cli` prints for a user
+    error; at most 300 characters), or None: the line that says why a tool failed, wherever later output put it."""
+    try:
+        lines = _tail_lines(log, start)
+    except FileNotFoundError:
+        return None
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    return errors[-1][len("error: "):][:300] if errors else None
 
 
 def _signal_name(num: int) -> str:

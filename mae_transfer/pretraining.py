@@ -299,17 +299,27 @@ def save_reconstruction(model: MaskedAutoencoder, imgs: torch.Tensor, path: Path
 
 
 # ---------------------------------------------------------------------------------------------- export
-def export_encoder(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+def export_encoder(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, epoch: int | None = None) -> Path:
     """Write the encoder of a pretraining checkpoint (MAE or supervised) alone, as the backbone file of
     `mae_transfer.checkpoint.save_backbone`: {"model": ViT state_dict (our keys, no 'encoder.' prefix, no classifier
     head), "arch": VisionTransformer kwargs, "name": backbones.vit name, "format": "mae_transfer_backbone",
     "objective": "mae" | "supervised", "source": the checkpoint, "epoch": its completed epochs}. Load with
     `create_vit(ckpt["name"], **ckpt["arch"]).load_state_dict(ckpt["model"])`.
+
+    The checkpoint must be of a finished run (all its `epochs` done), or hold exactly `epoch` completed epochs:
+    an interrupted run's `checkpoint_last.pth` is refused, so that it is not taken for the pretrained backbone.
     """
     path = Path(checkpoint_path)
     if not path.is_file():
         raise MaeTransferError(f"pretraining checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
+    done, total = int(ckpt["epoch"]), int(ckpt["config"]["epochs"])
+    if epoch is not None and done != epoch:
+        raise MaeTransferError(f"{path} holds the weights after epoch {done}, not after epoch {epoch} as asked")
+    if epoch is None and done < total:
+        raise MaeTransferError(f"{path} is from an unfinished run ({done} of {total} epochs): resume the run "
+                               f"(tools/pretrain.py ... --resume) and export its end, or export this epoch on purpose "
+                               f"with --epoch {done}")
     prefix = "encoder."
     # The supervised classifier's head is task-specific: the backbone is everything else.
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items()

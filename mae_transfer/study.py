@@ -33,7 +33,8 @@ with its own output folder `OUTPUT/cells/<backbone>__<task>__freeze<k>__seed<s>/
 (iters // 10, at least 1) and `{seed}` in a task's args/opts are replaced per cell. A cell's metrics are
 what its tool wrote to `eval_metrics.json` (`mae_transfer.metrics`; no framework log is read). Finished cells
 hold `done.json` (their metrics) and are skipped on a re-run; a cell with checkpoints but no `done.json` was
-interrupted and is continued with the tool's `--resume`. After every cell, `results.csv` (one row per
+interrupted and is continued with the tool's `--resume`, and so is an interrupted pretraining run before the
+backbone of its end is exported (`study_spec.backbone_commands`). After every cell, `results.csv` (one row per
 finished cell) and `results.md` (rows: backbones, columns: blocks fine-tuned, cells: top-1 / AP^box /
 AP^mask / mIoU, mean ± std over seeds, n seeds; with `reference = "scratch"` (a backbone name) also a table of
 backbone - reference per cell, paired by seed) are rewritten atomically, and `plot.png` (metric vs blocks
@@ -61,6 +62,7 @@ from mae_transfer.study_report import (
 )
 from mae_transfer.study_run import (
                                        Runner,
+                                       dry_run,
                                        last_det_evaluation,
                                        plan,
                                        prepare_backbone,
@@ -86,7 +88,8 @@ from mae_transfer.study_spec import (
 )
 
 __all__ = ["DONE", "Cell", "Difference", "Runner", "Study", "backbone_commands", "cell_command", "check_inputs",
-           "collect", "command_line", "differences", "has_checkpoint", "input_problems", "last_det_evaluation",
+           "collect", "command_line", "differences", "dry_run", "has_checkpoint", "input_problems",
+           "last_det_evaluation",
            "load_study", "paired_difference", "per_seed", "plan", "pretrain_group", "plot_caption",
            "prepare_backbone", "prepare_pretrain_data",
            "read_cls_metrics", "read_det_metrics", "read_metrics", "read_seg_metrics", "results_markdown",

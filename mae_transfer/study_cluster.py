@@ -16,14 +16,27 @@ command line's `--slurm KEY=VALUE` (keys: `mae_transfer.cluster.RESOURCE_KEYS`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mae_transfer.cluster import ALIVE, Resources, ToolJob, job_states, make_resources, read_status, submit
+from mae_transfer.cluster import (
+    ALIVE,
+    EXECUTORS,
+    Resources,
+    ToolJob,
+    job_states,
+    local_parameters,
+    make_resources,
+    read_status,
+    slurm_parameters,
+    submit,
+)
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
@@ -59,6 +72,46 @@ class CellJob(ToolJob):
 
 def resources(study: Study, own: Mapping[str, Any] | None, overrides: Mapping[str, Any], where: str) -> Resources:
     return make_resources({**study.slurm, **(own or {}), **overrides}, where)
+
+
+def check_job_options(executor: str | None, max_parallel: int | None = None, poll_s: float | None = None,
+                      retry_failed: bool = False, wait: bool = False, overrides: Mapping[str, Any] | None = None,
+                      ) -> None:
+    """The job options of `tools/study.py`, before anything is checked, run or submitted: --max-parallel a positive
+    count, --poll a positive interval of --wait, and none of them without an executor (they would be ignored)."""
+    given = [flag for flag, value in (("--max-parallel", max_parallel is not None), ("--poll", poll_s is not None),
+                                      ("--retry-failed", retry_failed), ("--wait", wait), ("--slurm", bool(overrides)))
+             if value]
+    if executor is None and given:
+        raise MaeTransferError(f"{', '.join(given)}: only with --executor local|slurm (without it the cells run one "
+                               "after another in this process)")
+    if executor is not None and executor not in EXECUTORS:
+        raise MaeTransferError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
+        raise MaeTransferError(f"--max-parallel must be a positive number of jobs, got {max_parallel}")
+    if poll_s is not None:
+        if not wait:
+            raise MaeTransferError("--poll is the interval of --wait: give --wait too")
+        if not math.isfinite(poll_s) or poll_s <= 0:
+            raise MaeTransferError(f"--poll must be a positive number of seconds, got {poll_s:g}")
+
+
+def check_job_resources(study: Study, executor: str, overrides: Mapping[str, Any] | None = None) -> None:
+    """The resources of every job the study may submit (spec, task or pretraining, --slurm merged), as the executor
+    takes them: a bad value fails before the first job is submitted, not at a later one."""
+    overrides = dict(overrides or {})
+    jobs = [(f"backbone {name!r}", "pretrain", entry["pretrain"].get("slurm"))
+            for name, entry in study.backbones.items() if isinstance(entry, Mapping) and entry.get("pretrain")]
+    jobs += [(f"task {name!r}", study.kind(name).tool_name, task.get("slurm")) for name, task in study.tasks.items()]
+    for where, tool, own in jobs:
+        res = resources(study, own, overrides, where)
+        try:
+            if executor == "local":
+                local_parameters(tool, res)
+            else:
+                slurm_parameters(tool, res, study.name)
+        except MaeTransferError as err:
+            raise MaeTransferError(f"{where}: {err}") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -159,8 +212,13 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
             commands = (backbone_commands(study, owner)[1] if owner != name else []) or commands
             prepare_pretrain_data(study, owner)
             res = resources(study, pre.get("slurm"), overrides, f"backbone {owner!r}")
+            # export only: the run's checkpoints are all there; one process, nothing to resume
+            trains = "--export-encoder" not in commands[0]
+            if not trains:
+                res = dataclasses.replace(res, nodes=1, gpus_per_node=0)
             do_submit(key, ToolJob("pretrain", commands[0][2:], study.python, res.gpus_per_node, then=commands[1:],
-                                   what=f"pretraining of backbone {owner!r}", cwd=REPO_ROOT), res)
+                                   what=f"{'pretraining' if trains else 'export'} of backbone {owner!r}",
+                                   cwd=REPO_ROOT, resumable=trains), res)
         entry = jobs.get(key)
         if entry and entry["state"] in IN_FLIGHT and executor == "slurm":
             ready[name] = (ckpt, f"afterok:{entry['job_id']}")  # Slurm starts the cells when it has succeeded
@@ -215,6 +273,8 @@ def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None,
     call started is resubmitted once, as `max_parallel` allows (with `wait`, all of them); a job failing again in
     the same call is reported, not resubmitted. Raises when nothing is in flight any more and some job failed."""
     overrides = dict(overrides or {})
+    check_job_options(executor, max_parallel, poll_s if wait else None, retry_failed, wait, overrides)
+    check_job_resources(study, executor, overrides)
     max_parallel = max_parallel or (1 if executor == "local" else 10 ** 6)
     poll_s = POLL_S.get(executor, 60.0) if poll_s is None else poll_s
     study.output_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,15 @@ from mae_transfer.checkpoint import read_checkpoint
 from mae_transfer.config import apply_overrides, load_config
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.paths import REPO_ROOT
-from mae_transfer.study_spec import Cell, Study, _backbone_work, _pretrain_data, backbone_commands, cell_command
+from mae_transfer.study_spec import (
+    Cell,
+    Study,
+    _pretrain_data,
+    backbone_commands,
+    cell_command,
+    pretrain_group,
+    pretrain_run,
+)
 from mae_transfer.task_kinds import TOOLS
 
 Check = Callable[..., Any]  # check(what | None, fn, *args): fn(*args), or None with the error kept as a problem
@@ -61,8 +69,17 @@ def input_problems(study: Study, cells: list[Cell], executor: str | None = None)
     for program in dict.fromkeys([study.python, *launchers]):
         if shutil.which(program) is None:
             problems.append(f"program not found: {program} (the spec's python, or a task's launcher)")
+    runs: dict[str, list[str]] = {}  # a pretraining run -> the backbones that wait for it (checked once)
     for name in dict.fromkeys(c.backbone for c in cells):
-        _check_backbone(study, name, checker(f"backbone {name!r}"))
+        ckpt, commands = backbone_commands(study, name)
+        if commands:
+            runs.setdefault(pretrain_group(study.backbones, name)[0], []).append(name)
+        elif ckpt is not None:  # a file, or a pretraining already exported
+            checker(f"backbone {name!r}")(None, _checkpoint_file, ckpt, study.allow_pickle)
+    for owner, names in runs.items():
+        who = (f"backbone {names[0]!r}" if len(names) == 1 else
+               f"backbones {', '.join(map(repr, names))} (one pretraining run)")
+        _check_pretraining(study, owner, checker(who))
     for task in tasks:
         cell = next(c for c in cells if c.task == task)  # cells of a task differ in values only, not in keys
         check = checker(f"task {task!r}")
@@ -116,13 +133,8 @@ def _checkpoint_file(path: str, allow_pickle: bool) -> None:
         pass  # other problems (format, shapes) are each cell's tool's to report, in the cell's log
 
 
-def _check_backbone(study: Study, name: str, check: Check) -> None:
-    ckpt, commands = backbone_commands(study, name)
-    if ckpt is None:
-        return
-    if not commands:  # a file, or a pretraining already exported
-        check(None, _checkpoint_file, ckpt, study.allow_pickle)
-        return
+def _check_pretraining(study: Study, name: str, check: Check) -> None:
+    """The inputs of the pretraining run of backbone `name` (its config with the run's overrides, its data)."""
     pre = study.backbones[name]["pretrain"]
     from mae_transfer.pretraining import resolve_config
 
@@ -131,7 +143,7 @@ def _check_backbone(study: Study, name: str, check: Check) -> None:
     if cfg is not None:
         cfg = _each_override(check, what, _plain_override, cfg, pre["opts"])
         check(what, resolve_config,
-              {**cfg, "data_path": _pretrain_data(study, pre), "output_dir": str(_backbone_work(study, name))})
+              {**cfg, "data_path": _pretrain_data(study, pre), "output_dir": str(pretrain_run(study, name))})
     if pre.get("crops"):
         check(None, _file, pre["crops"]["json"], "pretraining crops: annotation file")
         check(None, _folder, pre["crops"]["images"], "pretraining crops: image folder")

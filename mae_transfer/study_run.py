@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,20 @@ def plan(study: Study) -> list[tuple[str, list[str]]]:
             steps.append((f"cell {cell.name}", command_line(study, cell, checkpoints[cell.backbone],
                                                           has_checkpoint(study, cell))))
     return steps
+
+
+def dry_run(study: Study, executor: str | None = None) -> str:
+    """`tools/study.py --dry-run`: every check a run makes before anything runs (`check_inputs` of the unfinished
+    cells; raises on a problem), then the cells and the commands still to run, as text. Runs and writes nothing."""
+    cells = study.cells()
+    check_inputs(study, [c for c in cells if not (study.cell_dir(c) / DONE).is_file()], executor)
+    steps = plan(study)
+    lines = [f"study {study.name}: {len(cells)} cells ({len(study.backbones)} backbones x {len(study.tasks)} tasks x "
+             f"{len(study.freeze_blocks)} freeze x {len(study.seeds)} seeds), output {study.output_dir}; "
+             "inputs checked"]
+    for what, cmd in steps:
+        lines += [f"# {what}", shlex.join(cmd)]
+    return "\n".join([*lines, f"{len(steps)} step(s) to run"])
 
 
 def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:

@@ -321,8 +321,11 @@ def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[st
     """(checkpoint path, commands that produce it) for one backbone; no commands if nothing is to be done.
 
     Backbones with equal `pretrain=dict(...)` share one run, in the folder of the first of them: it saves a numbered
-    checkpoint at every `epoch=` they ask for, and each backbone exports its epoch (or the run's last) checkpoint.
-    A backbone whose epoch is already saved only exports it; the owner's commands also export the group's others."""
+    checkpoint at every `epoch=` they ask for, and each backbone exports its epoch's checkpoint, or the run's last
+    once the run has finished. The owner's commands also export the group's others. Only exports are left when
+    every backbone still to export has its checkpoint saved; otherwise the run is continued first (`--resume`: an
+    interrupted run goes on from its last checkpoint, a finished one does nothing), so a backbone never comes from
+    an unfinished run (the export refuses one too)."""
     entry = study.backbones[name]
     if entry is None:
         return None, []
@@ -333,17 +336,41 @@ def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[st
     if Path(ckpt).is_file() or not pre:
         return ckpt, []
     group = pretrain_group(study.backbones, name)
-    run = _backbone_work(study, group[0]) / "pretrain"
+    run = pretrain_run(study, name)
     tool = str(REPO_ROOT / task_kinds.TOOLS["pretrain"].script)
+    missing = [n for n in group
+               if (n == name or name == group[0]) and not Path(backbone_checkpoint(study, n)).is_file()]
+    exports = [[study.python, tool, *_epoch_flag(study.backbones[n].get("epoch")), "--export-encoder",
+                str(_run_checkpoint(run, study.backbones[n].get("epoch"))), backbone_checkpoint(study, n)]
+               for n in missing]
+    if all(_saved(run, study.backbones[n].get("epoch"), pre) for n in missing):
+        return ckpt, exports
     epochs = sorted({study.backbones[n]["epoch"] for n in group if study.backbones[n].get("epoch")})
     keep = [f"save_epochs=[{','.join(map(str, epochs))}]"] if epochs else []
-    exports = [[study.python, tool, "--export-encoder", str(_run_checkpoint(run, study.backbones[n].get("epoch"))),
-                backbone_checkpoint(study, n)]
-               for n in group if (n == name or name == group[0]) and not Path(backbone_checkpoint(study, n)).is_file()]
-    if entry.get("epoch") and _run_checkpoint(run, entry["epoch"]).is_file():
-        return ckpt, exports
     return ckpt, [[study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
                    "--output-dir", str(run), "--resume", *pre["opts"], *keep], *exports]
+
+
+def pretrain_run(study: Study, name: str) -> Path:
+    """The folder of the pretraining run a backbone comes from (shared by its group)."""
+    return _backbone_work(study, pretrain_group(study.backbones, name)[0]) / "pretrain"
+
+
+def _epoch_flag(epoch: int | None) -> list[str]:
+    return ["--epoch", str(epoch)] if epoch else []
+
+
+def _saved(run: Path, epoch: int | None, pre: Mapping[str, Any]) -> bool:
+    """Whether the run has saved the checkpoint a backbone exports: the one after `epoch`, or (None) its last after
+    the run's final epoch. log.jsonl holds one line per completed epoch and is written after the checkpoint."""
+    if epoch:
+        return _run_checkpoint(run, epoch).is_file()
+    total = _run_epochs(pre)
+    try:
+        done = len((run / "log.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return False
+    return total is not None and done >= total and _run_checkpoint(run, None).is_file()
 
 
 def backbone_checkpoint(study: Study, name: str) -> str:

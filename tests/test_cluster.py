@@ -29,7 +29,7 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.study import DONE, Study, backbone_commands, load_study
 from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
 from tests.conftest import REPO_ROOT
-from tests.test_study import seg_folder
+from tests.test_study import assert_same_backbones, seg_folder, shared_run, stop_after_epoch_1  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- sbatch script
@@ -164,6 +164,52 @@ def test_slurm_study_submits_pretraining_first_and_cells_after_it(tmp_path: Path
     assert all(jobs[c]["depends_on"] == "afterok:46" for c in cells)
 
 
+def test_slurm_study_continues_an_interrupted_shared_pretraining(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared run stopped after epoch 1 of 3 (checkpoint_0001 saved): the backbone job continues it (--resume)
+    and then exports both backbones, and the cells wait for it; once the run has ended, a job only exports (one
+    process, no --output-dir). `submit` is replaced by a recorder: the jobs are what would go to Slurm."""
+    from mae_transfer import study_cluster
+
+    for split in ("train", "val"):
+        (tmp_path / "cls" / split / "a").mkdir(parents=True)
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(tmp_path), opts=["epochs=3"],
+               slurm=dict(gpus_per_node=8))
+    study = load_study(dict(name="s3", depth=4, freeze_blocks=[-1], seeds=[0],
+                            backbones={"MAE-1": dict(pretrain=mae, epoch=1), "MAE": dict(pretrain=mae)},
+                            tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", epochs=1,
+                                               args=["--data", str(tmp_path / "cls")])}), tmp_path / "out")
+    run = study.output_dir / "backbones" / "MAE-1" / "pretrain"
+    run.mkdir(parents=True)
+    for name in ("checkpoint_0001.pth", "checkpoint_last.pth"):
+        (run / name).write_bytes(b"after epoch 1")
+    (run / "log.jsonl").write_text('{"epoch": 0}\n')
+    submitted = []
+
+    def record(job, executor, folder, res, job_name, dependency=None):
+        submitted.append((job, res, dependency))
+        return {"job_id": str(40 + len(submitted)), "executor": executor, "folder": str(folder), "stdout": "out",
+                "stderr": "err", "submitted": "now"}
+
+    monkeypatch.setattr(study_cluster, "submit", record)
+    run_study_jobs(study, "slurm")
+    (job, res, dependency), *cells = submitted
+    assert job.tool == "pretrain" and "--resume" in job.args and "--export-encoder" not in job.args
+    assert job.output_dir == str(run) and res.gpus_per_node == 8 and dependency is None
+    assert [c[2:5] for c in job.then] == [["--epoch", "1", "--export-encoder"],
+                                          ["--export-encoder", str(run / "checkpoint_last.pth"),
+                                           str(run.parent / "backbone.pth")]]
+    assert len(cells) == 2 and all(d == "afterok:41" for _, _, d in cells)
+
+    (run / "log.jsonl").write_text('{"epoch": 0}\n' * 3)  # the run has ended; the exports are still missing
+    (study.output_dir / "jobs.json").unlink()
+    submitted.clear()
+    run_study_jobs(study, "slurm")
+    job, res, _ = submitted[0]
+    assert job.args[:3] == ["--epoch", "1", "--export-encoder"] and len(job.then) == 1
+    assert job.output_dir is None and res.gpus_per_node == 0 and res.nodes == 1
+
+
 # ------------------------------------------------------------------------------------------- local study
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
@@ -250,7 +296,7 @@ mkdir -p "$out" {work}/running
 touch {work}/running/$$; ls {work}/running | wc -l >> {work}/concurrency
 sleep {sleep}
 rm {work}/running/$$
-if [ -e {work}/fail ]; then echo "fake tool: failing as asked" >&2; exit 1; fi
+if [ -e {work}/fail ]; then echo "error: fake tool: failing as asked" >&2; echo "a later line" >&2; exit 2; fi
 echo '{{"task": "cls", "metrics": {{"top1": 42.0, "top5": 100.0}}, "iteration": null, "epoch": 1,' \
      '"checkpoint": null, "tool": "fake", "details": {{}}}}' > "$out/eval_metrics.json"
 """
@@ -291,7 +337,8 @@ def test_retry_failed_resubmits_every_failed_job_once_as_capacity_frees(tmp_path
     study = fake_cls_study(tmp_path, [0, 2, -1], sleep=0.2)
     work = tmp_path / "fake"
     (work / "fail").touch()
-    with pytest.raises(MaeTransferError, match="3 job.s. failed.*; --retry-failed resubmits them"):
+    with pytest.raises(MaeTransferError, match="3 job.s. failed, first: cell .*: finetune_cls.py failed with exit "
+                       "status 2: fake tool: failing as asked .log: .*; --retry-failed resubmits them"):
         run_study_jobs(study, "local", max_parallel=3, wait=True)
     first = load_jobs(study)
     assert sorted(e["attempts"] for e in first.values()) == [1, 1, 1] and all(e["state"] == "failed"
@@ -304,6 +351,43 @@ def test_retry_failed_resubmits_every_failed_job_once_as_capacity_frees(tmp_path
     assert {k: e["attempts"] for k, e in again.items()} == {k: 2 for k in first}  # each resubmitted once
     assert all(again[k]["job_id"] != first[k]["job_id"] and again[k]["state"] == "failed" for k in first)
     assert (work / "concurrency").read_text().split() == ["1", "1", "1"]  # one at a time: --max-parallel 1
+
+
+def test_local_executor_continues_an_interrupted_shared_pretraining(shared_run, tmp_path: Path) -> None:  # noqa: F811
+    """--executor local on a study whose shared pretraining was stopped after epoch 1 (of 3): the backbone job
+    continues the run (--resume) and exports what the uninterrupted run exports, bit for bit; with only an export
+    missing, the job exports alone (no --output-dir needed, nothing trained). The cells' tool is the fake above;
+    pretraining is real."""
+    spec_dict, reference = shared_run
+    work = tmp_path / "fake"
+    work.mkdir()
+    python = work / "python"
+    python.write_text(f'#!/bin/sh\ncase "$1" in */pretrain.py) exec {sys.executable} "$@";; esac\n'
+                      + FAKE_PYTHON.format(work=work, sleep=0).split("\n", 1)[1])
+    python.chmod(0o755)
+    study = load_study({**spec_dict, "python": str(python)}, tmp_path / "out")
+    run = stop_after_epoch_1(reference["MAE"].parents[2], study.output_dir)
+
+    def backbones_of_cells() -> dict[str, Path]:
+        return {c.backbone: Path(json.loads((study.cell_dir(c) / DONE).read_text())["checkpoint"])
+                for c in study.cells()}
+
+    result = run_study_jobs(study, "local", max_parallel=2, wait=True, poll_s=0.5)
+    entry = load_jobs(study)["backbone MAE-1"]
+    assert len(result["done"]) == 2 and entry["state"] == "done" and entry["attempts"] == 1
+    assert f"resumed from {run / 'checkpoint_last.pth'} (1 epoch(s) done)" in Path(entry["stderr"]).read_text()
+    made = backbones_of_cells()
+    assert_same_backbones(made, reference)
+
+    cell = next(c for c in study.cells() if c.backbone == "MAE")
+    (study.cell_dir(cell) / DONE).unlink()
+    made["MAE"].unlink()
+    run_study_jobs(study, "local", wait=True, poll_s=0.5)
+    entry = load_jobs(study)["backbone MAE-1"]
+    assert entry["state"] == "done" and entry["attempts"] == 2
+    started = next(line for line in Path(entry["stdout"]).read_text().splitlines() if line.startswith("[mae-transfer]"))
+    assert "--export-encoder" in started and "--config" not in started  # the job's own command: an export
+    assert_same_backbones(backbones_of_cells(), reference)
 
 
 # ------------------------------------------------------------------------------------------- README

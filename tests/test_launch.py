@@ -38,6 +38,26 @@ def test_output_is_appended_and_a_failure_is_one_line_with_this_runs_last_line(t
     assert "first run\nenv 1\n" in text and "working\nbad value" in text
 
 
+def test_a_failure_carries_the_tools_last_error_line_not_later_output(tmp_path: Path) -> None:
+    """A tool's one-line `error: ...` (cli.run_cli) is what the failure says, even with output after it (a
+    warning at shutdown); an earlier run's error line is not this run's."""
+    log = tmp_path / "tool.log"
+    tool = """
+        import sys
+        print("error: an earlier message", file=sys.stderr)
+        print("error: config key 'save_epochs' must be a list of positive integers, got 'abc'", file=sys.stderr)
+        print("[W] some shutdown warning")
+        sys.exit(2)
+    """
+    with pytest.raises(MaeTransferError) as err:
+        run_logged(_py(tool), log, "cell a")
+    assert str(err.value) == ("step failed (exit 2): cell a: config key 'save_epochs' must be a list of positive "
+                              f"integers, got 'abc' (log: {log})")
+    with pytest.raises(MaeTransferError) as err:
+        run_logged(_py("print('no error line'); raise SystemExit(1)"), log, "cell b")
+    assert str(err.value) == f"step failed (exit 1): cell b; last line of {log}: no error line"
+
+
 def test_killed_tool_exit_130_and_missing_program(tmp_path: Path) -> None:
     log = tmp_path / "tool.log"
     with pytest.raises(MaeTransferError, match=r"^step failed \(exit -9, killed by SIGKILL\): killed;"):

@@ -26,6 +26,7 @@ from mae_transfer.study import (
     collect,
     command_line,
     differences,
+    dry_run,
     load_study,
     paired_difference,
     plot_caption,
@@ -283,6 +284,9 @@ def test_every_input_is_checked_before_the_first_cell_runs_or_job_is_submitted(t
     with pytest.raises(MaeTransferError, match="nothing was submitted") as err:
         run_study_jobs(study, "slurm")  # stops before submitit looks for sbatch
     assert_reported(problems(str(err.value)))
+    with pytest.raises(MaeTransferError, match="no cell was run") as err:  # --dry-run checks what a run checks
+        dry_run(study)
+    assert_reported(problems(str(err.value)))
 
 
 def test_summary_mean_std_n_and_difference_to_reference(tmp_path: Path) -> None:
@@ -515,3 +519,157 @@ def test_backbones_at_several_epochs_share_one_pretraining(tmp_path: Path, monke
     with pytest.raises(MaeTransferError, match=r"backbone 'x': epoch must be a positive integer, given with pretrain"):
         load_study(dict(depth=4, freeze_blocks=[0], backbones={"x": dict(checkpoint="a.pth", epoch=2)},
                         tasks={"seg": seg}))
+
+
+# ------------------------------------------------------------------------------------------- interrupted pretraining
+SHARED_MAE_OPTS = ["epochs=3", "warmup_epochs=1", "batch_size=4", "save_every=10", "recon_images=0"]
+
+
+def shared_mae_spec(pool: Path, data: Path, **changes) -> dict:
+    """Two backbones of one MAE run (after epoch 1, and its end, epoch 3) and one classification task (the stub
+    runners below train nothing; `data` is what the task's input check looks at)."""
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool), opts=SHARED_MAE_OPTS)
+    base = dict(name="shared", depth=4, freeze_blocks=[-1], seeds=[0],
+                backbones={"MAE-1": dict(pretrain=mae, epoch=1), "MAE": dict(pretrain=mae)},
+                tasks={"cls": dict(kind="cls", config="configs/cls_finetune_vit_tiny_cpu.py", epochs=1,
+                                   args=["--data", str(data)])})
+    base.update(changes)
+    return base
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path]]:
+    """An uninterrupted shared pretraining run through a study: (spec, exported backbone per name)."""
+    from mae_transfer.study_run import prepare_backbone
+    from mae_transfer.synthetic import make_unlabeled_shapes
+
+    root = tmp_path_factory.mktemp("shared_run")
+    for split in ("train", "val"):
+        (root / "cls" / split / "a").mkdir(parents=True)
+    spec_dict = shared_mae_spec(make_unlabeled_shapes(root / "pool", 8, size=64), root / "cls")
+    study = load_study(spec_dict, root / "whole")
+    return spec_dict, {name: Path(prepare_backbone(study, name)) for name in study.backbones}
+
+
+def stop_after_epoch_1(whole: Path, out: Path) -> Path:
+    """The run folder of a study `out` as a pretraining stopped (SIGTERM) during epoch 2 leaves it: checkpoint_0001
+    (kept for epoch=1), checkpoint_last after epoch 1 and a 1-line log.jsonl (the uninterrupted run's own files,
+    which resume repeats exactly). Returns the run folder."""
+    src, run = whole / "backbones" / "MAE-1" / "pretrain", out / "backbones" / "MAE-1" / "pretrain"
+    run.mkdir(parents=True)
+    shutil.copyfile(src / "checkpoint_0001.pth", run / "checkpoint_0001.pth")
+    shutil.copyfile(src / "checkpoint_0001.pth", run / "checkpoint_last.pth")
+    (run / "log.jsonl").write_text((src / "log.jsonl").read_text().splitlines()[0] + "\n")
+    return run
+
+
+def assert_same_backbones(made: dict[str, Path], reference: dict[str, Path]) -> None:
+    """Bit-identical exports: every tensor equal, and each from the epoch its backbone asks for."""
+    for name, path in reference.items():
+        ours, theirs = torch.load(made[name], weights_only=True), torch.load(path, weights_only=True)
+        assert ours["epoch"] == theirs["epoch"] == {"MAE-1": 1, "MAE": 3}[name]
+        assert ours["model"].keys() == theirs["model"].keys(), name
+        assert all(torch.equal(ours["model"][k], v) for k, v in theirs["model"].items()), name
+
+
+def test_an_interrupted_shared_pretraining_is_continued_to_the_same_backbone(shared_run, tmp_path: Path) -> None:
+    """A study stopped during its shared pretraining (epoch 1's checkpoint saved, the run at epoch 1 of 3) and run
+    again continues the run with --resume and exports what the uninterrupted study exports, bit for bit; the
+    interrupted run's checkpoint_last is never exported as the run's end (the export refuses it: one error line)."""
+    from mae_transfer.cli import run_cli
+    from mae_transfer.study_spec import backbone_commands
+
+    spec_dict, reference = shared_run
+    study = load_study(spec_dict, tmp_path / "out")
+    run = stop_after_epoch_1(reference["MAE"].parents[2], study.output_dir)
+    # the owner's epoch is saved, the run's end is not: the run is continued before anything is exported
+    (pretraining, *exports) = backbone_commands(study, "MAE-1")[1]
+    assert "--export-encoder" not in pretraining and "--resume" in pretraining
+    assert [c[2:4] for c in exports] == [["--epoch", "1"], ["--export-encoder", str(run / "checkpoint_last.pth")]]
+
+    # the tool refuses to export the unfinished run's last checkpoint, or a checkpoint of another epoch
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_pretrain_tool", REPO_ROOT / "tools" / "pretrain.py")
+    tool = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(tool)
+    with pytest.raises(MaeTransferError, match=r"checkpoint_last.pth is from an unfinished run \(1 of 3 epochs\)"):
+        export_encoder(run / "checkpoint_last.pth", tmp_path / "early.pth")
+    with pytest.raises(MaeTransferError, match=r"holds the weights after epoch 1, not after epoch 3"):
+        export_encoder(run / "checkpoint_last.pth", tmp_path / "early.pth", epoch=3)
+    assert run_cli(tool.main, ["--export-encoder", str(run / "checkpoint_last.pth"), str(tmp_path / "e.pth")]) == 2
+    assert not (tmp_path / "early.pth").exists() and not (tmp_path / "e.pth").exists()
+
+    used = {}
+
+    def stub(st, cell, checkpoint, resume):
+        used[cell.backbone] = checkpoint
+        return {"top1": 1.0}
+
+    run_study(study, runner=stub)
+    made = {name: Path(used[name]) for name in reference}
+    assert_same_backbones(made, reference)
+    log = (study.output_dir / "backbones" / "MAE-1" / "run.log").read_text()
+    assert f"resumed from {run / 'checkpoint_last.pth'} (1 epoch(s) done)" in log
+    # all saved and exported: a re-run has nothing to do; only the exports missing: exports alone
+    assert backbone_commands(study, "MAE-1")[1] == []
+    for path in made.values():
+        path.unlink()
+    assert all("--export-encoder" in cmd for cmd in backbone_commands(study, "MAE-1")[1])
+
+
+def _study_tool(monkeypatch: pytest.MonkeyPatch):
+    """tools/study.py as a module, run in this process (without its SIGTERM handler and logging set-up)."""
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("_study_tool", REPO_ROOT / "tools" / "study.py")
+    tool = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(tool)
+    monkeypatch.setattr(tool, "setup_long_run_cli", lambda: None)
+    return tool
+
+
+def test_dry_run_checks_the_spec_and_job_options_are_refused_before_anything(tmp_path: Path, capsys,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dry-run makes a run's checks (a pretraining override of a wrong type: one error line, exit 2, nothing
+    planned, nothing written), a problem of a shared pretraining is reported once for its backbones, and bad job
+    options (--max-parallel -1, --poll -1, job options without --executor, resources the executor cannot give)
+    are refused with one error line before anything is checked, run or submitted."""
+    from mae_transfer.cli import run_cli
+
+    tool = _study_tool(monkeypatch)
+    (tmp_path / "pool").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "cls" / split / "a").mkdir(parents=True)
+    spec_dict = shared_mae_spec(tmp_path / "pool", tmp_path / "cls")
+    spec_file, out = tmp_path / "spec.py", tmp_path / "out"
+
+    def run(*args: str, bad: str = "save_epochs=abc") -> tuple[int, str, str]:
+        mae = {**spec_dict["backbones"]["MAE"]["pretrain"], "opts": [*SHARED_MAE_OPTS, bad]}
+        spec_file.write_text(f"_mae = {mae!r}\n" + "".join(
+            f"{key} = {value!r}\n" for key, value in spec_dict.items() if key != "backbones")
+            + "backbones = {'MAE-1': dict(pretrain=_mae, epoch=1), 'MAE': dict(pretrain=_mae)}\n")
+        code = run_cli(tool.main, ["--spec", str(spec_file), "--output-dir", str(out), *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, stdout, stderr = run("--dry-run")
+    assert code == 2 and stdout == "" and stderr == (
+        "error: study shared (no cell was run): backbones 'MAE-1', 'MAE' (one pretraining run): pretraining config "
+        "mae_pretrain_vit_tiny_cpu.py: config key 'save_epochs' must be a list of positive integers, got 'abc'\n")
+    code, stdout, stderr = run("--dry-run", "--executor", "local", bad="mask_ratio=0.5")
+    assert code == 0 and stderr == "" and stdout.splitlines()[0].endswith("; inputs checked")
+    assert stdout.splitlines()[-1] == "5 step(s) to run"  # the shared pretraining, its 2 exports, 2 cells
+    assert stdout.count("--export-encoder") == 2 and stdout.count("tools/finetune_cls.py") == 2
+    assert not out.exists()
+    for args, message in (
+            (["--executor", "local", "--max-parallel", "-1"],
+             "--max-parallel must be a positive number of jobs, got -1"),
+            (["--executor", "slurm", "--wait", "--poll", "-1"], "--poll must be a positive number of seconds, got -1"),
+            (["--executor", "local", "--poll", "5"], "--poll is the interval of --wait: give --wait too"),
+            (["--max-parallel", "2", "--wait"], "--max-parallel, --wait: only with --executor local|slurm"),
+            (["--executor", "local", "--dry-run", "--slurm", "nodes=2"],
+             "backbone 'MAE-1': the local executor runs on this machine only: nodes=2 needs slurm")):
+        code, stdout, stderr = run(*args, bad="mask_ratio=0.5")
+        assert code == 2 and stdout == "" and stderr.startswith(f"error: {message}") and stderr.count("\n") == 1
+        assert not out.exists()

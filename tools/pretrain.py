@@ -4,6 +4,7 @@
   python tools/pretrain.py --config configs/mae_pretrain_vit_tiny_cpu.py --data IMAGES --output-dir OUT \
       [--resume [CKPT]] [key=value ...] [--opts key=value ...] [--debug]
   python tools/pretrain.py --export-encoder MAE_CKPT OUT_BACKBONE   # encoder alone, as a backbone checkpoint
+  python tools/pretrain.py --epoch 20 --export-encoder OUT/checkpoint_0020.pth OUT_BACKBONE   # a mid-run epoch
   python tools/pretrain.py --config configs/supervised_pretrain_vit_tiny_cpu.py --data IMAGEFOLDER ...
       # the supervised baseline (objective="supervised"): same training loop, class = first-level subfolder
 
@@ -30,7 +31,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="image folder (ImageFolder-style or flat, searched recursively)")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if the config says resume")
     parser.add_argument("--export-encoder", nargs=2, metavar=("MAE_CKPT", "OUT"),
-                        help="write the encoder of a pretraining checkpoint as a backbone checkpoint and exit")
+                        help="write the encoder of a pretraining checkpoint as a backbone checkpoint and exit "
+                        "(the checkpoint of a finished run, or of the --epoch given)")
+    parser.add_argument("--epoch", type=int, metavar="N", help="with --export-encoder: the checkpoint holds exactly "
+                        "N completed epochs (an unfinished run's checkpoint is exported only so)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return finish_args(parser.parse_args(argv))
@@ -41,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = setup_training_cli(args)
     from mae_transfer.pretraining import export_encoder, pretrain
 
+    if args.epoch is not None and not args.export_encoder:
+        raise MaeTransferError("--epoch is for --export-encoder (which epoch the exported checkpoint holds)")
     if args.export_encoder:
-        export_encoder(*args.export_encoder)
+        export_encoder(*args.export_encoder, epoch=args.epoch)
         return 0
     if not args.config:
         raise MaeTransferError("--config is required (e.g. configs/mae_pretrain_vit_tiny_cpu.py)")

@@ -12,7 +12,6 @@ User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the runn
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--allow-pickle", action="store_true", help="trust the backbone checkpoints: let them hold "
                         "pickled Python objects (passed to every cell)")
-    parser.add_argument("--dry-run", action="store_true", help="print the cells and the commands still to run only")
+    parser.add_argument("--dry-run", action="store_true", help="check every input as a run does, then print the cells "
+                        "and the commands still to run; runs and submits nothing")
     parser.add_argument("--executor", choices=["local", "slurm"],
                         help="run every cell as a submitit job (Slurm, or local processes); default: in this process")
     parser.add_argument("--max-parallel", type=int, metavar="N",
@@ -52,25 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_long_run_cli()
     from mae_transfer.io import check_output_dir
-    from mae_transfer.study import load_study, plan, run_study
+    from mae_transfer.study import dry_run, load_study, run_study
+    from mae_transfer.study_cluster import check_job_options, check_job_resources, parse_overrides
 
+    overrides = parse_overrides(args.slurm)
+    check_job_options(args.executor, args.max_parallel, args.poll, args.retry_failed, args.wait, overrides)
     study = load_study(args.spec, args.output, args.allow_pickle)
     check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
+    if args.executor:
+        check_job_resources(study, args.executor, overrides)
     if args.dry_run:
-        cells = study.cells()
-        steps = plan(study)
-        print(f"study {study.name}: {len(cells)} cells "
-              f"({len(study.backbones)} backbones x {len(study.tasks)} tasks x {len(study.freeze_blocks)} freeze x "
-              f"{len(study.seeds)} seeds), output {study.output_dir}")
-        for what, cmd in steps:
-            print(f"# {what}\n{shlex.join(cmd)}")
-        print(f"{len(steps)} step(s) to run")
+        print(dry_run(study, args.executor))
         return 0
     if args.executor:
-        from mae_transfer.study_cluster import parse_overrides, run_study_jobs
+        from mae_transfer.study_cluster import run_study_jobs
 
         result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
-                                parse_overrides(args.slurm))
+                                overrides)
         print(f"{Path(result['results']).read_text()}\n{result['status']}")
         return 0
     result = run_study(study)
