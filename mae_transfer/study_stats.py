@@ -75,8 +75,9 @@ def paired_power(effect: float, sd: float, n: int, alpha: float) -> float:
 
     df = n - 1
     crit = float(t.ppf(1 - alpha / 2, df))
-    ncp = effect / (sd / math.sqrt(n))
-    return float(nct.sf(crit, df, ncp) + nct.cdf(-crit, df, ncp))
+    ncp = abs(effect) / (sd / math.sqrt(n))
+    # P(T < -crit) as the upper tail of -T ~ nct(df, -ncp): scipy's lower-tail cdf returns NaN for a large ncp
+    return float(nct.sf(crit, df, ncp) + nct.sf(crit, df, -ncp))
 
 
 def detectable_effect(sd: float, n: int, alpha: float, power: float = POWER) -> float | None:
