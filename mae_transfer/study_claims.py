@@ -129,7 +129,7 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         + (f"; n for ±{_fmt(target)}: the pairs that test needs to find a difference of {_fmt(target)} with "
            f"{POWER:.0%} power at that sd." if target else "."),
         "",
-        "| contrast | metric | blocks fine-tuned | a − b | n | simultaneous 95% interval | p | Holm p | "
+        "| contrast | metric | blocks fine-tuned | mean ± sd | n | simultaneous 95% interval | p | Holm p | "
         f"detectable at {POWER:.0%} power |" + (f" n for ±{_fmt(target)} |" if target else "") + " reading |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if target else "") + "---|",
     ]
@@ -158,7 +158,7 @@ def exploratory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         f"this family of its own (a difference without a test counts as p = 1). Exploratory: they suggest what a "
         f"later study could declare as a contrast, they establish nothing here.",
         "",
-        "| a − b | metric | blocks fine-tuned | a − b | n | p | Holm p |",
+        "| difference | metric | blocks fine-tuned | mean ± sd | n | p | Holm p |",
         "|---|---|---|---|---|---|---|",
     ]
     for comp in family:

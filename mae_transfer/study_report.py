@@ -251,8 +251,8 @@ def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tu
         "the same seeds: mean ± sample std of the per-seed differences, then for n >= 3 pairs the 95% t-interval "
         "of the mean difference in brackets, \"within noise\" when it contains 0; (n=...) pairs. † = the seeds "
         "differ: difference of the means ± sqrt(std_a² + std_b²), n = the smaller seed count, no interval. "
-        "Descriptive: these intervals are per comparison, not adjusted for the others (the Holm-adjusted reading "
-        "is above).",
+        "Descriptive, every backbone (declared contrasts included): these intervals are per comparison, not "
+        "adjusted for the others (the adjusted readings are above).",
         "",
         "| backbone | metric | " + " | ".join(_freeze_label(study, f) for f in freezes) + " |",
         "|---|---|" + "---|" * len(freezes),

@@ -364,3 +364,21 @@ def test_replicate_runs_only_fresh_seeds_and_writes_the_table(noisy_kind: TaskKi
         replication_study(load_study({**dict(depth=4, freeze_blocks=[0], backbones={"a": None}, tasks={
             "t": noisy_task(tmp_path)})}), 1)
     assert replication_study(study, 2).seeds == [3, 4]
+
+
+def test_the_demo_mini_study_says_what_its_n_can_establish(tmp_path: Path) -> None:
+    from harnesses import demo
+
+    study = load_study(dict(depth=4, freeze_blocks=[0, -1], seeds=[0, 1, 2], reference="scratch",
+                            backbones={"MAE": None, "scratch": None}, tasks={"seg": SEG}))
+    two = [dict(backbone=b, task="seg", freeze_blocks=f, seed=s, mIoU=50.0 + s * (b == "MAE"))
+           for b in ("MAE", "scratch") for f in (0, -1) for s in (0, 1)]
+    assert demo.evidence_note(study, two) == (
+        "n = 2 fine-tuning seed(s) per setting: n = 2 cannot establish an effect (a 95% interval is the mean ± "
+        "t(0.975, 1) = 12.7 x sd / sqrt(2)); the differences above show the study runner at work, not evidence "
+        "about MAE.")
+    three = two + [dict(backbone=b, task="seg", freeze_blocks=f, seed=2, mIoU=50.0 + 2 * (b == "MAE"))
+                   for b in ("MAE", "scratch") for f in (0, -1)]
+    assert demo.evidence_note(study, three).startswith("n = 3 pairs per setting; the brackets are 95% t-intervals")
+    assert "[" in demo.difference_line(study, three)  # the interval itself, from 3 pairs
+    assert demo.evidence_note(study, []) == "No paired difference finished: nothing to read."
