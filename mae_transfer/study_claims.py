@@ -32,7 +32,7 @@ from mae_transfer.study_report import (
     collect,
     per_seed,
 )
-from mae_transfer.study_spec import SEED_LIMIT, Contrast, Study, backbone_checkpoint
+from mae_transfer.study_spec import SEED_LIMIT, Contrast, Study, backbone_checkpoint, pretrain_run_seed
 from mae_transfer.study_stats import (
     POWER,
     PairedTest,
@@ -175,7 +175,7 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Pretraining runs", ""]
     for b in seeded:
-        runs = [study.backbones[m]["pretrain"]["seed"] for m in study.members(b)]
+        runs = [pretrain_run_seed(m) for m in study.members(b)]  # a replication's entries are checkpoint files
         lines.append(f"- `{b}`: {len(runs)} pretraining run(s) (pretraining seeds {', '.join(map(str, runs))}), "
                      f"each fine-tuned with every fine-tuning seed (crossed: {len(runs)} x {len(study.seeds)} cells "
                      f"per task and freeze setting; the table above has a row per run).")

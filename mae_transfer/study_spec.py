@@ -204,6 +204,11 @@ def pretrain_run_name(backbone: str, seed: int) -> str:
     return f"{backbone}@pt{seed}"
 
 
+def pretrain_run_seed(run: str) -> int:
+    """The pretraining seed of a run's entry (`pretrain_run_name`)."""
+    return int(run.rsplit("@pt", 1)[1])
+
+
 def _check_pretrain_seeds(name: str, pre: Mapping[str, Any], where: str) -> list[int] | None:
     """`seeds=[...]` of a pretraining: distinct 32-bit integers, and no `seed=` in its opts besides."""
     if "seeds" not in pre:

@@ -301,6 +301,15 @@ def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp
     assert "| MAE | score | 4 (all) | 0.00 | 2.12 | 3 x 2 |" in md
     assert "| MAE@pt2 | " in md  # each run has its row in the cells' table
 
+    # a replication reuses the exported encoders of the same pretraining runs: no pretraining, fresh seed 2 only
+    replication = replication_study(study, 1)
+    assert replication.backbones == {**{f"MAE@pt{p}": str(tmp_path / "out" / "backbones" / f"MAE-1_pt{p}" /
+                                                          "backbone.pth") for p in range(3)}, "scratch": None}
+    assert run_study(replication)["ran"] == [f"{b}__t__freeze0__seed2" for b in ("MAE_pt0", "MAE_pt1", "MAE_pt2",
+                                                                                  "scratch")] and launched == []
+    assert "- `MAE`: 3 pretraining run(s) (pretraining seeds 0, 1, 2)" in (
+        replication.output_dir / "results.md").read_text()
+
 
 def _tool():
     spec = importlib.util.spec_from_file_location("_study_tool", REPO_ROOT / "tools" / "study.py")
@@ -382,3 +391,14 @@ def test_the_demo_mini_study_says_what_its_n_can_establish(tmp_path: Path) -> No
     assert demo.evidence_note(study, three).startswith("n = 3 pairs per setting; the brackets are 95% t-intervals")
     assert "[" in demo.difference_line(study, three)  # the interval itself, from 3 pairs
     assert demo.evidence_note(study, []) == "No paired difference finished: nothing to read."
+
+
+def test_dry_run_refuses_a_bad_contrast_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec_file = tmp_path / "spec.py"
+    spec_file.write_text("depth = 4\nfreeze_blocks = [0, -1]\nbackbones = {'MAE': None, 'scratch': None}\n"
+                         f"tasks = {{'seg': {SEG!r}}}\n"
+                         "contrasts = [dict(a='MAE', b='scratch', task='seg', freeze=[2])]\n")
+    assert run_cli(_tool().main, ["--spec", str(spec_file), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {spec_file}: contrasts[0]: freeze [2] not among the spec's freeze_blocks [0, -1]"]
+    assert not (tmp_path / "out").exists()
