@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mae_transfer.study import load_study, plan, run_study
 
     study = load_study(args.spec, args.output, args.allow_pickle)
-    from mae_transfer.study_claims import check_target_effect, replication_study, write_replication
+    from mae_transfer.study_claims import check_target_effect, replication_study
 
     study.target_effect = check_target_effect(study, args.target_effect)
     original = study
@@ -81,15 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
                                 parse_overrides(args.slurm))
         print(f"{Path(result['results']).read_text()}\n{result['status']}")
-    else:
-        result = run_study(study)
-        print(Path(result["results"]).read_text())
-        print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
-              f"outputs: {study.output_dir}/results.csv, results.md, plot.png")
+        print_replication(original, study)
+        return 0
+    result = run_study(study)
+    print(Path(result["results"]).read_text())
+    print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
+          f"outputs: {study.output_dir}/results.csv, results.md, plot.png")
+    print_replication(original, study)
+    return 0
+
+
+def print_replication(original, study) -> None:
+    """--replicate: the replication table from whatever has finished (written, then printed)."""
     if study is not original:
+        from mae_transfer.study_claims import write_replication
+
         table = write_replication(original, study)
         print(f"{table['md'].read_text()}\nreplication table: {table['md']}, {table['csv']}")
-    return 0
 
 
 if __name__ == "__main__":
