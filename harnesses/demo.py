@@ -431,7 +431,8 @@ def mini_study(schedule: Schedule, out: Path, data: StepData, mae_ckpt: Path) ->
     study = load_study(mini_study_spec(schedule, data, mae_ckpt), output_dir=out / "study")
     summary = run_study(study)
     log(f"  ran {len(summary['ran'])} cell(s), skipped {len(summary['skipped'])} finished in an earlier run")
-    return dict(write_results(study), difference=difference_line(study, collect(study)))
+    rows = collect(study)
+    return dict(write_results(study), difference=difference_line(study, rows), evidence=evidence_note(study, rows))
 
 
 def mini_study_spec(schedule: Schedule, data: StepData, mae_ckpt: Path) -> dict[str, Any]:
@@ -467,6 +468,28 @@ def difference_line(study: Any, rows: list[dict[str, Any]]) -> str:
                 label = study.kind(task).metric(metric).label
                 lines.append(f"{backbone} − {study.reference}, {label}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def evidence_note(study: Any, rows: list[dict[str, Any]]) -> str:
+    """What the mini-study's differences can say at its n: with 2 pairs a 95% interval is mean ± t(0.975, 1) x
+    sd / sqrt(2), t(0.975, 1) = 12.7, so no effect is established; from 3 pairs the lines show the intervals."""
+    from scipy.stats import t
+
+    from mae_transfer.study_report import differences
+
+    counts = sorted({d.n for d in differences(study, rows).values() if d.paired})
+    if not counts:
+        return "No paired difference finished: nothing to read."
+    n = counts[0]
+    if n < 2:
+        return "n = 1 fine-tuning seed in some setting: no spread, no interval; it cannot establish an effect."
+    if n < 3:
+        quantile = float(t.ppf(0.975, n - 1))
+        return (f"n = {n} fine-tuning seed(s) per setting: n = {n} cannot establish an effect (a 95% interval is the "
+                f"mean ± t(0.975, {n - 1}) = {quantile:.1f} x sd / sqrt({n})); the differences above show the study "
+                "runner at work, not evidence about MAE.")
+    return (f"n = {'-'.join(map(str, (counts[0], counts[-1]))) if len(counts) > 1 else n} pairs per setting; the "
+            "brackets are 95% t-intervals of each difference (per comparison, not adjusted for the others).")
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -545,7 +568,8 @@ def run_steps(schedule: Schedule, out: Path, inputs: Inputs) -> int:
 
     print("\n" + summary_table(schedule, data, mae, det, seg))
     print("\n" + study["md"].read_text())
-    print(study["difference"] + "\n")
+    print(study["difference"])
+    print(study["evidence"] + "\n")
     print(data_sentence(data) + "\n")
     print("pictures:")
     for path in [mae["picture"], *det["pictures"], *seg["pictures"], study.get("plot")]:

@@ -15,6 +15,8 @@ A study spec is a plain-Python config (loaded with `mae_transfer.config.load_con
                                        opts=["epochs=40"])),
     }
     reference = "scratch"                       # optional: results.md adds backbone - reference per cell
+    contrasts = [dict(a="MAE", b="scratch", task="det", freeze=[0, -1])]  # optional: the confirmatory family
+                                                # (study_claims); pretrain=dict(..., seeds=[0, 1]): a run per seed
     tasks = {
         "cls": dict(kind="cls", config="configs/cls_finetune_vit_b.py", epochs=100,   # classification:
                     args=["--data", "/path/to/imagenet"]),                        # length in epochs

@@ -40,6 +40,7 @@ from mae_transfer.cluster import (
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.study_claims import record_contrasts
 from mae_transfer.study_inputs import check_inputs
 from mae_transfer.study_report import write_results
 from mae_transfer.study_run import prepare_pretrain_data, read_metrics, write_done
@@ -279,6 +280,7 @@ def run_study_jobs(study: Study, executor: str, max_parallel: int | None = None,
     poll_s = POLL_S.get(executor, 60.0) if poll_s is None else poll_s
     study.output_dir.mkdir(parents=True, exist_ok=True)
     check_inputs(study, [c for c in study.cells() if not (study.cell_dir(c) / DONE).is_file()], executor)
+    record_contrasts(study)  # the declaration, before this run's results
     jobs = load_jobs(study)
     retry: set[str] | None = None
     failed_at_start: set[str] = set()

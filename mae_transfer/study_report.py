@@ -62,6 +62,17 @@ def per_seed(rows: list[dict[str, Any]], backbone: str, task: str, metric: str, 
             if (r["backbone"], r["task"], r["freeze_blocks"]) == (backbone, task, freeze) and _finite(r.get(metric))}
 
 
+def backbone_per_seed(study: Study, rows: list[dict[str, Any]], backbone: str, task: str, metric: str,
+                      freeze: int) -> dict[int, float]:
+    """Fine-tuning seed -> value of a spec backbone. A backbone with pretraining seeds: the mean over its
+    pretraining runs, for the fine-tuning seeds every run finished (claims about it use all its runs)."""
+    runs = [per_seed(rows, member, task, metric, freeze) for member in study.members(backbone)]
+    if len(runs) == 1:
+        return runs[0]
+    common = set.intersection(*(set(r) for r in runs))
+    return {s: sum(r[s] for r in runs) / len(runs) for s in sorted(common)}
+
+
 def summarise(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], tuple[float, float, int]]:
     """(backbone, task, metric, freeze) -> (mean over seeds, sample std, number of seeds with a value)."""
     out = {}
@@ -127,12 +138,13 @@ def differences(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str
     if ref is None:
         return {}
     out = {}
-    for backbone in study.backbones:
+    for backbone in study.spec_backbones():
         if backbone == ref:
             continue
         for task, metric, _ in _metric_columns(study):
             for freeze in study.freeze_blocks:
-                d = paired_difference(*(per_seed(rows, name, task, metric, freeze) for name in (backbone, ref)))
+                d = paired_difference(*(backbone_per_seed(study, rows, name, task, metric, freeze)
+                                        for name in (backbone, ref)))
                 if d is not None:
                     out[(backbone, task, metric, freeze)] = d
     return out
@@ -172,6 +184,9 @@ def _task_summary(study: Study) -> str:
 
 
 def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
+    # the claims' sections build on this module's tables (study_claims imports it)
+    from mae_transfer.study_claims import confirmatory_markdown, exploratory_markdown, pretraining_markdown
+
     stats = summarise(study, rows)
     cols = _metric_columns(study)
     freezes = _freeze_order(study)
@@ -186,6 +201,9 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         "0 (frozen ViT) = `freeze_blocks=-1`). "
         f"Each cell: {metrics}, mean ± std over the seeds that finished (sample std; no ± for one seed); "
         f"n = seeds per cell ({seeds} in the spec: {', '.join(map(str, study.seeds))}); `-` = not run / failed.",
+        *confirmatory_markdown(study, rows),
+        "",
+        "## All cells",
         "",
         header,
         rule,
@@ -208,6 +226,8 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {backbone} | " + " | ".join(cells) + f" | {_n_label(counts)} |")
     if short:
         lines += ["", f"Fewer than {seeds} seeds: " + "; ".join(short) + "."]
+    lines += pretraining_markdown(study, rows)
+    lines += exploratory_markdown(study, rows)
     lines += _difference_markdown(study, rows, cols, freezes)
     lines += ["", f"Tasks: {_task_summary(study)}",
               f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.",
@@ -220,22 +240,24 @@ def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tu
     """The table of backbone - reference (spec key `reference`), one row per backbone and metric, with how its
     spread and interval are computed."""
     ref = study.reference
-    if ref is None or len(study.backbones) < 2:
+    if ref is None or len(study.spec_backbones()) < 2:
         return []
     diffs = differences(study, rows)
     lines = [
         "",
-        f"## Difference to `{ref}`",
+        f"### Difference to `{ref}`",
         "",
         f"Each cell: backbone − {ref} per task, metric and blocks fine-tuned. Paired by seed when both finished "
         "the same seeds: mean ± sample std of the per-seed differences, then for n >= 3 pairs the 95% t-interval "
         "of the mean difference in brackets, \"within noise\" when it contains 0; (n=...) pairs. † = the seeds "
-        "differ: difference of the means ± sqrt(std_a² + std_b²), n = the smaller seed count, no interval.",
+        "differ: difference of the means ± sqrt(std_a² + std_b²), n = the smaller seed count, no interval. "
+        "Descriptive, every backbone (declared contrasts included): these intervals are per comparison, not "
+        "adjusted for the others (the adjusted readings are above).",
         "",
         "| backbone | metric | " + " | ".join(_freeze_label(study, f) for f in freezes) + " |",
         "|---|---|" + "---|" * len(freezes),
     ]
-    for backbone in study.backbones:
+    for backbone in study.spec_backbones():
         if backbone == ref:
             continue
         for task, metric, label in cols:

@@ -16,6 +16,7 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.launch import run_logged
 from mae_transfer.metrics import read_eval_metrics, strict_json
+from mae_transfer.study_claims import record_contrasts
 from mae_transfer.study_inputs import check_inputs
 from mae_transfer.study_report import write_results
 from mae_transfer.study_spec import (
@@ -147,6 +148,7 @@ def run_study(study: Study, runner: Runner | None = None) -> dict[str, Any]:
     skipped = [c.name for c in cells if c not in todo]
     _warn_changed(study, [c for c in cells if c not in todo])
     check_inputs(study, todo)
+    record_contrasts(study)  # the declaration, before this run's results
     logger.info("study %s: %d cells, %d finished (skipped), %d to run; output %s", study.name, len(cells),
                 len(skipped), len(todo), study.output_dir)
     ran: list[str] = []

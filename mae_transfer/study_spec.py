@@ -23,7 +23,9 @@ from mae_transfer.task_kinds import TaskKind
 
 DONE = "done.json"
 SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "output_dir", "python", "slurm",
-             "reference"}
+             "reference", "contrasts"}
+CONTRAST_KEYS = {"a", "b", "task", "freeze", "metric"}
+SEED_LIMIT = 2 ** 32  # seeds are 32-bit (numpy's and the tools' seeding)
 TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher", "slurm"}
 BACKBONE_FORMS = ("a path, None/'random', or dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., "
                   "opts=[...]), epoch=N)")
@@ -43,6 +45,18 @@ class Cell:
         return _safe(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """One declared (confirmatory) comparison: backbone a - backbone b on one task metric at one freeze setting.
+    a and b are backbone names of the spec (a backbone with pretraining seeds stands for all its runs)."""
+
+    a: str
+    b: str
+    task: str
+    metric: str
+    freeze: int
+
+
 @dataclass
 class Study:
     """A resolved spec: paths made absolute, values checked."""
@@ -59,11 +73,29 @@ class Study:
     allow_pickle: bool = False  # backbone files may hold pickled objects (passed to every cell as --allow-pickle)
     slurm: dict[str, Any] = field(default_factory=dict)  # job resources of every job (--executor; tasks add theirs)
     reference: str | None = None  # backbone the results compare the others against (difference table)
+    contrasts: list[Contrast] = field(default_factory=list)  # the declared (confirmatory) family, spec order
+    # A backbone with pretrain=dict(seeds=[...]) is one entry per pretraining run in `backbones` (`pretrain_run_name`);
+    # this maps each such run's name to the spec's backbone name (absent: the name is the spec's own).
+    pretrain_runs: dict[str, str] = field(default_factory=dict)
+    only: frozenset[tuple[str, str, int]] | None = None  # (backbone, task, freeze) cells to run (None: all)
+    target_effect: float | None = None  # results.md: the n needed to detect this difference (--target-effect)
 
     def cells(self) -> list[Cell]:
         """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
         return [Cell(b, t, f, s) for s in self.seeds for b in self.backbones for t in self.tasks
-                for f in self.freeze_blocks]
+                for f in self.freeze_blocks if self.only is None or (b, t, f) in self.only]
+
+    def spec_backbone(self, name: str) -> str:
+        """The spec's backbone name of a backbone entry (a pretraining run's entry -> its backbone)."""
+        return self.pretrain_runs.get(name, name)
+
+    def members(self, spec_name: str) -> list[str]:
+        """The backbone entries of a spec backbone: its pretraining runs, or itself."""
+        return [n for n in self.backbones if self.spec_backbone(n) == spec_name]
+
+    def spec_backbones(self) -> list[str]:
+        """The spec's backbone names, in spec order."""
+        return list(dict.fromkeys(self.spec_backbone(n) for n in self.backbones))
 
     def blocks_tuned(self, freeze: int) -> int:
         return 0 if freeze < 0 else self.depth - freeze
@@ -95,18 +127,21 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
     raw, where, spec_path = _read_spec(spec)
     _check_keys(raw, where)
     depth, freezes = _check_depth(raw, where)
-    backbones = _check_backbones(raw["backbones"], where)
+    backbones, pretrain_runs = _check_backbones(raw["backbones"], where)
+    names = list(dict.fromkeys(pretrain_runs.get(n, n) for n in backbones))
     reference = raw.get("reference")
-    if reference is not None and reference not in backbones:
+    if reference is not None and reference not in names:
         raise MaeTransferError(f"{where}: reference {reference!r} is not one of the backbones "
-                               f"({', '.join(map(repr, backbones))})")
+                               f"({', '.join(map(repr, names))})")
     tasks = _check_tasks(raw["tasks"], where)
+    contrasts = _check_contrasts(raw.get("contrasts"), names, tasks, freezes, where)
     name = str(raw.get("name") or (spec_path.stem if spec_path else "study"))
     out = output_dir or raw.get("output_dir") or Path("work_dirs") / "studies" / name
     return Study(name=name, depth=depth, freeze_blocks=freezes, seeds=_int_list(raw.get("seeds", [0]), "seeds", where),
                  backbones=backbones, tasks=tasks, output_dir=Path(out).resolve(), spec_path=spec_path,
                  python=raw.get("python") or sys.executable, allow_pickle=allow_pickle,
-                 slurm=_check_slurm(raw.get("slurm"), where), reference=reference)
+                 slurm=_check_slurm(raw.get("slurm"), where), reference=reference, contrasts=contrasts,
+                 pretrain_runs=pretrain_runs)
 
 
 def _read_spec(spec: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str, Path | None]:
@@ -138,12 +173,99 @@ def _check_depth(raw: Mapping[str, Any], where: str) -> tuple[int, list[int]]:
     return depth, freezes
 
 
-def _check_backbones(entries: Any, where: str) -> dict[str, Any]:
+def _check_backbones(entries: Any, where: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(backbone entries, pretraining run entry -> spec name): a backbone whose pretraining has `seeds=[...]` is
+    one entry per seed (`pretrain_run_name`), its pretraining with `seed=S`; entries of several backbones with the
+    same pretraining and seed share that run, as without seeds."""
     if not isinstance(entries, Mapping) or not entries:
         raise MaeTransferError(f"{where}: backbones must be a non-empty dict name -> checkpoint / None / dict(...)")
-    backbones = {name: _check_backbone_entry(name, entry, where) for name, entry in entries.items()}
+    backbones: dict[str, Any] = {}
+    runs: dict[str, str] = {}
+    for name, entry in entries.items():
+        checked = _check_backbone_entry(name, entry, where)
+        seeds = (checked.get("pretrain") or {}).get("seeds") if isinstance(checked, Mapping) else None
+        if seeds is None:
+            backbones[name] = checked
+            continue
+        for seed in seeds:
+            run = pretrain_run_name(name, seed)
+            if run in entries:
+                raise MaeTransferError(f"{where}: backbone name {run!r} is also the name of a pretraining run of "
+                                       f"backbone {name!r}; rename it")
+            pre = {k: v for k, v in checked["pretrain"].items() if k != "seeds"}
+            backbones[run] = {**checked, "pretrain": {**pre, "seed": seed, "opts": [*pre["opts"], f"seed={seed}"]}}
+            runs[run] = name
     _check_epochs(backbones, where)
-    return backbones
+    return backbones, runs
+
+
+def pretrain_run_name(backbone: str, seed: int) -> str:
+    """The entry of one pretraining run of a backbone with pretraining seeds."""
+    return f"{backbone}@pt{seed}"
+
+
+def pretrain_run_seed(run: str) -> int:
+    """The pretraining seed of a run's entry (`pretrain_run_name`)."""
+    return int(run.rsplit("@pt", 1)[1])
+
+
+def _check_pretrain_seeds(name: str, pre: Mapping[str, Any], where: str) -> list[int] | None:
+    """`seeds=[...]` of a pretraining: distinct 32-bit integers, and no `seed=` in its opts besides."""
+    if "seeds" not in pre:
+        return None
+    seeds = pre["seeds"]
+    what = f"{where}: backbone {name!r}: pretrain seeds"
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in seeds):
+        raise MaeTransferError(f"{what} must be a non-empty list of integers in 0..{SEED_LIMIT - 1}, got {seeds!r}")
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise MaeTransferError(f"{what} {list(seeds)} repeat {repeated}: each seed is one pretraining run")
+    if any(str(o).split("=", 1)[0].strip() == "seed" for o in pre.get("opts", [])):
+        raise MaeTransferError(f"{what}: give the pretraining seed in seeds=[...], not as seed= in its opts")
+    return list(seeds)
+
+
+def _check_contrasts(value: Any, backbones: list[str], tasks: Mapping[str, Mapping[str, Any]], freezes: list[int],
+                     where: str) -> list[Contrast]:
+    """`contrasts=[dict(a=BACKBONE, b=BACKBONE, task=TASK, freeze=[...], metric=...), ...]`: each names backbones,
+    a task and freeze settings of the spec; freeze (default: every setting) and metric (default: every metric of
+    the task) may be one value or a list. One Contrast per (a, b, task, metric, freeze), duplicates dropped."""
+    if value is None:
+        return []
+    form = "contrasts must be a list of dict(a=BACKBONE, b=BACKBONE, task=TASK, freeze=[...])"
+    if not isinstance(value, (list, tuple)):
+        raise MaeTransferError(f"{where}: {form}, got {value!r}")
+    out: list[Contrast] = []
+    for i, item in enumerate(value):
+        at = f"{where}: contrasts[{i}]"
+        if not isinstance(item, Mapping):
+            raise MaeTransferError(f"{at}: {form}, got {item!r}")
+        unknown = sorted(set(item) - CONTRAST_KEYS)
+        missing = [k for k in ("a", "b", "task") if k not in item]
+        if unknown or missing:
+            raise MaeTransferError(f"{at}: " + (f"unknown key(s) {unknown}" if unknown else f"missing {missing}")
+                                   + f"; valid: {sorted(CONTRAST_KEYS)}")
+        for key in ("a", "b"):
+            if item[key] not in backbones:
+                raise MaeTransferError(f"{at}: {key}={item[key]!r} is not one of the backbones "
+                                       f"({', '.join(map(repr, backbones))})")
+        if item["a"] == item["b"]:
+            raise MaeTransferError(f"{at}: a and b are the same backbone {item['a']!r}")
+        task = item["task"]
+        if task not in tasks:
+            raise MaeTransferError(f"{at}: task={task!r} is not one of the tasks ({', '.join(map(repr, tasks))})")
+        freeze = _int_list(item.get("freeze", freezes), "freeze", at)
+        bad = [f for f in freeze if f not in freezes]
+        if bad:
+            raise MaeTransferError(f"{at}: freeze {bad} not among the spec's freeze_blocks {freezes}")
+        metrics = list(task_kinds.get(tasks[task]["kind"]).metric_keys)
+        chosen = item.get("metric", metrics)
+        chosen = [chosen] if isinstance(chosen, str) else chosen
+        if not isinstance(chosen, (list, tuple)) or not chosen or any(m not in metrics for m in chosen):
+            raise MaeTransferError(f"{at}: metric {item.get('metric')!r}: expected one or a list of {metrics}")
+        out += [Contrast(item["a"], item["b"], task, m, f) for m in chosen for f in freeze]
+    return list(dict.fromkeys(out))
 
 
 def _pretrain_key(entry: Any) -> str | None:
@@ -268,6 +390,9 @@ def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, A
         pre["crops"] = crops
     pre["opts"] = [str(o) for o in pre.get("opts", [])]
     pre["slurm"] = _check_slurm(pre.get("slurm"), f"{where}: backbone {name!r}")
+    seeds = _check_pretrain_seeds(name, pre, where)
+    if seeds is not None:
+        pre["seeds"] = seeds
     entry["pretrain"] = pre
     return entry
 

@@ -3,6 +3,7 @@
 
   python tools/study.py --spec configs/studies/cpu_shared_data.py [--output-dir DIR] [--dry-run]
   python tools/study.py --spec SPEC --output-dir DIR --executor slurm   # jobs; rerun it to collect (README)
+  python tools/study.py --spec SPEC --replicate 4   # the declared contrasts again, 4 fresh seeds (OUTPUT/replication)
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
 are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
@@ -43,6 +44,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true", help="--executor: stay until no job is in flight")
     parser.add_argument("--poll", type=float, metavar="SECONDS",
                         help="--wait: time between checks (default: local 2, slurm 60)")
+    parser.add_argument("--target-effect", type=float, metavar="X", help="results.md: for each declared contrast, "
+                        "the fine-tuning seeds needed to detect a difference of X with 80%% power")
+    parser.add_argument("--replicate", type=int, metavar="N", help="re-run the declared contrasts' cells with N "
+                        "fresh fine-tuning seeds into OUTPUT/replication and write its replication table")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -59,6 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_job_options(args.executor, args.max_parallel, args.poll, args.retry_failed, args.wait, overrides)
     study = load_study(args.spec, args.output, args.allow_pickle)
     check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
+    from mae_transfer.study_claims import check_target_effect, replication_study
+
+    study.target_effect = check_target_effect(study, args.target_effect)
+    original = study
+    if args.replicate is not None:
+        study = replication_study(original, args.replicate)
     if args.executor:
         check_job_resources(study, args.executor, overrides)
     if args.dry_run:
@@ -70,12 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
                                 overrides)
         print(f"{Path(result['results']).read_text()}\n{result['status']}")
+        print_replication(original, study)
         return 0
     result = run_study(study)
     print(Path(result["results"]).read_text())
     print(f"ran {len(result['ran'])} cell(s), skipped {len(result['skipped'])} finished; "
           f"outputs: {study.output_dir}/results.csv, results.md, plot.png")
+    print_replication(original, study)
     return 0
+
+
+def print_replication(original, study) -> None:
+    """--replicate: the replication table from whatever has finished (written, then printed)."""
+    if study is not original:
+        from mae_transfer.study_claims import write_replication
+
+        table = write_replication(original, study)
+        print(f"{table['md'].read_text()}\nreplication table: {table['md']}, {table['csv']}")
 
 
 if __name__ == "__main__":
