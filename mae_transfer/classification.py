@@ -110,7 +110,8 @@ CLS_DEFAULTS: dict[str, Any] = dict(
 # ---------------------------------------------------------------------------------------------- config
 # the kinds of the keys whose default does not say (None, or an integer where a fraction is fine); the other keys
 # take the kind of their default
-_KINDS_NOT_OF_DEFAULT = {"num_classes": ("an integer", "None"), "lr": ("a number", "None"),
+_KINDS_NOT_OF_DEFAULT = {"save_epochs": ("a list of positive integers",),
+                         "num_classes": ("an integer", "None"), "lr": ("a number", "None"),
                          "warmup_epochs": ("a number",), "clip_grad": ("a number", "None"),
                          "cutmix_minmax": ("a list", "None"),
                          "color_jitter": ("a number", "a list", "None"), "auto_augment": ("a string", "None"),

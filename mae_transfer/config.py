@@ -95,6 +95,8 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
     "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "a string": lambda v: isinstance(v, str),
     "a list": lambda v: isinstance(v, (list, tuple)),
+    "a list of positive integers": lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v),
     "a dict": lambda v: isinstance(v, dict),
     "None": lambda v: v is None,
 }
@@ -118,7 +120,7 @@ def check_kinds(cfg: dict[str, Any], defaults: dict[str, Any],
     for key, value in cfg.items():
         expected = kinds.get(key) or ((kind_of(defaults[key]),) if defaults.get(key) is not None else ())
         if expected and not any(_KINDS[kind](value) for kind in expected):
-            raise MaeTransferError(f"{key} must be {' or '.join(expected)}, got {value!r}")
+            raise MaeTransferError(f"config key {key!r} must be {' or '.join(expected)}, got {value!r}")
 
 
 def check_ranges(cfg: dict[str, Any], intervals: dict[str, str]) -> None:
@@ -133,14 +135,14 @@ def check_ranges(cfg: dict[str, Any], intervals: dict[str, str]) -> None:
             below = value <= low if interval[0] == "(" else value < low
             above = value >= high if interval[-1] == ")" else value > high
             if below or above:
-                raise MaeTransferError(f"{key} must be in {interval}, got {cfg[key]!r}")
+                raise MaeTransferError(f"config key {key!r} must be in {interval}, got {cfg[key]!r}")
 
 
 def check_number_pair(cfg: dict[str, Any], key: str) -> None:
     """A key holding two numbers (AdamW betas, a crop scale range): one error line otherwise."""
     value = cfg[key]
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_KINDS["a number"](v) for v in value)):
-        raise MaeTransferError(f"{key} must be two numbers, e.g. (0.9, 0.95), got {value!r}")
+        raise MaeTransferError(f"config key {key!r} must be two numbers, e.g. (0.9, 0.95), got {value!r}")
 
 
 def check_keyword_overrides(func: Callable[..., Any], overrides: dict[str, Any], what: str) -> None:
@@ -156,4 +158,4 @@ def check_keyword_overrides(func: Callable[..., Any], overrides: dict[str, Any],
     for key, value in overrides.items():
         kind = kind_of(defaults[key])
         if kind and not _KINDS[kind](value):
-            raise MaeTransferError(f"{what}.{key} must be {kind}, got {value!r}")
+            raise MaeTransferError(f"config key '{what}.{key}' must be {kind}, got {value!r}")

@@ -91,7 +91,8 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
 # ---------------------------------------------------------------------------------------------- config
 # the kinds of the keys whose default does not say (None, or an integer where a fraction is fine); the other keys
 # take the kind of their default
-_KINDS_NOT_OF_DEFAULT = {"num_classes": ("an integer", "None"), "lr": ("a number", "None"),
+_KINDS_NOT_OF_DEFAULT = {"save_epochs": ("a list of positive integers",),
+                         "num_classes": ("an integer", "None"), "lr": ("a number", "None"),
                          "warmup_epochs": ("a number",), "data_path": ("a string", "None"),
                          "output_dir": ("a string", "None")}
 _RANGES = {**{key: "[0, 1)" for key in ("mask_ratio", "label_smoothing", "betas")}, "crop_scale": "(0, 1]",
