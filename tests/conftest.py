@@ -13,12 +13,16 @@ import torch
 from torch import nn
 
 from mae_transfer.compat import apply_for_mmseg
+from tests.strict_skips import (  # noqa: F401  the hooks of MAE_TRANSFER_STRICT_SKIPS=1 (CI's fresh-clone run)
+    pytest_collectreport,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"
 SHARED_DATA = Path(os.environ.get("MAE_TRANSFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-# MAE_TRANSFER_STRICT_SKIPS=1 (CI's fresh-clone run): a skipped test not marked with one of these fails the session
-ALLOWED_SKIP_MARKERS = ("cuda", "large_data")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Several tests import mmseg directly (its own backbones as parity references), not through backbones.mmseg,
@@ -42,43 +46,6 @@ def shared_dataset(name: str) -> Path:
         pytest.skip(f"large test data not found: {path} (expected ../shared/data/{name} beside the repo, or "
                     "MAE_TRANSFER_SHARED_DATA)")
     return path
-
-
-_skips: dict[str, list[str]] = {"allowed": [], "unexpected": []}
-
-
-def _strict_skips() -> bool:
-    return os.environ.get("MAE_TRANSFER_STRICT_SKIPS", "") not in ("", "0")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
-    if report.skipped and not hasattr(report, "wasxfail"):
-        allowed = any(item.get_closest_marker(m) for m in ALLOWED_SKIP_MARKERS)
-        _skips["allowed" if allowed else "unexpected"].append(f"{item.nodeid}: {report.longrepr[-1]}"
-                                                              if isinstance(report.longrepr, tuple) else item.nodeid)
-    return report
-
-
-def pytest_collectreport(report: pytest.CollectReport) -> None:
-    if report.skipped:  # a whole module skipped at collection
-        _skips["unexpected"].append(f"{report.nodeid}: skipped at collection")
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _strict_skips() and _skips["unexpected"] and session.exitstatus == 0:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if not _strict_skips():
-        return
-    allowed, unexpected = _skips["allowed"], _skips["unexpected"]
-    terminalreporter.write_line(f"[strict skips] {len(allowed) + len(unexpected)} skipped: {len(allowed)} marked "
-                                f"{' or '.join(ALLOWED_SKIP_MARKERS)}, {len(unexpected)} not")
-    for line in unexpected:
-        terminalreporter.write_line(f"[strict skips] not allowed to skip: {line}", red=True)
 
 
 @pytest.fixture(autouse=True)
