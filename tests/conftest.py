@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data, small helpers."""
+"""Shared fixtures: the real test data (tests/data in the repository; the larger sets of ../shared/data for the tests
+marked `large_data`), the strict-skip check of CI, small helpers."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,15 @@ import torch
 from torch import nn
 
 from mae_transfer.compat import apply_for_mmseg
+from tests.strict_skips import (  # noqa: F401  the hooks of MAE_TRANSFER_STRICT_SKIPS=1 (CI's fresh-clone run)
+    pytest_collectreport,
+    pytest_runtest_makereport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = REPO_ROOT / "tests" / "data"
 SHARED_DATA = Path(os.environ.get("MAE_TRANSFER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -22,11 +30,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 apply_for_mmseg()
 
 
+def repo_dataset(name: str) -> Path:
+    """Path of a dataset in tests/data (part of the repository: a missing one is an error, not a skip)."""
+    path = TEST_DATA / name
+    if not path.is_dir():
+        pytest.fail(f"in-repository test data missing: {path} (tools/make_test_data.py writes it from ../shared/data)")
+    return path
+
+
 def shared_dataset(name: str) -> Path:
-    """Path of a dataset under ../shared/data, or skip the test with the reason."""
+    """Path of a full dataset under ../shared/data (or $MAE_TRANSFER_SHARED_DATA), or skip the test with the
+    reason. Only for tests marked `large_data`: the others read tests/data (`repo_dataset`)."""
     path = SHARED_DATA / name
     if not path.is_dir():
-        pytest.skip(f"real test data not found: {path} (expected ../shared/data/{name} beside the repo)")
+        pytest.skip(f"large test data not found: {path} (expected ../shared/data/{name} beside the repo, or "
+                    "MAE_TRANSFER_SHARED_DATA)")
     return path
 
 
@@ -55,27 +73,31 @@ def one_thread():
 
 @pytest.fixture
 def fruits_nuts() -> Path:
-    return shared_dataset("fruits_nuts")
+    """All of fruits_nuts (18 photos, 165 instances)."""
+    return repo_dataset("fruits_nuts")
 
 
 @pytest.fixture
 def coco_tiny() -> Path:
-    return shared_dataset("coco_tiny")
+    """The 15 redistributable photos of coco_tiny (one crowd RLE annotation), all 80 categories."""
+    return repo_dataset("coco_tiny")
 
 
 @pytest.fixture
 def ade20k_sample() -> Path:
-    return shared_dataset("ade20k_sample")
+    return repo_dataset("ade20k_sample")
 
 
 @pytest.fixture
 def camvid_mini() -> Path:
-    return shared_dataset("camvid_mini")
+    """CamVid's layout and label values: generated street scenes (6 train + 3 val), as CamVid itself (CC BY-NC)
+    may not be in the repository; tests/data/camvid_layout/README.md."""
+    return repo_dataset("camvid_layout")
 
 
 @pytest.fixture
 def camvid_small(tmp_path: Path, camvid_mini: Path) -> Path:
-    """2 training + 1 validation CamVid frames (with labels) in tmp_path/camvid: a real cell in seconds."""
+    """2 training + 1 validation CamVid-layout frames (with labels) in tmp_path/camvid: a real cell in seconds."""
     data = tmp_path / "camvid"
     for split in ("train", "trainannot", "val", "valannot"):
         (data / split).mkdir(parents=True)

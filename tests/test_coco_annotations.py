@@ -143,8 +143,11 @@ def test_rle_checks_on_coco_tiny_crowd_annotations(coco_tiny, tmp_path, warnings
     path = coco_tiny / "annotations" / "instances_train2017.json"
     data = json.loads(path.read_text())
     crowd = [a for a in data["annotations"] if a["iscrowd"]]
-    assert len(crowd) == 5 and all(isinstance(a["segmentation"]["counts"], list) for a in crowd)
-    assert len(read_coco_instances(path, coco_tiny / "train2017")["annotations"]) == 470 and warnings_of() == []
+    assert len(crowd) == 1 and isinstance(crowd[0]["segmentation"]["counts"], list)  # tests/data: one crowd RLE
+    assert len(read_coco_instances(path, coco_tiny / "train2017")["annotations"]) == 105 and warnings_of() == []
+    copies = [dict(copy.deepcopy(crowd[0]), id=max(a["id"] for a in data["annotations"]) + i) for i in (1, 2)]
+    data["annotations"] += copies  # the real RLE twice more (new ids): one per fault below
+    crowd += copies
     h, w = crowd[0]["segmentation"]["size"]
     crowd[0]["segmentation"]["size"] = [h + 1, w]
     crowd[1]["segmentation"]["counts"] = [sum(crowd[1]["segmentation"]["counts"])]  # background only

@@ -158,6 +158,7 @@ def coco_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]
 
 
 @pytest.mark.slow
+@pytest.mark.large_data  # the 50 photos of ../shared/data/coco_tiny: tests/data has no batch of 16
 def test_pretraining_lowers_masked_patch_loss_on_coco(coco_run: tuple[Path, list[dict]]) -> None:
     out, history = coco_run
     losses = [h["loss"] for h in history]
@@ -177,6 +178,7 @@ def test_pretraining_lowers_masked_patch_loss_on_coco(coco_run: tuple[Path, list
 
 
 @pytest.mark.slow
+@pytest.mark.large_data  # the 50 photos of ../shared/data/coco_tiny: tests/data has no batch of 16
 def test_checkpoint_format_atomic_and_encoder_export(coco_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, history = coco_run
     assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"], "temp files left"

@@ -408,9 +408,9 @@ def test_one_real_detection_cell_end_to_end(tmp_path: Path, fruits_nuts: Path, m
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mae_transfer.coco import coco_crops_to_imagefolder
-    from tests.conftest import shared_dataset
+    from tests.conftest import repo_dataset
 
-    root = shared_dataset("fruits_nuts")
+    root = repo_dataset("fruits_nuts")
     out = tmp_path_factory.mktemp("crops")
     counts = coco_crops_to_imagefolder(root / "trainval.json", root / "images", out, min_size=16)
     assert counts == {"date": 71, "fig": 41, "hazelnut": 53}  # non-crowd instances of >= 16 px per class
