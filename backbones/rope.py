@@ -15,7 +15,8 @@ def rope_sin_cos(grid: tuple[int, int], ref_grid: tuple[int, int], head_dim: int
     """(sin, cos), each (h*w, head_dim), interleaved layout [f0, f0, f1, f1, ...] (rows' bands, then columns')."""
     bands_n = head_dim // 4
     bands = 1.0 / theta ** (torch.arange(bands_n, dtype=torch.float32, device=device) / bands_n)
-    axes = [torch.arange(n, dtype=torch.float32, device=device) * (ref / n) for n, ref in zip(grid, ref_grid, strict=True)]
+    axes = [torch.arange(n, dtype=torch.float32, device=device) * (ref / n)
+            for n, ref in zip(grid, ref_grid, strict=True)]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (h, w, 2)
     angles = (coords[..., None] * bands).flatten(-2).flatten(0, 1)  # (h*w, 2*bands_n)
     angles = angles.repeat_interleave(2, dim=-1)

@@ -171,7 +171,7 @@ def _filter_openai_clip(sd: StateDict) -> Converted:
             out["head.bias"] = v.new_zeros(v.shape[1])
             continue
         if name == "class_embedding":
-            v = v.reshape(1, 1, -1)
+            name, v = "cls_token", v.reshape(1, 1, -1)
         elif name == "pos_embed":
             v = v.unsqueeze(0)
         out[name] = v
@@ -310,7 +310,8 @@ def _has(sd: StateDict, pattern: str) -> bool:
 
 
 # Priorities above the rows these refine: DINOv2 files have `mask_token` (mae_official_pretrain, 50), HF DINOv2
-# has HF ViT's patch-embedding key (hf_vit, 65), timm BEiT / EVA files have `fc_norm` (mae_official_finetune, 45).
+# has HF ViT's patch-embedding key (hf_vit, 65), timm BEiT / EVA `fc_norm` and BEiT / EVA MIM `mask_token`
+# (mae_official_finetune 45, mae_official_pretrain 50).
 for _fmt in (
     Format("hf_clip", "Hugging Face CLIPVisionModel / CLIPModel (image tower used)",
            lambda sd, meta: any(k.endswith("embeddings.class_embedding") for k in sd), _filter_hf_clip, 69),
@@ -328,9 +329,9 @@ for _fmt in (
                or _has(sd, r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")), _filter_dinov2, 52),
     Format("beit", "BEiT / BEiTv2 (microsoft/unilm or timm Beit)",
            lambda sd, meta: "patch_embed.proj.weight" in sd and _has(sd, r"^blocks\.0\.attn\.q_bias$")
-           and "blocks.0.attn.qkv.weight" in sd, _filter_beit, 47),
+           and "blocks.0.attn.qkv.weight" in sd, _filter_beit, 54),
     Format("eva02", "EVA-02 (baaivision/EVA or timm Eva)",
-           lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.q_proj.weight" in sd, _filter_eva, 46),
+           lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.q_proj.weight" in sd, _filter_eva, 57),
 ):
     register_format(_fmt)
 del _fmt
