@@ -416,6 +416,7 @@ class VisionTransformer(nn.Module):
         scale_mlp: bool = False,
         use_rot_pos_emb: bool = False,
         ref_feat_shape: int | tuple[int, int] | None = None,
+        resample_patch_embed: bool = False,
     ) -> None:
         """
         img_size: size the absolute position table is built for (pretraining size); other sizes interpolate.
@@ -437,6 +438,8 @@ class VisionTransformer(nn.Module):
             sub-LN inside the SwiGLU.
         use_rot_pos_emb / ref_feat_shape: EVA-02 2-D RoPE in every block, positions scaled to the pretraining
             grid `ref_feat_shape` (default img_size // patch_size).
+        resample_patch_embed: checkpoint import may resample a patch kernel of another size to `patch_size`
+            (`backbones.patch_resample`, FlexiViT); off: such a checkpoint is an error.
         LayerScale is `init_values` (timm's `ls1.gamma` is our `gamma_1`); BEiT's bias is `use_rel_pos_bias`.
         For BEiT / mmseg `MAE` segmentation fine-tuning set img_size to the crop size (512): the position
         table is then stored, and trained, at that grid, as theirs.
@@ -459,6 +462,7 @@ class VisionTransformer(nn.Module):
         self.use_rel_pos_bias = use_rel_pos_bias
         self.init_values = init_values
         self.frozen_blocks = 0  # set by `freeze_blocks`
+        self.resample_patch_embed = resample_patch_embed  # read by the checkpoint importer only
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size

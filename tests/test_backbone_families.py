@@ -341,3 +341,45 @@ def test_unknown_family_file_is_one_error_line():
     with pytest.raises(MaeTransferError, match="unknown checkpoint format") as err:
         load_backbone(sd, VisionTransformer(embed_dim=DIM, depth=DEPTH, num_heads=HEADS))
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------- patch 14 -> 16
+def test_patch_kernel_resampling_is_flexivits_pseudo_inverse():
+    """14 -> 16 upsampling: the resampled kernel on the (bicubic, antialiased) 16-px resize of a patch gives the
+    14-px kernel's token on the patch, exactly (R^T pinv(R^T) = I); our torch fallback == timm's function."""
+    from timm.layers import resample_patch_embed as timm_resample
+
+    from backbones.patch_resample import resample_patch_embed, resample_patch_embed_torch
+
+    g = torch.Generator().manual_seed(5)
+    w14 = torch.randn(8, 3, 14, 14, generator=g)
+    w16 = resample_patch_embed(w14, 16)
+    assert rel_err(resample_patch_embed_torch(w14, (16, 16)), timm_resample(w14, [16, 16])) <= REL
+    patches = torch.randn(4, 3, 14, 14, generator=g)
+    up = torch.nn.functional.interpolate(patches, size=(16, 16), mode="bicubic", antialias=True)
+    assert rel_err(torch.einsum("bchw,ochw->bo", up, w16), torch.einsum("bchw,ochw->bo", patches, w14)) <= 1e-4
+
+
+def _dinov2_file(tmp_path):
+    ref = reference("dinov2")
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    sd["mask_token"] = torch.zeros(1, DIM)
+    path = tmp_path / "dinov2_vitb14.pth"
+    torch.save(sd, path)
+    return path
+
+
+def test_patch14_file_into_16px_backbone_needs_resampling(tmp_path):
+    from backbones.detectron2 import ViTBackbone
+
+    path = _dinov2_file(tmp_path)
+    kw = dict(our_kwargs("dinov2"), patch_size=16, img_size=128)  # the 4x4 table of 56 px goes to 8x8
+    with pytest.raises(MaeTransferError, match=r"has 14x14 patches but the model 16x16: resample it") as err:
+        load_backbone(path, ViTBackbone(window_size=0, use_rel_pos=False, **kw))
+    assert "\n" not in str(err.value)
+    net = ViTBackbone(window_size=0, use_rel_pos=False, resample_patch_embed=True, **kw).eval()
+    report = load_backbone(path, net)
+    assert report.resized["patch_embed.proj.weight"] == ((DIM, 3, 14, 14), (DIM, 3, 16, 16))
+    assert report.resized["pos_embed"] == ((1, 17, DIM), (1, 65, DIM))
+    assert any("FlexiViT" in n for n in report.notes)
+    assert net(torch.randn(1, 3, 64, 64))["last_feat"].shape == (1, DIM, 4, 4)

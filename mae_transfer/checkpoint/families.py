@@ -335,3 +335,26 @@ for _fmt in (
 ):
     register_format(_fmt)
 del _fmt
+
+
+# ------------------------------------------------------------------------------------------- patch size
+def fit_patch_size(sd: StateDict, model, report) -> None:
+    """A patch kernel of another size (DINOv2 / EVA-02's 14 px into a 16-px recipe), in place: resampled with
+    `backbones.patch_resample` (FlexiViT) when the model says `resample_patch_embed=True`, else one error line.
+    The position table then follows the model's grid in `fit_state_dict` (resized as any other table)."""
+    from backbones.patch_resample import resample_patch_embed
+
+    w = sd.get("patch_embed.proj.weight")
+    target = model.patch_embed.proj.weight
+    if w is None or w.ndim != 4 or tuple(w.shape[-2:]) == tuple(target.shape[-2:]) or w.shape[:2] != target.shape[:2]:
+        return
+    src, dst = "x".join(map(str, w.shape[-2:])), "x".join(map(str, target.shape[-2:]))
+    if not getattr(model, "resample_patch_embed", False):
+        raise MaeTransferError(
+            f"checkpoint 'patch_embed.proj.weight' has {src} patches but the model {dst}: resample it "
+            f"(resample_patch_embed=True, as the det/seg family configs do) or keep patch size "
+            f"{w.shape[-1]} (patch_size={w.shape[-1]}, --keep-patch-size for classification)")
+    sd["patch_embed.proj.weight"] = resample_patch_embed(w, tuple(target.shape[-2:]))
+    report.resized["patch_embed.proj.weight"] = (tuple(w.shape), tuple(target.shape))
+    report.notes.append(f"patch embedding resampled {src} -> {dst} (FlexiViT pseudo-inverse): an approximation "
+                        "of the source model, not parity; fine-tuning adapts it")
