@@ -383,3 +383,45 @@ def test_patch14_file_into_16px_backbone_needs_resampling(tmp_path):
     assert report.resized["pos_embed"] == ((1, 17, DIM), (1, 65, DIM))
     assert any("FlexiViT" in n for n in report.notes)
     assert net(torch.randn(1, 3, 64, 64))["last_feat"].shape == (1, DIM, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------- hub names
+def test_unknown_hub_name_is_one_error_line():
+    from mae_transfer.checkpoint.hub import resolve_hub_name
+
+    for name, msg in (("timm:vit_base_patch14_nosuchmodel.lvd142m", "unknown timm pretrained model"),
+                      ("hf-hub:not-a-repo", "expected hf-hub:<organisation>/<repository>")):
+        with pytest.raises(MaeTransferError, match=re.escape(msg)) as err:
+            resolve_hub_name(name, local_files_only=True)
+        assert "\n" not in str(err.value)
+
+
+def test_hub_name_offline_names_cache_and_init_checkpoint(tmp_path):
+    from mae_transfer.checkpoint.hub import resolve_hub_name
+
+    with pytest.raises(MaeTransferError, match=r"not in the Hugging Face cache \(.*\).*train\.init_checkpoint=PATH"):
+        resolve_hub_name("timm:vit_base_patch14_dinov2.lvd142m", local_files_only=True, cache_dir=tmp_path)
+
+
+def test_hub_name_from_the_cache_loads(tmp_path):
+    """A file in huggingface_hub's cache layout (models--org--repo/snapshots/<rev>/) is found without network and
+    `load_backbone("timm:...")` reads it through the family's format row."""
+    import huggingface_hub.constants as hub_constants
+
+    ref = reference("dinov2")
+    snap = tmp_path / "models--timm--vit_base_patch14_dinov2.lvd142m" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(snap / "model.safetensors"))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    try:
+        model = VisionTransformer(**our_kwargs("dinov2"))
+        report = load_backbone("timm:vit_base_patch14_dinov2.lvd142m", model)
+    finally:
+        mp.undo()
+    assert report.format == "timm" and report.source.endswith("model.safetensors")
+    with torch.no_grad():
+        assert rel_err(model.forward_features(image("dinov2")), ref.forward_features(image("dinov2"))) <= REL

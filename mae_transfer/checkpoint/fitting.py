@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from backbones.vit import VisionTransformer, resize_abs_pos, resize_rel_pos, resize_rel_pos_bias_table
 from mae_transfer.checkpoint.families import fit_patch_size
 from mae_transfer.checkpoint.formats import StateDict, match_format
+from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
 from mae_transfer.checkpoint.reading import read_checkpoint, unwrap_state_dict
 from mae_transfer.checkpoint.report import LoadReport
 from mae_transfer.errors import MaeTransferError
@@ -176,6 +177,8 @@ def load_backbone_state_dict(source: Source, model: VisionTransformer,
 
     Returns (state_dict, report); `model.load_state_dict(state_dict)` then loads strictly.
     """
+    if is_hub_name(source):  # timm:<model> / hf-hub:<repo> (checkpoint.hub)
+        source = resolve_hub_name(source)
     name = "<dict>" if isinstance(source, Mapping) else str(source)
     raw = source if isinstance(source, Mapping) else read_checkpoint(source, allow_pickle)
     sd, meta = unwrap_state_dict(raw, name)
