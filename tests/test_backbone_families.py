@@ -425,3 +425,52 @@ def test_hub_name_from_the_cache_loads(tmp_path):
     assert report.format == "timm" and report.source.endswith("model.safetensors")
     with torch.no_grad():
         assert rel_err(model.forward_features(image("dinov2")), ref.forward_features(image("dinov2"))) <= REL
+
+
+# ------------------------------------------------------------------------------------------- study spec
+def _value(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def test_backbone_families_spec_cells_build_each_familys_vit(tmp_path):
+    """configs/studies/backbone_families.py: every family x task cell carries the family's options in the task
+    kind's spelling, and those options build the family's ViT in each framework's backbone (depth 2 here)."""
+    from detectron2.config import LazyConfig
+
+    from backbones.detectron2 import ViTBackbone
+    from backbones.mmseg import MAEViT
+    from backbones.vit import create_vit
+    from mae_transfer.study_spec import Cell, cell_command, load_study
+
+    study = load_study("configs/studies/backbone_families.py", tmp_path / "out")
+    assert list(study.backbones) == ["MAE", "DeiT III", "DINOv2", "CLIP", "BEiTv2", "EVA-02"]
+    assert study.backbones["DINOv2"]["checkpoint"] == "timm:vit_base_patch14_dinov2.lvd142m"
+    det_cfg = LazyConfig.load("configs/coco_mask_rcnn_vit_b.py")
+    for name in study.backbones:
+        for task in study.tasks:
+            _, args = cell_command(study, Cell(name, task, 0, 0), "CKPT", resume=False)
+            kind = study.kind(task).name
+            arch = [a for a in args if a.startswith(("model.backbone", "encoder_overrides."))]
+            opts = (study.backbones[name].get("opts", {}) if isinstance(study.backbones[name], dict) else {})
+            assert arch == opts.get(kind, [])
+            kw = {a.split("=", 1)[0].rsplit(".", 1)[1]: _value(a.split("=", 1)[1]) for a in arch}
+            if kind == "det":
+                cfg = LazyConfig.apply_overrides(LazyConfig.load("configs/coco_mask_rcnn_vit_b.py"), arch)
+                net = {k: v for k, v in cfg.model.backbone.net.items() if k != "_target_"}
+                assert all(net[k] == v for k, v in kw.items())
+                vit = ViTBackbone(**{**net, "depth": 2, "global_block_indexes": (1,)})
+                assert vit.patch_size == 16  # 14-px families resampled in det
+            elif kind == "seg":
+                vit = MAEViT(**{**kw, "depth": 2, "out_indices": (0, 1), "img_size": 512})
+                assert vit.patch_size == 16
+            else:
+                vit = create_vit("vit_base_patch16_224", **{**kw, "depth": 2})
+                assert vit.patch_size == (14 if name in ("DINOv2", "EVA-02") else 16)
+            if name == "EVA-02":
+                assert vit.rope_ref_grid == (16, 16) and type(vit.blocks[0].mlp).__name__ == "SwiGLU"
+    assert det_cfg.model.backbone.net.patch_size == 16
