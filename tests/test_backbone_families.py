@@ -474,3 +474,33 @@ def test_backbone_families_spec_cells_build_each_familys_vit(tmp_path):
             if name == "EVA-02":
                 assert vit.rope_ref_grid == (16, 16) and type(vit.blocks[0].mlp).__name__ == "SwiGLU"
     assert det_cfg.model.backbone.net.patch_size == 16
+
+
+# ------------------------------------------------------------------------------------------- bad input, CLI
+@pytest.mark.parametrize("case", ["unknown_family", "patch14_into_16", "unknown_hub_name", "clip_text_only"])
+def test_bad_inputs_are_one_error_line_and_nothing_written(case, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src.pth"
+    if case == "unknown_family":
+        torch.save({"stem.conv.weight": torch.zeros(4, 3, 3, 3), "layer1.0.bn1.weight": torch.zeros(4)}, src)
+    elif case == "patch14_into_16":  # a DINOv2 file at the width of the tool's vit_tiny target
+        ref = timm.create_model(CASES["dinov2"][0], depth=2, embed_dim=192, num_heads=3, img_size=56)
+        torch.save({**ref.state_dict(), "mask_token": torch.zeros(1, 192)}, src)
+    elif case == "clip_text_only":
+        torch.save({k: v for k, v in _original_clip(reference("clip")).items() if not k.startswith("visual.")}, src)
+    else:
+        src = "timm:vit_base_patch14_nosuchmodel.lvd142m"
+    dst = tmp_path / "out.pth"
+    proc = subprocess.run([sys.executable, str(repo / "tools/convert_checkpoint.py"), str(src), str(dst),
+                           "--to", "backbone", "--model", "vit_tiny_patch16_224", "--depth", "2"],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    expect = {"unknown_family": "unknown checkpoint format", "patch14_into_16": "has 14x14 patches but the model 16x16",
+              "unknown_hub_name": "unknown timm pretrained model", "clip_text_only": "text tower only"}[case]
+    assert expect in errors[0]
+    assert not dst.exists() and list(tmp_path.glob("out*")) == []
