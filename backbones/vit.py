@@ -102,12 +102,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SwiGLUPacked(Mlp):
-    """DINOv2's SwiGLU FFN (timm `SwiGLUPacked`): fc1 yields [x1; x2], out = fc2(silu(x1) * x2)."""
+class SwiGLUPacked(nn.Module):
+    """DINOv2's SwiGLU FFN (its `w12`/`w3`, timm `SwiGLUPacked`): fc1 yields [x1; x2], out = fc2(silu(x1) * x2).
+    `hidden_dim` is fc1's width, both halves (timm's convention: ViT-g/14 has mlp_ratio 5.33334)."""
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[[], nn.Module] = nn.SiLU) -> None:
-        super().__init__(dim, hidden_dim, nn.SiLU)
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        if hidden_dim % 2:
+            raise BackboneError(f"swiglu_packed needs an even hidden width (dim * mlp_ratio), got {hidden_dim}")
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_dim // 2, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         x1, x2 = self.fc1(x).chunk(2, dim=-1)
@@ -434,7 +439,8 @@ class VisionTransformer(nn.Module):
         pre_norm: LayerNorm `norm_pre` after the position embedding (CLIP's `ln_pre`).
         norm_eps: LayerNorm eps (CLIP 1e-5; the rest 1e-6).
         act_layer: MLP activation, 'gelu' | 'quick_gelu' (OpenAI CLIP) | 'gelu_tanh' | 'silu'.
-        mlp_layer: 'mlp' | 'swiglu_packed' (DINOv2-g) | 'swiglu' (EVA-02, `fc1_g`/`fc1_x`); scale_mlp: EVA-02's
+        mlp_layer: 'mlp' | 'swiglu_packed' (DINOv2-g, mlp_ratio = fc1 width as timm) | 'swiglu' (EVA-02,
+            `fc1_g`/`fc1_x`); scale_mlp: EVA-02's
             sub-LN inside the SwiGLU.
         use_rot_pos_emb / ref_feat_shape: EVA-02 2-D RoPE in every block, positions scaled to the pretraining
             grid `ref_feat_shape` (default img_size // patch_size).

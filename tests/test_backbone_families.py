@@ -28,11 +28,13 @@ CASES = {
     "deit3": ("deit3_base_patch16_224", 64, dict(init_values=1e-6)),
     "dinov2": ("vit_base_patch14_dinov2", 56, dict(patch_size=14, init_values=1e-5)),
     "dinov2_reg": ("vit_base_patch14_reg4_dinov2", 56, dict(patch_size=14, init_values=1e-5, reg_tokens=4)),
+    "dinov2_g": ("vit_giant_patch14_dinov2", 56, dict(patch_size=14, init_values=1e-5, mlp_layer="swiglu_packed")),
     "clip": ("vit_base_patch16_clip_quickgelu_224", 64, dict(pre_norm=True, norm_eps=1e-5, act_layer="quick_gelu")),
     "beitv2": ("beitv2_base_patch16_224", 64, dict(init_values=0.1, use_rel_pos_bias=True)),
     "eva02": ("eva02_base_patch14_224", 56, dict(patch_size=14, mlp_layer="swiglu", scale_mlp=True,
                                                  mlp_ratio=4 * 2 / 3, use_rot_pos_emb=True, ref_feat_shape=16)),
 }
+TIMM_KW = {"dinov2_g": dict(mlp_ratio=4)}  # ViT-g's 5.33334 gives an odd fc1 width at 64 channels
 AVG_POOL = {"beitv2", "eva02"}  # timm's Beit / Eva pool the mean of patch tokens through fc_norm
 
 
@@ -52,7 +54,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def reference(family: str, **kw) -> torch.nn.Module:
     name, size, _ = CASES[family]
     return randomize(timm.create_model(name, depth=DEPTH, embed_dim=DIM, num_heads=HEADS, img_size=size,
-                                       num_classes=0, **kw))
+                                       num_classes=0, **{**TIMM_KW.get(family, {}), **kw}))
 
 
 def our_kwargs(family: str) -> dict:
@@ -245,7 +247,8 @@ def test_hf_dinov2_model():
     assert_parity(lambda t: ref(pixel_values=t).last_hidden_state, model.forward_features, image("dinov2"))
 
 
-@pytest.mark.parametrize("family,chunked", [("dinov2", False), ("dinov2", True), ("dinov2_reg", False)])
+@pytest.mark.parametrize("family,chunked", [("dinov2", False), ("dinov2", True), ("dinov2_reg", False),
+                                            ("dinov2_g", False)])
 def test_dinov2_original_format_against_timms_converter(family, chunked):
     """facebookresearch/dinov2 layout: `mask_token`, `register_tokens` + a cls row in pos_embed, optionally the
     FSDP-chunked `blocks.0.i.` names; timm's `checkpoint_filter_fn` is the reference."""
@@ -258,6 +261,8 @@ def test_dinov2_original_format_against_timms_converter(family, chunked):
     if family == "dinov2_reg":
         sd["register_tokens"] = sd.pop("reg_token")
         sd["pos_embed"] = torch.cat([torch.randn(1, 1, DIM, generator=g), sd["pos_embed"]], dim=1)
+    if family == "dinov2_g":  # dinov2's SwiGLUFFNFused names
+        sd = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3."): v for k, v in sd.items()}
     ref.load_state_dict(checkpoint_filter_fn(dict(sd), ref))
     if chunked:
         sd = {re.sub(r"^blocks\.", "blocks.0.", k): v for k, v in sd.items()}
