@@ -509,3 +509,44 @@ def test_bad_inputs_are_one_error_line_and_nothing_written(case, tmp_path):
               "unknown_hub_name": "unknown timm pretrained model", "clip_text_only": "text tower only"}[case]
     assert expect in errors[0]
     assert not dst.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_keep_patch_size_reads_the_files_patch(tmp_path):
+    from mae_transfer.checkpoint.families import checkpoint_patch_size
+
+    assert checkpoint_patch_size(_dinov2_file(tmp_path)) == 14
+    sd = _original_clip(reference("clip"))
+    torch.save(sd, tmp_path / "clip.pth")
+    assert checkpoint_patch_size(tmp_path / "clip.pth") == 16
+
+
+def test_finetune_cls_keep_patch_size_builds_a_patch14_classifier(tmp_path):
+    """tools/finetune_cls.py --keep-patch-size with a DINOv2 file: the classifier is built at 14 px and the file
+    loads (one epoch on a tiny synthetic ImageFolder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (64, 64), (40 * i, 100 if c == "a" else 0, 7)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    ckpt = _dinov2_file(tmp_path)
+    cmd = [sys.executable, str(repo / "tools/finetune_cls.py"), "--config", "configs/cls_finetune_vit_tiny_cpu.py",
+           "--data", str(tmp_path / "data"), "--finetune", str(ckpt), "--output-dir", str(tmp_path / "out"),
+           "--keep-patch-size", "epochs=1", "warmup_epochs=0", "img_size=56", "batch_size=2",
+           "model=vit_tiny_patch16_224", "encoder_overrides.embed_dim=64", "encoder_overrides.num_heads=2",
+           "encoder_overrides.depth=2", "encoder_overrides.init_values=1e-5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "format dinov2" in log and "resampled" not in log, log[-3000:]
+    without = subprocess.run([c for c in cmd if c != "--keep-patch-size"], capture_output=True, text=True, cwd=repo,
+                             timeout=600)
+    errors = [line for line in without.stderr.splitlines() if line.startswith("error:")]
+    assert without.returncode != 0 and len(errors) == 1 and "has 14x14 patches but the model 16x16" in errors[0]
