@@ -550,3 +550,41 @@ def test_finetune_cls_keep_patch_size_builds_a_patch14_classifier(tmp_path):
                              timeout=600)
     errors = [line for line in without.stderr.splitlines() if line.startswith("error:")]
     assert without.returncode != 0 and len(errors) == 1 and "has 14x14 patches but the model 16x16" in errors[0]
+
+
+@pytest.mark.parametrize("tool,flag", [("tools/train_seg.py", "--init-checkpoint"), ("tools/finetune_cls.py",
+                                                                                      "--finetune")])
+def test_tools_resolve_hub_names_offline_one_error_line(tool, flag, tmp_path):
+    """An uncached hub name offline: the tool's one error line names the cache and train.init_checkpoint=PATH."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    config = "configs/ade20k_upernet_vit_tiny_cpu.py" if "seg" in tool else "configs/cls_finetune_vit_tiny_cpu.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, str(repo / tool), "--config", config, flag,
+                           "timm:vit_base_patch14_dinov2.lvd142m", "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=repo, timeout=300, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-2000:]
+    assert str(tmp_path / "hub") in errors[0] and "train.init_checkpoint=PATH" in errors[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth"))
+
+
+def test_detection_checkpoint_path_resolves_hub_names(tmp_path):
+    """train_det's `train.init_checkpoint` goes through `local_checkpoint_path`: hub names resolve there (offline:
+    the one error line)."""
+    import huggingface_hub.constants as hub_constants
+
+    from mae_transfer.framework_checkpoints import local_checkpoint_path
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    try:
+        with pytest.raises(MaeTransferError, match="train.init_checkpoint=PATH"):
+            local_checkpoint_path("timm:vit_base_patch14_dinov2.lvd142m")
+    finally:
+        mp.undo()
