@@ -6,8 +6,10 @@ the backbone: FPN, RPN, ROI heads, decode heads) is layer L+1, so its lr multipl
 
     lr_scale(param) = layer_decay ** (L + 1 - layer_id(param))
 
-No weight decay on 1-D parameters (norms, biases, layer scales), pos_embed, cls_token, mask_token
-and rel-pos tables. Frozen parameters (`VisionTransformer.freeze_blocks`) are left out of every group.
+No weight decay on 1-D parameters (norms, biases, layer scales), pos_embed, cls_token, mask_token,
+register tokens and rel-pos tables (RoPE has no parameters). Register tokens and the CLIP `norm_pre` are
+embedding-side, layer 0, as in timm's `group_matcher` stem. Frozen parameters
+(`VisionTransformer.freeze_blocks`) are left out of every group.
 
 Framework hooks, all calling `param_groups` / `lr_decay_factor`:
   detectron2 LazyConfig: keep detectron2's `get_default_optimizer_params` and set
@@ -27,7 +29,8 @@ from torch import nn
 
 from backbones.errors import BackboneError
 
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "rel_pos_h", "rel_pos_w", "relative_position_bias_table")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "reg_token", "rel_pos_h", "rel_pos_w",
+                   "relative_position_bias_table", "gamma_1", "gamma_2")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -36,7 +39,7 @@ def layer_id(name: str, num_layers: int, backbone_prefix: str = "") -> int:
     if not name.startswith(backbone_prefix):
         return num_layers + 1
     name = name[len(backbone_prefix):]
-    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
+    if name in ("cls_token", "pos_embed", "mask_token", "reg_token") or name.startswith(("patch_embed.", "norm_pre.")):
         return 0
     m = _BLOCK.match(name)
     if m:

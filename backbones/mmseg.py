@@ -90,6 +90,7 @@ class MAEViT(VisionTransformer):
         grad_checkpointing: bool = False,
         use_rel_pos_bias: bool = False,
         init_values: float | None = None,
+        **vit_kwargs: Any,
     ) -> None:
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)) or not (
@@ -105,6 +106,7 @@ class MAEViT(VisionTransformer):
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
             num_classes=0, global_pool="", class_token=True, final_norm=False,
             use_rel_pos_bias=use_rel_pos_bias, init_values=init_values, grad_checkpointing=grad_checkpointing,
+            **vit_kwargs,  # backbone-family options (reg_tokens, pre_norm, mlp_layer, use_rot_pos_emb, ...)
         )
         self.out_indices = out_indices
         self.with_cls_token = with_cls_token
@@ -138,7 +140,7 @@ class MAEViT(VisionTransformer):
         outs: list[Tensor] = []
 
         def keep(_: int, tokens: Tensor) -> None:
-            patches = tokens[:, self.num_prefix_tokens:]
+            patches = tokens[:, self.num_leading_tokens:]
             outs.append(patches.transpose(1, 2).reshape(b, -1, h, w).contiguous())
 
         self.run_blocks(self.embed_tokens(x), self.out_indices, hook=keep, hw=(h, w))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from backbones.errors import BackboneError
 from backbones.kernels import attention
+from backbones.rope import apply_rope, rope_sin_cos
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +74,68 @@ class PatchEmbed(nn.Module):
         return F.linear(pixels, weight, self.proj.bias)
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): OpenAI CLIP's activation (its weights were trained with it, not with GELU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "silu": nn.SiLU}
+
+
+def act_layer_for(name: str) -> Callable[[], nn.Module]:
+    if name not in ACT_LAYERS:
+        raise BackboneError(f"act_layer must be one of {', '.join(ACT_LAYERS)}, got {name!r}")
+    return ACT_LAYERS[name]
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUPacked(nn.Module):
+    """DINOv2's SwiGLU FFN (its `w12`/`w3`, timm `SwiGLUPacked`): fc1 yields [x1; x2], out = fc2(silu(x1) * x2).
+    `hidden_dim` is fc1's width, both halves (timm's convention: ViT-g/14 has mlp_ratio 5.33334)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        if hidden_dim % 2:
+            raise BackboneError(f"swiglu_packed needs an even hidden width (dim * mlp_ratio), got {hidden_dim}")
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden_dim // 2, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(x1) * x2)
+
+
+class SwiGLU(nn.Module):
+    """EVA-02's SwiGLU (timm `SwiGLU` names): fc2(norm(silu(fc1_g x) * fc1_x x)); `norm` is EVA-02's sub-LN
+    (`scale_mlp`), Identity without it."""
+
+    def __init__(self, dim: int, hidden_dim: int, scale_mlp: bool = False, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden_dim)
+        self.fc1_x = nn.Linear(dim, hidden_dim)
+        self.act = nn.SiLU()
+        self.norm = nn.LayerNorm(hidden_dim, eps=eps) if scale_mlp else nn.Identity()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.norm(self.act(self.fc1_g(x)) * self.fc1_x(x)))
+
+
+MLP_LAYERS = ("mlp", "swiglu_packed", "swiglu")
 
 
 def resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
@@ -149,9 +203,12 @@ def resize_rel_pos_bias_table(table: Tensor, src_grid: tuple[int, int], dst_grid
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
                  rel_pos_size: tuple[int, int] | None = None,
-                 rel_pos_bias_grid: tuple[int, int] | None = None) -> None:
+                 rel_pos_bias_grid: tuple[int, int] | None = None,
+                 rope_ref_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
+        # EVA-02 2-D RoPE on q and k of the patch tokens; no parameters (sin/cos follow the grid seen).
+        self.rope_ref_grid = tuple(rope_ref_grid) if rope_ref_grid else None
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -194,6 +251,8 @@ class Attention(nn.Module):
         tokens = x.reshape(b, -1, c)
         qkv = self.qkv(tokens).reshape(b, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.rope_ref_grid:
+            q, k = self._rope(q, k, x, hw)
         rel_pos = None
         if self.use_rel_pos:
             if x.ndim != 4:
@@ -205,6 +264,21 @@ class Attention(nn.Module):
         out = attention(q, k, v, bias, rel_pos=rel_pos)
         out = out.transpose(1, 2).reshape(b, -1, c)
         return self.proj(out).reshape(shape)
+
+    def _rope(self, q: Tensor, k: Tensor, x: Tensor, hw: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+        if x.ndim == 4:
+            grid = (x.shape[1], x.shape[2])
+        elif hw is None:
+            raise BackboneError("rotary position embedding needs the patch grid (hw) of token-layout input "
+                                "(it needs every patch, e.g. no MAE masking)")
+        else:
+            grid = tuple(hw)
+        prefix = q.shape[2] - grid[0] * grid[1]
+        if prefix < 0:
+            raise BackboneError(f"rotary position embedding: {q.shape[2]} tokens are fewer than a "
+                                f"{grid[0]}x{grid[1]} grid")
+        sin, cos = rope_sin_cos(grid, self.rope_ref_grid, self.head_dim, device=q.device)
+        return apply_rope(q, sin, cos, prefix), apply_rope(k, sin, cos, prefix)
 
     def _rel_pos_bias_for(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
         if x.ndim == 4:
@@ -244,17 +318,25 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, window_size: int = 0, use_rel_pos: bool = False,
                  rel_pos_size: tuple[int, int] | None = None, rel_pos_bias_grid: tuple[int, int] | None = None,
-                 init_values: float | None = None) -> None:
+                 init_values: float | None = None, norm_eps: float = 1e-6, act_layer: str = "gelu",
+                 mlp_layer: str = "mlp", scale_mlp: bool = False,
+                 rope_ref_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.window_size = window_size
-        self.norm1 = LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, use_rel_pos,
                               (window_size, window_size) if window_size > 0 else rel_pos_size,
                               rel_pos_bias_grid=(window_size, window_size) if rel_pos_bias_grid and window_size > 0
-                              else rel_pos_bias_grid)
+                              else rel_pos_bias_grid, rope_ref_grid=rope_ref_grid)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        hidden = int(dim * mlp_ratio)
+        if mlp_layer == "swiglu":
+            self.mlp = SwiGLU(dim, hidden, scale_mlp, norm_eps)
+        elif mlp_layer == "swiglu_packed":
+            self.mlp = SwiGLUPacked(dim, hidden)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer_for(act_layer))
         self.init_values = init_values
         if init_values is not None:
             # Layer scale with BEiT/mmseg names (`gamma_1`, `gamma_2`), so their checkpoints map 1:1.
@@ -331,6 +413,15 @@ class VisionTransformer(nn.Module):
         use_rel_pos_bias: bool = False,
         init_values: float | None = None,
         grad_checkpointing: bool = False,
+        reg_tokens: int = 0,
+        pre_norm: bool = False,
+        norm_eps: float = 1e-6,
+        act_layer: str = "gelu",
+        mlp_layer: str = "mlp",
+        scale_mlp: bool = False,
+        use_rot_pos_emb: bool = False,
+        ref_feat_shape: int | tuple[int, int] | None = None,
+        resample_patch_embed: bool = False,
     ) -> None:
         """
         img_size: size the absolute position table is built for (pretraining size); other sizes interpolate.
@@ -343,12 +434,28 @@ class VisionTransformer(nn.Module):
             (`attn.relative_position_bias_table`, cls rows included) for the `img_size` grid (window blocks:
             the window), added to the attention logits; other grids resize it at run time.
         init_values: layer scale (`gamma_1`, `gamma_2` per block) starting at this value; None: none.
+        Backbone families (names as timm's VisionTransformer / Eva arguments; all off by default):
+        reg_tokens: DINOv2 register tokens (`reg_token`, after the cls token, no position embedding).
+        pre_norm: LayerNorm `norm_pre` after the position embedding (CLIP's `ln_pre`).
+        norm_eps: LayerNorm eps (CLIP 1e-5; the rest 1e-6).
+        act_layer: MLP activation, 'gelu' | 'quick_gelu' (OpenAI CLIP) | 'gelu_tanh' | 'silu'.
+        mlp_layer: 'mlp' | 'swiglu_packed' (DINOv2-g, mlp_ratio = fc1 width as timm) | 'swiglu' (EVA-02,
+            `fc1_g`/`fc1_x`); scale_mlp: EVA-02's
+            sub-LN inside the SwiGLU.
+        use_rot_pos_emb / ref_feat_shape: EVA-02 2-D RoPE in every block, positions scaled to the pretraining
+            grid `ref_feat_shape` (default img_size // patch_size).
+        resample_patch_embed: checkpoint import may resample a patch kernel of another size to `patch_size`
+            (`backbones.patch_resample`, FlexiViT); off: such a checkpoint is an error.
+        LayerScale is `init_values` (timm's `ls1.gamma` is our `gamma_1`); BEiT's bias is `use_rel_pos_bias`.
         For BEiT / mmseg `MAE` segmentation fine-tuning set img_size to the crop size (512): the position
         table is then stored, and trained, at that grid, as theirs.
         """
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise BackboneError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if mlp_layer not in MLP_LAYERS:
+            raise BackboneError(f"mlp_layer must be one of {', '.join(MLP_LAYERS)}, got {mlp_layer!r}")
+        act_layer_for(act_layer)
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
@@ -361,12 +468,24 @@ class VisionTransformer(nn.Module):
         self.use_rel_pos_bias = use_rel_pos_bias
         self.init_values = init_values
         self.frozen_blocks = 0  # set by `freeze_blocks`
+        self.resample_patch_embed = resample_patch_embed  # read by the checkpoint importer only
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
+        # num_prefix_tokens: the position table's leading rows (cls only; registers have no position, as in
+        # DINOv2); num_leading_tokens: all tokens before the patches (timm calls this num_prefix_tokens).
         self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = int(reg_tokens)
+        self.num_leading_tokens = self.num_prefix_tokens + self.num_reg_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + self.num_prefix_tokens, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        if use_rot_pos_emb:
+            ref = ref_feat_shape or grid
+            self.rope_ref_grid: tuple[int, int] | None = (ref, ref) if isinstance(ref, int) else tuple(ref)
+        else:
+            self.rope_ref_grid = None
 
         rel_grid = (rel_pos_input_size or img_size) // patch_size
         dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
@@ -374,12 +493,14 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i],
                   window_size=0 if i in self.global_block_indexes else window_size,
                   use_rel_pos=use_rel_pos, rel_pos_size=(rel_grid, rel_grid),
-                  rel_pos_bias_grid=(grid, grid) if use_rel_pos_bias else None, init_values=init_values)
+                  rel_pos_bias_grid=(grid, grid) if use_rel_pos_bias else None, init_values=init_values,
+                  norm_eps=norm_eps, act_layer=act_layer, mlp_layer=mlp_layer, scale_mlp=scale_mlp,
+                  rope_ref_grid=self.rope_ref_grid)
             for i in range(depth)
         )
         use_fc_norm = global_pool == "avg"
-        self.norm = LayerNorm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
@@ -388,6 +509,8 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         # As in MAE: patch projection initialised like a linear layer (xavier on the flattened kernel).
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -424,9 +547,9 @@ class VisionTransformer(nn.Module):
         if k == -1:
             names = [n for n, _ in self.named_parameters() if not n.startswith("head.")]
         else:
-            prefixes = ("patch_embed.", *(f"blocks.{i}." for i in range(k)))
+            prefixes = ("patch_embed.", "norm_pre.", *(f"blocks.{i}." for i in range(k)))
             names = [n for n, _ in self.named_parameters()
-                     if n.startswith(prefixes) or n in ("cls_token", "pos_embed")]
+                     if n.startswith(prefixes) or n in ("cls_token", "pos_embed", "reg_token")]
         params = dict(self.named_parameters())
         for n in names:
             params[n].requires_grad_(False)
@@ -439,7 +562,7 @@ class VisionTransformer(nn.Module):
         """The modules `freeze_blocks` froze (empty when nothing is frozen)."""
         if self.frozen_blocks == -1:
             return [m for n, m in self.named_children() if n != "head"]
-        return [self.patch_embed, *self.blocks[: self.frozen_blocks]] if self.frozen_blocks else []
+        return [self.patch_embed, self.norm_pre, *self.blocks[: self.frozen_blocks]] if self.frozen_blocks else []
 
     def train(self, mode: bool = True) -> VisionTransformer:
         super().train(mode)
@@ -470,14 +593,16 @@ class VisionTransformer(nn.Module):
         return resize_abs_pos(self.pos_embed, hw, self.num_prefix_tokens, antialias=False)
 
     def embed_tokens(self, x: Tensor) -> Tensor:
-        """Patches + (interpolated) abs pos, with the cls token prepended: (B, [1+]N, C)."""
+        """Patches + (interpolated) abs pos, with the cls token [and registers] prepended: (B, [1+R+]N, C)."""
         x = self.patch_embed(x)
         b, h, w, c = x.shape
         x = (x + self.abs_pos((h, w))).reshape(b, h * w, c)
+        if self.reg_token is not None:
+            x = torch.cat([self.reg_token.expand(b, -1, -1), x], dim=1)
         if self.cls_token is not None:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
             x = torch.cat([cls, x], dim=1)
-        return x
+        return self.norm_pre(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens (B, [1+]N, C), as timm's `forward_features`."""
@@ -486,7 +611,7 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+            x = x[:, self.num_leading_tokens:].mean(dim=1)
         elif self.global_pool == "token":
             x = x[:, 0]
         x = self.fc_norm(x)
@@ -504,7 +629,8 @@ class VisionTransformer(nn.Module):
         """
         out_indices = (self.depth - 1,) if out_indices is None else tuple(out_indices)
         x = self.patch_embed(x)
-        x = x + self.abs_pos((x.shape[1], x.shape[2]))
+        # Registers are left out here as the cls token is (ViTDet's spatial layout has patch tokens only).
+        x = self.norm_pre(x + self.abs_pos((x.shape[1], x.shape[2])))
         outputs: list[Tensor] = []
         self.run_blocks(x, out_indices, hook=lambda i, feat: outputs.append(feat.permute(0, 3, 1, 2).contiguous()))
         return outputs

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mae_transfer.checkpoint import needs_pickle_error, read_checkpoint
+from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
 from mae_transfer.errors import MaeTransferError
 
 # Statistics `HistoryBuffer` pickles as `getattr(HistoryBuffer, name)`; the only attributes a checkpoint may fetch.
@@ -113,6 +114,8 @@ def local_checkpoint_path(path: str, override: str = "train.init_checkpoint") ->
     """A local file for a checkpoint path or URL (detectron2://, https://, ...): iopath's cached copy, downloaded
     on first use. A URL that cannot be fetched (no network, as on many cluster nodes) is one error naming the
     URL, the cache file looked for and how to pass a local file instead (`override`=PATH)."""
+    if is_hub_name(path):  # timm:<model> / hf-hub:<repo>: huggingface_hub's cache (checkpoint.hub)
+        return str(resolve_hub_name(path))
     if "://" not in path:
         return path
     from detectron2.utils.file_io import PathManager

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_transfer.checkpoint import read_checkpoint
+from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
 from mae_transfer.config import apply_overrides, load_config
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.paths import REPO_ROOT
@@ -124,6 +125,8 @@ def _file(path: str | os.PathLike, what: str) -> None:
 
 def _checkpoint_file(path: str, allow_pickle: bool) -> None:
     """Present, and readable without the unpickler unless --allow-pickle."""
+    if is_hub_name(path):  # timm:/hf-hub: names: in huggingface_hub's cache, or downloadable (checkpoint.hub)
+        path = str(resolve_hub_name(path))
     _file(path, "checkpoint")
     try:
         read_checkpoint(path, allow_pickle)

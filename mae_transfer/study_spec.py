@@ -306,18 +306,32 @@ def _check_epochs(backbones: Mapping[str, Any], where: str) -> None:
                                    f"run ({run} epochs)")
 
 
+def _is_hub_name(entry: Any) -> bool:
+    """timm:<model> / hf-hub:<repo>: resolved by the tools through huggingface_hub's cache (checkpoint.hub)."""
+    return str(entry).startswith(("timm:", "hf-hub:"))
+
+
 def _check_backbone_entry(name: str, entry: Any, where: str) -> Any:
     """None (random init), an absolute checkpoint path, or dict(checkpoint=..., pretrain=...) with paths resolved."""
     if entry is None or entry == "random":
         return None
     if isinstance(entry, (str, os.PathLike)):
-        return str(resolve_path(entry))
+        return str(entry) if _is_hub_name(entry) else str(resolve_path(entry))
     if not isinstance(entry, Mapping):
         raise MaeTransferError(f"{where}: backbone {name!r}: expected a path, None or a dict, got {entry!r}")
-    extra = sorted(set(entry) - {"checkpoint", "pretrain", "epoch"})
+    extra = sorted(set(entry) - {"checkpoint", "pretrain", "epoch", "opts"})
     if extra or not (entry.get("checkpoint") or entry.get("pretrain")):
         raise MaeTransferError(f"{where}: backbone {name!r} must be {BACKBONE_FORMS}")
-    return _check_pretrain(name, dict(entry), where)
+    entry = dict(entry)
+    # opts=dict(det=[...], seg=[...], cls=[...]): the backbone's architecture options in each task kind's override
+    # spelling (a backbone family's ViT options, e.g. configs/studies/backbone_families.py)
+    opts = entry.get("opts", {})
+    if not isinstance(opts, Mapping) or not all(k in task_kinds.KINDS and isinstance(v, (list, tuple))
+                                                 for k, v in opts.items()):
+        raise MaeTransferError(f"{where}: backbone {name!r}: opts must be dict(<task kind>=[overrides...]) with kinds "
+                               f"from {tuple(task_kinds.KINDS)}, got {opts!r}")
+    entry["opts"] = {k: [str(o) for o in v] for k, v in opts.items()}
+    return _check_pretrain(name, entry, where)
 
 
 def _check_tasks(entries: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -370,7 +384,7 @@ def _check_slurm(value: Any, where: str) -> dict[str, Any]:
 
 
 def _check_pretrain(name: str, entry: dict[str, Any], where: str) -> dict[str, Any]:
-    if entry.get("checkpoint"):
+    if entry.get("checkpoint") and not _is_hub_name(entry["checkpoint"]):  # timm:/hf-hub: names stay names
         entry["checkpoint"] = str(resolve_path(entry["checkpoint"]))
     pre = entry.get("pretrain")
     if pre is None:
@@ -414,7 +428,10 @@ def cell_command(study: Study, cell: Cell, checkpoint: str | None, resume: bool)
     if study.allow_pickle:
         args = ["--allow-pickle", *args]
     init_flags, init_overrides = spelling.init(checkpoint)
-    overrides = [*init_overrides, *spelling.cell(iters, min(task["checkpoint_period"], iters), cell.seed), *opts]
+    entry = study.backbones.get(cell.backbone)
+    arch = entry.get("opts", {}).get(kind.name, []) if isinstance(entry, Mapping) else []
+    overrides = [*init_overrides, *spelling.cell(iters, min(task["checkpoint_period"], iters), cell.seed), *arch,
+                 *opts]
     return kind.tool_name, [
         "--config", task["config"], "--output-dir", str(study.cell_dir(cell)), *args,
         spelling.freeze_flag, str(cell.freeze_blocks), *init_flags,

@@ -98,9 +98,11 @@ def test_output_dir_naming_a_file_is_one_line_before_anything_runs(tool, args, u
     ("pretrain", "mae_pretrain_vit_tiny_cpu.py", "encoder_overrides.depth=abc",
      "config key 'encoder_overrides.depth' must be an integer, got 'abc'"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "encoder_overrides.dpeth=2",
-     "encoder_overrides: unknown key(s) 'dpeth'; valid keys: class_token, depth, drop_path_rate, embed_dim, "
-     "final_norm, global_block_indexes, global_pool, grad_checkpointing, img_size, in_chans, init_values, mlp_ratio, "
-     "num_classes, num_heads, patch_size, qkv_bias, rel_pos_input_size, use_rel_pos, use_rel_pos_bias, window_size"),
+     "encoder_overrides: unknown key(s) 'dpeth'; valid keys: act_layer, class_token, depth, drop_path_rate, "
+     "embed_dim, final_norm, global_block_indexes, global_pool, grad_checkpointing, img_size, in_chans, init_values, "
+     "mlp_layer, mlp_ratio, norm_eps, num_classes, num_heads, patch_size, pre_norm, qkv_bias, ref_feat_shape, "
+     "reg_tokens, rel_pos_input_size, resample_patch_embed, scale_mlp, use_rel_pos, use_rel_pos_bias, "
+     "use_rot_pos_emb, window_size"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "lr=abc", "config key 'lr' must be a number or None, got 'abc'"),
     ("finetune_cls", "cls_finetune_vit_tiny_cpu.py", "layer_decay=abc",
      "config key 'layer_decay' must be a number, got 'abc'"),

@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune", help="pretrained checkpoint to start from (any supported format)")
     parser.add_argument("--freeze-blocks", type=int,
                         help="partial fine-tuning: freeze the first K blocks (-1: all but the head)")
+    parser.add_argument("--keep-patch-size", action="store_true",
+                        help="build the ViT with the pretrained file's patch size (e.g. 14 for DINOv2 / EVA-02) "
+                        "instead of the config's; det/seg resample to 16 px instead (README: Backbone families)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return finish_args(parser.parse_args(argv))
 
@@ -60,6 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg[key] = value
     if not cfg.get("output_dir"):
         cfg["output_dir"] = str(Path("work_dirs") / Path(args.config).stem)
+    from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
+
+    if is_hub_name(cfg.get("finetune")):  # timm:<model> / hf-hub:<repo>: huggingface_hub's cache
+        cfg["finetune"] = str(resolve_hub_name(cfg["finetune"]))
+    if args.keep_patch_size:
+        if not cfg.get("finetune"):
+            raise MaeTransferError("--keep-patch-size needs the pretrained file (--finetune or finetune=PATH)")
+        from mae_transfer.checkpoint.families import checkpoint_patch_size
+
+        cfg["encoder_overrides"] = {**cfg.get("encoder_overrides", {}),
+                                    "patch_size": checkpoint_patch_size(cfg["finetune"], bool(cfg.get("allow_pickle")))}
     log = logging.getLogger("finetune_cls")
     if args.eval_only:
         m = evaluate_checkpoint(cfg, args.eval_only)

@@ -77,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plan:
         print_plan(segmentation_recipe.plan_from_args(args))
         return 0
+    from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
+
+    if is_hub_name(args.init_checkpoint):  # timm:<model> / hf-hub:<repo>: huggingface_hub's cache
+        args.init_checkpoint = str(resolve_hub_name(args.init_checkpoint))
     segmentation.run(args)
     return 0
 

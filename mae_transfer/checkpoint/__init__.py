@@ -23,6 +23,12 @@ Supported formats (`LoadReport.format`; `formats.registered_formats()` lists the
   prefixed_vit            our / timm keys under any other prefix (e.g. an adapter's `backbone.net.vit.`)
   mmseg_mae               mmseg `MAE` / `BEiT` (`layers.i.ln1`, `ffn`; layer scale, BEiT rel-pos bias tables)
   mmseg_vit               mmseg `VisionTransformer` (`attn.attn.in_proj_weight`)
+Backbone families (`checkpoint.families`; timm files of every family go through `timm`):
+  dinov2 / hf_dinov2      facebookresearch/dinov2 (registers, `ls1.gamma`, `w12`), transformers Dinov2Model
+  openai_clip / hf_clip   OpenAI CLIP / open_clip `visual.*`, transformers CLIPVisionModel / CLIPModel (text unused)
+  clip_text_only          a CLIP text tower alone: an error
+  beit / eva02            unilm BEiT / BEiTv2 and timm Beit; baaivision EVA-02 and timm Eva
+`hub` resolves `timm:<model>` / `hf-hub:<repo>` names through huggingface_hub's cache.
 """
 from mae_transfer.checkpoint.fitting import Source, fit_state_dict, load_backbone, load_backbone_state_dict
 from mae_transfer.checkpoint.formats import (

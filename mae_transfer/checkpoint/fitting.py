@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from backbones.vit import VisionTransformer, resize_abs_pos, resize_rel_pos, resize_rel_pos_bias_table
+from mae_transfer.checkpoint.families import fit_patch_size
 from mae_transfer.checkpoint.formats import StateDict, match_format
+from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
 from mae_transfer.checkpoint.reading import read_checkpoint, unwrap_state_dict
 from mae_transfer.checkpoint.report import LoadReport
 from mae_transfer.errors import MaeTransferError
@@ -48,6 +50,7 @@ def fit_state_dict(sd: StateDict, model: VisionTransformer, report: LoadReport) 
     target = model.state_dict()
     out: StateDict = {}
     sd = _fit_beit_extras(dict(sd), target, model, report)
+    fit_patch_size(sd, model, report)  # 14-px families into 16-px recipes (checkpoint.families)
     src_blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
     if src_blocks and max(src_blocks) + 1 != model.depth:
         key = f"blocks.{min(max(src_blocks), model.depth)}.attn.qkv.weight"
@@ -174,6 +177,8 @@ def load_backbone_state_dict(source: Source, model: VisionTransformer,
 
     Returns (state_dict, report); `model.load_state_dict(state_dict)` then loads strictly.
     """
+    if is_hub_name(source):  # timm:<model> / hf-hub:<repo> (checkpoint.hub)
+        source = resolve_hub_name(source)
     name = "<dict>" if isinstance(source, Mapping) else str(source)
     raw = source if isinstance(source, Mapping) else read_checkpoint(source, allow_pickle)
     sd, meta = unwrap_state_dict(raw, name)

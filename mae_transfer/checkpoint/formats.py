@@ -107,6 +107,7 @@ def _filter_timm(sd: StateDict) -> Converted:
     notes = []
     if "dist_token" in sd:
         notes.append("DeiT distillation token and head_dist dropped (pos_embed row of dist_token removed)")
+    _families.timm_family_fixups(out, notes)
     return out, dropped, notes
 
 
@@ -307,3 +308,7 @@ for _fmt in (
 ):
     register_format(_fmt)
 del _fmt
+
+# The backbone families' rows (DINOv2, CLIP, BEiT, EVA-02; issue 35) live in their own module, which registers
+# them on import (a module import, so either module may be imported first).
+from mae_transfer.checkpoint import families as _families  # noqa: E402
