@@ -512,7 +512,7 @@ def test_bad_inputs_are_one_error_line_and_nothing_written(case, tmp_path):
 
 
 def test_keep_patch_size_reads_the_files_patch(tmp_path):
-    from mae_transfer.checkpoint.families import checkpoint_patch_size
+    from mae_transfer.checkpoint.fitting import checkpoint_patch_size
 
     assert checkpoint_patch_size(_dinov2_file(tmp_path)) == 14
     sd = _original_clip(reference("clip"))

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keep_patch_size:
         if not cfg.get("finetune"):
             raise MaeTransferError("--keep-patch-size needs the pretrained file (--finetune or finetune=PATH)")
-        from mae_transfer.checkpoint.families import checkpoint_patch_size
+        from mae_transfer.checkpoint.fitting import checkpoint_patch_size
 
         cfg["encoder_overrides"] = {**cfg.get("encoder_overrides", {}),
                                     "patch_size": checkpoint_patch_size(cfg["finetune"], bool(cfg.get("allow_pickle")))}

@@ -1,6 +1,6 @@
 """Checkpoint formats of the backbone families (issue 35): each family's own file layout mapped to our ViT's names.
 
-Rows (`formats.Format`, registered when `formats` is imported), what they read, and the source of the names:
+Rows (`ROWS`: the fields of a `formats.Format`, which `formats` registers), what they read, and the source of the names:
   dinov2          facebookresearch/dinov2 `DinoVisionTransformer` (`register_tokens`, `ls1.gamma`, `mlp.w12`/`w3`,
                   chunked `blocks.i.j.` FSDP layout)
   hf_dinov2       transformers `Dinov2Model` / `Dinov2WithRegistersModel` (hub and v5 names, `layer_scale1.lambda1`)
@@ -25,7 +25,7 @@ import re
 import torch
 from torch import Tensor
 
-from mae_transfer.checkpoint.formats import Converted, Format, StateDict, register_format
+from mae_transfer.checkpoint.reading import Converted, StateDict
 from mae_transfer.errors import MaeTransferError
 
 
@@ -312,29 +312,27 @@ def _has(sd: StateDict, pattern: str) -> bool:
 # Priorities above the rows these refine: DINOv2 files have `mask_token` (mae_official_pretrain, 50), HF DINOv2
 # has HF ViT's patch-embedding key (hf_vit, 65), timm BEiT / EVA `fc_norm` and BEiT / EVA MIM `mask_token`
 # (mae_official_finetune 45, mae_official_pretrain 50).
-for _fmt in (
-    Format("hf_clip", "Hugging Face CLIPVisionModel / CLIPModel (image tower used)",
-           lambda sd, meta: any(k.endswith("embeddings.class_embedding") for k in sd), _filter_hf_clip, 69),
-    Format("hf_dinov2", "Hugging Face Dinov2Model (DINOv2, optionally with registers)",
-           lambda sd, meta: _has(sd, r"^(dinov2\.)?encoder\.layers?\.0\.layer_scale1\.lambda1$"), _filter_hf_dinov2,
-           67),
-    Format("openai_clip", "OpenAI CLIP / open_clip model, image tower visual.* used",
-           lambda sd, meta: "visual.conv1.weight" in sd or "module.visual.conv1.weight" in sd, _filter_openai_clip,
-           63),
-    Format("clip_text_only", "CLIP text tower without an image tower (not loadable as a backbone)",
-           lambda sd, meta: _clip_text_only(sd), _refuse_text_only, 62),
-    Format("dinov2", "facebookresearch/dinov2 DinoVisionTransformer",
-           lambda sd, meta: "patch_embed.proj.weight" in sd and ("register_tokens" in sd or (
-               "mask_token" in sd and _has(sd, r"^blocks\.(\d+\.)?\d+\.ls1\.gamma$"))
-               or _has(sd, r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")), _filter_dinov2, 52),
-    Format("beit", "BEiT / BEiTv2 (microsoft/unilm or timm Beit)",
-           lambda sd, meta: "patch_embed.proj.weight" in sd and _has(sd, r"^blocks\.0\.attn\.q_bias$")
-           and "blocks.0.attn.qkv.weight" in sd, _filter_beit, 54),
-    Format("eva02", "EVA-02 (baaivision/EVA or timm Eva)",
-           lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.q_proj.weight" in sd, _filter_eva, 57),
-):
-    register_format(_fmt)
-del _fmt
+ROWS = (
+    ("hf_clip", "Hugging Face CLIPVisionModel / CLIPModel (image tower used)",
+     lambda sd, meta: any(k.endswith("embeddings.class_embedding") for k in sd), _filter_hf_clip, 69),
+    ("hf_dinov2", "Hugging Face Dinov2Model (DINOv2, optionally with registers)",
+     lambda sd, meta: _has(sd, r"^(dinov2\.)?encoder\.layers?\.0\.layer_scale1\.lambda1$"), _filter_hf_dinov2,
+     67),
+    ("openai_clip", "OpenAI CLIP / open_clip model, image tower visual.* used",
+     lambda sd, meta: "visual.conv1.weight" in sd or "module.visual.conv1.weight" in sd, _filter_openai_clip,
+     63),
+    ("clip_text_only", "CLIP text tower without an image tower (not loadable as a backbone)",
+     lambda sd, meta: _clip_text_only(sd), _refuse_text_only, 62),
+    ("dinov2", "facebookresearch/dinov2 DinoVisionTransformer",
+     lambda sd, meta: "patch_embed.proj.weight" in sd and ("register_tokens" in sd or (
+         "mask_token" in sd and _has(sd, r"^blocks\.(\d+\.)?\d+\.ls1\.gamma$"))
+         or _has(sd, r"^blocks\.\d+\.\d+\.attn\.qkv\.weight$")), _filter_dinov2, 52),
+    ("beit", "BEiT / BEiTv2 (microsoft/unilm or timm Beit)",
+     lambda sd, meta: "patch_embed.proj.weight" in sd and _has(sd, r"^blocks\.0\.attn\.q_bias$")
+     and "blocks.0.attn.qkv.weight" in sd, _filter_beit, 54),
+    ("eva02", "EVA-02 (baaivision/EVA or timm Eva)",
+     lambda sd, meta: "patch_embed.proj.weight" in sd and "blocks.0.attn.q_proj.weight" in sd, _filter_eva, 57),
+)
 
 
 # ------------------------------------------------------------------------------------------- patch size
@@ -358,19 +356,3 @@ def fit_patch_size(sd: StateDict, model, report) -> None:
     report.resized["patch_embed.proj.weight"] = (tuple(w.shape), tuple(target.shape))
     report.notes.append(f"patch embedding resampled {src} -> {dst} (FlexiViT pseudo-inverse): an approximation "
                         "of the source model, not parity; fine-tuning adapts it")
-
-
-def checkpoint_patch_size(source, allow_pickle: bool = False) -> int:
-    """The patch size of a checkpoint's patch kernel (any supported format, hub names too): what
-    `--keep-patch-size` builds the classifier with (DINOv2 / EVA-02 keep 14 px where the task allows)."""
-    from mae_transfer.checkpoint.formats import match_format
-    from mae_transfer.checkpoint.hub import is_hub_name, resolve_hub_name
-    from mae_transfer.checkpoint.reading import read_checkpoint, unwrap_state_dict
-
-    path = resolve_hub_name(source) if is_hub_name(source) else source
-    sd, meta = unwrap_state_dict(read_checkpoint(path, allow_pickle), str(source))
-    w = match_format(sd, meta).convert(sd)[0].get("patch_embed.proj.weight")
-    if w is None or w.ndim != 4 or w.shape[-1] != w.shape[-2]:
-        raise MaeTransferError(f"{source}: no square patch embedding kernel (patch_embed.proj.weight) to keep the "
-                               "patch size of")
-    return int(w.shape[-1])

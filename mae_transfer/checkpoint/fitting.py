@@ -203,3 +203,15 @@ def load_backbone(source: Source, model: VisionTransformer, allow_pickle: bool =
     model.load_state_dict(sd, strict=True)
     logger.info("%s", report)
     return report
+
+
+def checkpoint_patch_size(source, allow_pickle: bool = False) -> int:
+    """The patch size of a checkpoint's patch kernel (any supported format, hub names too): what
+    `--keep-patch-size` builds the classifier with (DINOv2 / EVA-02 keep 14 px where the task allows)."""
+    path = resolve_hub_name(source) if is_hub_name(source) else source
+    sd, meta = unwrap_state_dict(read_checkpoint(path, allow_pickle), str(source))
+    w = match_format(sd, meta).convert(sd)[0].get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise MaeTransferError(f"{source}: no square patch embedding kernel (patch_embed.proj.weight) to keep the "
+                               "patch size of")
+    return int(w.shape[-1])

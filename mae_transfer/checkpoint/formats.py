@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mae_transfer.checkpoint import families
+from mae_transfer.checkpoint.reading import Converted, StateDict
 from mae_transfer.errors import MaeTransferError
 
-StateDict = dict[str, Tensor]
-# (our-named state dict, dropped keys as in the file, notes for the load report)
-Converted = tuple[StateDict, list[str], list[str]]
 BACKBONE_FORMAT = "mae_transfer_backbone"
 DETECTRON2_PREFIX = "backbone.net."
 MMSEG_PREFIX = "backbone."
@@ -107,7 +106,7 @@ def _filter_timm(sd: StateDict) -> Converted:
     notes = []
     if "dist_token" in sd:
         notes.append("DeiT distillation token and head_dist dropped (pos_embed row of dist_token removed)")
-    _families.timm_family_fixups(out, notes)
+    families.timm_family_fixups(out, notes)
     return out, dropped, notes
 
 
@@ -308,7 +307,7 @@ for _fmt in (
 ):
     register_format(_fmt)
 del _fmt
-
-# The backbone families' rows (DINOv2, CLIP, BEiT, EVA-02; issue 35) live in their own module, which registers
-# them on import (a module import, so either module may be imported first).
-from mae_transfer.checkpoint import families as _families  # noqa: E402
+# The backbone families' rows (DINOv2, CLIP, BEiT, EVA-02): their filters live in `families`.
+for _row in families.ROWS:
+    register_format(Format(*_row))
+del _row

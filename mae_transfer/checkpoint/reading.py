@@ -17,6 +17,10 @@ from torch import Tensor
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 
 StateDict = dict[str, Tensor]
+# (our-named state dict, dropped keys as in the file, notes for the load report): what a format's filter returns
+Converted = tuple[StateDict, list[str], list[str]]
+
+StateDict = dict[str, Tensor]
 
 
 def needs_pickle_error(path: str | os.PathLike, what: str = "") -> PickledCheckpointError:
