@@ -68,6 +68,15 @@ def _fuse_qkv(out: StateDict, parts: dict[tuple[str, str], dict[str, Tensor]], n
 
 
 # ------------------------------------------------------------------------------------------- DINOv2
+def _rename_block_key(out: StateDict, i: str, rest: str, v: Tensor, simple: dict[str, str]) -> bool:
+    """Block i's key `rest` under the first matching prefix rename of `simple` (HF layouts); False if none fits."""
+    for src, dst in simple.items():
+        if rest.startswith(src):
+            out[f"blocks.{i}.{dst}{rest[len(src):]}"] = v
+            return True
+    return False
+
+
 def _filter_dinov2(sd: StateDict) -> Converted:
     """facebookresearch/dinov2: registers -> `reg_token`, `ls1/ls2.gamma` -> `gamma_1/2`, SwiGLU `w12/w3` ->
     `fc1/fc2` (our `swiglu_packed`), chunked `blocks.i.j.` -> `blocks.j.`; `mask_token` (iBOT) dropped."""
@@ -109,11 +118,7 @@ def _filter_hf_dinov2(sd: StateDict) -> Converted:
             if ls:
                 out[f"blocks.{i}.gamma_{ls.group(1)}"] = v
                 continue
-            for src, dst in simple.items():
-                if rest.startswith(src):
-                    out[f"blocks.{i}.{dst}{rest[len(src):]}"] = v
-                    break
-            else:
+            if not _rename_block_key(out, i, rest, v, simple):
                 dropped.append(k)
             continue
         renames = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
@@ -203,11 +208,7 @@ def _filter_hf_clip(sd: StateDict) -> Converted:
             if q:
                 parts.setdefault((i, q.group(2)), {})[q.group(1)] = v
                 continue
-            for src, dst in simple.items():
-                if rest.startswith(src):
-                    out[f"blocks.{i}.{dst}{rest[len(src):]}"] = v
-                    break
-            else:
+            if not _rename_block_key(out, i, rest, v, simple):
                 dropped.append(k)
         elif name == "embeddings.class_embedding":
             out["cls_token"] = v.reshape(1, 1, -1)
