@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from harnesses.benchmark import PEERS
+from harnesses.gpu_kit import install_kit, kit_wheels
 from harnesses.gpu_measure import (
     build_detection_model,
     build_pretraining_model,
@@ -55,7 +56,6 @@ from harnesses.gpu_measure import (
 )
 from mae_transfer.cli import add_deprecated_spelling
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.gpu_kit import install_kit, kit_wheels
 from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
 

@@ -5,8 +5,8 @@ from the `sal-detectron2` wheel (built for 3.10), MMSegmentation 1.2.2 on `mmcv-
 mmengine 0.10.7, timm 1.0.31 with Pillow 13. Importing `mae_transfer` applies nothing; who calls what:
 
   1. `apply_for_mmseg()` (mmcv._ext stand-in): `backbones/mmseg.py` calls it before `import mmseg`. It is
-     defined in `backbones.compat` (backbones/ imports nothing from here) and re-exported below.
-  2. mmengine checkpoint loading: `framework_checkpoints.use_safe_mmengine_loading`, by mae_transfer/segmentation.py.
+     defined in `backbones.compat` (backbones/ imports nothing from here); import it from there.
+  2. mmengine checkpoint loading: `segmentation.checkpoint.use_safe_mmengine_loading`, by segmentation.train.
   3. detectron2 with or without `detectron2._C`: nothing to apply (`detectron2_compiled_ops_status()` says which).
   4. `patch_timm_posterize()`: `mae_transfer.classification.train_transform`, where RandAugment is built.
 """
@@ -16,10 +16,7 @@ import importlib
 import sys
 from typing import Any
 
-from backbones.compat import CompiledOpUnavailableError, apply_for_mmseg, install_mmcv_ext_stand_in
-
-__all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_stand_in",
-           "detectron2_compiled_ops_status", "detectron2_has_compiled_ops", "patch_timm_posterize"]
+__all__ = ["detectron2_compiled_ops_status", "detectron2_has_compiled_ops", "patch_timm_posterize"]
 
 
 # 1. mmcv._ext stand-in (`apply_for_mmseg`): in `backbones.compat`, with why and when it can go.
@@ -28,8 +25,8 @@ __all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_st
 # --------------------------------------------------------------------------------------------------
 # 2. mmengine checkpoint loading under torch 2.14: not a patch here. mmengine 0.10.7 calls `torch.load`
 # without `weights_only`, so its own Runner checkpoints (message hub, numpy values) no longer load under
-# torch >= 2.6. `mae_transfer.framework_checkpoints.use_safe_mmengine_loading` registers our safe reader through
-# mmengine's own loader registry, called explicitly by mae_transfer/segmentation.py; it never unpickles arbitrary
+# torch >= 2.6. `mae_transfer.segmentation.checkpoint.use_safe_mmengine_loading` registers our safe reader through
+# mmengine's own loader registry, called explicitly by mae_transfer/segmentation/train.py; it never unpickles arbitrary
 # objects unless the user opts in (--allow-pickle).
 # --------------------------------------------------------------------------------------------------
 
@@ -41,7 +38,7 @@ __all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_st
 # and COCOEvaluator falls back to pycocotools' COCOeval when `_C` is missing, so nothing is patched; deformable
 # conv and rotated boxes are unavailable. Where `_C` loads (3.10, if its C++ ABI matches our torch),
 # detectron2 uses it by itself: COCOEvaluator's C++ COCOeval_opt, DeformConv, nms_rotated, ROIAlignRotated.
-# (detectron2's checkpointer reads files through `mae_transfer.framework_checkpoints.detection_checkpointer`.)
+# (detectron2's checkpointer reads files through `mae_transfer.detection.checkpoint.detection_checkpointer`.)
 # When it can go: with an official detectron2 wheel for our Python and torch.
 # --------------------------------------------------------------------------------------------------
 def detectron2_has_compiled_ops() -> bool:

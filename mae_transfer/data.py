@@ -201,7 +201,7 @@ class LabelledImageFolder(ImageFolderDataset):
 
 # A file where more than this fraction of the annotations is invalid is wrong as a whole (another box
 # format, another image set): an error, rather than training on what is left. Segmentation training data
-# (mae_transfer.segmentation) applies it to unreadable images.
+# (mae_transfer.segmentation.train) applies it to unreadable images.
 MAX_INVALID_FRACTION = 0.5
 
 

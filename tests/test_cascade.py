@@ -19,10 +19,11 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
 from torch import nn
 
-from mae_transfer import detection
 from mae_transfer.cli import run_cli
+from mae_transfer.detection import train as detection
 from mae_transfer.metrics import read_eval_metrics
-from mae_transfer.study import Cell, cell_command, load_study, read_det_metrics
+from mae_transfer.study.run import read_det_metrics
+from mae_transfer.study.spec import Cell, cell_command, load_study
 from tests.conftest import no_init
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.classification import (
     build_classifier,
     build_optimizer,
@@ -28,7 +29,6 @@ from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.runtime import load_checkpoint
-from mae_transfer.synthetic import make_shapes_dataset
 
 from .conftest import REPO_ROOT
 
@@ -232,7 +232,8 @@ def test_mae_finetune_linprobe_and_partial_finetuning_on_real_crops(fruits_nuts:
     (1) end-to-end fine-tuning raises val top-1 clearly above the majority-class rate, (2) the linear probe runs
     and reports top-1, (3) the study runner gives the partial fine-tuning row for freeze 0 / 2 / -1."""
     from mae_transfer.pretraining import export_encoder, pretrain
-    from mae_transfer.study import load_study, run_study
+    from mae_transfer.study.run import run_study
+    from mae_transfer.study.spec import load_study
 
     crops = tmp_path / "crops"
     counts = coco_crops_to_imagefolder(fruits_nuts / "trainval.json", fruits_nuts / "images", crops, 16,

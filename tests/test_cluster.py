@@ -1,4 +1,4 @@
-"""The cluster launcher (mae_transfer/cluster.py, tools/submit.py) and studies as jobs (mae_transfer/study_cluster.py,
+"""The cluster launcher (mae_transfer/cluster.py, tools/submit.py) and studies as jobs (mae_transfer/study/cluster.py,
 tools/study.py --executor): the sbatch script submitit would submit, each tool's distributed setup inside a job,
 Slurm dependencies of a study (sbatch / sacct replaced by recording scripts), and a real 2-cell study through
 submitit's local executor with one job killed mid-run and resumed by the re-run."""
@@ -26,8 +26,8 @@ from mae_transfer.cluster import (
     tasks_per_node,
 )
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.study import DONE, Study, backbone_commands, load_study
-from mae_transfer.study_cluster import CellJob, load_jobs, run_study_jobs
+from mae_transfer.study.cluster import CellJob, load_jobs, run_study_jobs
+from mae_transfer.study.spec import DONE, Study, backbone_commands, load_study
 from tests.conftest import REPO_ROOT
 from tests.test_study import assert_same_backbones, seg_folder, shared_run, stop_after_epoch_1  # noqa: F401
 
@@ -169,7 +169,7 @@ def test_slurm_study_continues_an_interrupted_shared_pretraining(tmp_path: Path,
     """The shared run stopped after epoch 1 of 3 (checkpoint_0001 saved): the backbone job continues it (--resume)
     and then exports both backbones, and the cells wait for it; once the run has ended, a job only exports (one
     process, no --output-dir). `submit` is replaced by a recorder: the jobs are what would go to Slurm."""
-    from mae_transfer import study_cluster
+    from mae_transfer.study import cluster as study_cluster
 
     for split in ("train", "val"):
         (tmp_path / "cls" / split / "a").mkdir(parents=True)
@@ -433,7 +433,7 @@ def test_readme_cluster_commands_use_only_existing_options() -> None:
 
 
 def test_submitit_is_imported_only_when_a_job_is_made() -> None:
-    code = ("import sys, mae_transfer.cluster, mae_transfer.study_cluster, mae_transfer.study; "
+    code = ("import sys, mae_transfer.cluster, mae_transfer.study.cluster, mae_transfer.study; "
             "assert 'submitit' not in sys.modules, 'submitit imported at import time'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from harnesses import demo
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 DEMO_PATH = REPO_ROOT / "tools" / "demo.py"
@@ -57,14 +57,14 @@ def test_seg_data_finds_ade20k_and_its_options_fit_the_config(ade20k_sample: Pat
     seg = demo.find_seg_data(tmp_path / "ade")
     assert (seg.root, seg.train_split) == (full, "training") and "warning" not in capsys.readouterr().out
 
-    from mae_transfer import segmentation
+    from mae_transfer.segmentation import checks as seg_checks
 
     cfg = Config.fromfile(str(seg.config))
-    segmentation.apply_cfg_options(cfg, seg.cfg_options(), str(seg.config))  # unknown keys would raise
+    seg_checks.apply_cfg_options(cfg, seg.cfg_options(), str(seg.config))  # unknown keys would raise
     assert cfg.train_dataloader.dataset.data_prefix.img_path == "images/training"
     assert cfg.val_dataloader.dataset.data_prefix.img_path == "images/validation"
     assert cfg.test_dataloader.dataset.data_root == str(full)
-    segmentation.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
+    seg_checks.check_data(cfg, ["train_dataloader", "val_dataloader", "test_dataloader"])
 
 
 def test_seg_data_builtin_layout_and_unknown_layout(tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_output_folder_keeps_its_settings(tmp_path: Path) -> None:
 
 def test_det_metrics_from_eval_metrics_json(tmp_path: Path) -> None:
     from mae_transfer.metrics import write_eval_metrics
-    from mae_transfer.study import last_det_evaluation, read_det_metrics
+    from mae_transfer.study.run import last_det_evaluation, read_det_metrics
 
     assert last_det_evaluation(tmp_path) == {}  # no evaluation yet
     with pytest.raises(MaeTransferError, match="did not finish an evaluation"):
@@ -168,7 +168,7 @@ def test_undefined_metrics_are_null_with_a_reason_and_readers_cope(tmp_path: Pat
     import numpy as np
 
     from mae_transfer.metrics import read_eval_metrics, write_eval_metrics
-    from mae_transfer.study import read_det_metrics
+    from mae_transfer.study.run import read_det_metrics
 
     write_eval_metrics(tmp_path, "det", {"AP_box": float("nan"), "AP_mask": np.float64(2.5)}, tool="t",
                        reasons={"AP_box": "no detections"},
@@ -209,7 +209,7 @@ def test_summary_table_says_what_the_detection_pictures_show(tmp_path: Path) -> 
 def test_mini_study_states_mae_minus_scratch_per_freeze_setting(tmp_path: Path) -> None:
     """The demo's own study spec (2 seeds); the summary line gives the paired difference with ± and n for each
     freeze setting, whatever its sign, and says so where a setting has no finished pair."""
-    from mae_transfer.study import load_study
+    from mae_transfer.study.spec import load_study
 
     ckpt = tmp_path / "mae.pth"
     ckpt.write_bytes(b"")
@@ -344,7 +344,7 @@ def _demo_det_lrs(iters: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, e
     from detectron2.config import instantiate
     from detectron2.solver import LRMultiplier
 
-    from mae_transfer import detection
+    from mae_transfer.detection import checks as det_checks
 
     class Captured(Exception):
         pass
@@ -363,9 +363,9 @@ def _demo_det_lrs(iters: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, e
     train_det = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_det)
     args = train_det.parse_args([*commands[0][1:], *extra])
-    cfg = detection.load_config(args.config, detection.overrides_of(args))
+    cfg = det_checks.load_config(args.config, det_checks.overrides_of(args))
     assert cfg.train.max_iter == iters
-    detection.check_lr_schedule(cfg)  # what train_det checks before anything runs
+    det_checks.check_lr_schedule(cfg)  # what train_det checks before anything runs
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter=iters)
     lrs = []

@@ -1,6 +1,6 @@
 """detectron2 adapter: parity with detectron2's own ViTDet ViT + SimpleFeaturePyramid, the LazyConfigs
 (instantiation, parameter counts vs detectron2's own ViTDet model, recipe values), and tools/train_det.py
-(mae_transfer/detection.py) on real data (fruits_nuts training, coco_tiny COCOEvaluator, resume, checkpoint
+(mae_transfer/detection/train.py) on real data (fruits_nuts training, coco_tiny COCOEvaluator, resume, checkpoint
 import, gradient clipping, bad input)."""
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from backbones.detectron2 import ViTBackbone, add_mae_vit_config, build_vit_sfp
-from mae_transfer import detection, detection_pictures
 from mae_transfer.cli import run_cli
+from mae_transfer.detection import checks as det_checks
+from mae_transfer.detection import pictures as detection_pictures
+from mae_transfer.detection import train as detection
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
 from tests.conftest import no_init
@@ -150,7 +152,7 @@ def test_init_checkpoint_from_converter_loads_into_detectron2_vit_with_no_skippe
     skipping, missing or ignoring a key, and its outputs equal our backbone's loaded from the same file."""
     import timm
 
-    from mae_transfer.framework_checkpoints import detection_checkpointer
+    from mae_transfer.detection.checkpoint import detection_checkpointer
 
     src = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)  # 192 wide, 3 heads
     _perturb(src)
@@ -428,7 +430,7 @@ def test_resumable_train_loader_continues_exactly():
     import numpy as np
     from detectron2.data.samplers import TrainingSampler
 
-    from mae_transfer.detectron2_resume import ResumableTrainLoader, training_indices
+    from mae_transfer.detection.resume import ResumableTrainLoader, training_indices
 
     stream = list(itertools.islice(iter(TrainingSampler(7, seed=3)), 40))
     for start in (0, 5, 7, 23):  # inside the first epoch, at and after epoch boundaries
@@ -571,7 +573,7 @@ def test_init_checkpoint_any_format_zero_missing_backbone_keys(tmp_path):
     for src, ref in (("mae.pth", mae.encoder), ("timm.pth", timm_vit)):
         model = _tiny_model()
         out = tmp_path / src.replace(".pth", "_out")
-        path = detection.prepare_init_checkpoint(str(tmp_path / src), model, str(out))
+        path = det_checks.prepare_init_checkpoint(str(tmp_path / src), model, str(out))
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
         backbone_keys = {k for k in model.state_dict() if k.startswith("backbone.net.")}
         assert backbone_keys <= set(state), sorted(backbone_keys - set(state))[:5]  # zero missing backbone keys
@@ -585,7 +587,7 @@ def test_init_checkpoint_any_format_zero_missing_backbone_keys(tmp_path):
 def test_freeze_blocks_flag(tmp_path):
     args = train_det.parse_args(["--config", TINY, "--freeze-blocks", "3"])
     opts = [*args.opts, f"model.backbone.net.freeze_blocks={args.freeze_blocks}"]
-    cfg = detection.load_config(TINY, opts)
+    cfg = det_checks.load_config(TINY, opts)
     cfg.model.roi_heads.num_classes = 3
     model = instantiate(cfg.model).train()
     net = model.backbone.net
@@ -712,11 +714,11 @@ def test_detector_of_another_class_count_is_refused(coco_tiny, tmp_path, capsys)
     # error naming both counts and the opt-in; with train.new_class_heads=True a warning
     eighty = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 4), "backbone.net.pos_embed": torch.zeros(1)}
     with pytest.raises(MaeTransferError, match="of 80 classes, the dataset has 3 .*train.new_class_heads=True"):
-        detection.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
-    with _Warnings("mae_transfer.detection") as warnings:
-        detection.class_count_check(three, "train.init_checkpoint", new_class_heads=True)(eighty, "coco.pth")
-        detection.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
-        detection.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")
+        det_checks.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
+    with _Warnings("mae_transfer.detection.train") as warnings:
+        det_checks.class_count_check(three, "train.init_checkpoint", new_class_heads=True)(eighty, "coco.pth")
+        det_checks.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
+        det_checks.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")
     assert warnings.lines == ["train.init_checkpoint checkpoint coco.pth is a detector of 80 classes, the dataset has "
                               "3 (model.roi_heads.num_classes): its class-specific layers are not loaded and start "
                               "from scratch"]
@@ -750,10 +752,10 @@ def test_cli_vocabulary_and_eval_weights(tmp_path):
     assert (args.resume, args.opts) == (str(TINY), ["train.seed=1"])
     out = tmp_path / "out"
     out.mkdir()
-    assert detection.eval_weights("auto", str(out), "init.pth") == "init.pth"
+    assert det_checks.eval_weights("auto", str(out), "init.pth") == "init.pth"
     (out / "last_checkpoint").write_text("model_0000009.pth")
-    assert detection.eval_weights("auto", str(out), "init.pth") == str(out / "model_0000009.pth")
-    assert detection.eval_weights("given.pth", str(out), "init.pth") == "given.pth"
+    assert det_checks.eval_weights("auto", str(out), "init.pth") == str(out / "model_0000009.pth")
+    assert det_checks.eval_weights("given.pth", str(out), "init.pth") == "given.pth"
 
 
 class _Linear(nn.Module):
@@ -817,5 +819,5 @@ def test_milestones_that_do_not_fit_the_run_are_one_line_before_anything_runs(tm
             "and change train.max_iter only")
         assert not out.exists()
     # train.max_iter alone, however small, keeps the config's (fractional) schedule valid
-    cfg = detection.load_config(TINY, ["train.max_iter=1"])
-    detection.check_lr_schedule(cfg)
+    cfg = det_checks.load_config(TINY, ["train.max_iter=1"])
+    det_checks.check_lr_schedule(cfg)

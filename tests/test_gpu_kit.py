@@ -1,4 +1,4 @@
-"""The GPU kit (mae_transfer/gpu_kit.py): the check scripts/gpu_kit.sh runs on the downloaded wheels, and the offline
+"""The GPU kit (harnesses/gpu_kit.py): the check scripts/gpu_kit.sh runs on the downloaded wheels, and the offline
 install scripts/gpu_acceptance.sh --kit runs on the GPU machine. Wheels are made here, in tmp_path."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_transfer import gpu_kit
+from harnesses import gpu_kit
 from mae_transfer.errors import MaeTransferError
 from tests.conftest import REPO_ROOT
 

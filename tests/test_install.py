@@ -109,7 +109,7 @@ def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
     import mmseg.models  # noqa: F401  imports mmcv.ops at import time
     from mmcv.ops import point_sample  # noqa: F401
 
-    from mae_transfer.compat import CompiledOpUnavailableError
+    from backbones.compat import CompiledOpUnavailableError
 
     ext = sys.modules["mmcv._ext"]
     assert getattr(ext, "MAE_TRANSFER_STAND_IN", False)
@@ -246,7 +246,7 @@ def test_mmengine_runner_checkpoint_save_and_resume(tmp_path: Path) -> None:
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
-    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
+    from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint, use_safe_mmengine_loading
 
     use_safe_mmengine_loading()
 

@@ -14,8 +14,8 @@ import backbones.mmseg  # noqa: F401  (registers MAEViT)
 from backbones.mmseg import MAEViT
 from mae_transfer.checkpoint import load_backbone
 from mae_transfer.cli import run_cli
-from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
 from mae_transfer.metrics import read_eval_metrics
+from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -268,7 +268,7 @@ def test_recipe_values():
     b = _cfg("ade20k_upernet_vit_b.py")
     # MAE paper A.4 / mmseg mae-base_upernet_8xb2-amp-160k_ade20k-512x512
     assert b.model.backbone.type == "MAEViT"
-    assert b.custom_imports.imports == ["backbones.mmseg", "mae_transfer.mmseg_checkpoint"]  # adapter, its loader
+    assert b.custom_imports.imports == ["backbones.mmseg", "mae_transfer.segmentation.checkpoint"]  # adapter, loader
     assert b.model.backbone.out_indices == (3, 5, 7, 11) and b.model.backbone.drop_path_rate == 0.1
     assert b.model.neck == dict(type="Feature2Pyramid", embed_dim=768, rescales=[4, 2, 1, 0.5],
                                 norm_cfg=dict(type="SyncBN", requires_grad=True))
@@ -377,7 +377,7 @@ def test_seg_picture_titles_enlarged_panels_and_legend_of_the_classes_shown():
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
-    from mae_transfer.segmentation import titled_picture
+    from mae_transfer.segmentation.train import titled_picture
 
     drawn = np.full((192, 384, 3), 200, dtype=np.uint8)
     drawn[:, 192:] = 60  # the prediction half
@@ -453,7 +453,7 @@ def test_resume_continues_exactly(ade20k_sample, tmp_path, capsys, monkeypatch):
     batches it trains on."""
     import shutil
 
-    from mae_transfer import mmseg_resume
+    from mae_transfer.segmentation import resume as mmseg_resume
 
     root = ade20k_sample / "ADEChallengeData2016"
     config = CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"
@@ -503,7 +503,7 @@ def test_resume_at_the_last_iteration_still_validates(ade20k_sample, tmp_path, c
     with nothing to train. train_seg.py must then run the final validation (studies read its mIoU)."""
     import shutil
 
-    from mae_transfer.study import read_seg_metrics
+    from mae_transfer.study.run import read_seg_metrics
 
     root = ade20k_sample / "ADEChallengeData2016"
     argv = ["--config", CONFIGS / "ade20k_upernet_vit_tiny_cpu.py", "--output-dir", tmp_path / "w", "--cfg-options",
@@ -555,7 +555,7 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     rc, err = _run([config, *work, "--cfg-options", "train_cfg.max_iters=abc"], capsys)
     assert rc == 2 and err.strip().splitlines() == [
         "error: --cfg-options train_cfg.max_iters=abc: expected an integer (the config has 300), got a string"]
-    from mae_transfer.segmentation import apply_cfg_options
+    from mae_transfer.segmentation.checks import apply_cfg_options
 
     cfg = _cfg("camvid_upernet_vit_tiny_cpu.py")
     apply_cfg_options(cfg, ["optim_wrapper.optimizer.lr=1", "train_dataloader.dataset.data_prefix.img_path=2017",
@@ -623,7 +623,8 @@ def test_every_label_map_checked_once_with_a_cache(tmp_path, capsys, monkeypatch
     the file before training starts; the facts read are cached, so a second check reads only what changed."""
     from PIL import Image
 
-    from mae_transfer import segmentation
+    from mae_transfer.segmentation import checks as seg_checks
+    from mae_transfer.segmentation import train as segmentation
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -643,7 +644,7 @@ def test_every_label_map_checked_once_with_a_cache(tmp_path, capsys, monkeypatch
     bad[3, 4] = 11  # the ignore index
     Image.fromarray(bad).save(label)
     reads = []
-    real_read = segmentation.read_label_facts
+    real_read = seg_checks.read_label_facts
     monkeypatch.setattr(segmentation, "read_label_facts", lambda path: reads.append(path) or real_read(path))
     line = _one_error_line(*_run(argv, capsys))
     assert line == (f"error: 1 of 2 label maps of val_dataloader differ in size from their images, e.g. "
@@ -660,7 +661,7 @@ def test_unreadable_images_skipped_in_training_errors_elsewhere(tmp_path, capsys
     from mmengine.registry import init_default_scope
     from mmseg.registry import DATASETS
 
-    from mae_transfer import segmentation
+    from mae_transfer.segmentation import checks as seg_checks
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -671,9 +672,9 @@ def test_unreadable_images_skipped_in_training_errors_elsewhere(tmp_path, capsys
 
     truncate(data / "train" / "f02.png")
     cfg = _cfg("camvid_upernet_vit_tiny_cpu.py")
-    segmentation.apply_cfg_options(cfg, roots, "camvid")
+    seg_checks.apply_cfg_options(cfg, roots, "camvid")
     with caplog.at_level("WARNING", logger="mae_transfer.segmentation"):
-        segmentation.check_data(cfg, ["train_dataloader", "val_dataloader"])
+        seg_checks.check_data(cfg, ["train_dataloader", "val_dataloader"])
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"1 of 4 images of train_dataloader (or their label maps) cannot be read, e.g. "
                               f"{data / 'train' / 'f02.png'} (")
@@ -700,7 +701,7 @@ def test_nonfinite_loss_stops_training_keeping_the_last_good_checkpoint(camvid_m
     not finite. Training stops there with one error line naming the iteration and the last good checkpoint, as
     det / pretrain / cls do; the checkpoint of iteration 2 (interval 1) is not written, last_checkpoint still
     names iter_1.pth, and no eval_metrics.json is written (before: mIoU of the diverged model, exit 0)."""
-    from mae_transfer.segmentation import last_checkpoint
+    from mae_transfer.segmentation.checks import last_checkpoint
 
     out = tmp_path / "w"
     roots = [f"{split}_dataloader.dataset.data_root={camvid_mini}" for split in ("train", "val", "test")]

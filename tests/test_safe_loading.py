@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -158,7 +158,7 @@ def test_study_refuses_the_backbone_before_any_cell(bombs, shapes, tmp_path):
 
 
 def test_study_passes_the_opt_in_to_every_cell(shapes, tmp_path):
-    from mae_transfer.study import cell_command, load_study
+    from mae_transfer.study.spec import cell_command, load_study
 
     spec = dict(depth=2, freeze_blocks=[0], backbones={"random": None},
                 tasks={"det": dict(kind="det", config=DET_TINY, iters=1),
@@ -175,7 +175,7 @@ def test_mmengine_reader_allows_exactly_the_runner_types(tmp_path):
     `getattr` for anything but HistoryBuffer's statistics is refused."""
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
+    from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
     hub = MessageHub(f"hub_{tmp_path.name}")
     hub.update_scalar("train/loss", 0.5)
@@ -201,7 +201,7 @@ def test_mmengine_reader_allows_exactly_the_runner_types(tmp_path):
 def test_detectron2_checkpointer_reads_pkl_only_with_the_opt_in(bombs, tmp_path):
     import numpy as np
 
-    from mae_transfer.framework_checkpoints import detection_checkpointer
+    from mae_transfer.detection.checkpoint import detection_checkpointer
 
     model = torch.nn.Linear(2, 1, bias=False)
     with open(tmp_path / "zoo.pkl", "wb") as f:

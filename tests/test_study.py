@@ -19,23 +19,10 @@ from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.pretraining import export_encoder, load_checkpoint, pretrain
-from mae_transfer.study import (
-    DONE,
-    Cell,
-    cell_command,
-    collect,
-    command_line,
-    differences,
-    dry_run,
-    load_study,
-    paired_difference,
-    plot_caption,
-    read_seg_metrics,
-    results_markdown,
-    run_study,
-    summarise,
-    write_results,
-)
+from mae_transfer.study.report import plot_caption, results_markdown, write_results
+from mae_transfer.study.run import dry_run, read_seg_metrics, run_study
+from mae_transfer.study.spec import DONE, Cell, cell_command, command_line, load_study
+from mae_transfer.study.tables import collect, differences, paired_difference, summarise
 from tests.conftest import REPO_ROOT
 
 SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
@@ -232,7 +219,7 @@ tasks = {{
 def test_every_input_is_checked_before_the_first_cell_runs_or_job_is_submitted(tmp_path: Path) -> None:
     """One report of everything wrong in a spec (a line per problem, exit 2, no traceback), before anything runs:
     through tools/study.py --executor local, the in-process runner and the Slurm executor alike."""
-    from mae_transfer.study_cluster import run_study_jobs
+    from mae_transfer.study.cluster import run_study_jobs
 
     spec_file = tmp_path / "spec.py"
     spec_file.write_text(BAD_SPEC.format(tmp=tmp_path))
@@ -465,7 +452,7 @@ def test_supervised_needs_two_class_folders(layout: str, crops: Path, tmp_path: 
 def test_done_marker_is_strict_json_with_an_undefined_metric(tmp_path: Path) -> None:
     """A cell whose evaluation is undefined (COCO AP without detections: NaN) writes null in done.json, which parses
     as strict JSON and counts as no value in the table."""
-    from mae_transfer.study import write_done
+    from mae_transfer.study.run import write_done
 
     study = load_study(spec(tmp_path), tmp_path / "out")
     cell = next(c for c in study.cells() if c.task == "det")
@@ -484,8 +471,8 @@ def test_done_marker_is_strict_json_with_an_undefined_metric(tmp_path: Path) -> 
 def test_backbones_at_several_epochs_share_one_pretraining(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three backbones taken from one MAE run (after epochs 1 and 2, and its last, epoch 3): the study pretrains
     once, exports three different encoders, and a second preparation runs nothing."""
-    from mae_transfer import study_run
-    from mae_transfer.synthetic import make_unlabeled_shapes
+    from harnesses.synthetic import make_unlabeled_shapes
+    from mae_transfer.study import run as study_run
 
     pool = make_unlabeled_shapes(tmp_path / "pool", 8, size=64)
     mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool),
@@ -540,8 +527,8 @@ def shared_mae_spec(pool: Path, data: Path, **changes) -> dict:
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[str, Path]]:
     """An uninterrupted shared pretraining run through a study: (spec, exported backbone per name)."""
-    from mae_transfer.study_run import prepare_backbone
-    from mae_transfer.synthetic import make_unlabeled_shapes
+    from harnesses.synthetic import make_unlabeled_shapes
+    from mae_transfer.study.run import prepare_backbone
 
     root = tmp_path_factory.mktemp("shared_run")
     for split in ("train", "val"):
@@ -577,7 +564,7 @@ def test_an_interrupted_shared_pretraining_is_continued_to_the_same_backbone(sha
     again continues the run with --resume and exports what the uninterrupted study exports, bit for bit; the
     interrupted run's checkpoint_last is never exported as the run's end (the export refuses it: one error line)."""
     from mae_transfer.cli import run_cli
-    from mae_transfer.study_spec import backbone_commands
+    from mae_transfer.study.spec import backbone_commands
 
     spec_dict, reference = shared_run
     study = load_study(spec_dict, tmp_path / "out")

@@ -17,10 +17,11 @@ import pytest
 from mae_transfer import task_kinds
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.study import DONE, Cell, collect, load_study, results_markdown, run_study
-from mae_transfer.study_claims import compare, exploratory_family, replication_study
-from mae_transfer.study_spec import Contrast
-from mae_transfer.study_stats import (
+from mae_transfer.study.claims import compare, exploratory_family, replication_study
+from mae_transfer.study.report import results_markdown
+from mae_transfer.study.run import run_study
+from mae_transfer.study.spec import DONE, Cell, Contrast, load_study
+from mae_transfer.study.stats import (
     bonferroni_interval,
     detectable_effect,
     holm,
@@ -29,8 +30,10 @@ from mae_transfer.study_stats import (
     paired_test,
     variance_components,
 )
-from mae_transfer.task_kinds import Metric, Overrides, TaskKind, Tool
+from mae_transfer.study.tables import collect
+from mae_transfer.task_kinds import TORCH_ENV, Metric, Overrides, TaskKind, Tool
 from tests.conftest import REPO_ROOT
+from tests.test_task_kinds import check_toy_task
 
 SEG = dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=20)
 
@@ -224,11 +227,11 @@ def noisy_kind(tmp_path: Path) -> Iterator[TaskKind]:
     script = tmp_path / "noisy.py"
     script.write_text(textwrap.dedent(NOISY_TOOL))
     kind = task_kinds.register(TaskKind(
-        "noisy", Tool(str(script), "torch_env", "toy_last.txt"), "train_noisy",
+        "noisy", Tool(str(script), TORCH_ENV, "toy_last.txt"), "train_noisy",
         metrics=(Metric("score", "score", "$s$"),), length_key="epochs",
         overrides=Overrides(length=("rounds={iters}",), checkpoint_period="keep={period}", seed="seed={seed}",
                             init_flag="--weights", freeze_flag="--blocks-frozen", overrides_flag="--set"),
-        input_check="tests.test_task_kinds:check_toy_task"))
+        input_check=check_toy_task))
     (tmp_path / "noisy_config.py").write_text("width = 1\n")
     (tmp_path / "data").mkdir()
     try:
@@ -247,8 +250,8 @@ def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp
     """Two backbones at two epochs of one MAE pretraining with seeds [0, 1, 2]: three pretraining runs (one per seed,
     each saving both epochs) and no more; the cells cross the runs with the fine-tuning seeds; the report
     averages the runs per fine-tuning seed and splits the variance."""
-    from mae_transfer import study_run
-    from mae_transfer.synthetic import make_unlabeled_shapes
+    from harnesses.synthetic import make_unlabeled_shapes
+    from mae_transfer.study import run as study_run
 
     pool = make_unlabeled_shapes(tmp_path / "pool", 2, size=32)
     mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool), opts=["epochs=2"], seeds=[0, 1, 2])

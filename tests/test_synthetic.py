@@ -1,4 +1,4 @@
-"""The built-in shapes (mae_transfer/synthetic.py): no colour shortcut to the class, and deterministic files.
+"""The built-in shapes (harnesses/synthetic.py): no colour shortcut to the class, and deterministic files.
 
 The shortcut test fits a colour-only classifier and checks it does no better than chance on held-out pictures; the
 same classifier on two outline statistics (how much of its bounding box a shape covers, how spread out it is) does
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_transfer.synthetic import SHAPE_CLASSES, make_shape_classes, make_shapes_dataset, make_unlabeled_shapes
+from harnesses.synthetic import SHAPE_CLASSES, make_shape_classes, make_shapes_dataset, make_unlabeled_shapes
 
 
 def _qda_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:

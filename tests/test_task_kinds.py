@@ -14,9 +14,10 @@ import pytest
 from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
-from mae_transfer.study import Cell, cell_command, command_line, has_checkpoint, load_study, run_study
-from mae_transfer.study_cluster import CellJob
-from mae_transfer.task_kinds import Metric, Overrides, TaskKind, Tool
+from mae_transfer.study.cluster import CellJob
+from mae_transfer.study.run import run_study
+from mae_transfer.study.spec import Cell, cell_command, command_line, has_checkpoint, load_study
+from mae_transfer.task_kinds import TORCH_ENV, Metric, Overrides, TaskKind, Tool
 
 TOY_TOOL = '''
 import argparse, json, sys
@@ -55,7 +56,7 @@ def toy_score(cell: Cell, rounds: int) -> float:
 
 
 def check_toy_task(args: Any, check: Any) -> None:
-    """The toy kind's input check (named by its record, as the built-in kinds' are)."""
+    """The toy kind's input check (a callable on its record, as the built-in kinds' are)."""
     check(None, _folder, args.data)
 
 
@@ -69,11 +70,11 @@ def toy_kind(tmp_path: Path) -> Iterator[TaskKind]:
     script = tmp_path / "toy.py"
     script.write_text(textwrap.dedent(TOY_TOOL))
     kind = task_kinds.register(TaskKind(
-        "toy", Tool(str(script), "torch_env", "toy_last.txt", marker_names_checkpoint=True), "train_toy",
+        "toy", Tool(str(script), TORCH_ENV, "toy_last.txt", marker_names_checkpoint=True), "train_toy",
         metrics=(Metric("score", "score", "$s$"),), length_key="epochs",
         overrides=Overrides(length=("rounds={iters}",), checkpoint_period="keep={period}", seed="seed={seed}",
                             init_flag="--weights", freeze_flag="--blocks-frozen", overrides_flag="--set"),
-        input_check="tests.test_task_kinds:check_toy_task"))
+        input_check=check_toy_task))
     try:
         yield kind
     finally:
@@ -129,7 +130,8 @@ def test_a_registered_kind_runs_through_the_study_bookkeeping(toy_kind: TaskKind
 def test_builtin_kinds_spell_the_tools_settings() -> None:
     det, seg, cls = (task_kinds.get(k) for k in ("det", "seg", "cls"))
     assert (det.tool_name, seg.tool_name, cls.tool_name) == ("train_det", "train_seg", "finetune_cls")
-    assert task_kinds.TOOLS["train_det"].mode == "detectron2" and task_kinds.TOOLS["train_seg"].mode == "mmengine"
+    assert task_kinds.TOOLS["train_det"].mode is task_kinds.DETECTRON2
+    assert task_kinds.TOOLS["train_seg"].mode is task_kinds.MMENGINE
     assert det.overrides.cell(8, 4, 1) == ["train.max_iter=8", "train.eval_period=8", "train.checkpointer.period=4",
                                            "train.seed=1"]
     assert seg.overrides.init(None) == ([], []) and det.overrides.init(None) == ([], ["train.init_checkpoint="])

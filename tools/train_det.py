@@ -16,7 +16,7 @@ rule. It is printed before training and saved as OUTPUT_DIR/recipe.json; --plan 
 
 `key=value` config overrides go anywhere on the line; unknown keys are an error. The final evaluation
 (training with evaluation, or --eval-only) is written to OUTPUT_DIR/eval_metrics.json. The work is done by
-mae_transfer/detection.py (as detectron2's tools/lazyconfig_train_net.py, plus checks and checkpoint import).
+mae_transfer/detection/train.py (as detectron2's tools/lazyconfig_train_net.py, plus checks and checkpoint import).
 """
 from __future__ import annotations
 
@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_counts(args)
     from detectron2.engine import launch
 
-    from mae_transfer import detection, detection_recipe, recipe
+    from mae_transfer import recipe
+    from mae_transfer.detection import recipe as detection_recipe
+    from mae_transfer.detection import train as detection
 
     if args.plan:
         recipe.print_plan(detection_recipe.plan_from_args(args))

@@ -17,7 +17,7 @@ pytorch (--num-gpus, when given, must match its WORLD_SIZE).
 The final validation (training) or the test (--eval-only) is written to OUTPUT_DIR/eval_metrics.json.
 Bad input (missing data, labels outside the classes, a checkpoint that does not fit, an unknown
 config key) ends with one `error: ...` line and exit status 2 (`--debug` shows the traceback).
-The work is done by mae_transfer/segmentation.py.
+The work is done by mae_transfer/segmentation/train.py.
 """
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_counts(args)
-    from mae_transfer import segmentation, segmentation_recipe
     from mae_transfer.recipe import print_plan
+    from mae_transfer.segmentation import recipe as segmentation_recipe
+    from mae_transfer.segmentation import train as segmentation
 
     if args.plan:
         print_plan(segmentation_recipe.plan_from_args(args))

@@ -40,11 +40,11 @@ from mae_transfer.cluster import (
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.paths import REPO_ROOT
-from mae_transfer.study_claims import record_contrasts
-from mae_transfer.study_inputs import check_inputs
-from mae_transfer.study_report import write_results
-from mae_transfer.study_run import prepare_pretrain_data, read_metrics, write_done
-from mae_transfer.study_spec import DONE, Cell, Study, _safe, backbone_commands, cell_command, pretrain_group
+from mae_transfer.study.claims import record_contrasts
+from mae_transfer.study.inputs import check_inputs
+from mae_transfer.study.report import write_results
+from mae_transfer.study.run import prepare_pretrain_data, read_metrics, write_done
+from mae_transfer.study.spec import DONE, Cell, Study, backbone_commands, cell_command, pretrain_group, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _pass(study: Study, executor: str, jobs: dict[str, dict[str, Any]], max_para
 
     def do_submit(key: str, job: ToolJob, res: Resources, dependency: str | None = None) -> dict[str, Any]:
         nonlocal in_flight
-        folder = study.output_dir / "jobs" / _safe(key)
+        folder = study.output_dir / "jobs" / safe_name(key)
         entry = submit(job, executor, folder, res, f"{study.name}:{key.split(' ', 1)[1]}", dependency)
         attempts = jobs.get(key, {}).get("attempts", 0) + 1
         jobs[key] = {**entry, "state": "pending", "attempts": attempts, "depends_on": dependency}

@@ -44,55 +44,9 @@ fine-tuned, one line per backbone, one panel per metric, error bars = std over s
 metrics, iterations and seeds) when the run ends, fails or is interrupted (Ctrl-C keeps every finished
 cell; a re-run with nothing left to do rewrites all three).
 """
-from __future__ import annotations
 
-# The study in parts: the spec and its commands (study_spec), input checks (study_inputs), running (study_run),
-# results (study_report). This module keeps the names tools and tests import.
-from mae_transfer.study_inputs import check_inputs, input_problems
-from mae_transfer.study_report import (
-                                       Difference,
-                                       collect,
-                                       differences,
-                                       paired_difference,
-                                       per_seed,
-                                       plot_caption,
-                                       results_markdown,
-                                       summarise,
-                                       write_csv,
-                                       write_plot,
-                                       write_results,
-)
-from mae_transfer.study_run import (
-                                       Runner,
-                                       dry_run,
-                                       last_det_evaluation,
-                                       plan,
-                                       prepare_backbone,
-                                       prepare_pretrain_data,
-                                       read_cls_metrics,
-                                       read_det_metrics,
-                                       read_metrics,
-                                       read_seg_metrics,
-                                       run_study,
-                                       subprocess_runner,
-                                       write_done,
-)
-from mae_transfer.study_spec import (
-                                       DONE,
-                                       Cell,
-                                       Study,
-                                       backbone_commands,
-                                       cell_command,
-                                       command_line,
-                                       has_checkpoint,
-                                       load_study,
-                                       pretrain_group,
-)
-
-__all__ = ["DONE", "Cell", "Difference", "Runner", "Study", "backbone_commands", "cell_command", "check_inputs",
-           "collect", "command_line", "differences", "dry_run", "has_checkpoint", "input_problems",
-           "last_det_evaluation",
-           "load_study", "paired_difference", "per_seed", "plan", "pretrain_group", "plot_caption",
-           "prepare_backbone", "prepare_pretrain_data",
-           "read_cls_metrics", "read_det_metrics", "read_metrics", "read_seg_metrics", "results_markdown",
-           "run_study", "subprocess_runner", "summarise", "write_csv", "write_done", "write_plot", "write_results"]
+# The study in parts, each imported by its own path (this package re-exports nothing): `spec` (the spec and its
+# commands), `inputs` (every input checked before the first cell), `run` (running cells, metrics files),
+# `report` (results tables and plot), `claims` (confirmatory / exploratory claims), `stats` (the statistics),
+# `cluster` (Slurm jobs through submitit).
+__all__ = ["claims", "cluster", "inputs", "report", "run", "spec", "stats"]

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from torchvision.ops import nms
+
+from mae_transfer.pictures import side_by_side
 
 PANEL_MIN = 512  # px: the short side of each panel, at least (small images are enlarged so labels read)
 PANEL_MAX = 1280  # px: the long side of each panel, at most
@@ -17,8 +22,6 @@ DISPLAY_NMS_IOU = 0.5
 def display_detections(inst: Any, score_thresh: float, top_k: int) -> Any:
     """The detections a picture shows: class-agnostic NMS (one object drawn once, not once per class it might be),
     then the `top_k` highest scores (0: all) of at least `score_thresh`."""
-    from torchvision.ops import nms
-
     keep = nms(inst.pred_boxes.tensor.float(), inst.scores.float(), DISPLAY_NMS_IOU)  # sorted by score
     keep = keep[inst.scores[keep] >= score_thresh]
     return inst[keep[:top_k] if top_k > 0 else keep]
@@ -27,8 +30,6 @@ def display_detections(inst: Any, score_thresh: float, top_k: int) -> Any:
 def ground_truth_records(cfg: Any) -> dict[str, dict]:
     """Resolved image path -> detectron2 record (with "annotations") of the config's test dataset(s) that have a
     readable COCO json (--val-json, or a builtin one that is present); {} when none has."""
-    from detectron2.data import DatasetCatalog
-
     names = cfg.dataloader.test.dataset.names
     records: dict[str, dict] = {}
     for name in [names] if isinstance(names, str) else list(names):
@@ -54,16 +55,12 @@ def _visualizer(rgb: Any, metadata: Any, scale: float) -> Visualizer:
 
 
 def _class_color(index: int) -> Any:
-    from detectron2.utils.colormap import colormap
-
     colors = colormap(rgb=True, maximum=1)
     return colors[index % len(colors)]  # the same class has the same colour in both panels
 
 
 def draw_ground_truth(rgb: Any, record: dict, metadata: Any, scale: float) -> Any:
     """The image with the record's boxes, masks and class names (crowd regions marked), as an RGB array."""
-    from detectron2.structures import BoxMode
-
     annos = record.get("annotations", [])
     names = metadata.get("thing_classes", None) or []
     boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
@@ -104,8 +101,6 @@ def prediction_picture(rgb: Any, inst: Any, metadata: Any, record: dict | None, 
                        top_k: int) -> Any:
     """Ground truth (when `record` is given) beside the prediction, each panel under its title, enlarged so that
     labels read; `inst` are all the model's detections (the shown ones are chosen here). A PIL image."""
-    from mae_transfer.pictures import side_by_side
-
     shown = display_detections(inst, score_thresh, top_k)
     scale = _panel_scale(*rgb.shape[:2])
     pred_title = prediction_title(inst, shown, score_thresh, top_k)

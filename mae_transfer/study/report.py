@@ -5,173 +5,23 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from dataclasses import dataclass
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from mae_transfer.io import atomic_write, atomic_write_text
-from mae_transfer.study_spec import DONE, Study
-
-
-def collect(study: Study) -> list[dict[str, Any]]:
-    """One row per finished cell of this spec (read from the done markers)."""
-    rows = []
-    for cell in study.cells():
-        path = study.cell_dir(cell) / DONE
-        if not path.is_file():
-            continue
-        record = json.loads(path.read_text())
-        rows.append({"backbone": cell.backbone, "task": cell.task, "kind": study.tasks[cell.task]["kind"],
-                     "freeze_blocks": cell.freeze_blocks, "blocks_tuned": study.blocks_tuned(cell.freeze_blocks),
-                     "seed": cell.seed, **record["metrics"], "seconds": record.get("seconds", ""),
-                     "cell_dir": str(study.cell_dir(cell))})
-    return rows
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def _mean(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for one value) of the finite values."""
-    values = [v for v in values if _finite(v)]
-    if not values:
-        return math.nan, math.nan
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def _metric_columns(study: Study) -> list[tuple[str, str, str]]:
-    """(task, metric key, label) in task order; the task name joins the label when a kind repeats."""
-    kinds = [t["kind"] for t in study.tasks.values()]
-    cols = []
-    for task, spec in study.tasks.items():
-        for metric in study.metrics_of(task):
-            label = study.kind(task).metric(metric).label
-            label = label if kinds.count(spec["kind"]) == 1 else f"{task} {label}"
-            cols.append((task, metric, label))
-    return cols
-
-
-def per_seed(rows: list[dict[str, Any]], backbone: str, task: str, metric: str, freeze: int) -> dict[int, float]:
-    """seed -> value of one (backbone, task, metric, freeze), finite values only."""
-    return {r["seed"]: r[metric] for r in rows
-            if (r["backbone"], r["task"], r["freeze_blocks"]) == (backbone, task, freeze) and _finite(r.get(metric))}
-
-
-def backbone_per_seed(study: Study, rows: list[dict[str, Any]], backbone: str, task: str, metric: str,
-                      freeze: int) -> dict[int, float]:
-    """Fine-tuning seed -> value of a spec backbone. A backbone with pretraining seeds: the mean over its
-    pretraining runs, for the fine-tuning seeds every run finished (claims about it use all its runs)."""
-    runs = [per_seed(rows, member, task, metric, freeze) for member in study.members(backbone)]
-    if len(runs) == 1:
-        return runs[0]
-    common = set.intersection(*(set(r) for r in runs))
-    return {s: sum(r[s] for r in runs) / len(runs) for s in sorted(common)}
-
-
-def summarise(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], tuple[float, float, int]]:
-    """(backbone, task, metric, freeze) -> (mean over seeds, sample std, number of seeds with a value)."""
-    out = {}
-    for backbone in study.backbones:
-        for task, metric, _ in _metric_columns(study):
-            for freeze in study.freeze_blocks:
-                values = per_seed(rows, backbone, task, metric, freeze)
-                if values:
-                    out[(backbone, task, metric, freeze)] = (*_mean(list(values.values())), len(values))
-    return out
-
-
-@dataclass(frozen=True)
-class Difference:
-    """a - b for one (task, metric, freeze). Paired (both finished the same seeds): mean and sample std of the
-    per-seed differences, n pairs, and for n >= 3 the 95% t-interval of the mean difference. Unpaired: difference
-    of the means, spread sqrt(std_a^2 + std_b^2) (the std of a difference of two independent runs, comparable to
-    the paired spread), n = min(n_a, n_b), no interval."""
-
-    mean: float
-    std: float
-    n: int
-    paired: bool
-    ci95: tuple[float, float] | None = None
-
-    @property
-    def within_noise(self) -> bool | None:
-        """Whether the 95% interval contains 0 (None without an interval)."""
-        return None if self.ci95 is None else self.ci95[0] <= 0 <= self.ci95[1]
-
-    def text(self) -> str:
-        """`+1.2±0.8 [-0.5, +2.9] within noise (n=3)`: mean ± std, the interval and what it says, n."""
-        out = _fmt_spread(self.mean, self.std, self.n > 1 or not self.paired, "+") + ("" if self.paired else "†")
-        if self.ci95 is not None:
-            out += f" [{_fmt(self.ci95[0], '+')}, {_fmt(self.ci95[1], '+')}]" + (
-                " within noise" if self.within_noise else "")
-        return f"{out} (n={self.n})"
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> Difference | None:
-    """a - b from two seed -> value maps: paired over the seeds both have when they have the same seeds, else the
-    difference of the means (see Difference); None when either is empty."""
-    if not a or not b:
-        return None
-    if set(a) == set(b):
-        diffs = [a[s] - b[s] for s in a]
-        mean, std = _mean(diffs)
-        ci = None
-        if len(diffs) >= 3:
-            from scipy.stats import t
-
-            half = float(t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))
-            ci = (mean - half, mean + half)
-        return Difference(mean, std, len(diffs), True, ci)
-    (mean_a, std_a), (mean_b, std_b) = _mean(list(a.values())), _mean(list(b.values()))
-    return Difference(mean_a - mean_b, math.hypot(std_a, std_b), min(len(a), len(b)), False)
-
-
-def differences(study: Study, rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Difference]:
-    """(backbone, task, metric, freeze) -> Difference against study.reference, for every other backbone whose
-    cell and the reference's cell both have values; {} without a reference."""
-    ref = study.reference
-    if ref is None:
-        return {}
-    out = {}
-    for backbone in study.spec_backbones():
-        if backbone == ref:
-            continue
-        for task, metric, _ in _metric_columns(study):
-            for freeze in study.freeze_blocks:
-                d = paired_difference(*(backbone_per_seed(study, rows, name, task, metric, freeze)
-                                        for name in (backbone, ref)))
-                if d is not None:
-                    out[(backbone, task, metric, freeze)] = d
-    return out
-
-
-def _freeze_order(study: Study) -> list[int]:
-    """Columns from the most blocks fine-tuned to none (linear probe last), as in the MAE paper's table."""
-    return sorted(study.freeze_blocks, key=lambda f: (study.blocks_tuned(f), f < 0), reverse=True)
-
-
-def _freeze_label(study: Study, freeze: int) -> str:
-    n = study.blocks_tuned(freeze)
-    if freeze < 0:
-        return "0 (frozen ViT)"
-    return f"{n} (all)" if n == study.depth else str(n)
-
-
-def _fmt(value: float, sign: str = "") -> str:
-    """One decimal as in the MAE paper; two below 1 (short CPU runs) so small numbers stay comparable."""
-    return f"{value:{sign}.1f}" if abs(value) >= 1 else f"{value:{sign}.2f}"
-
-
-def _fmt_spread(mean: float, std: float, spread: bool, sign: str = "") -> str:
-    """mean±std, the std with the mean's decimals; without the ± when there is no spread to show (one seed)."""
-    if not spread:
-        return _fmt(mean, sign)
-    return _fmt(mean, sign) + (f"±{std:.1f}" if abs(mean) >= 1 else f"±{std:.2f}")
+from mae_transfer.study.claims import confirmatory_markdown, exploratory_markdown, pretraining_markdown
+from mae_transfer.study.spec import Study
+from mae_transfer.study.tables import (
+    collect,
+    differences,
+    fmt_spread,
+    freeze_label,
+    freeze_order,
+    metric_columns,
+    summarise,
+)
 
 
 def _n_label(counts: list[int]) -> str:
@@ -183,16 +33,14 @@ def _task_summary(study: Study) -> str:
                      f"{study.kind(t).length_unit}" for t, s in study.tasks.items())
 
 
-def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
-    # the claims' sections build on this module's tables (study_claims imports it)
-    from mae_transfer.study_claims import confirmatory_markdown, exploratory_markdown, pretraining_markdown
 
+def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
     stats = summarise(study, rows)
-    cols = _metric_columns(study)
-    freezes = _freeze_order(study)
+    cols = metric_columns(study)
+    freezes = freeze_order(study)
     seeds = len(study.seeds)
     metrics = " / ".join(label for _, _, label in cols)
-    header = "| backbone | " + " | ".join(_freeze_label(study, f) for f in freezes) + " | n |"
+    header = "| backbone | " + " | ".join(freeze_label(study, f) for f in freezes) + " | n |"
     rule = "|---|" + "---|" * (len(freezes) + 1)
     lines = [
         f"# Study `{study.name}`",
@@ -218,10 +66,10 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
                 if s is None or math.isnan(s[0]):
                     parts.append("-")
                     continue
-                parts.append(_fmt_spread(s[0], s[1], s[2] > 1))
+                parts.append(fmt_spread(s[0], s[1], s[2] > 1))
                 counts.append(s[2])
                 if s[2] < seeds:
-                    short.append(f"{backbone} {label} at {_freeze_label(study, f)} (n={s[2]})")
+                    short.append(f"{backbone} {label} at {freeze_label(study, f)} (n={s[2]})")
             cells.append(" / ".join(parts))
         lines.append(f"| {backbone} | " + " | ".join(cells) + f" | {_n_label(counts)} |")
     if short:
@@ -254,7 +102,7 @@ def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tu
         "Descriptive, every backbone (declared contrasts included): these intervals are per comparison, not "
         "adjusted for the others (the adjusted readings are above).",
         "",
-        "| backbone | metric | " + " | ".join(_freeze_label(study, f) for f in freezes) + " |",
+        "| backbone | metric | " + " | ".join(freeze_label(study, f) for f in freezes) + " |",
         "|---|---|" + "---|" * len(freezes),
     ]
     for backbone in study.spec_backbones():
@@ -268,7 +116,7 @@ def _difference_markdown(study: Study, rows: list[dict[str, Any]], cols: list[tu
 
 
 def write_csv(study: Study, rows: list[dict[str, Any]]) -> Path:
-    metrics = [m for _, m, _ in _metric_columns(study)]
+    metrics = [m for _, m, _ in metric_columns(study)]
     fields = ["backbone", "task", "kind", "freeze_blocks", "blocks_tuned", "seed",
               *dict.fromkeys(metrics), "seconds", "cell_dir"]
     buf = io.StringIO()
@@ -298,15 +146,13 @@ def write_plot(study: Study, rows: list[dict[str, Any]]) -> Path:
     """One panel per metric: mean metric vs blocks fine-tuned, one line per backbone (MAE paper, Fig. 9), error bars
     the std over seeds, and a caption under the panels (tasks, metrics, iterations, seeds).
     freeze_blocks=-1 sits at 0 blocks; when freeze_blocks=depth is also run it is drawn as an unjoined square."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stats = summarise(study, rows)
-    cols = _metric_columns(study)
+    cols = metric_columns(study)
     width = 4.2 * len(cols)
     caption = textwrap.fill(plot_caption(study, rows), width=int(width * 14))
     caption_h = 0.15 * (caption.count("\n") + 1) + 0.1  # inches of 8-pt text lines

@@ -17,7 +17,7 @@ process mmengine turns SyncBN into BN (statistics over one process's micro-batch
 BN over a single image where UperHead's pool-scale-1 branch would see 1 value per channel (it cannot train).
 Under a launcher (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS) --plan describes the processes it started.
 
-Framework glue: reads mmengine Config objects (imports no framework itself).
+Framework glue: reads mmengine Config objects (`build_config`, for --plan, comes from `segmentation.checks`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from mae_transfer import recipe as rcp
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.segmentation.checks import build_config
 
 TOOL = "tools/train_seg.py"
 BATCH_KEY = "train_dataloader.batch_size"
@@ -297,15 +300,11 @@ def resolve(cfg: Any, args: argparse.Namespace, world_size: int, device: str) ->
 
 def run_device() -> str:
     """Where a real run trains (mmengine takes the GPU when there is one); bf16 is checked here."""
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_amp_support(recipe: rcp.Recipe) -> None:
     """bf16 only on a GPU that has it (one error line otherwise)."""
-    import torch
-
     if recipe.amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise MaeTransferError(f"amp='bf16': {torch.cuda.get_device_name()} has no bf16; use --cfg-options amp=fp16")
 
@@ -314,10 +313,6 @@ def plan_from_args(args: argparse.Namespace) -> rcp.Recipe:
     """--plan: the config with the command line's options on the launcher's processes (plan_world_size), for the
     GPUs when --num-gpus is given or the machine has one, under a launcher for this machine's device (no data, no
     weights, no model)."""
-    import torch
-
-    from mae_transfer.segmentation import build_config
-
     cfg = build_config(argparse.Namespace(**{**vars(args), "launcher": "none"}))  # no distributed set-up checks
     world_size = plan_world_size(args)
     if launched_processes(args.launcher) is not None:

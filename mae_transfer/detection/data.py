@@ -16,6 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
 from mae_transfer.coco import CocoInstances, check_coco_instances
 from mae_transfer.errors import MaeTransferError
 
@@ -53,9 +56,6 @@ def register_coco_instances_checked(name: str, json_path: str | os.PathLike, ima
     annotations it needs for that (`require_annotations`). Registering a name again replaces it (the file may have
     changed). Returns the class names in category-id order (detectron2's contiguous ids).
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-
     checked = check_coco_instances(json_path, image_root)
     if use:
         require_annotations(checked, json_path, use)

@@ -1,6 +1,6 @@
 """A study spec: reading and checking it (`load_study`), its cells, and the tool command of each cell.
 
-The spec format is described in mae_transfer/study.py. A task's `kind` is a `mae_transfer.task_kinds` record: its
+The spec format: mae_transfer/study/__init__.py. A task's `kind` is a `mae_transfer.task_kinds` record: its
 tool, the key of the run's length (`iters` or `epochs`) and how a cell's settings are spelled for the tool.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return _safe(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
+        return safe_name(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Study:
         return list(self.kind(task).metric_keys)
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", text)
 
 
@@ -434,12 +434,12 @@ def has_checkpoint(study: Study, cell: Cell) -> bool:
     return study.kind(cell.task).tool.has_checkpoint(study.cell_dir(cell))
 
 
-def _backbone_work(study: Study, name: str) -> Path:
-    return study.output_dir / "backbones" / _safe(name)
+def backbone_work(study: Study, name: str) -> Path:
+    return study.output_dir / "backbones" / safe_name(name)
 
 
-def _pretrain_data(study: Study, pre: Mapping[str, Any]) -> str:
-    return pre.get("data") or str(study.output_dir / "data" / f"crops_{_safe(Path(pre['crops']['json']).stem)}")
+def pretrain_data(study: Study, pre: Mapping[str, Any]) -> str:
+    return pre.get("data") or str(study.output_dir / "data" / f"crops_{safe_name(Path(pre['crops']['json']).stem)}")
 
 
 def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[str]]]:
@@ -472,13 +472,13 @@ def backbone_commands(study: Study, name: str) -> tuple[str | None, list[list[st
         return ckpt, exports
     epochs = sorted({study.backbones[n]["epoch"] for n in group if study.backbones[n].get("epoch")})
     keep = [f"save_epochs=[{','.join(map(str, epochs))}]"] if epochs else []
-    return ckpt, [[study.python, tool, "--config", pre["config"], "--data", _pretrain_data(study, pre),
+    return ckpt, [[study.python, tool, "--config", pre["config"], "--data", pretrain_data(study, pre),
                    "--output-dir", str(run), "--resume", *pre["opts"], *keep], *exports]
 
 
 def pretrain_run(study: Study, name: str) -> Path:
     """The folder of the pretraining run a backbone comes from (shared by its group)."""
-    return _backbone_work(study, pretrain_group(study.backbones, name)[0]) / "pretrain"
+    return backbone_work(study, pretrain_group(study.backbones, name)[0]) / "pretrain"
 
 
 def _epoch_flag(epoch: int | None) -> list[str]:
@@ -504,7 +504,7 @@ def backbone_checkpoint(study: Study, name: str) -> str:
     if entry.get("checkpoint"):
         return entry["checkpoint"]
     epoch = entry.get("epoch")
-    work = _backbone_work(study, pretrain_group(study.backbones, name)[0])
+    work = backbone_work(study, pretrain_group(study.backbones, name)[0])
     return str(work / (f"backbone_epoch{epoch:04d}.pth" if epoch else "backbone.pth"))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from detectron2.config import instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.data.common import DatasetFromList
 from detectron2.engine import HookBase
@@ -162,8 +163,6 @@ _LOADER_KEYS = {"_target_", "dataset", "mapper", "total_batch_size", "num_worker
 def build_train_loader(cfg: Any, seed: int) -> Any:
     """`cfg.dataloader.train` as a `ResumableTrainLoader`; a loader config it does not cover (another target, a
     sampler, ...) is instantiated as it is, with a warning that a resumed run will see other data."""
-    from detectron2.config import instantiate
-
     train = cfg.dataloader.train
     target = train.get("_target_")  # the function, or its dotted name in a config read back from yaml
     if isinstance(target, str):

@@ -1,8 +1,8 @@
-"""Exact resume of MMSeg training (tools/train_seg.py): what `mae_transfer.segmentation.train` registers.
+"""Exact resume of MMSeg training (tools/train_seg.py): what `mae_transfer.segmentation.train.train` registers.
 
 A run resumed from iter_N.pth continues as the uninterrupted run would have: the same samples in the same order,
 augmented the same way, the same drop-path draws. mmengine alone replays N batches through the pipeline (hours on a
-long run) and restores no random state. The detectron2 counterpart is `mae_transfer.detectron2_resume`.
+long run) and restores no random state. The detectron2 counterpart is `mae_transfer.detection.resume`.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from mae_transfer import recipe as rcp
+from mae_transfer.detection.checks import load_config, overrides_of
 from mae_transfer.errors import MaeTransferError
 
 TOOL = "tools/train_det.py"
@@ -184,8 +185,6 @@ def resolve(cfg: Any, args: argparse.Namespace, world_size: int, device: str) ->
 def plan_from_args(args: argparse.Namespace) -> rcp.Recipe:
     """--plan: the config with the command line's overrides, on --num-gpus x --num-machines processes, for the GPUs
     unless the config is pinned to the CPU (no data, no weights, no model)."""
-    from mae_transfer.detection import load_config, overrides_of
-
     check_launcher()
     cfg = load_config(args.config, overrides_of(args))
     device = rcp.resolve_plan_device(cfg.train.device, args.num_gpus is not None, torch.cuda.is_available())

@@ -22,18 +22,8 @@ from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.study_report import (
-    _fmt,
-    _fmt_spread,
-    _freeze_label,
-    _freeze_order,
-    _metric_columns,
-    backbone_per_seed,
-    collect,
-    per_seed,
-)
-from mae_transfer.study_spec import SEED_LIMIT, Contrast, Study, backbone_checkpoint, pretrain_run_seed
-from mae_transfer.study_stats import (
+from mae_transfer.study.spec import SEED_LIMIT, Contrast, Study, backbone_checkpoint, pretrain_run_seed
+from mae_transfer.study.stats import (
     POWER,
     PairedTest,
     bonferroni_interval,
@@ -42,6 +32,16 @@ from mae_transfer.study_stats import (
     n_needed,
     paired_test,
     variance_components,
+)
+from mae_transfer.study.tables import (
+    backbone_per_seed,
+    collect,
+    fmt_spread,
+    fmt_value,
+    freeze_label,
+    freeze_order,
+    metric_columns,
+    per_seed,
 )
 
 ALPHA = 0.05  # family-wise error rate of each family; intervals are simultaneous 95%
@@ -81,8 +81,8 @@ def exploratory_family(study: Study) -> list[Contrast]:
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             a, b = (second, first) if first == study.reference else (first, second)
-            out += [Contrast(a, b, task, metric, freeze) for task, metric, _ in _metric_columns(study)
-                    for freeze in _freeze_order(study) if (a, b, task, metric, freeze) not in declared]
+            out += [Contrast(a, b, task, metric, freeze) for task, metric, _ in metric_columns(study)
+                    for freeze in freeze_order(study) if (a, b, task, metric, freeze) not in declared]
     return out
 
 
@@ -91,16 +91,16 @@ def _p(p: float | None) -> str:
 
 
 def _interval(interval: tuple[float, float] | None) -> str:
-    return "-" if interval is None else f"[{_fmt(interval[0], '+')}, {_fmt(interval[1], '+')}]"
+    return "-" if interval is None else f"[{fmt_value(interval[0], '+')}, {fmt_value(interval[1], '+')}]"
 
 
 def _estimate(test: PairedTest) -> str:
-    return "-" if test.n == 0 else _fmt_spread(test.mean, test.sd, test.n > 1, "+")
+    return "-" if test.n == 0 else fmt_spread(test.mean, test.sd, test.n > 1, "+")
 
 
 def _where(study: Study, c: Contrast) -> tuple[str, str]:
     """(metric label, blocks fine-tuned) of a contrast's cells."""
-    return f"{c.task} {study.kind(c.task).metric(c.metric).label}", _freeze_label(study, c.freeze)
+    return f"{c.task} {study.kind(c.task).metric(c.metric).label}", freeze_label(study, c.freeze)
 
 
 def _reading(c: Contrast, comp: Comparison, detectable: float | None) -> str:
@@ -109,7 +109,7 @@ def _reading(c: Contrast, comp: Comparison, detectable: float | None) -> str:
         return f"no test (n={comp.test.n})"
     if comp.p_holm <= ALPHA:
         return f"**{c.a} {'above' if comp.test.mean > 0 else 'below'} {c.b}**"
-    return "within noise" + ("" if detectable is None else f"; detectable at 80% power: >= {_fmt(detectable)}")
+    return "within noise" + ("" if detectable is None else f"; detectable at 80% power: >= {fmt_value(detectable)}")
 
 
 def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
@@ -126,11 +126,11 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         f"across these {m} (a contrast without a test counts as p = 1). A row is a claim (bold) only where its Holm "
         f"p <= {ALPHA}. Detectable: the smallest difference a two-sided paired t-test at alpha = {ALPHA}/{m} finds "
         f"with {POWER:.0%} power at this n and the observed sd of the differences (noncentral t)"
-        + (f"; n for ±{_fmt(target)}: the pairs that test needs to find a difference of {_fmt(target)} with "
+        + (f"; n for ±{fmt_value(target)}: the pairs that test needs to find a difference of {fmt_value(target)} with "
            f"{POWER:.0%} power at that sd." if target else "."),
         "",
         "| contrast | metric | blocks fine-tuned | mean ± sd | n | simultaneous 95% interval | p | Holm p | "
-        f"detectable at {POWER:.0%} power |" + (f" n for ±{_fmt(target)} |" if target else "") + " reading |",
+        f"detectable at {POWER:.0%} power |" + (f" n for ±{fmt_value(target)} |" if target else "") + " reading |",
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if target else "") + "---|",
     ]
     for comp in compare(study, rows, study.contrasts):
@@ -139,7 +139,7 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         metric, blocks = _where(study, c)
         cells = [f"{c.a} − {c.b}", metric, blocks, _estimate(test), str(test.n),
                  _interval(bonferroni_interval(test, m)), _p(test.p), _p(comp.p_holm),
-                 "-" if detectable is None else f">= {_fmt(detectable)}"]
+                 "-" if detectable is None else f">= {fmt_value(detectable)}"]
         if target:
             needed = n_needed(target, test.sd, alpha) if test.n >= 2 else None
             cells.append("-" if needed is None else str(needed))
@@ -193,13 +193,13 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for b in seeded:
-        for task, metric, label in _metric_columns(study):
-            for freeze in _freeze_order(study):
+        for task, metric, label in metric_columns(study):
+            for freeze in freeze_order(study):
                 values = [per_seed(rows, m, task, metric, freeze) for m in study.members(b)]
                 common = sorted(set.intersection(*(set(v) for v in values)))
                 parts = variance_components([[v[s] for s in common] for v in values])
                 if parts is not None:
-                    lines.append(f"| {b} | {label} | {_freeze_label(study, freeze)} | {parts.sd_between:.2f} | "
+                    lines.append(f"| {b} | {label} | {freeze_label(study, freeze)} | {parts.sd_between:.2f} | "
                                  f"{parts.sd_within:.2f} | {parts.runs} x {parts.per_run} |")
     return lines
 

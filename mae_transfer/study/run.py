@@ -12,22 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from mae_transfer import task_kinds
+from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
 from mae_transfer.launch import run_logged
 from mae_transfer.metrics import read_eval_metrics, strict_json
-from mae_transfer.study_claims import record_contrasts
-from mae_transfer.study_inputs import check_inputs
-from mae_transfer.study_report import write_results
-from mae_transfer.study_spec import (
+from mae_transfer.study.claims import record_contrasts
+from mae_transfer.study.inputs import check_inputs
+from mae_transfer.study.report import write_results
+from mae_transfer.study.spec import (
     DONE,
     Cell,
     Study,
-    _backbone_work,
-    _pretrain_data,
     backbone_commands,
+    backbone_work,
     command_line,
     has_checkpoint,
+    pretrain_data,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,8 @@ def prepare_pretrain_data(study: Study, name: str) -> None:
     """A backbone pretrained on COCO object crops: write that ImageFolder first (`crops=dict(...)`)."""
     pre = study.backbones[name]["pretrain"]
     if pre.get("crops"):
-        from mae_transfer.coco import coco_crops_to_imagefolder
-
         c = pre["crops"]
-        coco_crops_to_imagefolder(c["json"], c["images"], _pretrain_data(study, pre), int(c.get("min_size", 16)))
+        coco_crops_to_imagefolder(c["json"], c["images"], pretrain_data(study, pre), int(c.get("min_size", 16)))
 
 
 def prepare_backbone(study: Study, name: str) -> str | None:
@@ -96,7 +95,7 @@ def prepare_backbone(study: Study, name: str) -> str | None:
         raise MaeTransferError(f"backbone {name!r}: checkpoint not found: {ckpt}")
     if commands:
         prepare_pretrain_data(study, name)
-        log = _backbone_work(study, name) / "run.log"
+        log = backbone_work(study, name) / "run.log"
         logger.info("backbone %s: pretraining (log: %s)", name, log)
         start = time.time()
         for cmd in commands:

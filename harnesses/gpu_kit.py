@@ -2,7 +2,7 @@
 as wheels, since that machine reaches no package registry (docs/GPU.md).
 
 - requirements/gpu_kit.txt pins the kit; requirements/gpu_image.txt lists what the image already has.
-- scripts/gpu_kit.sh downloads the kit into .whl/ here, then runs `python -m mae_transfer.gpu_kit check .whl`:
+- scripts/gpu_kit.sh downloads the kit into .whl/ here, then runs `python -m harnesses.gpu_kit check .whl`:
   one wheel per pin, tags the machine's Python 3.12 on x86_64 Linux installs, nothing the image has, and every
   requirement of every wheel met by the kit or by the image (the exceptions below, each with its reason).
 - scripts/gpu_acceptance.sh --kit .whl installs it there with `install_kit` (pip --no-index --no-deps --target).
@@ -203,7 +203,7 @@ def install_kit(kit: Path, site: Path, log_path: Path, imports: tuple[str, ...] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mae_transfer.gpu_kit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harnesses.gpu_kit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["check"], help="check: the kit folder is complete for the image")
     parser.add_argument("kit", type=Path, help="the kit folder (.whl)")
