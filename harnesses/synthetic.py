@@ -3,8 +3,8 @@
 The class is decided by the outline alone: every shape's fill (a random colour, two-colour stripes or a noisy
 colour) and the background are drawn independently of its class, and every class covers the same area for the same
 size draw (a smaller triangle would show in a picture's colour spread), so no colour statistic tells the classes
-apart (tests/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each class its own
-colour: a shortcut a random ViT keeps and norm-pix MAE learns to ignore.
+apart (tests/harnesses/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each
+class its own colour: a shortcut a random ViT keeps and norm-pix MAE learns to ignore.
 
 `make_shapes_dataset(root)` writes, for splits train/val:
   images/<split>/NNNN.png                 RGB pictures

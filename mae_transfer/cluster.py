@@ -45,8 +45,6 @@ from mae_transfer.task_kinds import TOOLS
 EXECUTORS = ("slurm", "local")
 
 
-
-
 def tool_name(name: str) -> str:
     """`pretrain`, `tools/pretrain.py` or `pretrain.py` -> `pretrain`."""
     key = Path(name).name.removesuffix(".py")
@@ -188,13 +186,12 @@ def task_command(tool: str, args: Sequence[str], python: str, place: Placement, 
 
 
 def output_dir_of(args: Sequence[str]) -> str | None:
-    """The tool's `--output-dir` (or its earlier spelling `--work-dir`) in an argument list."""
+    """The tool's `--output-dir` in an argument list."""
     for i, arg in enumerate(args):
-        for flag in ("--output-dir", "--work-dir"):
-            if arg == flag and i + 1 < len(args):
-                return args[i + 1]
-            if arg.startswith(flag + "="):
-                return arg.split("=", 1)[1]
+        if arg == "--output-dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--output-dir="):
+            return arg.split("=", 1)[1]
     return None
 
 

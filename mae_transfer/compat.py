@@ -7,16 +7,15 @@ mmengine 0.10.7, timm 1.0.31 with Pillow 13. Importing `mae_transfer` applies no
   1. `apply_for_mmseg()` (mmcv._ext stand-in): `backbones/mmseg.py` calls it before `import mmseg`. It is
      defined in `backbones.compat` (backbones/ imports nothing from here); import it from there.
   2. mmengine checkpoint loading: `segmentation.checkpoint.use_safe_mmengine_loading`, by segmentation.train.
-  3. detectron2 with or without `detectron2._C`: nothing to apply (`detectron2_compiled_ops_status()` says which).
+  3. detectron2 with or without `detectron2._C`: nothing to apply (`detection.compiled_ops` says which).
   4. `patch_timm_posterize()`: `mae_transfer.classification.train_transform`, where RandAugment is built.
 """
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
-__all__ = ["detectron2_compiled_ops_status", "detectron2_has_compiled_ops", "patch_timm_posterize"]
+__all__ = ["patch_timm_posterize"]
 
 
 # 1. mmcv._ext stand-in (`apply_for_mmseg`): in `backbones.compat`, with why and when it can go.
@@ -32,38 +31,9 @@ __all__ = ["detectron2_compiled_ops_status", "detectron2_has_compiled_ops", "pat
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. detectron2 with or without `detectron2._C`.
-# Why: the sal-detectron2 wheel's `_C` is compiled for CPython 3.10 (against the torch of its build, late
-# 2024); on 3.11-3.13 it cannot load. Mask R-CNN does not need it: ROIAlign and NMS come from torchvision,
-# and COCOEvaluator falls back to pycocotools' COCOeval when `_C` is missing, so nothing is patched; deformable
-# conv and rotated boxes are unavailable. Where `_C` loads (3.10, if its C++ ABI matches our torch),
-# detectron2 uses it by itself: COCOEvaluator's C++ COCOeval_opt, DeformConv, nms_rotated, ROIAlignRotated.
-# (detectron2's checkpointer reads files through `mae_transfer.detection.checkpoint.detection_checkpointer`.)
-# When it can go: with an official detectron2 wheel for our Python and torch.
+# 3. detectron2 with or without `detectron2._C`: nothing to apply; `mae_transfer.detection.compiled_ops` says which
+# (framework code lives in the framework package).
 # --------------------------------------------------------------------------------------------------
-def detectron2_has_compiled_ops() -> bool:
-    return _detectron2_compiled_ops_error() is None
-
-
-def detectron2_compiled_ops_status() -> str:
-    """One line for logs (scripts/setup_env.sh prints it): whether detectron2._C loaded, and if not why."""
-    error = _detectron2_compiled_ops_error()
-    if error is None:
-        return "loaded (detectron2 uses its C++ COCOeval, deformable conv and rotated-box ops)"
-    if sys.version_info[:2] != (3, 10):
-        why = f"the wheel's _C is built for CPython 3.10 only, this is {sys.version_info[0]}.{sys.version_info[1]}"
-    else:  # built against the torch (CUDA 12) of late 2024: libcudart.so.12 and older c10 / torch symbols
-        torch = importlib.import_module("torch")
-        why = f"the wheel's _C does not load with torch {torch.__version__}: {error}"
-    return f"not loaded ({why}); using the torchvision / pycocotools fallbacks"
-
-
-def _detectron2_compiled_ops_error() -> str | None:
-    try:
-        importlib.import_module("detectron2._C")
-    except ImportError as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

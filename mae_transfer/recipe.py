@@ -43,10 +43,6 @@ class Reference:
     def images_per_gpu(self) -> int:
         return self.total_batch // (self.world_size or 1)
 
-    @property
-    def published(self) -> bool:
-        return self.world_size is not None
-
 
 @dataclass
 class Recipe:

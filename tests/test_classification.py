@@ -367,7 +367,7 @@ def test_checkpoint_with_other_number_of_classes_is_refused(shapes_crops: Path, 
     seven = build_classifier(resolve_config({**cfg, "data_path": "x", "output_dir": "y"}), num_classes=7)
     torch.save({"model": seven.state_dict()}, tmp_path / "seven.pth")
     line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "e",
-                                    "--eval", tmp_path / "seven.pth", *MICRO_ARGS))
+                                    "--eval-only", tmp_path / "seven.pth", *MICRO_ARGS))
     assert "seven.pth" in line and "3 classes" in line and "(7, 32)" in line
     with pytest.raises(MaeTransferError, match="does not match the data's 3 classes"):
         evaluate_checkpoint({**cfg, "data_path": str(shapes_crops), "output_dir": str(tmp_path / "e2"),
@@ -375,7 +375,7 @@ def test_checkpoint_with_other_number_of_classes_is_refused(shapes_crops: Path, 
                             tmp_path / "seven.pth")
     # a pretraining-only checkpoint is not a classifier
     line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "e3",
-                                    "--eval", tmp_path / "seven.pth", *MICRO_ARGS[:-1], "global_pool='token'"))
+                                    "--eval-only", tmp_path / "seven.pth", *MICRO_ARGS[:-1], "global_pool='token'"))
     assert "missing" in line or "classes" in line
 
     # resume a run whose checkpoint was trained on 2 classes

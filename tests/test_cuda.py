@@ -413,9 +413,11 @@ def test_acceptance_rows_measure_the_tiny_cpu_configs(tmp_path: Path, one_thread
         "pytest_cuda", "det_vit_b", "det_vit_l_accum2", "seg_vit_b", "mae_vit_b", "bench_det"]  # the run's order
 
 
-def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
-    assert acceptance.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
-    assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
+def test_out_is_no_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
+    assert acceptance.build_parser().parse_args(["--output-dir", str(tmp_path)]).output_dir == tmp_path
+    with pytest.raises(SystemExit):
+        acceptance.build_parser().parse_args(["--out", str(tmp_path)])
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
 
 
 def test_pytest_summary_counts() -> None:

@@ -125,7 +125,7 @@ def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
 
 
 def test_detectron2_runs_without_compiled_ops() -> None:
-    from mae_transfer.compat import detectron2_has_compiled_ops
+    from mae_transfer.detection.compiled_ops import detectron2_has_compiled_ops
 
     if detectron2_has_compiled_ops():  # the cp310 wheel on 3.10, where its _C loads: tests/test_smoke.py checks it
         pytest.skip("detectron2._C loads with this Python: no fallback in use")

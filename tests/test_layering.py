@@ -107,8 +107,11 @@ def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
         mae_frameworks = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})
         import mae_transfer.checkpoint, mae_transfer.runtime
         import mae_transfer.pretraining, mae_transfer.classification, mae_transfer.recipe
-        import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.study, mae_transfer.study.cluster
-        import mae_transfer.data, mae_transfer.coco
+        import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.input_checks, mae_transfer.cluster
+        import mae_transfer.study.spec, mae_transfer.study.inputs, mae_transfer.study.run, mae_transfer.study.report
+        import mae_transfer.study.claims, mae_transfer.study.stats, mae_transfer.study.cluster
+        import mae_transfer.detection, mae_transfer.segmentation  # the framework packages' faces import nothing
+        import mae_transfer.data, mae_transfer.coco, mae_transfer.compat, mae_transfer.cli, mae_transfer.hardware
         print(json.dumps({{
             "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
             "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,
@@ -165,3 +168,19 @@ def test_llrd_rule_has_one_implementation() -> None:
 
     assert pretraining.param_groups is lr_decay.param_groups and classification.param_groups is lr_decay.param_groups
     assert pretraining.no_weight_decay is lr_decay.no_weight_decay
+
+
+def test_only_the_framework_packages_import_a_framework() -> None:
+    """Static: every module that imports detectron2 / mmseg / mmengine / mmcv (or the backbones' framework adapters),
+    at the top or inside a function, lives in mae_transfer/detection/ or mae_transfer/segmentation/."""
+    adapters = ("backbones.detectron2", "backbones.mmseg")
+    found = []
+    for path in sorted((REPO_ROOT / "mae_transfer").rglob("*.py")):
+        place = path.relative_to(REPO_ROOT / "mae_transfer").parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in FRAMEWORKS or n.startswith(adapters) for n in names) and \
+                    place[0] not in ("detection", "segmentation"):
+                found.append(f"mae_transfer/{'/'.join(place)}:{node.lineno}")
+    assert found == []

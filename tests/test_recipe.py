@@ -138,8 +138,8 @@ def _last_error(capsys) -> str:
 
 
 def test_bad_input_is_one_error_line(capsys):
-    from tests.test_detectron2 import train_det
-    from tests.test_mmseg import _train_seg
+    from tests.detection.test_detectron2 import train_det
+    from tests.segmentation.test_mmseg import _train_seg
 
     train_seg = _train_seg()
     large, ade = str(CONFIGS / "coco_mask_rcnn_vit_l.py"), str(CONFIGS / "ade20k_upernet_vit_b.py")
@@ -187,8 +187,8 @@ def _refused(main, argv: list[str], capsys) -> str:
 def test_plan_reads_the_launchers_world_size(monkeypatch, capsys, tmp_path):
     """Under torchrun (WORLD_SIZE) or Slurm (SLURM_NTASKS) --plan describes the processes the launcher started,
     and checks them as a run does; train_det starts its own processes and refuses to run under torchrun."""
-    from tests.test_detectron2 import train_det
-    from tests.test_mmseg import _train_seg
+    from tests.detection.test_detectron2 import train_det
+    from tests.segmentation.test_mmseg import _train_seg
 
     train_seg = _train_seg()
     ade = ["--config", str(CONFIGS / "ade20k_upernet_vit_b.py")]
@@ -237,7 +237,7 @@ def test_one_image_bn_on_one_process_is_refused_by_plan_and_training(tmp_path, c
     from mmseg.registry import MODELS
 
     import backbones.mmseg  # noqa: F401
-    from tests.test_mmseg import _train_seg
+    from tests.segmentation.test_mmseg import _train_seg
 
     tiny = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"))
     head_cfg = copy.deepcopy(tiny.model.decode_head)
@@ -265,7 +265,7 @@ def test_one_image_bn_on_one_process_is_refused_by_plan_and_training(tmp_path, c
 
 
 def test_det_plan_notes_loss_weighting_and_custom_training_set_epochs(capsys):
-    from tests.test_detectron2 import train_det
+    from tests.detection.test_detectron2 import train_det
 
     vit_b = ["--config", str(CONFIGS / "coco_mask_rcnn_vit_b.py"), "--num-gpus", "8"]
     default = _plan_json(train_det.main, vit_b, capsys)

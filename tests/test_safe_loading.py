@@ -116,27 +116,28 @@ def test_train_seg_refuses_eval_only_resume_load_from_and_init(bombs, shapes, tm
               *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
               "train_cfg.max_iters=1"]
     marker = bombs["marker"]
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "c", *common[1:], f"load_from={bombs['mmengine']}"],
+    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "c", *common[1:], f"load_from={bombs['mmengine']}"],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"], *common[1:]],
+    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"],
+             *common[1:]],
              marker)
     # --resume without a value: mmengine finds the work dir's last checkpoint itself
     work = tmp_path / "e"
     work.mkdir()
     (work / "iter_1.pth").write_bytes(bombs["mmengine"].read_bytes())
     (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
-    _refused("train_seg", [*common[:1], "--work-dir", work, "--resume", *common[1:]], marker)
+    _refused("train_seg", [*common[:1], "--output-dir", work, "--resume", *common[1:]], marker)
 
 
 def test_finetune_cls_and_pretrain_refuse(bombs, shapes, tmp_path):
     data = ["--config", CLS_TINY, "--data", shapes / "crops", *CLS_MICRO]
     marker = bombs["marker"]
     _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ft", "--finetune", bombs["plain"]], marker)
-    _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ev", "--eval", bombs["plain"]], marker)
+    _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ev", "--eval-only", bombs["plain"]], marker)
     # our own training checkpoints never hold pickled objects: refused outright (no opt-in needed or offered)
     line = _refused("finetune_cls", [*data, "--output-dir", tmp_path / "rs", "--resume", bombs["ours"]], marker,
                     opt_in=False)
@@ -152,7 +153,7 @@ def test_study_refuses_the_backbone_before_any_cell(bombs, shapes, tmp_path):
     spec.write_text(f"depth = 2\nfreeze_blocks = [0]\nbackbones = {{'crafted': {str(bombs['plain'])!r}}}\n"
                     f"tasks = {{'cls': dict(kind='cls', config={CLS_TINY!r}, epochs=1, "
                     f"args=['--data', {str(shapes / 'crops')!r}])}}\n")
-    line = _refused("study", ["--spec", spec, "--output", tmp_path / "study"], bombs["marker"])
+    line = _refused("study", ["--spec", spec, "--output-dir", tmp_path / "study"], bombs["marker"])
     assert "backbone 'crafted'" in line
     assert not (tmp_path / "study" / "cells").exists()  # no cell ran
 

@@ -193,7 +193,7 @@ def test_detectron2_compiled_ops_match_their_references_where_they_load() -> Non
     from detectron2.evaluation import coco_evaluation
     from pycocotools.cocoeval import COCOeval
 
-    from mae_transfer.compat import detectron2_compiled_ops_status, detectron2_has_compiled_ops
+    from mae_transfer.detection.compiled_ops import detectron2_compiled_ops_status, detectron2_has_compiled_ops
 
     status = detectron2_compiled_ops_status()
     if not detectron2_has_compiled_ops():

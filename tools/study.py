@@ -28,7 +28,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", required=True, help="study spec, e.g. configs/studies/cpu_shared_data.py")
     parser.add_argument("--output-dir", dest="output",
                         help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
-    parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--allow-pickle", action="store_true", help="trust the backbone checkpoints: let them hold "
                         "pickled Python objects (passed to every cell)")
     parser.add_argument("--dry-run", action="store_true", help="check every input as a run does, then print the cells "
@@ -50,7 +49,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "fresh fine-tuning seeds into OUTPUT/replication and write its replication table")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import add_deprecated_spelling, default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="image folder for --val-json")
     p.add_argument("--infer", nargs="+", metavar="IMAGE", help="run the model on these images (or folders)")
     p.add_argument("--pictures-dir", metavar="DIR", help="folder for --infer pictures (default: OUTPUT_DIR/vis)")
-    add_deprecated_spelling(p, "--output", "--pictures-dir")
     p.add_argument("--score-thresh", type=float, default=0.5, help="--infer: minimum score drawn")
     p.add_argument("--top-k", type=int, default=10,
                    help="--infer: draw at most the K best detections after class-agnostic NMS (0: all)")

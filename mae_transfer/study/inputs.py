@@ -104,12 +104,6 @@ def _parse_tool_args(tool: str, args: list[str]) -> Any:
         raise MaeTransferError(lines[-1].split(" error: ", 1)[-1] if lines else "invalid arguments") from None
 
 
-
-
-
-
-
-
 def _checkpoint_file(path: str, allow_pickle: bool) -> None:
     """Present, and readable without the unpickler unless --allow-pickle."""
     check_file(path, "checkpoint")

@@ -33,7 +33,6 @@ def _task_summary(study: Study) -> str:
                      f"{study.kind(t).length_unit}" for t, s in study.tasks.items())
 
 
-
 def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
     stats = summarise(study, rows)
     cols = metric_columns(study)

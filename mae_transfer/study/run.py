@@ -51,11 +51,6 @@ def read_seg_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
     return read_metrics(output_dir, "seg")
 
 
-def read_cls_metrics(output_dir: str | os.PathLike) -> dict[str, float]:
-    """Top-1 (percent) of the final evaluation tools/finetune_cls.py wrote."""
-    return read_metrics(output_dir, "cls")
-
-
 def last_det_evaluation(output_dir: str | os.PathLike) -> dict[str, float]:
     """Every number of the final COCO evaluation in detectron2's naming (`bbox/AP`, `bbox/AP50`, `segm/AP`, ...),
     from eval_metrics.json's details; {} when the run wrote none."""
@@ -64,7 +59,6 @@ def last_det_evaluation(output_dir: str | os.PathLike) -> dict[str, float]:
     details = read_eval_metrics(output_dir, "det")["details"]
     return {f"{task}/{name}": value for task, values in details.items() if isinstance(values, dict)
             for name, value in values.items()}
-
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -38,6 +38,7 @@ def check_measured_row(row: dict[str, Any], matmul_gflops: float) -> None:
     assert 0 < row["ours"]["gflops"] < 2 * matmul_gflops
 
 
+@pytest.mark.slow  # the two benchmark runs, ~270 s together on 2 cores; still in the README command and CI
 def test_cpu_without_bf16_units_skips_the_bf16_row_with_the_reason(tmp_path: Path) -> None:
     proc = run_benchmark(tmp_path, "--size", "micro", "--only", "pretrain,pretrain_bf16", "--rounds", "1", cpu_bf16="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -54,6 +55,7 @@ def test_cpu_without_bf16_units_skips_the_bf16_row_with_the_reason(tmp_path: Pat
     assert "memory pretrain_bf16" not in proc.stdout  # no worker was started for the skipped row
 
 
+@pytest.mark.slow
 def test_cpu_with_bf16_units_runs_the_bf16_row(tmp_path: Path) -> None:
     # Forced on: at the micro size this is quick even where bf16 is emulated.
     proc = run_benchmark(tmp_path, "--size", "micro", "--only", "pretrain_bf16", "--rounds", "1", cpu_bf16="1")
@@ -88,12 +90,14 @@ def test_cuda_without_a_gpu_is_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "results.md").exists()
 
 
-def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
+def test_out_is_no_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
-    assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
+    assert tool.build_parser().parse_args(["--output-dir", str(tmp_path)]).output_dir == tmp_path
+    with pytest.raises(SystemExit):
+        tool.build_parser().parse_args(["--out", str(tmp_path)])
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
 
 
 def test_seg_backbone_pair_is_one_architecture_on_both_sides() -> None:

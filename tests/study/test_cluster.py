@@ -29,7 +29,7 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.study.cluster import CellJob, load_jobs, run_study_jobs
 from mae_transfer.study.spec import DONE, Study, backbone_commands, load_study
 from tests.conftest import REPO_ROOT
-from tests.test_study import assert_same_backbones, seg_folder, shared_run, stop_after_epoch_1  # noqa: F401
+from tests.study.test_study import assert_same_backbones, seg_folder, shared_run, stop_after_epoch_1  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- sbatch script

@@ -27,7 +27,7 @@ from mae_transfer.errors import MaeTransferError
 from mae_transfer.metrics import read_eval_metrics
 from tests.conftest import no_init
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 # Small ViT for the parity checks: window 14 in blocks 0 and 2, global blocks 1 and 3, rel-pos.

@@ -17,7 +17,7 @@ from mae_transfer.cli import run_cli
 from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 
 
@@ -188,8 +188,6 @@ def test_parity_with_mmseg_mae_rel_pos_bias_layer_scale_512_table(tmp_path, capl
         # The tables matter: one block's zeroed moves the outputs.
         ours.blocks[0].attn.relative_position_bias_table.zero_()
         assert (ours(x)[0] - b[0]).abs().max().item() > 1e-3
-
-
 
 
 def test_parity_without_cls_token_with_mmseg_vision_transformer():
@@ -527,14 +525,16 @@ def test_resume_at_the_last_iteration_still_validates(ade20k_sample, tmp_path, c
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_cli_spellings_and_bare_eval_only(tmp_path, capsys):
-    """--config / --output-dir and the earlier positional config / --work-dir give the same run; a bare
+    """--config / --output-dir give the run (the removed positional config / --work-dir are usage errors); a bare
     --eval-only evaluates the output folder's last checkpoint (none there: one error line)."""
     tool = _train_seg()
     config = str(CONFIGS / "camvid_upernet_vit_tiny_cpu.py")
     new = tool.parse_args(["--config", config, "--output-dir", "w", "--resume", "--cfg-options", "a=1"])
-    old = tool.parse_args([config, "--work-dir", "w", "--resume", "--cfg-options", "a=1"])
-    assert capsys.readouterr().err == "note: --work-dir is deprecated; use --output-dir\n"
-    assert vars(new) == vars(old) and (new.config, new.output_dir, new.resume) == (config, "w", "auto")
+    for old in ([config, "--output-dir", "w"], ["--config", config, "--work-dir", "w"]):
+        with pytest.raises(SystemExit):
+            tool.parse_args(old)
+    assert "unrecognized arguments" in capsys.readouterr().err
+    assert (new.config, new.output_dir, new.resume, new.cfg_options) == (config, "w", "auto", ["a=1"])
     rc, err = _run(["--config", config, "--output-dir", tmp_path / "empty", "--eval-only"], capsys)
     assert rc == 2 and err.strip().splitlines() == [
         f"error: --eval-only: no checkpoint in {tmp_path / 'empty'} (no last_checkpoint file); pass --eval-only CKPT"]

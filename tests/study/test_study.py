@@ -29,7 +29,6 @@ SUPERVISED = REPO_ROOT / "configs" / "supervised_pretrain_vit_tiny_cpu.py"
 MICRO = ["encoder_overrides={'depth': 2}", "img_size=64", "batch_size=16", "num_workers=0"]
 
 
-
 def seg_folder(root: Path) -> Path:
     """A folder in the CamVid layout of the tiny seg config, one 8x8 picture and label map per split: what the
     study's input check looks at (the stub runners below train nothing)."""
@@ -348,7 +347,7 @@ def test_one_real_segmentation_cell_end_to_end(tmp_path: Path, camvid_small: Pat
         "    'param_scheduler.0.end=1', 'param_scheduler.1.begin=1', 'param_scheduler.1.end={iters}'])}\n")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # robust when other jobs share the cores
-    cmd = [sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file), "--output", str(out)]
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "study.py"), "--spec", str(spec_file), "--output-dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     cell = out / "cells" / "scratch__seg__freeze-1__seed0"
     assert proc.returncode == 0, proc.stderr[-3000:] + (cell / "run.log").read_text()[-3000:]

@@ -26,7 +26,7 @@ from mae_transfer.study.run import read_det_metrics
 from mae_transfer.study.spec import Cell, cell_command, load_study
 from tests.conftest import no_init
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 TINY = str(CONFIGS / "coco_cascade_mask_rcnn_vit_tiny_cpu.py")
 

@@ -33,7 +33,7 @@ from mae_transfer.study.stats import (
 from mae_transfer.study.tables import collect
 from mae_transfer.task_kinds import TORCH_ENV, Metric, Overrides, TaskKind, Tool
 from tests.conftest import REPO_ROOT
-from tests.test_task_kinds import check_toy_task
+from tests.study.test_task_kinds import check_toy_task
 
 SEG = dict(kind="seg", config="configs/camvid_upernet_vit_tiny_cpu.py", iters=20)
 

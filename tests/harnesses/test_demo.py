@@ -121,9 +121,11 @@ def test_bad_input_is_one_error_line_before_anything_runs(demo_tool, tmp_path: P
     assert not out.exists()  # nothing was run or written
 
 
-def test_output_is_a_deprecated_spelling_of_output_dir(demo_tool, tmp_path: Path, capsys) -> None:
-    assert demo_tool.build_parser().parse_args(["--output", str(tmp_path)]).output_dir == tmp_path
-    assert capsys.readouterr().err.strip() == "note: --output is deprecated; use --output-dir"
+def test_output_is_no_spelling_of_output_dir(demo_tool, tmp_path: Path, capsys) -> None:
+    assert demo_tool.build_parser().parse_args(["--output-dir", str(tmp_path)]).output_dir == tmp_path
+    with pytest.raises(SystemExit):
+        demo_tool.build_parser().parse_args(["--output", str(tmp_path)])
+    assert "unrecognized arguments: --output" in capsys.readouterr().err
 
 
 def test_det_data_coco_root_with_one_split(coco_tiny: Path, capsys) -> None:
@@ -330,8 +332,6 @@ def test_kill_leaves_no_marker_and_failures_name_the_log(tmp_path: Path) -> None
     code, _, stderr = _drive(tmp_path, out, "3")  # re-run; this time the tool fails (exit 3)
     assert code == 2 and "error: step failed (exit 3)" in stderr and str(out / "fake.log") in stderr
     assert not (out / "DONE").exists()
-
-
 
 
 def _demo_det_lrs(iters: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...] = ()
