@@ -4,93 +4,60 @@ Regenerate the candidates with --make-whitelist; add a name here only with the f
 
 # Hooks and overrides the frameworks call: detectron2 HookBase / DetectionCheckpointer, mmengine Hook /
 # optimizer constructors (registered by name), torch's nn.Module.extra_repr.
-MaeLayerDecayOptimizerConstructor  # unused class (backbones/mmseg.py:148)
-_.add_params  # unused method (backbones/mmseg.py:168)
-_.extra_repr  # unused method (backbones/vit.py:51)
-_._torch_load  # unused method (mae_transfer/detection/checkpoint.py:42)
-_.before_step  # unused method (mae_transfer/detection/resume.py:196)
-_.after_step  # unused method (mae_transfer/detection/resume.py:200)
-_.before_save_checkpoint  # unused method (mae_transfer/segmentation/resume.py:145)
-_.after_load_checkpoint  # unused method (mae_transfer/segmentation/resume.py:151)
-_.before_train  # unused method (mae_transfer/segmentation/resume.py:154)
-_.before_train  # unused method (mae_transfer/segmentation/train.py:67)
-_.before_val  # unused method (mae_transfer/segmentation/resume.py:170)
-_.after_val  # unused method (mae_transfer/segmentation/resume.py:173)
-_.after_val_epoch  # unused method (mae_transfer/segmentation/train.py:70)
-_.after_train_iter  # unused method (mae_transfer/segmentation/train.py:82)
+MaeLayerDecayOptimizerConstructor
+_.add_params
+_.extra_repr
+_._torch_load
+_.before_step
+_.after_step
+_.before_save_checkpoint
+_.after_load_checkpoint
+_.before_train
+_.before_val
+_.after_val
+_.after_val_epoch
+_.after_train_iter
 
 # Parameters a framework's call signature requires (signal handlers, mmengine loaders and hooks).
-signum  # unused variable (mae_transfer/cli.py:65)
-signum  # unused variable (mae_transfer/launch.py:166)
-map_location  # unused variable (mae_transfer/segmentation/checkpoint.py:60)
-batch_idx  # unused variable (mae_transfer/segmentation/train.py:82)
-data_batch  # unused variable (mae_transfer/segmentation/train.py:82)
+signum
+map_location
+batch_idx
+data_batch
 
 # Attributes set for a framework to read (detectron2 Backbone fields, mmengine Runner / config fields, module
 # stand-ins), and a dataclass field written to recipe.json.
-_.__spec__  # unused attribute (backbones/compat.py:56)
-_.__getattr__  # unused attribute (backbones/compat.py:57)
-_._ext  # unused attribute (backbones/compat.py:60)
-_._out_features  # unused attribute (backbones/detectron2.py:76)
-_._out_feature_channels  # unused attribute (backbones/detectron2.py:77)
-_._out_feature_strides  # unused attribute (backbones/detectron2.py:78)
-_.num_features  # unused attribute (backbones/vit.py:354)
-_.gt_boxes  # unused attribute (harnesses/gpu_measure.py:40)
-_.gt_boxes  # unused attribute (tests/detection/test_detectron2.py:310)
-_.gt_boxes  # unused attribute (tests/test_recipe.py:304)
-_.gt_boxes  # unused attribute (tests/test_recipe.py:466)
-_.gt_classes  # unused attribute (harnesses/gpu_measure.py:41)
-_.gt_classes  # unused attribute (tests/detection/test_detectron2.py:311)
-_.gt_classes  # unused attribute (tests/test_recipe.py:305)
-_._default_font_size  # unused attribute (mae_transfer/detection/pictures.py:53)
-iteration_unit  # unused variable (mae_transfer/recipe.py:76)
-_.load_from  # unused attribute (mae_transfer/segmentation/checks.py:136)
-_.load_from  # unused attribute (mae_transfer/segmentation/train.py:194)
-_.experiment_name  # unused attribute (mae_transfer/segmentation/checks.py:140)
-_.dataloader_iterator  # unused attribute (mae_transfer/segmentation/resume.py:163)
+_.__spec__
+_.__getattr__
+_._ext
+_._out_features
+_._out_feature_channels
+_._out_feature_strides
+_.num_features
+_.gt_boxes
+_.gt_classes
+_._default_font_size
+iteration_unit
+_.load_from
+_.experiment_name
+_.dataloader_iterator
 
 # Tests: pytest fixtures and hooks (used by name), framework config fields set in tests, unpacked constants.
-no_stale_log_streams  # unused function (tests/conftest.py:51)
-one_thread  # unused function (tests/conftest.py:65)
-one_thread  # unused variable (tests/study/test_study.py:407)
-one_thread  # unused variable (tests/test_classification.py:179)
-one_thread  # unused variable (tests/test_classification.py:230)
-one_thread  # unused variable (tests/test_classification.py:327)
-one_thread  # unused variable (tests/test_classification.py:362)
-one_thread  # unused variable (tests/test_cuda.py:378)
-one_thread  # unused variable (tests/test_hardware.py:114)
-one_thread  # unused variable (tests/test_hardware.py:128)
-one_thread  # unused variable (tests/test_pretrain.py:206)
-one_thread  # unused variable (tests/test_pretrain.py:231)
-one_thread  # unused variable (tests/test_pretrain.py:254)
-one_thread  # unused variable (tests/test_pretrain.py:266)
-one_thread  # unused variable (tests/test_pretrain.py:282)
-one_thread  # unused variable (tests/test_recipe.py:315)
-one_thread  # unused variable (tests/test_recipe.py:420)
-one_thread  # unused variable (tests/test_recipe.py:450)
-one_thread  # unused variable (tests/test_recipe.py:477)
-one_thread  # unused variable (tests/test_smoke.py:51)
-pytest_runtest_makereport  # unused function (tests/strict_skips.py:19)
-pytest_collectreport  # unused function (tests/strict_skips.py:29)
-pytest_sessionfinish  # unused function (tests/strict_skips.py:34)
-pytest_terminal_summary  # unused function (tests/strict_skips.py:39)
-_.window_block_indexes  # unused attribute (tests/detection/test_cascade.py:56)
-_.window_block_indexes  # unused attribute (tests/detection/test_detectron2.py:227)
-HEIGHT  # unused variable (tests/test_coco_annotations.py:22)
-ieee_fp32  # unused function (tests/test_cuda.py:45)
-ieee_fp32  # unused variable (tests/test_cuda.py:288)
-_.batch_size_per_image  # unused attribute (tests/detection/test_detectron2.py:302)
-_.batch_size_per_image  # unused attribute (tests/test_install.py:159)
-_.post_nms_topk  # unused attribute (tests/detection/test_detectron2.py:303)
-exc  # unused variable (tests/detection/test_detectron2.py:685)
-_.dataset_meta  # unused attribute (tests/test_install.py:238)
-_.simfp_2  # unused attribute (tests/test_optim.py:67)
-__new__  # unused function (tests/test_recipe.py:361)
-_.dropout_ratio  # unused attribute (tests/test_recipe.py:494)
-pytestmark  # unused variable (tests/test_smoke.py:24)
-noisy_kind  # unused variable (tests/study/test_study_stats.py:153)
-noisy_kind  # unused function (tests/study/test_study_stats.py:225)
-noisy_kind  # unused variable (tests/study/test_study_stats.py:248)
-noisy_kind  # unused variable (tests/study/test_study_stats.py:324)
-toy_kind  # unused function (tests/study/test_task_kinds.py:68)
-toy_kind  # unused variable (tests/study/test_task_kinds.py:85)
+no_stale_log_streams
+one_thread
+pytest_runtest_makereport
+pytest_collectreport
+pytest_sessionfinish
+pytest_terminal_summary
+_.window_block_indexes
+HEIGHT
+ieee_fp32
+_.batch_size_per_image
+_.post_nms_topk
+exc
+_.dataset_meta
+_.simfp_2
+__new__
+_.dropout_ratio
+pytestmark
+noisy_kind
+toy_kind

@@ -41,9 +41,8 @@ from mae_transfer.input_checks import (
 
 logger = logging.getLogger("mae_transfer.detection")
 
-TOOL = "tools/train_det.py"
-CLIP_TYPES = ("full_model", "norm", "value")
 _MISSING = object()
+
 
 # ----------------------------------------------------------------------------------------- config
 def load_config(path: str, overrides: Sequence[str]) -> Any:

@@ -1,12 +1,13 @@
 """Mask R-CNN with our plain ViT in detectron2 (LazyConfig, ViTDet recipe): what tools/train_det.py runs.
 
 Follows detectron2's tools/lazyconfig_train_net.py (SimpleTrainer / AMPTrainer, hooks, COCOEvaluator,
-DetectionCheckpointer). Additions: `key=value` overrides are checked to exist and to have the config value's type,
-user datasets are validated before detectron2 sees them, `train.init_checkpoint` in any format
-`mae_transfer.checkpoint` reads is converted on the fly, loaded detectors must have the dataset's class count,
-optional gradient clipping (a trainer hook), exact resume (`mae_transfer.detection.resume`), a clean stop on a
-non-finite loss, and the final evaluation (training with evaluation, or --eval-only) written to `eval_metrics.json`
-(`mae_transfer.metrics`).
+DetectionCheckpointer), top to bottom: `setup` (the checks of `mae_transfer.detection.checks`, run once from here:
+`key=value` overrides exist and keep the config value's type, user datasets are validated before detectron2 sees
+them, the weights to evaluate exist, the lr schedule builds), the trainer's hooks, `do_test` / `do_train` /
+`do_eval_only`, and `run`. Additions: `train.init_checkpoint` in any format `mae_transfer.checkpoint` reads is
+converted on the fly, loaded detectors must have the dataset's class count, optional gradient clipping (a trainer
+hook), exact resume (`mae_transfer.detection.resume`), a clean stop on a non-finite loss, and the final evaluation
+(training with evaluation, or --eval-only) written to `eval_metrics.json` (`mae_transfer.metrics`).
 
 Framework glue, not the MAE core: importing this module imports detectron2 and registers our backbone there.
 """
@@ -56,9 +57,9 @@ logger = logging.getLogger("mae_transfer.detection")
 
 TOOL = "tools/train_det.py"
 CLIP_TYPES = ("full_model", "norm", "value")
-_MISSING = object()
 
 
+# ----------------------------------------------------------------------------------------- setup: every check, once
 def setup(args: argparse.Namespace) -> Any:
     """The config of one tools/train_det.py run: overrides checked, --freeze-blocks / --output-dir applied, CPU
     fallback, detectron2's default_setup (logging, seed, config.yaml), datasets registered and checked."""

@@ -36,9 +36,6 @@ from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
 logger = logging.getLogger("mae_transfer.segmentation")
 
-TOOL = "tools/train_seg.py"
-TRAINING_KEYS = ("train_dataloader", "train_cfg", "optim_wrapper", "param_scheduler",
-                 "val_dataloader", "val_cfg", "val_evaluator")
 
 # ---------------------------------------------------------------------------------------- config
 _MISSING = object()
