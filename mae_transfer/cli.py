@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backbones.errors import BackboneError
+from mae_transfer.io import check_output_dir
 
 EXIT_USER_ERROR = 2
 
@@ -106,7 +107,5 @@ def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argpa
             getattr(args, overrides).insert(0, value)
             setattr(args, flag, "auto")
     if getattr(args, "output_dir", None):
-        from mae_transfer.io import check_output_dir  # imports torch: not at the top of the tools' shared module
-
         check_output_dir(args.output_dir)
     return args

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,6 @@ class FileFacts:
     def save(self) -> None:
         if not self.read:
             return
-        from mae_transfer.io import atomic_write_text
 
         try:
             atomic_write_text(json.dumps({"files": self.files}), self.path)

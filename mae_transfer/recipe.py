@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
 
 RECIPE_FILE = "recipe.json"
 AMP_MODES = ("fp16", "bf16", "none")
@@ -226,8 +227,6 @@ def format_table(recipe: Recipe) -> str:
 
 def write_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> Path:
     """OUTPUT_DIR/recipe.json (atomic)."""
-    from mae_transfer.io import atomic_write_text
-
     return atomic_write_text(json.dumps(recipe.to_json(), indent=2) + "\n", Path(output_dir) / RECIPE_FILE)
 
 

@@ -40,9 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mae_transfer.checkpoint import read_checkpoint
+from mae_transfer.checkpoint.writing import atomic_torch_save
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.hardware import autocast_dtype
-from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
+from mae_transfer.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mae_transfer import metrics
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import checkpoint_named_by
 
 __all__ = ["DETECTRON2", "KINDS", "MMENGINE", "TOOLS", "TORCH_ENV", "LaunchMode", "Metric", "Overrides", "TaskKind",
            "Tool", "get", "last_checkpoint", "register", "unregister"]
@@ -77,13 +79,7 @@ class Tool:
 
     def last_checkpoint(self, output_dir: str | os.PathLike) -> str | None:
         """The checkpoint a resumed run continues from, if the output folder holds one."""
-        marker = Path(output_dir) / self.checkpoint_marker
-        if not marker.is_file():
-            return None
-        if not self.marker_names_checkpoint:
-            return str(marker)
-        # detectron2 writes a name relative to the folder, mmengine an absolute path: join keeps the latter
-        return os.path.join(output_dir, marker.read_text().strip())
+        return checkpoint_named_by(output_dir, self.checkpoint_marker, self.marker_names_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -170,12 +166,14 @@ def register(kind: TaskKind) -> TaskKind:
         raise MaeTransferError(f"task kind {kind.name!r}: tool name {kind.tool_name!r} is taken by another tool")
     KINDS[kind.name] = kind
     TOOLS[kind.tool_name] = kind.tool
+    metrics.register_task(kind.name, kind.eval_metrics)
     return kind
 
 
 def unregister(name: str) -> None:
     """Remove a task kind and its tool (tests register kinds of their own)."""
     kind = KINDS.pop(name)
+    metrics.unregister_task(name)
     if not any(k.tool_name == kind.tool_name for k in KINDS.values()):
         TOOLS.pop(kind.tool_name, None)
 

@@ -21,10 +21,6 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
         "mmseg: the seg kind's input check, entered when a study checks its inputs",
     ("mae_transfer.task_kinds", "mae_transfer.classification"):
         "torch / timm: the cls kind's input check; the registry is read by light tools (tools/submit.py)",
-    ("mae_transfer.cli", "mae_transfer.io"): "torch (mae_transfer.io): the tools' shared module answers --help first",
-    ("mae_transfer.recipe", "mae_transfer.io"): "torch (mae_transfer.io): --plan prints the recipe without torch",
-    ("mae_transfer.data", "mae_transfer.io"): "torch (mae_transfer.io): only the label cache writes a file",
-    ("mae_transfer.coco", "mae_transfer.io"): "torch (mae_transfer.io): only writing crops needs it",
     ("mae_transfer.hardware", "torch"): "torch: hardware facts (CPU flags) are read by light tools",
     ("mae_transfer.checkpoint.reading", "safetensors.torch"): "safetensors: only for .safetensors files",
     ("mae_transfer.classification", "timm.data"): "timm: transforms built when a dataset is",

@@ -27,7 +27,6 @@ except ImportError:  # detectron2's own fallback without hydra: `override_value`
 
 import backbones.detectron2  # noqa: F401  (registers build_mae_vit_backbone for yacs configs)
 from mae_transfer import checkpoint as ckpt
-from mae_transfer import task_kinds
 from mae_transfer.detection.checkpoint import local_checkpoint_path
 from mae_transfer.detection.data import register_coco_instances_checked
 from mae_transfer.errors import MaeTransferError
@@ -38,6 +37,7 @@ from mae_transfer.input_checks import (
     raise_problem,
     tool_path,
 )
+from mae_transfer.io import checkpoint_named_by
 
 logger = logging.getLogger("mae_transfer.detection")
 
@@ -191,8 +191,10 @@ def setup_datasets(cfg: Any, train_json: str | None = None, train_images: str | 
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
-# the checkpoint named in `output_dir/last_checkpoint` (written by detectron2's checkpointer), if any
-last_checkpoint = task_kinds.KINDS["det"].last_checkpoint
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint named in `output_dir/last_checkpoint` (written by detectron2's checkpointer), if any: the
+    det task kind's checkpoint marker (mae_transfer/task_kinds.py)."""
+    return checkpoint_named_by(output_dir, "last_checkpoint")
 
 
 def eval_weights(eval_only: str, output_dir: str, init_checkpoint: str) -> str:

@@ -24,13 +24,13 @@ from mmengine.config import Config, DictAction
 from mmseg.registry import DATASETS
 from PIL import Image
 
-from mae_transfer import task_kinds
 from mae_transfer.data import IMAGE_READ_ERRORS, MAX_INVALID_FRACTION, FileFacts, image_file_status
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.input_checks import (
     Check,
     each_override,
 )
+from mae_transfer.io import checkpoint_named_by
 from mae_transfer.paths import resolve_path
 from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
@@ -337,8 +337,10 @@ def check_eval_checkpoint(model: Any, path: str, allow_pickle: bool = False) -> 
     return meta.get("iter") if isinstance(meta, dict) and isinstance(meta.get("iter"), int) else None
 
 
-# the checkpoint named in `work_dir/last_checkpoint` (written by mmengine's CheckpointHook), if any
-last_checkpoint = task_kinds.KINDS["seg"].last_checkpoint
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint named in `output_dir/last_checkpoint` (written by mmengine's CheckpointHook), if any: the
+    seg task kind's checkpoint marker (mae_transfer/task_kinds.py)."""
+    return checkpoint_named_by(output_dir, "last_checkpoint")
 
 
 # ----------------------------------------------------------------------------------------- a study's input check
