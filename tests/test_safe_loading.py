@@ -112,25 +112,25 @@ def test_train_det_refuses_init_resume_and_eval_only(bombs, shapes, tmp_path):
 
 
 def test_train_seg_refuses_eval_only_resume_load_from_and_init(bombs, shapes, tmp_path):
-    common = [SEG_TINY, "--cfg-options",
+    common = ["--config", SEG_TINY, "--cfg-options",
               *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
               "train_cfg.max_iters=1"]
     marker = bombs["marker"]
-    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[2:]],
              marker)
-    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[2:]],
              marker)
-    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "c", *common[1:], f"load_from={bombs['mmengine']}"],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "c", *common[2:], f"load_from={bombs['mmengine']}"],
              marker)
-    _refused("train_seg", [*common[:1], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"],
-             *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"],
+             *common[2:]],
              marker)
     # --resume without a value: mmengine finds the work dir's last checkpoint itself
     work = tmp_path / "e"
     work.mkdir()
     (work / "iter_1.pth").write_bytes(bombs["mmengine"].read_bytes())
     (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
-    _refused("train_seg", [*common[:1], "--output-dir", work, "--resume", *common[1:]], marker)
+    _refused("train_seg", [*common[:2], "--output-dir", work, "--resume", *common[2:]], marker)
 
 
 def test_finetune_cls_and_pretrain_refuse(bombs, shapes, tmp_path):

@@ -715,7 +715,7 @@ def test_detector_of_another_class_count_is_refused(coco_tiny, tmp_path, capsys)
     eighty = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 4), "backbone.net.pos_embed": torch.zeros(1)}
     with pytest.raises(MaeTransferError, match="of 80 classes, the dataset has 3 .*train.new_class_heads=True"):
         det_checks.class_count_check(three, "train.init_checkpoint")(eighty, "coco.pth")
-    with _Warnings("mae_transfer.detection.train") as warnings:
+    with _Warnings("mae_transfer.detection") as warnings:
         det_checks.class_count_check(three, "train.init_checkpoint", new_class_heads=True)(eighty, "coco.pth")
         det_checks.class_count_check(three, "train.init_checkpoint")(three.state_dict(), "same.pth")  # agrees
         det_checks.class_count_check(three, "train.init_checkpoint")({"backbone.net.pos_embed": 0}, "mae.pth")

@@ -74,11 +74,11 @@ def test_wheel_tags_for_the_gpu_machines_python(filename: str, ok: bool) -> None
 
 
 def test_kit_and_image_cover_the_pinned_stack() -> None:
-    """Every package of the project's stack is either on the GPU image or in the kit (ruff only lints), and the kit
-    carries nothing the image has; versions as lock.txt."""
+    """Every package of the project's stack is either on the GPU image or in the kit (ruff and vulture only lint), and
+    the kit carries nothing the image has; versions as lock.txt."""
     kit, image = gpu_kit.read_pins(gpu_kit.KIT_PINS), gpu_kit.read_pins(gpu_kit.IMAGE_PACKAGES)
     stack = gpu_kit.read_pins(REPO_ROOT / "requirements" / "stack.txt")
-    assert sorted(set(stack) - set(kit) - set(image)) == ["ruff"]
+    assert sorted(set(stack) - set(kit) - set(image)) == ["ruff", "vulture"]
     assert not set(kit) & set(image) and "sal-detectron2" in kit
     assert {"torch", "torchvision", "numpy"} <= set(image) and image["torch"] == "2.11.0"
     lock = gpu_kit.read_pins(REPO_ROOT / "requirements" / "lock.txt")

@@ -546,13 +546,13 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     config = CONFIGS / "camvid_upernet_vit_tiny_cpu.py"
     work = ["--output-dir", tmp_path / "w"]
     # unknown config key
-    rc, err = _run([config, *work, "--cfg-options", "model.backbone.embed_dimz=3"], capsys)
+    rc, err = _run(["--config", config, *work, "--cfg-options", "model.backbone.embed_dimz=3"], capsys)
     assert rc == 2 and "unknown config key 'model.backbone.embed_dimz'" in err and len(err.strip().splitlines()) == 1
     if not torch.cuda.is_available():  # mmengine's distributed launch is GPU-only
-        rc, err = _run([config, *work, "--launcher", "pytorch"], capsys)
+        rc, err = _run(["--config", config, *work, "--launcher", "pytorch"], capsys)
         assert rc == 2 and "needs CUDA GPUs" in err
     # a value of another type than the config's: named with the key and the type expected
-    rc, err = _run([config, *work, "--cfg-options", "train_cfg.max_iters=abc"], capsys)
+    rc, err = _run(["--config", config, *work, "--cfg-options", "train_cfg.max_iters=abc"], capsys)
     assert rc == 2 and err.strip().splitlines() == [
         "error: --cfg-options train_cfg.max_iters=abc: expected an integer (the config has 300), got a string"]
     from mae_transfer.segmentation.checks import apply_cfg_options
@@ -563,7 +563,8 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
     assert cfg.optim_wrapper.optimizer.lr == 1.0 and isinstance(cfg.optim_wrapper.optimizer.lr, float)
     assert cfg.train_dataloader.dataset.data_prefix.img_path == "2017" and cfg.val_cfg is None
     # missing data root
-    rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={tmp_path / 'nope'}"], capsys)
+    nope = f"train_dataloader.dataset.data_root={tmp_path / 'nope'}"
+    rc, err = _run(["--config", config, *work, "--cfg-options", nope], capsys)
     assert rc == 2 and "data root not found" in err and "train_dataloader.dataset.data_root" in err
     # label values outside the 11 classes + ignore 11 (ADE labels read with the CamVid config)
     bad = tmp_path / "bad"
@@ -575,23 +576,23 @@ def test_bad_input_errors(camvid_mini, ade20k_sample, tmp_path, capsys):
         label = np.asarray(Image.open(camvid_mini / "trainannot" / name)).copy()
         label[:5, :5] = 40
         Image.fromarray(label).save(bad / ann_dir / name)
-    rc, err = _run([config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={bad}",
+    rc, err = _run(["--config", config, *work, "--cfg-options", f"train_dataloader.dataset.data_root={bad}",
                     f"val_dataloader.dataset.data_root={bad}", f"test_dataloader.dataset.data_root={bad}"], capsys)
     assert rc == 2 and "label values [40]" in err and "num_classes=11" in err
     # wrong checkpoints for --eval-only: not a checkpoint, and a checkpoint of another model
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     ev = [*work, "--cfg-options", f"test_dataloader.dataset.data_root={camvid_mini}"]
-    rc, err = _run([config, "--eval-only", junk, *ev], capsys)
+    rc, err = _run(["--config", config, "--eval-only", junk, *ev], capsys)
     assert rc == 2 and "not a PyTorch checkpoint" in err
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"backbone.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}}, other)
-    rc, err = _run([config, "--eval-only", other, *ev], capsys)
+    rc, err = _run(["--config", config, "--eval-only", other, *ev], capsys)
     assert rc == 2 and "does not fit the model" in err
     # a backbone checkpoint of another width fails when the Runner initialises the model
     tv = MAEViT(embed_dim=64, depth=4, num_heads=2, out_indices=(0, 1, 2, 3))
     torch.save(tv.state_dict(), tmp_path / "narrow.pth")
-    rc, err = _run([config, *work, "--init-checkpoint", tmp_path / "narrow.pth",
+    rc, err = _run(["--config", config, *work, "--init-checkpoint", tmp_path / "narrow.pth",
                     "--cfg-options", f"train_dataloader.dataset.data_root={camvid_mini}",
                     f"val_dataloader.dataset.data_root={camvid_mini}",
                     f"test_dataloader.dataset.data_root={camvid_mini}"], capsys)
@@ -624,7 +625,6 @@ def test_every_label_map_checked_once_with_a_cache(tmp_path, capsys, monkeypatch
     from PIL import Image
 
     from mae_transfer.segmentation import checks as seg_checks
-    from mae_transfer.segmentation import train as segmentation
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data"
@@ -645,7 +645,7 @@ def test_every_label_map_checked_once_with_a_cache(tmp_path, capsys, monkeypatch
     Image.fromarray(bad).save(label)
     reads = []
     real_read = seg_checks.read_label_facts
-    monkeypatch.setattr(segmentation, "read_label_facts", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(seg_checks, "read_label_facts", lambda path: reads.append(path) or real_read(path))
     line = _one_error_line(*_run(argv, capsys))
     assert line == (f"error: 1 of 2 label maps of val_dataloader differ in size from their images, e.g. "
                     f"{data / 'valannot' / 'f01.png'} is 40x30, its image {data / 'val' / 'f01.png'} 32x24; "
