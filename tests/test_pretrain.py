@@ -275,7 +275,7 @@ def test_compiled_training_step_matches_eager(coco_tiny: Path, tmp_path: Path, o
     assert weights.keys() == reference.keys()  # plain keys, no "_orig_mod." prefix
     for key, value in reference.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-4)
-    with pytest.raises(MaeTransferError, match="compile must be True or False"):
+    with pytest.raises(MaeTransferError, match="config key .compile. must be True or False"):
         resolve_config(tiny_cfg(images, tmp_path / "x", "compile='yes'"))
 
 
