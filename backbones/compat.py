@@ -1,7 +1,7 @@
 """The workaround the MMSegmentation adapter needs before it can import mmseg on the pinned stack.
 
 It lives here, beside the adapter that applies it, because backbones/ knows nothing of the toolkit above it;
-the toolkit's compat module re-exports it with its other workarounds (docs/ENVIRONMENT_NOTES.md).
+the toolkit's compat module lists it with its other workarounds (docs/ENVIRONMENT_NOTES.md).
 """
 from __future__ import annotations
 

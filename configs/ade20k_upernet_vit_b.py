@@ -9,7 +9,7 @@
 # Backbone: our ViT (`backbones/mmseg.py`, type='MAEViT'); neck: mmseg's Feature2Pyramid;
 # heads: mmseg's UPerHead + FCNHead. LLRD: `backbones.lr_decay` (shared with detectron2).
 # Train: python tools/train_seg.py configs/ade20k_upernet_vit_b.py --init-checkpoint mae_pretrain.pth
-custom_imports = dict(imports=['backbones.mmseg', 'mae_transfer.mmseg_checkpoint'], allow_failed_imports=False)
+custom_imports = dict(imports=['backbones.mmseg', 'mae_transfer.segmentation.checkpoint'], allow_failed_imports=False)
 default_scope = 'mmseg'
 
 # ---------------------------------------------------------------- sizes (tiny/custom configs override)

@@ -1,4 +1,4 @@
-# The demo's built-in segmentation data (`mae_transfer/synthetic.py`: rendered shapes, labels 0 = background,
+# The demo's built-in segmentation data (`harnesses/synthetic.py`: rendered shapes, labels 0 = background,
 # 1-3 = circle / square / triangle) with the tiny CPU UperNet of `camvid_upernet_vit_tiny_cpu.py`.
 # The palette only colours the label / prediction pictures: in the data a shape's colour does not follow its class.
 # tools/demo.py sets data_root to the folder it generated (--cfg-options data_root=...).

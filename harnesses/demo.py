@@ -1,7 +1,7 @@
 """The main demo job behind tools/demo.py: MAE pretraining -> checkpoint conversion -> detectron2 + MMSeg
 fine-tuning -> a 2x2 mini-study over 2 seeds (MAE − scratch per freeze setting, with ± and n), on CPU, with the real
 tools in subprocesses (`mae_transfer.launch`). The built-in data is label-scarce: an unlabelled pool 10x the
-labelled training set for pretraining (`mae_transfer.synthetic`: shapes whose class shows in the outline only).
+labelled training set for pretraining (`harnesses.synthetic`: shapes whose class shows in the outline only).
 
 Here: where the data comes from (the user's, checked before anything runs, or the built-in set), the steps
 and the command lines they run, the output folder's settings and DONE markers (a re-run skips finished
@@ -318,7 +318,7 @@ def prepare_data(inputs: Inputs, out: Path) -> StepData:
     POOL_PER_TRAIN x as many pictures of the same kind for MAE pretraining."""
     shapes = None
     if inputs.images is None or inputs.det is None or inputs.seg is None:
-        from mae_transfer.synthetic import make_shapes_dataset
+        from harnesses.synthetic import make_shapes_dataset
 
         shapes = make_shapes_dataset(out / "data" / "shapes", num_train=NUM_TRAIN, num_val=NUM_VAL, size=192)
     det, det_pictures = inputs.det, inputs.det_pictures
@@ -330,7 +330,7 @@ def prepare_data(inputs: Inputs, out: Path) -> StepData:
     seg = inputs.seg or SegData("builtin", shapes, "train")
     if inputs.images is not None:
         return StepData(inputs.images, inputs.num_images, det, det_pictures, seg)
-    from mae_transfer.synthetic import make_unlabeled_shapes
+    from harnesses.synthetic import make_unlabeled_shapes
 
     count = POOL_PER_TRAIN * NUM_TRAIN
     unlabeled = make_unlabeled_shapes(out / "data" / "unlabeled", count, size=192)
@@ -425,8 +425,10 @@ def segment(schedule: Schedule, out: Path, data: StepData, init: Path) -> dict[s
 def mini_study(schedule: Schedule, out: Path, data: StepData, mae_ckpt: Path) -> dict[str, Any]:
     """2 backbones x 2 freeze settings x STUDY_SEEDS on the segmentation task, through the study runner
     (resumable). Returns write_results' paths plus `difference`: the MAE − scratch line (difference_line)."""
-    from mae_transfer.study import load_study, run_study, write_results
-    from mae_transfer.study_report import collect
+    from mae_transfer.study.report import write_results
+    from mae_transfer.study.run import run_study
+    from mae_transfer.study.spec import load_study
+    from mae_transfer.study.tables import collect
 
     study = load_study(mini_study_spec(schedule, data, mae_ckpt), output_dir=out / "study")
     summary = run_study(study)
@@ -448,8 +450,8 @@ def mini_study_spec(schedule: Schedule, data: StepData, mae_ckpt: Path) -> dict[
 
 def difference_line(study: Any, rows: list[dict[str, Any]]) -> str:
     """`MAE − scratch, mIoU: all 4 blocks +1.2±0.8 (n=2); frozen ViT -3.0±1.1 (n=2)`: the paired difference per
-    freeze setting (study_report.differences), whatever its sign; `no pair finished` where a setting has none."""
-    from mae_transfer.study_report import differences
+    freeze setting (study.tables.differences), whatever its sign; `no pair finished` where a setting has none."""
+    from mae_transfer.study.tables import differences
 
     diffs = differences(study, rows)
     lines = []
@@ -475,7 +477,7 @@ def evidence_note(study: Any, rows: list[dict[str, Any]]) -> str:
     sd / sqrt(2), t(0.975, 1) = 12.7, so no effect is established; from 3 pairs the lines show the intervals."""
     from scipy.stats import t
 
-    from mae_transfer.study_report import differences
+    from mae_transfer.study.tables import differences
 
     counts = sorted({d.n for d in differences(study, rows).values() if d.paired})
     if not counts:
@@ -507,7 +509,7 @@ def _value(record: dict[str, Any], *keys: str) -> Any:
     return details
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, (int, float)) and not math.isnan(value) else "n/a"
 
 
@@ -529,10 +531,10 @@ def summary_table(schedule: Schedule, data: StepData, mae: dict[str, Any], det: 
         f"| MAE pretraining ({mae['epochs']} epochs, {data.num_images} unlabelled pictures) | masked-patch loss "
         f"{mae['first_loss']:.3f} -> "
         f"{mae['last_loss']:.3f} |",
-        f"| Mask R-CNN ({schedule.det_iters} iters, {data.det.name}) | AP box {_fmt(_value(dm, 'AP_box'))}, "
-        f"AP50 box {_fmt(_value(dm, 'bbox', 'AP50'))}, AP mask {_fmt(_value(dm, 'AP_mask'))} |",
-        f"| UperNet ({schedule.seg_iters} iters, {data.seg.name}) | mIoU {_fmt(_value(sm, 'mIoU'))}, "
-        f"aAcc {_fmt(_value(sm, 'aAcc'))} |",
+        f"| Mask R-CNN ({schedule.det_iters} iters, {data.det.name}) | AP box {fmt_value(_value(dm, 'AP_box'))}, "
+        f"AP50 box {fmt_value(_value(dm, 'bbox', 'AP50'))}, AP mask {fmt_value(_value(dm, 'AP_mask'))} |",
+        f"| UperNet ({schedule.seg_iters} iters, {data.seg.name}) | mIoU {fmt_value(_value(sm, 'mIoU'))}, "
+        f"aAcc {fmt_value(_value(sm, 'aAcc'))} |",
     ])
     return table + "\n\n" + det_pictures_note(schedule, data)
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from harnesses.benchmark import PEERS
+from harnesses.gpu_kit import install_kit, kit_wheels
 from harnesses.gpu_measure import (
     build_detection_model,
     build_pretraining_model,
@@ -53,9 +54,7 @@ from harnesses.gpu_measure import (
     measure_pretraining,
     measure_segmentation,
 )
-from mae_transfer.cli import add_deprecated_spelling
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.gpu_kit import install_kit, kit_wheels
 from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
 
@@ -449,11 +448,10 @@ def run_child(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/gpu_acceptance.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="folder for results.md, results.json, setup.log and one log per group of rows "
                              "(default: benchmarks/gpu; with --rehearse work_dirs/gpu_rehearsal)")
-    add_deprecated_spelling(parser, "--out", "--output-dir")
     parser.add_argument("--only", default=",".join(ROW_NAMES),
                         help=f"comma-separated rows to run, in this order: {', '.join(ROW_NAMES)}")
     parser.add_argument("--budget", type=int, default=None,

@@ -56,7 +56,7 @@ def measure_detection(config: str | Path, device: str, images_per_iter: int = 1,
     from detectron2.utils.events import EventStorage
 
     import backbones.detectron2  # noqa: F401  (our backbone in detectron2's registry)
-    from mae_transfer.detection_recipe import build_trainer
+    from mae_transfer.detection.recipe import build_trainer
 
     cfg = LazyConfig.load(str(config))
     size = int(cfg.model.backbone.square_pad)
@@ -110,7 +110,7 @@ def measure_segmentation(config: str | Path, device: str, amp: bool = False, war
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).to(device)
     model.train()
-    from mae_transfer.segmentation_recipe import optim_wrapper_amp
+    from mae_transfer.segmentation.recipe import optim_wrapper_amp
 
     wrapper_cfg = optim_wrapper_amp(copy.deepcopy(cfg.optim_wrapper), "fp16" if amp else "none")  # as train_seg.py
     optim_wrapper = build_optim_wrapper(model, wrapper_cfg)
@@ -208,7 +208,7 @@ def build_segmentation_model(config: str | Path, amp: bool = False) -> int:
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from mae_transfer.segmentation_recipe import optim_wrapper_amp
+    from mae_transfer.segmentation.recipe import optim_wrapper_amp
 
     register_all_modules(init_default_scope=True)
     cfg = Config.fromfile(str(config))

@@ -6,7 +6,7 @@ the last 1-2 blocks recover most of full fine-tuning. Steps:
 
 1. data (`prepare_data`): an unlabelled pool of the photos of ../shared/data (CamVid train frames, COCO and
    fruits_nuts photos and their object crops; labels unused), shrunk to 128 px on the short side, plus generated
-   shape pictures (`mae_transfer.synthetic`); a labelled ImageFolder of object crops for the supervised backbone;
+   shape pictures (`harnesses.synthetic`); a labelled ImageFolder of object crops for the supervised backbone;
    a one-shape-per-picture classification set (class by outline only) with few training labels;
 2. the study (`mae_transfer.study`): scratch, supervised, and MAE after 3 lengths of one pretraining run;
    CamVid segmentation on a few labelled frames and shape classification; all / last 2 / last 1 / no blocks
@@ -56,9 +56,9 @@ def _shrink_into(src: Path, dst: Path, short_side: int = POOL_SHORT_SIDE) -> Non
 
 def prepare_data(data: Path, shared: Path = SHARED, shapes_pool: int = 800) -> dict[str, Any]:
     """The study's data under `data` (built once; `.complete` marks a finished folder). Returns the counts."""
+    from harnesses.synthetic import make_shape_classes, make_unlabeled_shapes
     from mae_transfer.coco import coco_crops_to_imagefolder
     from mae_transfer.data import find_images
-    from mae_transfer.synthetic import make_shape_classes, make_unlabeled_shapes
 
     pool = data / "pool"
     if not (pool / ".complete").is_file():
@@ -153,8 +153,8 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch
 
 
 def load_shape_classes(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from harnesses.synthetic import SHAPE_CLASSES
     from mae_transfer.data import eval_transform
-    from mae_transfer.synthetic import SHAPE_CLASSES
 
     view = eval_transform(ENCODER["img_size"])
     out = {}
@@ -211,7 +211,7 @@ def probe(model: torch.nn.Module, shapes: dict[str, Any], camvid: dict[str, Any]
 def probe_pretraining(study: Any, data: Path) -> list[dict[str, Any]]:
     """The linear probes at every saved epoch of the MAE run (epoch 0: the random init), and of the supervised
     backbone; with the reconstruction loss of each epoch where there is one."""
-    from mae_transfer.study_spec import backbone_checkpoint, pretrain_group
+    from mae_transfer.study.spec import backbone_checkpoint, pretrain_group
 
     shapes, camvid = load_shape_classes(data / "shape_classes"), load_camvid_patches(data / f"camvid_{CAMVID_LABELLED}")
     mae = [n for n in study.backbones if isinstance(study.backbones[n], dict) and study.backbones[n].get("epoch")]
@@ -240,12 +240,12 @@ def _cell(d: Any) -> str:
 
 def answers_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
     """The three questions, each answered by paired differences (seed-matched) with their 95% t-intervals."""
-    from mae_transfer.study_report import _freeze_label, _metric_columns, paired_difference, per_seed, summarise
+    from mae_transfer.study.tables import freeze_label, metric_columns, paired_difference, per_seed, summarise
 
     mae = [n for n in study.backbones if isinstance(study.backbones[n], dict) and study.backbones[n].get("epoch")]
     mae.sort(key=lambda n: study.backbones[n]["epoch"])
     longest, shortest = mae[-1], mae[0]
-    cols = _metric_columns(study)
+    cols = metric_columns(study)
     full, frozen = 0, -1
     partial = [f for f in study.freeze_blocks if f not in (full, frozen)]
 
@@ -257,7 +257,7 @@ def answers_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
              "\"within noise\" when the interval contains 0; **bold** when it does not.", "",
              f"**1. Does the metric rise with pretraining length?** (MAE after more epochs − {shortest}, "
              "same run)", "",
-             "| comparison | metric | " + " | ".join(_freeze_label(study, f) for f in (full, frozen)) + " |",
+             "| comparison | metric | " + " | ".join(freeze_label(study, f) for f in (full, frozen)) + " |",
              "|---|---|---|---|"]
     for longer in mae[1:]:
         for task, metric, label in cols:
@@ -265,7 +265,7 @@ def answers_markdown(study: Any, rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {longer} − {shortest} | {label} | "
                          + " | ".join(_cell(d) for d in cells) + " |")
     lines += ["", f"**2. Does MAE beat scratch (and supervised)?** ({longest}, the longest pretraining)", "",
-              "| comparison | metric | " + " | ".join(_freeze_label(study, f) for f in study.freeze_blocks) + " |",
+              "| comparison | metric | " + " | ".join(freeze_label(study, f) for f in study.freeze_blocks) + " |",
               "|---|---|" + "---|" * len(study.freeze_blocks)]
     for other in ("scratch", "supervised"):
         for task, metric, label in cols:
@@ -338,8 +338,9 @@ def write_probe(rows: list[dict[str, Any]], out: Path, marks: list[int]) -> dict
 def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> dict[str, Any]:
     """Data, study, probes, answers; the small result files copied to `results_dir`. Returns the summary."""
     from mae_transfer.hardware import cpu_model
-    from mae_transfer.study import load_study, run_study
-    from mae_transfer.study_report import collect
+    from mae_transfer.study.run import run_study
+    from mae_transfer.study.spec import load_study
+    from mae_transfer.study.tables import collect
 
     start = time.time()
     counts = prepare_data(data)

@@ -2,8 +2,8 @@
 
 After facebookresearch/mae `main_finetune.py` / `main_linprobe.py` + `engine_finetune.py`, with timm's data
 pipeline (RandAugment, random erasing, Mixup/CutMix, soft-target losses, LARS) and this project's shared
-pieces: `backbones.vit` (the model), `mae_transfer.checkpoint` (any pretrained format), `mae_transfer.optim`
-(layer-wise lr decay, `freeze_blocks`) and the training loop of `mae_transfer.runtime` (DDP, AMP, per-epoch
+pieces: `backbones.vit` (the model), `mae_transfer.checkpoint` (any pretrained format), `backbones.lr_decay`
+(layer-wise lr decay, `freeze_blocks`) and the training loop of `mae_transfer.runtime` (AdamW, DDP, AMP, per-epoch
 reseeding for exact resume, lr schedule, atomic checkpoints), which `finetune` runs with `ClassificationTask`.
 
 Modes:
@@ -30,16 +30,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from backbones.lr_decay import param_groups
 from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import load_backbone_state_dict
-from mae_transfer.config import check_keyword_overrides, check_kinds, check_number_pair, check_ranges
+from mae_transfer.compat import patch_timm_posterize
+from mae_transfer.config import check_keyword_overrides, check_kinds, check_number_pair, check_ranges, load_config
 from mae_transfer.data import IMAGENET_MEAN, IMAGENET_STD, LabelledImageFolder, eval_transform
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import autocast_dtype
+from mae_transfer.input_checks import (
+    Check,
+    each_override,
+    plain_override,
+    raise_problem,
+    tool_path,
+)
 from mae_transfer.io import check_output_dir
 from mae_transfer.metrics import write_eval_metrics
-from mae_transfer.optim import adamw, param_groups
 from mae_transfer.runtime import AMP_MODES, LAST_CHECKPOINT, Task
 
 logger = logging.getLogger(__name__)
@@ -171,8 +179,6 @@ def train_transform(cfg: dict[str, Any]) -> Any:
     random erasing]. With auto_augment=None and reprob=0 it is the linear probe's crop + flip."""
     from timm.data import create_transform
 
-    from mae_transfer.compat import patch_timm_posterize
-
     patch_timm_posterize()  # RandAugment's posterize can ask Pillow 13 for 0 bits (see mae_transfer.compat)
     return create_transform(cfg["img_size"], is_training=True, scale=tuple(cfg["crop_scale"]),
                             color_jitter=cfg["color_jitter"], auto_augment=cfg["auto_augment"] or None,
@@ -248,7 +254,7 @@ def build_optimizer(model: VisionTransformer, cfg: dict[str, Any], base_lr: floa
     if not groups:
         raise MaeTransferError("nothing to train: every parameter is frozen")
     if cfg["optimizer"] == "adamw":
-        return adamw(groups, base_lr, cfg["betas"])
+        return runtime.adamw(groups, base_lr, cfg["betas"])
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=base_lr, momentum=cfg["momentum"])
     from timm.optim import Lars
@@ -423,3 +429,26 @@ def _write_metrics(cfg: dict[str, Any], metrics: dict[str, Any], classes: list[s
         tool=TOOL, epoch=epoch, checkpoint=checkpoint,
         details={"num_images": metrics["num_images"], "topk": metrics["topk"], "classes": list(classes),
                  "mode": cfg["mode"], "freeze_blocks": cfg["freeze_blocks"], "finetune": cfg["finetune"], **details})
+
+
+# ----------------------------------------------------------------------------------------- a study's input check
+
+def check_study_task(args: Any, check: Check) -> None:
+    """A study cell's config (with its overrides, every unknown key reported) and data, before anything runs
+    (`TaskKind.input_check` of its kind in mae_transfer/task_kinds.py)."""
+    what = f"config {Path(args.config).name}"
+    cfg = check(what, load_config, args.config)
+    if cfg is None:
+        return
+    cfg = each_override(check, what, plain_override, cfg, args.overrides)
+    for key, value in (("data_path", args.data), ("output_dir", args.output_dir), ("finetune", args.finetune),
+                       ("freeze_blocks", args.freeze_blocks)):  # as tools/finetune_cls.py sets them
+        if value is not None:
+            cfg[key] = value
+    if check(what, resolve_config, cfg) is None or not cfg.get("data_path"):
+        return
+    root = tool_path(cfg["data_path"])  # classification.build_datasets opens root/train and root/val
+    missing = [split for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        found = "not found" if not root.is_dir() else f"has no {' and no '.join(f'{s}/' for s in missing)} folder"
+        check(None, raise_problem, f"data root {root} {found}: it needs train/<class>/ and val/<class>/ folders")

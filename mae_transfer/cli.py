@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backbones.errors import BackboneError
+from mae_transfer.io import check_output_dir
 
 EXIT_USER_ERROR = 2
 
@@ -96,27 +97,6 @@ def default_argument_parser(description: str, config_help: str = "config file", 
     return p
 
 
-class _DeprecatedSpelling(argparse.Action):
-    """Stores like the flag it stands for, after a one-line note naming the current spelling."""
-
-    def __init__(self, option_strings, dest, current: str = "", **kwargs):
-        self.current = current
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is deprecated; use {self.current}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_deprecated_spelling(parser: argparse.ArgumentParser, old: str, current: str, **kwargs) -> None:
-    """Accept `old` as an earlier spelling of the flag `current` (already added): same destination and type,
-    hidden from --help, and a one-line deprecation note when used."""
-    action = next(a for a in parser._actions if current in a.option_strings)
-    parser.add_argument(old, action=_DeprecatedSpelling, current=current, dest=action.dest,
-                        type=action.type, metavar=action.metavar, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS, **kwargs)
-
-
 def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argparse.Namespace:
     """`--resume key=value` / `--eval-only key=value`: argparse gives the optional value the first override;
     such a value (with '=', not an existing file) goes back to the front of `args.<overrides>`. An --output-dir
@@ -127,7 +107,5 @@ def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argpa
             getattr(args, overrides).insert(0, value)
             setattr(args, flag, "auto")
     if getattr(args, "output_dir", None):
-        from mae_transfer.io import check_output_dir  # imports torch: not at the top of the tools' shared module
-
         check_output_dir(args.output_dir)
     return args

@@ -45,8 +45,6 @@ from mae_transfer.task_kinds import TOOLS
 EXECUTORS = ("slurm", "local")
 
 
-
-
 def tool_name(name: str) -> str:
     """`pretrain`, `tools/pretrain.py` or `pretrain.py` -> `pretrain`."""
     key = Path(name).name.removesuffix(".py")
@@ -122,7 +120,7 @@ def make_resources(values: Mapping[str, Any], where: str) -> Resources:
 
 def tasks_per_node(tool: str, res: Resources) -> int:
     """detectron2's launch spawns one worker per GPU itself; the others get one task per GPU (at least one)."""
-    return 1 if TOOLS[tool].mode == "detectron2" else max(1, res.gpus_per_node)
+    return TOOLS[tool].mode.tasks_per_node(res.gpus_per_node)
 
 
 def slurm_parameters(tool: str, res: Resources, job_name: str, dependency: str | None = None) -> dict[str, Any]:
@@ -180,29 +178,20 @@ def task_command(tool: str, args: Sequence[str], python: str, place: Placement, 
     """(argv, environment additions) of the tool for one task of a job: the tool's own distributed mode."""
     spec = TOOLS[tool]
     cmd = [python, str(REPO_ROOT / spec.script), *args]
-    env: dict[str, str] = {}
-    if spec.mode == "detectron2":
-        cmd += ["--num-gpus", str(max(1, gpus_per_node)), "--num-machines", str(place.num_nodes),
-                "--machine-rank", str(place.node), "--dist-url", f"tcp://{place.master_addr}:{place.master_port}"]
-    else:
-        env = {"RANK": str(place.global_rank), "WORLD_SIZE": str(place.num_tasks), "LOCAL_RANK": str(place.local_rank),
-               "LOCAL_WORLD_SIZE": str(place.num_tasks // place.num_nodes), "MASTER_ADDR": place.master_addr,
-               "MASTER_PORT": str(place.master_port)}
-        if spec.mode == "mmengine":  # mmengine's `pytorch` launcher reads exactly torchrun's variables
-            cmd += ["--launcher", "pytorch" if place.num_tasks > 1 else "none"]
+    launch_args, env = spec.mode.task(place, gpus_per_node)
+    cmd += launch_args
     if resume and "--resume" not in args:
         cmd.append("--resume")
     return cmd, env
 
 
 def output_dir_of(args: Sequence[str]) -> str | None:
-    """The tool's `--output-dir` (or its earlier spelling `--work-dir`) in an argument list."""
+    """The tool's `--output-dir` in an argument list."""
     for i, arg in enumerate(args):
-        for flag in ("--output-dir", "--work-dir"):
-            if arg == flag and i + 1 < len(args):
-                return args[i + 1]
-            if arg.startswith(flag + "="):
-                return arg.split("=", 1)[1]
+        if arg == "--output-dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--output-dir="):
+            return arg.split("=", 1)[1]
     return None
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from mae_transfer.data import MAX_INVALID_FRACTION, check_image_files
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.io import read_json
+from mae_transfer.io import atomic_write, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,6 @@ def coco_crops_to_imagefolder(json_path: str | os.PathLike, images: str | os.Pat
     """
     if not 0.0 <= val_fraction < 1.0:
         raise MaeTransferError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    from mae_transfer.io import atomic_write
 
     json_path, images, out = Path(json_path), Path(images), Path(out_dir)
     data = read_coco_instances(json_path, images)

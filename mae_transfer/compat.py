@@ -5,21 +5,17 @@ from the `sal-detectron2` wheel (built for 3.10), MMSegmentation 1.2.2 on `mmcv-
 mmengine 0.10.7, timm 1.0.31 with Pillow 13. Importing `mae_transfer` applies nothing; who calls what:
 
   1. `apply_for_mmseg()` (mmcv._ext stand-in): `backbones/mmseg.py` calls it before `import mmseg`. It is
-     defined in `backbones.compat` (backbones/ imports nothing from here) and re-exported below.
-  2. mmengine checkpoint loading: `framework_checkpoints.use_safe_mmengine_loading`, by mae_transfer/segmentation.py.
-  3. detectron2 with or without `detectron2._C`: nothing to apply (`detectron2_compiled_ops_status()` says which).
+     defined in `backbones.compat` (backbones/ imports nothing from here); import it from there.
+  2. mmengine checkpoint loading: `segmentation.checkpoint.use_safe_mmengine_loading`, by segmentation.train.
+  3. detectron2 with or without `detectron2._C`: nothing to apply (`detection.compiled_ops` says which).
   4. `patch_timm_posterize()`: `mae_transfer.classification.train_transform`, where RandAugment is built.
 """
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
-from backbones.compat import CompiledOpUnavailableError, apply_for_mmseg, install_mmcv_ext_stand_in
-
-__all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_stand_in",
-           "detectron2_compiled_ops_status", "detectron2_has_compiled_ops", "patch_timm_posterize"]
+__all__ = ["patch_timm_posterize"]
 
 
 # 1. mmcv._ext stand-in (`apply_for_mmseg`): in `backbones.compat`, with why and when it can go.
@@ -28,45 +24,16 @@ __all__ = ["CompiledOpUnavailableError", "apply_for_mmseg", "install_mmcv_ext_st
 # --------------------------------------------------------------------------------------------------
 # 2. mmengine checkpoint loading under torch 2.14: not a patch here. mmengine 0.10.7 calls `torch.load`
 # without `weights_only`, so its own Runner checkpoints (message hub, numpy values) no longer load under
-# torch >= 2.6. `mae_transfer.framework_checkpoints.use_safe_mmengine_loading` registers our safe reader through
-# mmengine's own loader registry, called explicitly by mae_transfer/segmentation.py; it never unpickles arbitrary
+# torch >= 2.6. `mae_transfer.segmentation.checkpoint.use_safe_mmengine_loading` registers our safe reader through
+# mmengine's own loader registry, called explicitly by mae_transfer/segmentation/train.py; it never unpickles arbitrary
 # objects unless the user opts in (--allow-pickle).
 # --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. detectron2 with or without `detectron2._C`.
-# Why: the sal-detectron2 wheel's `_C` is compiled for CPython 3.10 (against the torch of its build, late
-# 2024); on 3.11-3.13 it cannot load. Mask R-CNN does not need it: ROIAlign and NMS come from torchvision,
-# and COCOEvaluator falls back to pycocotools' COCOeval when `_C` is missing, so nothing is patched; deformable
-# conv and rotated boxes are unavailable. Where `_C` loads (3.10, if its C++ ABI matches our torch),
-# detectron2 uses it by itself: COCOEvaluator's C++ COCOeval_opt, DeformConv, nms_rotated, ROIAlignRotated.
-# (detectron2's checkpointer reads files through `mae_transfer.framework_checkpoints.detection_checkpointer`.)
-# When it can go: with an official detectron2 wheel for our Python and torch.
+# 3. detectron2 with or without `detectron2._C`: nothing to apply; `mae_transfer.detection.compiled_ops` says which
+# (framework code lives in the framework package).
 # --------------------------------------------------------------------------------------------------
-def detectron2_has_compiled_ops() -> bool:
-    return _detectron2_compiled_ops_error() is None
-
-
-def detectron2_compiled_ops_status() -> str:
-    """One line for logs (scripts/setup_env.sh prints it): whether detectron2._C loaded, and if not why."""
-    error = _detectron2_compiled_ops_error()
-    if error is None:
-        return "loaded (detectron2 uses its C++ COCOeval, deformable conv and rotated-box ops)"
-    if sys.version_info[:2] != (3, 10):
-        why = f"the wheel's _C is built for CPython 3.10 only, this is {sys.version_info[0]}.{sys.version_info[1]}"
-    else:  # built against the torch (CUDA 12) of late 2024: libcudart.so.12 and older c10 / torch symbols
-        torch = importlib.import_module("torch")
-        why = f"the wheel's _C does not load with torch {torch.__version__}: {error}"
-    return f"not loaded ({why}); using the torchvision / pycocotools fallbacks"
-
-
-def _detectron2_compiled_ops_error() -> str | None:
-    try:
-        importlib.import_module("detectron2._C")
-    except ImportError as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
 
 
 # --------------------------------------------------------------------------------------------------

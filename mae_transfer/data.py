@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class LabelledImageFolder(ImageFolderDataset):
 
 # A file where more than this fraction of the annotations is invalid is wrong as a whole (another box
 # format, another image set): an error, rather than training on what is left. Segmentation training data
-# (mae_transfer.segmentation) applies it to unreadable images.
+# (mae_transfer.segmentation.train) applies it to unreadable images.
 MAX_INVALID_FRACTION = 0.5
 
 
@@ -267,7 +268,6 @@ class FileFacts:
     def save(self) -> None:
         if not self.read:
             return
-        from mae_transfer.io import atomic_write_text
 
         try:
             atomic_write_text(json.dumps({"files": self.files}), self.path)

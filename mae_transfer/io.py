@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mae_transfer.errors import MaeTransferError
 
 
@@ -36,10 +34,6 @@ def _umask() -> int:
     return mask
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -62,3 +56,15 @@ def check_output_dir(path: str | os.PathLike, what: str = "--output-dir") -> Non
                 named = "is" if where == path else f"lies under {where}, which is"
                 raise MaeTransferError(f"{what} {path}: {named} an existing file; expected a folder")
             return
+
+
+def checkpoint_named_by(output_dir: str | os.PathLike, marker: str, names_checkpoint: bool = True) -> str | None:
+    """The checkpoint a resumed run continues from: the file `output_dir/marker` names (`names_checkpoint`:
+    detectron2's and mmengine's `last_checkpoint`) or is; None when the folder holds no marker."""
+    path = Path(output_dir) / marker
+    if not path.is_file():
+        return None
+    if not names_checkpoint:
+        return str(path)
+    # detectron2 writes a name relative to the folder, mmengine an absolute path: join keeps the latter
+    return os.path.join(output_dir, path.read_text().strip())

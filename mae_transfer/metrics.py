@@ -13,9 +13,9 @@ Strict JSON: an undefined number (NaN, e.g. COCO AP when the model made no detec
 metric that is null says why in `undefined`. `read_eval_metrics` gives undefined metrics back as NaN, which
 tables show as missing.
 
-The task kinds and the metrics each must hold are `mae_transfer.task_kinds`' (`TaskKind.eval_metrics`): the study
-runner and the demo read this file only, never a framework's own logs. Written atomically; a missing or malformed
-file is one clear error.
+The task kinds and the metrics each must hold are `REQUIRED` (a kind registered in `mae_transfer.task_kinds` adds
+its `TaskKind.eval_metrics`): the study runner and the demo read this file only, never a framework's own logs.
+Written atomically; a missing or malformed file is one clear error.
 """
 from __future__ import annotations
 
@@ -26,11 +26,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text, read_json
 
 FILENAME = "eval_metrics.json"
+# task kind -> the metrics its record must hold: the built-in kinds', and those `task_kinds.register` adds
+REQUIRED: dict[str, tuple[str, ...]] = {"det": ("AP_box", "AP_mask"), "seg": ("mIoU",), "cls": ("top1", "top5")}
+
+
+def register_task(task: str, required: tuple[str, ...]) -> None:
+    REQUIRED[task] = tuple(required)
+
+
+def unregister_task(task: str) -> None:
+    REQUIRED.pop(task, None)
 
 
 def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mapping[str, float | None], *, tool: str,
@@ -40,9 +49,9 @@ def write_eval_metrics(output_dir: str | os.PathLike, task: str, metrics: Mappin
     """Write `output_dir/eval_metrics.json`; `metrics` must hold the task kind's `eval_metrics`. A metric that is None
     or not finite is written as null, with `reasons[name]` (or what the value was) in "undefined"; any other
     non-finite number (in `details`) as null."""
-    if task not in task_kinds.KINDS:
-        raise ValueError(f"task must be one of {sorted(task_kinds.KINDS)}, got {task!r}")
-    required = task_kinds.KINDS[task].eval_metrics
+    if task not in REQUIRED:
+        raise ValueError(f"task must be one of {sorted(REQUIRED)}, got {task!r}")
+    required = REQUIRED[task]
     missing = [m for m in required if m not in metrics]
     if missing:
         raise ValueError(f"{task} metrics need {list(required)}, missing {missing}")
@@ -68,12 +77,12 @@ def read_eval_metrics(output_dir: str | os.PathLike, task: str | None = None) ->
         raise MaeTransferError(f"no {FILENAME} in {output_dir}: the run did not finish an evaluation")
     record = read_json(path)
     if (not isinstance(record, dict) or not isinstance(record.get("metrics"), dict)
-            or record.get("task") not in task_kinds.KINDS):
+            or record.get("task") not in REQUIRED):
         raise MaeTransferError(f"{path}: not an eval_metrics.json record "
                                "(expected task, metrics, ...; see mae_transfer/metrics.py)")
     if task is not None and record["task"] != task:
         raise MaeTransferError(f"{path}: metrics of a {record['task']!r} run, expected {task!r}")
-    missing = [m for m in task_kinds.KINDS[record["task"]].eval_metrics if m not in record["metrics"]]
+    missing = [m for m in REQUIRED[record["task"]] if m not in record["metrics"]]
     if missing:
         raise MaeTransferError(f"{path}: metrics {missing} missing")
     record["metrics"] = {k: math.nan if v is None else v for k, v in record["metrics"].items()}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.lr_decay import no_weight_decay, param_groups
 from backbones.vit import VisionTransformer, create_vit, vit_config
 from mae_transfer import runtime
 from mae_transfer.checkpoint import save_backbone
@@ -33,7 +34,6 @@ from mae_transfer.data import ImageFolderDataset, LabelledImageFolder, eval_tran
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write, check_output_dir
 from mae_transfer.mae import MASKING_STRATEGIES, MaskedAutoencoder, unpatchify
-from mae_transfer.optim import adamw, no_weight_decay, param_groups
 from mae_transfer.pictures import label_rows
 from mae_transfer.runtime import AMP_MODES, Task
 
@@ -179,14 +179,14 @@ def build_mae(cfg: dict[str, Any]) -> MaskedAutoencoder:
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any], base_lr: float) -> torch.optim.AdamW:
-    """AdamW on the shared parameter groups (`mae_transfer.optim.param_groups`) without layer-wise decay:
+    """AdamW on the shared parameter groups (`backbones.lr_decay.param_groups`) without layer-wise decay:
     weight matrices with `weight_decay`; norms, biases, position tables, cls / mask tokens without."""
     # No parameter name starts with ".", so every parameter sits outside "the backbone", in one layer (lr_scale 1):
     # two groups, decay / no decay, each in parameter order. No-decay first: the layout of the checkpoints written
     # before pretraining used the shared builder, so they still resume.
     groups = param_groups(model, weight_decay=cfg["weight_decay"], layer_decay=1.0, num_layers=0, backbone_prefix=".")
     groups.sort(key=lambda g: not no_weight_decay(g["param_names"][0], g["params"][0]))
-    return adamw(groups, base_lr, cfg["betas"])
+    return runtime.adamw(groups, base_lr, cfg["betas"])
 
 
 # ---------------------------------------------------------------------------------------------- task

@@ -8,7 +8,7 @@ batch, so lr, iterations, schedule and periods keep their meaning (one iteration
 `DefaultTrainer.auto_scale_workers` does: lr x B/B_ref; iterations, warmup, milestones, eval and checkpoint
 periods x B_ref/B (the same number of epochs).
 
-`mae_transfer.detection_recipe` / `segmentation_recipe` read a config into these numbers and write them back;
+`mae_transfer.detection.recipe` / `segmentation_recipe` read a config into these numbers and write them back;
 the tools print `format_table` before training (or alone with `--plan`, with `Recipe.to_json` on stdout) and
 write `OUTPUT_DIR/recipe.json`. MAE core: imports no framework.
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mae_transfer.errors import MaeTransferError
+from mae_transfer.io import atomic_write_text
 
 RECIPE_FILE = "recipe.json"
 AMP_MODES = ("fp16", "bf16", "none")
@@ -41,10 +43,6 @@ class Reference:
     @property
     def images_per_gpu(self) -> int:
         return self.total_batch // (self.world_size or 1)
-
-    @property
-    def published(self) -> bool:
-        return self.world_size is not None
 
 
 @dataclass
@@ -229,23 +227,17 @@ def format_table(recipe: Recipe) -> str:
 
 def write_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> Path:
     """OUTPUT_DIR/recipe.json (atomic)."""
-    from mae_transfer.io import atomic_write_text
-
     return atomic_write_text(json.dumps(recipe.to_json(), indent=2) + "\n", Path(output_dir) / RECIPE_FILE)
 
 
 def announce_recipe(recipe: Recipe, output_dir: str | os.PathLike) -> Path:
     """A real run, before it trains: the table on stderr, OUTPUT_DIR/recipe.json written."""
-    import sys
-
     print(format_table(recipe), file=sys.stderr, flush=True)
     return write_recipe(recipe, output_dir)
 
 
 def print_plan(recipe: Recipe) -> None:
     """--plan: the table on stderr, one JSON object on stdout."""
-    import sys
-
     print(format_table(recipe), file=sys.stderr, flush=True)
     print(json.dumps(recipe.to_json()), flush=True)
 

@@ -40,9 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mae_transfer.checkpoint import read_checkpoint
+from mae_transfer.checkpoint.writing import atomic_torch_save
 from mae_transfer.errors import MaeTransferError, PickledCheckpointError
 from mae_transfer.hardware import autocast_dtype
-from mae_transfer.io import atomic_torch_save, atomic_write, atomic_write_text
+from mae_transfer.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -483,3 +484,12 @@ def train_one_epoch(net: nn.Module, task: Task, loader: DataLoader, optimizer: t
         dist.all_reduce(totals)
     record = {"epoch": epoch + 1, "loss": float(totals[0]) / (iters * world), "lr": lr}
     return record, dict(zip(sums, totals[1:].tolist(), strict=False))
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """torch AdamW with the fused kernel (CPU and CUDA; what HF's Trainer also defaults to on torch >= 2.8):
+    one pass over each tensor instead of the foreach chain (measured: benchmarks/README.md)."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)

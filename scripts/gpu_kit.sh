@@ -51,15 +51,15 @@ while read -r pin; do
   have "$name" "$version" || fetch "$name" "$version"
 done < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$ROOT/requirements/gpu_kit.txt" | grep .)
 
-# Fallback wheels, installed there only where the image lacks what they provide (mae_transfer/gpu_kit.py).
+# Fallback wheels, installed there only where the image lacks what they provide (harnesses/gpu_kit.py).
 mkdir -p "$KIT/fallback"
-for pin in $(cd "$ROOT" && "$PY" -c "from mae_transfer.gpu_kit import IF_MISSING; print(' '.join(IF_MISSING))"); do
+for pin in $(cd "$ROOT" && "$PY" -c "from harnesses.gpu_kit import IF_MISSING; print(' '.join(IF_MISSING))"); do
   name="${pin%%==*}"; version="${pin#*==}"
   compgen -G "$KIT/fallback/${name//-/_}-$version-*.whl" >/dev/null || \
     "${PIP[@]}" download --no-deps "${TARGET[@]}" "$pin" -d "$KIT/fallback"
 done
 
 cd "$ROOT"
-"$PY" -m mae_transfer.gpu_kit check "$KIT"
+"$PY" -m harnesses.gpu_kit check "$KIT"
 echo "[gpu_kit] the repo as it travels (tracked files): $(git -C "$ROOT" archive HEAD | wc -c | awk '{printf "%.2f", $1 / 2^20}') MiB;" \
   "limit of a device call: 64 MiB (kit + repo)"

@@ -130,7 +130,7 @@ run_step "install mae-transfer (editable)" \
   "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 
 run_step "check imports" "$VENV/bin/python" -c "import mae_transfer, backbones, detectron2, mmseg"
-d2_ops="$("$VENV/bin/python" -c 'from mae_transfer.compat import detectron2_compiled_ops_status as s; print(s())')"
+d2_ops="$("$VENV/bin/python" -c 'from mae_transfer.detection.compiled_ops import detectron2_compiled_ops_status as s; print(s())')"
 echo "[setup] detectron2 compiled ops (detectron2._C): $d2_ops"
 
 echo "$fingerprint" >"$STAMP"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mae_transfer.compat import apply_for_mmseg
+from backbones.compat import apply_for_mmseg
 from tests.strict_skips import (  # noqa: F401  the hooks of MAE_TRANSFER_STRICT_SKIPS=1 (CI's fresh-clone run)
     pytest_collectreport,
     pytest_runtest_makereport,

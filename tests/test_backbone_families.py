@@ -450,7 +450,7 @@ def test_backbone_families_spec_cells_build_each_familys_vit(tmp_path):
     from backbones.detectron2 import ViTBackbone
     from backbones.mmseg import MAEViT
     from backbones.vit import create_vit
-    from mae_transfer.study_spec import Cell, cell_command, load_study
+    from mae_transfer.study.spec import Cell, cell_command, load_study
 
     study = load_study("configs/studies/backbone_families.py", tmp_path / "out")
     assert list(study.backbones) == ["MAE", "DeiT III", "DINOv2", "CLIP", "BEiTv2", "EVA-02"]
@@ -578,7 +578,7 @@ def test_detection_checkpoint_path_resolves_hub_names(tmp_path):
     the one error line)."""
     import huggingface_hub.constants as hub_constants
 
-    from mae_transfer.framework_checkpoints import local_checkpoint_path
+    from mae_transfer.detection.checkpoint import local_checkpoint_path
 
     mp = pytest.MonkeyPatch()
     mp.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))

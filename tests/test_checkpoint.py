@@ -323,13 +323,12 @@ def test_format_priority_not_registration_order():
     assert not {"test_low", "test_high", "test_clash"} & {f.name for f in registered_formats()}
 
 
-def test_load_backbone_takes_the_source_first_and_warns_on_the_old_order():
+def test_load_backbone_takes_the_source_first():
+    """load_backbone(source, model): the one order (the reversed order's shim was removed, CHANGELOG.md)."""
     sd = timm_vit().state_dict()
-    new, old = ours(num_classes=7), ours(num_classes=7)
+    new = ours(num_classes=7)
     assert load_backbone(sd, new).format == "timm"
-    with pytest.warns(DeprecationWarning, match=r"load_backbone\(source, model\)"):
-        assert load_backbone(old, sd).format == "timm"
-    torch.testing.assert_close(old.blocks[1].attn.qkv.weight, new.blocks[1].attn.qkv.weight, atol=0, rtol=0)
+    torch.testing.assert_close(new.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"], atol=0, rtol=0)
 
 
 def test_rel_pos_tables_absent_are_created_fresh():

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.classification import (
     build_classifier,
     build_optimizer,
@@ -28,7 +29,6 @@ from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.config import load_config
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.runtime import load_checkpoint
-from mae_transfer.synthetic import make_shapes_dataset
 
 from .conftest import REPO_ROOT
 
@@ -232,7 +232,8 @@ def test_mae_finetune_linprobe_and_partial_finetuning_on_real_crops(fruits_nuts:
     (1) end-to-end fine-tuning raises val top-1 clearly above the majority-class rate, (2) the linear probe runs
     and reports top-1, (3) the study runner gives the partial fine-tuning row for freeze 0 / 2 / -1."""
     from mae_transfer.pretraining import export_encoder, pretrain
-    from mae_transfer.study import load_study, run_study
+    from mae_transfer.study.run import run_study
+    from mae_transfer.study.spec import load_study
 
     crops = tmp_path / "crops"
     counts = coco_crops_to_imagefolder(fruits_nuts / "trainval.json", fruits_nuts / "images", crops, 16,
@@ -366,7 +367,7 @@ def test_checkpoint_with_other_number_of_classes_is_refused(shapes_crops: Path, 
     seven = build_classifier(resolve_config({**cfg, "data_path": "x", "output_dir": "y"}), num_classes=7)
     torch.save({"model": seven.state_dict()}, tmp_path / "seven.pth")
     line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "e",
-                                    "--eval", tmp_path / "seven.pth", *MICRO_ARGS))
+                                    "--eval-only", tmp_path / "seven.pth", *MICRO_ARGS))
     assert "seven.pth" in line and "3 classes" in line and "(7, 32)" in line
     with pytest.raises(MaeTransferError, match="does not match the data's 3 classes"):
         evaluate_checkpoint({**cfg, "data_path": str(shapes_crops), "output_dir": str(tmp_path / "e2"),
@@ -374,7 +375,7 @@ def test_checkpoint_with_other_number_of_classes_is_refused(shapes_crops: Path, 
                             tmp_path / "seven.pth")
     # a pretraining-only checkpoint is not a classifier
     line = _one_error_line(cli("--config", TINY_FT, "--data", shapes_crops, "--output-dir", tmp_path / "e3",
-                                    "--eval", tmp_path / "seven.pth", *MICRO_ARGS[:-1], "global_pool='token'"))
+                                    "--eval-only", tmp_path / "seven.pth", *MICRO_ARGS[:-1], "global_pool='token'"))
     assert "missing" in line or "classes" in line
 
     # resume a run whose checkpoint was trained on 2 classes

@@ -1,5 +1,5 @@
 """One flag vocabulary across the tools: `--output-dir` (run folder), `--pictures-dir` (picture folder); the earlier
-spellings still parse to the same arguments and print one deprecation note naming the current flag."""
+spellings were removed (CHANGELOG.md) and are refused like any unknown flag."""
 from __future__ import annotations
 
 import importlib.util
@@ -25,23 +25,28 @@ def _tool(name: str):
     ("train_seg", ["--config", "c.py", "--resume"], ["--work-dir", "run"], ["--output-dir", "run"]),
     ("finetune_cls", ["--config", "c.py"], ["--eval", "ft.pth"], ["--eval-only", "ft.pth"]),
 ])
-def test_earlier_spelling_parses_the_same_with_one_note(tool, common, old, current, capsys):
+def test_earlier_spelling_is_refused_the_current_one_parses(tool, common, old, current, capsys):
     parse_args = _tool(tool).parse_args
-    now = parse_args([*common, *current])
+    parse_args([*common, *current])
     assert capsys.readouterr().err == ""
-    before = parse_args([*common, *old])
-    assert vars(before) == vars(now)
-    assert capsys.readouterr().err.splitlines() == [f"note: {old[0]} is deprecated; use {current[0]}"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*common, *old])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {old[0]}" in capsys.readouterr().err
 
 
 def test_earlier_spelling_before_a_user_error(tmp_path, capsys):
-    """coco_to_imagefolder's `--out`: the note, then the tool's own one error line (exit 2)."""
+    """coco_to_imagefolder's removed `--out`: argparse's usage error (exit 2), before the tool looks at its input;
+    with --output-dir, the tool's own one error line (exit 2)."""
     missing = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(_tool("coco_to_imagefolder").main,
+                ["--json", str(missing), "--images", str(tmp_path), "--out", str(tmp_path / "crops")])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
     rc = run_cli(_tool("coco_to_imagefolder").main,
-                 ["--json", str(missing), "--images", str(tmp_path), "--out", str(tmp_path / "crops")])
+                 ["--json", str(missing), "--images", str(tmp_path), "--output-dir", str(tmp_path / "crops")])
     assert rc == 2
-    assert capsys.readouterr().err.splitlines() == ["note: --out is deprecated; use --output-dir",
-                                                    f"error: annotation file not found: {missing}"]
+    assert capsys.readouterr().err.splitlines() == [f"error: annotation file not found: {missing}"]
 
 
 def test_current_spellings_are_the_documented_ones(capsys):

@@ -170,7 +170,7 @@ def test_detectron2_gets_the_cleaned_records(fruits_nuts, clean, tmp_path):
     from detectron2.data.datasets import load_coco_json
     from pycocotools.coco import COCO
 
-    from mae_transfer.detectron2_data import register_coco_instances_checked
+    from mae_transfer.detection.data import register_coco_instances_checked
 
     images = str(fruits_nuts / "images")
     bad = _write(tmp_path / "bad.json", _faulty(clean))
@@ -231,7 +231,7 @@ def test_truncated_images_are_skipped_with_their_annotations(fruits_nuts, clean,
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from pycocotools.coco import COCO
 
-    from mae_transfer.detectron2_data import register_coco_instances_checked
+    from mae_transfer.detection.data import register_coco_instances_checked
 
     images = _linked_images(fruits_nuts, tmp_path / "images", {"2.jpg"})
     path = fruits_nuts / "trainval.json"

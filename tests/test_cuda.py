@@ -22,10 +22,10 @@ from torch import nn
 from backbones.vit import VisionTransformer, attention
 from harnesses import gpu_acceptance as acceptance
 from harnesses import gpu_measure
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.config import load_config
 from mae_transfer.mae import MaskedAutoencoder
 from mae_transfer.pretraining import load_checkpoint, pretrain
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 DEVICE = "cuda"
@@ -218,9 +218,10 @@ def test_accumulating_amp_trainer_steps_once_per_iteration_on_cuda() -> None:
     from detectron2.config import instantiate
     from detectron2.utils.events import EventStorage
 
-    from mae_transfer import detection, detection_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
 
-    cfg = detection.load_config(str(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py"), ["model.roi_heads.num_classes=3"])
+    cfg = det_checks.load_config(str(CONFIGS / "coco_mask_rcnn_vit_tiny_cpu.py"), ["model.roi_heads.num_classes=3"])
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(DEVICE).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -251,10 +252,12 @@ def fp16_accumulation_updates(device: str) -> dict[str, dict[str, torch.Tensor]]
     from detectron2.config import instantiate
     from detectron2.engine import AMPTrainer
 
-    from mae_transfer import detection, detection_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
+    from mae_transfer.detection import train as detection
     from tests.test_recipe import DET_EXACT, TINY_DET, _det_inputs
 
-    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    cfg = det_checks.load_config(TINY_DET, DET_EXACT)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
     start = copy.deepcopy(model.state_dict())
@@ -410,9 +413,11 @@ def test_acceptance_rows_measure_the_tiny_cpu_configs(tmp_path: Path, one_thread
         "pytest_cuda", "det_vit_b", "det_vit_l_accum2", "seg_vit_b", "mae_vit_b", "bench_det"]  # the run's order
 
 
-def test_out_is_a_deprecated_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
-    assert acceptance.build_parser().parse_args(["--out", str(tmp_path)]).output_dir == tmp_path
-    assert capsys.readouterr().err.strip() == "note: --out is deprecated; use --output-dir"
+def test_out_is_no_spelling_of_output_dir(tmp_path: Path, capsys) -> None:
+    assert acceptance.build_parser().parse_args(["--output-dir", str(tmp_path)]).output_dir == tmp_path
+    with pytest.raises(SystemExit):
+        acceptance.build_parser().parse_args(["--out", str(tmp_path)])
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
 
 
 def test_pytest_summary_counts() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer import hardware
 from mae_transfer.classification import finetune
 from mae_transfer.coco import coco_crops_to_imagefolder
@@ -21,7 +22,6 @@ from mae_transfer.hardware import (
     resolve_amp,
 )
 from mae_transfer.pretraining import load_checkpoint, pretrain
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"

@@ -109,7 +109,7 @@ def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
     import mmseg.models  # noqa: F401  imports mmcv.ops at import time
     from mmcv.ops import point_sample  # noqa: F401
 
-    from mae_transfer.compat import CompiledOpUnavailableError
+    from backbones.compat import CompiledOpUnavailableError
 
     ext = sys.modules["mmcv._ext"]
     assert getattr(ext, "MAE_TRANSFER_STAND_IN", False)
@@ -125,7 +125,7 @@ def test_mmcv_ext_stand_in_fails_only_when_called() -> None:
 
 
 def test_detectron2_runs_without_compiled_ops() -> None:
-    from mae_transfer.compat import detectron2_has_compiled_ops
+    from mae_transfer.detection.compiled_ops import detectron2_has_compiled_ops
 
     if detectron2_has_compiled_ops():  # the cp310 wheel on 3.10, where its _C loads: tests/test_smoke.py checks it
         pytest.skip("detectron2._C loads with this Python: no fallback in use")
@@ -246,7 +246,7 @@ def test_mmengine_runner_checkpoint_save_and_resume(tmp_path: Path) -> None:
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
-    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint, use_safe_mmengine_loading
+    from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint, use_safe_mmengine_loading
 
     use_safe_mmengine_loading()
 

@@ -77,7 +77,7 @@ def test_mmseg_backbone_gets_its_checkpoint_loader_handed_in() -> None:
                           "loader": backbones.mmseg._checkpoint_loader.__module__}))
     """)
     assert "no checkpoint loader" in result["error"] and "custom_imports" in result["error"], result
-    assert not result["loaded_before"] and result["loader"] == "mae_transfer.mmseg_checkpoint", result
+    assert not result["loaded_before"] and result["loader"] == "mae_transfer.segmentation.checkpoint", result
     assert result["after"].startswith("mae_transfer.errors: ") and "nowhere.pth" in result["after"], result
 
 
@@ -105,10 +105,13 @@ def test_core_loads_no_framework_and_installs_no_import_hook() -> None:
         import mae_transfer.mae
         after_mae = list(sys.meta_path)
         mae_frameworks = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})
-        import mae_transfer.optim, mae_transfer.checkpoint, mae_transfer.runtime
+        import mae_transfer.checkpoint, mae_transfer.runtime
         import mae_transfer.pretraining, mae_transfer.classification, mae_transfer.recipe
-        import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.study, mae_transfer.study_cluster
-        import mae_transfer.data, mae_transfer.coco
+        import mae_transfer.task_kinds, mae_transfer.metrics, mae_transfer.input_checks, mae_transfer.cluster
+        import mae_transfer.study.spec, mae_transfer.study.inputs, mae_transfer.study.run, mae_transfer.study.report
+        import mae_transfer.study.claims, mae_transfer.study.stats, mae_transfer.study.cluster
+        import mae_transfer.detection, mae_transfer.segmentation  # the framework packages' faces import nothing
+        import mae_transfer.data, mae_transfer.coco, mae_transfer.compat, mae_transfer.cli, mae_transfer.hardware
         print(json.dumps({{
             "package_hooks": after_package == hooks_before, "mae_hooks": after_mae == hooks_before,
             "all_hooks": list(sys.meta_path) == hooks_before, "mae_frameworks": mae_frameworks,
@@ -160,7 +163,24 @@ def test_timm_posterize_is_patched_only_where_randaugment_is_built() -> None:
 
 def test_llrd_rule_has_one_implementation() -> None:
     import backbones.lr_decay as lr_decay
-    import mae_transfer.optim as optim
+    import mae_transfer.classification as classification
+    import mae_transfer.pretraining as pretraining
 
-    for name in ("layer_id", "lr_decay_factor", "no_weight_decay", "count_blocks", "param_groups"):
-        assert getattr(optim, name) is getattr(lr_decay, name), name
+    assert pretraining.param_groups is lr_decay.param_groups and classification.param_groups is lr_decay.param_groups
+    assert pretraining.no_weight_decay is lr_decay.no_weight_decay
+
+
+def test_only_the_framework_packages_import_a_framework() -> None:
+    """Static: every module that imports detectron2 / mmseg / mmengine / mmcv (or the backbones' framework adapters),
+    at the top or inside a function, lives in mae_transfer/detection/ or mae_transfer/segmentation/."""
+    adapters = ("backbones.detectron2", "backbones.mmseg")
+    found = []
+    for path in sorted((REPO_ROOT / "mae_transfer").rglob("*.py")):
+        place = path.relative_to(REPO_ROOT / "mae_transfer").parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in FRAMEWORKS or n.startswith(adapters) for n in names) and \
+                    place[0] not in ("detection", "segmentation"):
+                found.append(f"mae_transfer/{'/'.join(place)}:{node.lineno}")
+    assert found == []

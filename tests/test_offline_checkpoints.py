@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -43,7 +43,7 @@ def _train_det(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 
 def test_unreachable_url_is_one_error_naming_url_cache_and_the_local_option(tmp_path, monkeypatch):
-    from mae_transfer.framework_checkpoints import local_checkpoint_path
+    from mae_transfer.detection.checkpoint import local_checkpoint_path
 
     for key, value in _offline_env(tmp_path / "cache").items():
         monkeypatch.setenv(key, value)

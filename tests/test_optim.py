@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from backbones.errors import BackboneError
+from backbones.lr_decay import layer_id, lr_decay_factor, param_groups
 from backbones.vit import VisionTransformer, create_vit
-from mae_transfer.optim import layer_id, lr_decay_factor, param_groups
 
 DECAY = 0.65
 D2_PREFIX = "backbone.net."  # where detectron2's ViTDet keeps the ViT
@@ -158,7 +158,7 @@ def test_detectron2_lazyconfig_param_groups_hook():
     from detectron2.config import instantiate
     from omegaconf import OmegaConf
 
-    from mae_transfer.optim import param_groups as hook
+    from backbones.lr_decay import param_groups as hook
 
     model = nn.Module()
     model.backbone = nn.Module()

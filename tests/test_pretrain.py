@@ -34,7 +34,6 @@ MICRO = ["encoder_overrides={'depth': 1}", "img_size=64", "decoder_depth=1", "de
          "batch_size=4", "recon_images=2"]
 
 
-
 def tiny_cfg(data: Path, out: Path, *overrides: str) -> dict:
     cfg = load_config(TINY, overrides)
     cfg.update(data_path=str(data), output_dir=str(out))

@@ -75,9 +75,11 @@ def test_tiny_configs_are_their_own_reference(capsys):
     """The CPU configs train as before: their batch on one process, no accumulation, fp32, nothing scaled."""
     from mmengine.config import Config
 
-    from mae_transfer import detection, detection_recipe, segmentation_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
+    from mae_transfer.segmentation import recipe as segmentation_recipe
 
-    cfg = detection.load_config(TINY_DET, [])
+    cfg = det_checks.load_config(TINY_DET, [])
     plan = detection_recipe.plan(cfg, TINY_DET, 1, "cpu")
     assert (plan.images_per_gpu, plan.accumulation, plan.total_batch, plan.amp) == (2, 1, 2, "none")
     before = copy.deepcopy(cfg)
@@ -96,7 +98,7 @@ def test_seg_apply_counts_loader_iterations_and_switches_amp_on_gpus():
     """mmengine steps its loop, schedulers, val / checkpoint / log intervals per loader iteration: x accumulation."""
     from mmengine.config import Config
 
-    from mae_transfer import segmentation_recipe
+    from mae_transfer.segmentation import recipe as segmentation_recipe
 
     cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_b.py"))
     plan = segmentation_recipe.plan(cfg, "b", 2, "cuda", total_batch=8, activation_checkpointing=True)
@@ -136,8 +138,8 @@ def _last_error(capsys) -> str:
 
 
 def test_bad_input_is_one_error_line(capsys):
-    from tests.test_detectron2 import train_det
-    from tests.test_mmseg import _train_seg
+    from tests.detection.test_detectron2 import train_det
+    from tests.segmentation.test_mmseg import _train_seg
 
     train_seg = _train_seg()
     large, ade = str(CONFIGS / "coco_mask_rcnn_vit_l.py"), str(CONFIGS / "ade20k_upernet_vit_b.py")
@@ -185,8 +187,8 @@ def _refused(main, argv: list[str], capsys) -> str:
 def test_plan_reads_the_launchers_world_size(monkeypatch, capsys, tmp_path):
     """Under torchrun (WORLD_SIZE) or Slurm (SLURM_NTASKS) --plan describes the processes the launcher started,
     and checks them as a run does; train_det starts its own processes and refuses to run under torchrun."""
-    from tests.test_detectron2 import train_det
-    from tests.test_mmseg import _train_seg
+    from tests.detection.test_detectron2 import train_det
+    from tests.segmentation.test_mmseg import _train_seg
 
     train_seg = _train_seg()
     ade = ["--config", str(CONFIGS / "ade20k_upernet_vit_b.py")]
@@ -216,7 +218,7 @@ def test_bn_notes_count_the_images_syncbn_covers():
     """The note compares the images BN statistics cover (SyncBN: all processes), not the wording of the row."""
     from mmengine.config import Config
 
-    from mae_transfer import segmentation_recipe
+    from mae_transfer.segmentation import recipe as segmentation_recipe
 
     cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_b.py"))
     notes = {gpus: segmentation_recipe.plan(copy.deepcopy(cfg), "b", gpus, "cuda").notes for gpus in (1, 2, 8, 16)}
@@ -235,7 +237,7 @@ def test_one_image_bn_on_one_process_is_refused_by_plan_and_training(tmp_path, c
     from mmseg.registry import MODELS
 
     import backbones.mmseg  # noqa: F401
-    from tests.test_mmseg import _train_seg
+    from tests.segmentation.test_mmseg import _train_seg
 
     tiny = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"))
     head_cfg = copy.deepcopy(tiny.model.decode_head)
@@ -263,7 +265,7 @@ def test_one_image_bn_on_one_process_is_refused_by_plan_and_training(tmp_path, c
 
 
 def test_det_plan_notes_loss_weighting_and_custom_training_set_epochs(capsys):
-    from tests.test_detectron2 import train_det
+    from tests.detection.test_detectron2 import train_det
 
     vit_b = ["--config", str(CONFIGS / "coco_mask_rcnn_vit_b.py"), "--num-gpus", "8"]
     default = _plan_json(train_det.main, vit_b, capsys)
@@ -317,9 +319,11 @@ def test_det_accumulation_equals_one_batch(one_thread):
     from detectron2.config import instantiate
     from detectron2.engine import SimpleTrainer
 
-    from mae_transfer import detection, detection_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
+    from mae_transfer.detection import train as detection
 
-    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    cfg = det_checks.load_config(TINY_DET, DET_EXACT)
     torch.manual_seed(0)
     model = instantiate(cfg.model).train()
     start = copy.deepcopy(model.state_dict())
@@ -357,7 +361,7 @@ class _ClipEachMicroBatch:
     def __new__(cls, model, loader, optimizer, k):
         from detectron2.engine import SimpleTrainer
 
-        from mae_transfer import detection
+        from mae_transfer.detection import train as detection
 
         class Trainer(SimpleTrainer):
             def run_step(self):
@@ -393,12 +397,13 @@ def _gloo_rank(rank: int, world: int, port: int, folder: str) -> None:
     import torch.distributed as dist
     from detectron2.engine.defaults import create_ddp_model
 
-    from mae_transfer import detection, detection_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = detection.load_config(TINY_DET, DET_EXACT)
+        cfg = det_checks.load_config(TINY_DET, DET_EXACT)
         start = torch.load(Path(folder) / "start.pth", weights_only=True)
         mine = _det_inputs(2 * world)[2 * rank:2 * rank + 2]
 
@@ -422,9 +427,9 @@ def test_two_process_gloo_step_equals_one_process_batch(one_thread, tmp_path):
     from detectron2.config import instantiate
     from detectron2.engine import SimpleTrainer
 
-    from mae_transfer import detection
+    from mae_transfer.detection import checks as det_checks
 
-    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    cfg = det_checks.load_config(TINY_DET, DET_EXACT)
     torch.manual_seed(0)
     start = instantiate(cfg.model).state_dict()
     torch.save(start, tmp_path / "start.pth")
@@ -450,9 +455,10 @@ def test_det_images_per_micro_batch_change_the_loss_weighting(one_thread):
     from detectron2.engine import SimpleTrainer
     from detectron2.structures import Boxes
 
-    from mae_transfer import detection, detection_recipe
+    from mae_transfer.detection import checks as det_checks
+    from mae_transfer.detection import recipe as detection_recipe
 
-    cfg = detection.load_config(TINY_DET, DET_EXACT)
+    cfg = det_checks.load_config(TINY_DET, DET_EXACT)
     torch.manual_seed(0)
     start = instantiate(cfg.model).state_dict()
     inputs = _det_inputs(2)
@@ -481,7 +487,7 @@ def test_seg_accumulative_counts_equals_one_batch(one_thread):
     from mmseg.structures import SegDataSample
 
     import backbones.mmseg  # noqa: F401
-    from mae_transfer import segmentation_recipe
+    from mae_transfer.segmentation import recipe as segmentation_recipe
 
     cfg = Config.fromfile(str(CONFIGS / "ade20k_upernet_vit_tiny_cpu.py"))
     cfg.model.backbone.drop_path_rate = 0.0

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.synthetic import make_shapes_dataset
 from tests.conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
@@ -112,31 +112,32 @@ def test_train_det_refuses_init_resume_and_eval_only(bombs, shapes, tmp_path):
 
 
 def test_train_seg_refuses_eval_only_resume_load_from_and_init(bombs, shapes, tmp_path):
-    common = [SEG_TINY, "--cfg-options",
+    common = ["--config", SEG_TINY, "--cfg-options",
               *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
               "train_cfg.max_iters=1"]
     marker = bombs["marker"]
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[2:]],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[2:]],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "c", *common[1:], f"load_from={bombs['mmengine']}"],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "c", *common[2:], f"load_from={bombs['mmengine']}"],
              marker)
-    _refused("train_seg", [*common[:1], "--work-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"], *common[1:]],
+    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"],
+             *common[2:]],
              marker)
     # --resume without a value: mmengine finds the work dir's last checkpoint itself
     work = tmp_path / "e"
     work.mkdir()
     (work / "iter_1.pth").write_bytes(bombs["mmengine"].read_bytes())
     (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
-    _refused("train_seg", [*common[:1], "--work-dir", work, "--resume", *common[1:]], marker)
+    _refused("train_seg", [*common[:2], "--output-dir", work, "--resume", *common[2:]], marker)
 
 
 def test_finetune_cls_and_pretrain_refuse(bombs, shapes, tmp_path):
     data = ["--config", CLS_TINY, "--data", shapes / "crops", *CLS_MICRO]
     marker = bombs["marker"]
     _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ft", "--finetune", bombs["plain"]], marker)
-    _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ev", "--eval", bombs["plain"]], marker)
+    _refused("finetune_cls", [*data, "--output-dir", tmp_path / "ev", "--eval-only", bombs["plain"]], marker)
     # our own training checkpoints never hold pickled objects: refused outright (no opt-in needed or offered)
     line = _refused("finetune_cls", [*data, "--output-dir", tmp_path / "rs", "--resume", bombs["ours"]], marker,
                     opt_in=False)
@@ -152,13 +153,13 @@ def test_study_refuses_the_backbone_before_any_cell(bombs, shapes, tmp_path):
     spec.write_text(f"depth = 2\nfreeze_blocks = [0]\nbackbones = {{'crafted': {str(bombs['plain'])!r}}}\n"
                     f"tasks = {{'cls': dict(kind='cls', config={CLS_TINY!r}, epochs=1, "
                     f"args=['--data', {str(shapes / 'crops')!r}])}}\n")
-    line = _refused("study", ["--spec", spec, "--output", tmp_path / "study"], bombs["marker"])
+    line = _refused("study", ["--spec", spec, "--output-dir", tmp_path / "study"], bombs["marker"])
     assert "backbone 'crafted'" in line
     assert not (tmp_path / "study" / "cells").exists()  # no cell ran
 
 
 def test_study_passes_the_opt_in_to_every_cell(shapes, tmp_path):
-    from mae_transfer.study import cell_command, load_study
+    from mae_transfer.study.spec import cell_command, load_study
 
     spec = dict(depth=2, freeze_blocks=[0], backbones={"random": None},
                 tasks={"det": dict(kind="det", config=DET_TINY, iters=1),
@@ -175,7 +176,7 @@ def test_mmengine_reader_allows_exactly_the_runner_types(tmp_path):
     `getattr` for anything but HistoryBuffer's statistics is refused."""
     from mmengine.logging import HistoryBuffer, MessageHub
 
-    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
+    from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
     hub = MessageHub(f"hub_{tmp_path.name}")
     hub.update_scalar("train/loss", 0.5)
@@ -201,7 +202,7 @@ def test_mmengine_reader_allows_exactly_the_runner_types(tmp_path):
 def test_detectron2_checkpointer_reads_pkl_only_with_the_opt_in(bombs, tmp_path):
     import numpy as np
 
-    from mae_transfer.framework_checkpoints import detection_checkpointer
+    from mae_transfer.detection.checkpoint import detection_checkpointer
 
     model = torch.nn.Linear(2, 1, bias=False)
     with open(tmp_path / "zoo.pkl", "wb") as f:

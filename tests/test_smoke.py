@@ -40,8 +40,8 @@ def test_imports_and_the_pins_of_this_python() -> None:
     import mmseg.models  # noqa: F401
 
     import backbones.detectron2  # noqa: F401
-    import mae_transfer.detection  # noqa: F401
-    import mae_transfer.segmentation  # noqa: F401
+    import mae_transfer.detection.train  # noqa: F401
+    import mae_transfer.segmentation.train  # noqa: F401
 
     assert stack_pins(PY)["torch"] == version("torch") == "2.14.1"
     wrong = installed_versions_not_pinned(PY)  # (installed, pinned) of stack.txt and the full lock
@@ -107,7 +107,7 @@ def test_detection_two_iterations_on_fruits_nuts(fruits_nuts: Path, tmp_path: Pa
 def test_segmentation_two_iterations_on_camvid(camvid_small: Path, tmp_path: Path, capsys) -> None:
     """tools/train_seg.py, the tiny UperNet config on 2 real CamVid frames, 2 iterations: finite loss in the
     log, and the weights of iteration 2 differ from iteration 1's (read back by our safe mmengine reader)."""
-    from mae_transfer.framework_checkpoints import read_mmengine_checkpoint
+    from mae_transfer.segmentation.checkpoint import read_mmengine_checkpoint
 
     out = tmp_path / "seg"
     roots = [f"{split}_dataloader.dataset.data_root={camvid_small}" for split in ("train", "val", "test")]
@@ -193,7 +193,7 @@ def test_detectron2_compiled_ops_match_their_references_where_they_load() -> Non
     from detectron2.evaluation import coco_evaluation
     from pycocotools.cocoeval import COCOeval
 
-    from mae_transfer.compat import detectron2_compiled_ops_status, detectron2_has_compiled_ops
+    from mae_transfer.detection.compiled_ops import detectron2_compiled_ops_status, detectron2_has_compiled_ops
 
     status = detectron2_compiled_ops_status()
     if not detectron2_has_compiled_ops():

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from harnesses import benchmark  # noqa: E402
-from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
+from mae_transfer.cli import run_cli  # noqa: E402
 from mae_transfer.io import check_output_dir  # noqa: E402
 
 
@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker; default: all cores")
     parser.add_argument("--output-dir", type=Path, default=benchmark.DEFAULT_OUTPUT_DIR,
                         help="folder for results.md and results.json (default: benchmarks/)")
-    add_deprecated_spelling(parser, "--out", "--output-dir")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
+from mae_transfer.cli import run_cli  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="COCO instances json")
     p.add_argument("--images", required=True, help="folder the json's file_name entries are relative to")
     p.add_argument("--output-dir", help="output ImageFolder root (required)")
-    add_deprecated_spelling(p, "--out", "--output-dir")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of photos for OUTPUT_DIR/val (0: no split)")
     p.add_argument("--min-size", type=int, default=16, help="smallest box side in pixels to keep")

@@ -49,15 +49,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from harnesses import demo  # noqa: E402
-from mae_transfer.cli import add_deprecated_spelling, run_cli  # noqa: E402
+from mae_transfer.cli import run_cli  # noqa: E402
 from mae_transfer.paths import REPO_ROOT  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output-dir", type=Path, default=REPO_ROOT / "demo_output", metavar="DIR",
                    help="output folder (default: demo_output)")
-    add_deprecated_spelling(p, "--output", "--output-dir")
     p.add_argument("--images", metavar="DIR", help="unlabeled image folder for MAE pretraining (default: built-in)")
     p.add_argument("--det-data", metavar="ROOT", help="COCO root (annotations/instances_{train,val}2017.json + images)")
     p.add_argument("--det-train-json", metavar="JSON"), p.add_argument("--det-train-images", metavar="DIR")

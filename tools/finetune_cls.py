@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mae_transfer.cli import (  # noqa: E402
-    add_deprecated_spelling,
     default_argument_parser,
     finish_args,
     run_cli,
@@ -35,7 +34,6 @@ from mae_transfer.errors import MaeTransferError  # noqa: E402
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = default_argument_parser("ViT classification fine-tuning / linear probing", "plain-Python config "
                                      "(configs/cls_finetune_*.py, configs/cls_linprobe_*.py)")
-    add_deprecated_spelling(parser, "--eval", "--eval-only")
     parser.add_argument("--data", help="ImageFolder root with train/ and val/ class folders")
     parser.add_argument("--finetune", help="pretrained checkpoint to start from (any supported format)")
     parser.add_argument("--freeze-blocks", type=int,

@@ -28,7 +28,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_long_run_cli()

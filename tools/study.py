@@ -6,7 +6,7 @@
   python tools/study.py --spec SPEC --replicate 4   # the declared contrasts again, 4 fresh seeds (OUTPUT/replication)
 
 Finished cells are skipped on a re-run, interrupted ones resume; results.csv, results.md and plot.png
-are rewritten in the output folder after every cell (see mae_transfer/study.py for the spec format).
+are rewritten in the output folder after every cell (see mae_transfer/study/__init__.py for the spec format).
 User errors print one line and exit 2; Ctrl-C or `kill` (SIGTERM) stops the running cell's tool and exits
 130 with every finished cell and the tables kept; the next run resumes.
 """
@@ -28,7 +28,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", required=True, help="study spec, e.g. configs/studies/cpu_shared_data.py")
     parser.add_argument("--output-dir", dest="output",
                         help="output folder (default: the spec's output_dir or work_dirs/studies/NAME)")
-    parser.add_argument("--output", dest="output", help=argparse.SUPPRESS)  # the earlier spelling
     parser.add_argument("--allow-pickle", action="store_true", help="trust the backbone checkpoints: let them hold "
                         "pickled Python objects (passed to every cell)")
     parser.add_argument("--dry-run", action="store_true", help="check every input as a run does, then print the cells "
@@ -52,19 +51,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_long_run_cli()
     from mae_transfer.io import check_output_dir
-    from mae_transfer.study import dry_run, load_study, run_study
-    from mae_transfer.study_cluster import check_job_options, check_job_resources, parse_overrides
+    from mae_transfer.study.cluster import check_job_options, check_job_resources, parse_overrides
+    from mae_transfer.study.run import dry_run, run_study
+    from mae_transfer.study.spec import load_study
 
     overrides = parse_overrides(args.slurm)
     check_job_options(args.executor, args.max_parallel, args.poll, args.retry_failed, args.wait, overrides)
     study = load_study(args.spec, args.output, args.allow_pickle)
     check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
-    from mae_transfer.study_claims import check_target_effect, replication_study
+    from mae_transfer.study.claims import check_target_effect, replication_study
 
     study.target_effect = check_target_effect(study, args.target_effect)
     original = study
@@ -76,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dry_run(study, args.executor))
         return 0
     if args.executor:
-        from mae_transfer.study_cluster import run_study_jobs
+        from mae_transfer.study.cluster import run_study_jobs
 
         result = run_study_jobs(study, args.executor, args.max_parallel, args.retry_failed, args.wait, args.poll,
                                 overrides)
@@ -94,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_replication(original, study) -> None:
     """--replicate: the replication table from whatever has finished (written, then printed)."""
     if study is not original:
-        from mae_transfer.study_claims import write_replication
+        from mae_transfer.study.claims import write_replication
 
         table = write_replication(original, study)
         print(f"{table['md'].read_text()}\nreplication table: {table['md']}, {table['csv']}")

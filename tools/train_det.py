@@ -16,7 +16,7 @@ rule. It is printed before training and saved as OUTPUT_DIR/recipe.json; --plan 
 
 `key=value` config overrides go anywhere on the line; unknown keys are an error. The final evaluation
 (training with evaluation, or --eval-only) is written to OUTPUT_DIR/eval_metrics.json. The work is done by
-mae_transfer/detection.py (as detectron2's tools/lazyconfig_train_net.py, plus checks and checkpoint import).
+mae_transfer/detection/train.py (as detectron2's tools/lazyconfig_train_net.py, plus checks and checkpoint import).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import add_deprecated_spelling, default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
@@ -42,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="image folder for --val-json")
     p.add_argument("--infer", nargs="+", metavar="IMAGE", help="run the model on these images (or folders)")
     p.add_argument("--pictures-dir", metavar="DIR", help="folder for --infer pictures (default: OUTPUT_DIR/vis)")
-    add_deprecated_spelling(p, "--output", "--pictures-dir")
     p.add_argument("--score-thresh", type=float, default=0.5, help="--infer: minimum score drawn")
     p.add_argument("--top-k", type=int, default=10,
                    help="--infer: draw at most the K best detections after class-agnostic NMS (0: all)")
@@ -68,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_counts(args)
     from detectron2.engine import launch
 
-    from mae_transfer import detection, detection_recipe, recipe
+    from mae_transfer import recipe
+    from mae_transfer.detection import recipe as detection_recipe
+    from mae_transfer.detection import train as detection
 
     if args.plan:
         recipe.print_plan(detection_recipe.plan_from_args(args))

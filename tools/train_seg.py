@@ -17,7 +17,7 @@ pytorch (--num-gpus, when given, must match its WORLD_SIZE).
 The final validation (training) or the test (--eval-only) is written to OUTPUT_DIR/eval_metrics.json.
 Bad input (missing data, labels outside the classes, a checkpoint that does not fit, an unknown
 config key) ends with one `error: ...` line and exit status 2 (`--debug` shows the traceback).
-The work is done by mae_transfer/segmentation.py.
+The work is done by mae_transfer/segmentation/train.py.
 """
 from __future__ import annotations
 
@@ -28,15 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import add_deprecated_spelling, default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = default_argument_parser(__doc__.split("\n")[0], "MMEngine config, e.g. configs/ade20k_upernet_vit_b.py")
     p.epilog = __doc__.split("\n", 2)[2]
-    # the spellings of earlier versions, still accepted
-    p.add_argument("config_positional", nargs="?", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override existing config keys, e.g. train_cfg.max_iters=1000 (unknown keys are an error)")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default="none",
@@ -50,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs (processes) per machine: for --plan; under a launcher checked against its WORLD_SIZE")
     p.add_argument("--num-machines", type=int, default=1, help="machines (for --plan and the check)")
     add_recipe_arguments(p)
-    add_deprecated_spelling(p, "--work-dir", "--output-dir")
-    add_deprecated_spelling(p, "--save-pictures", "--pictures-dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
@@ -59,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = finish_args(parser.parse_args(argv), "cfg_options")
-    if args.config and args.config_positional and args.config != args.config_positional:
-        parser.error(f"two configs given: --config {args.config} and {args.config_positional}")
-    args.config = args.config or args.config_positional
-    del args.config_positional
     if not args.config:
         parser.error("the following arguments are required: --config")
     return args
@@ -71,8 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_counts(args)
-    from mae_transfer import segmentation, segmentation_recipe
     from mae_transfer.recipe import print_plan
+    from mae_transfer.segmentation import recipe as segmentation_recipe
+    from mae_transfer.segmentation import train as segmentation
 
     if args.plan:
         print_plan(segmentation_recipe.plan_from_args(args))

@@ -25,6 +25,7 @@ import re
 import torch
 from torch import Tensor
 
+from backbones.patch_resample import resample_patch_embed
 from mae_transfer.checkpoint.reading import Converted, StateDict
 from mae_transfer.errors import MaeTransferError
 
@@ -341,8 +342,6 @@ def fit_patch_size(sd: StateDict, model, report) -> None:
     """A patch kernel of another size (DINOv2 / EVA-02's 14 px into a 16-px recipe), in place: resampled with
     `backbones.patch_resample` (FlexiViT) when the model says `resample_patch_embed=True`, else one error line.
     The position table then follows the model's grid in `fit_state_dict` (resized as any other table)."""
-    from backbones.patch_resample import resample_patch_embed
-
     w = sd.get("patch_embed.proj.weight")
     target = model.patch_embed.proj.weight
     if w is None or w.ndim != 4 or tuple(w.shape[-2:]) == tuple(target.shape[-2:]) or w.shape[:2] != target.shape[:2]:

@@ -9,12 +9,11 @@ import logging
 import math
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from backbones.vit import VisionTransformer, resize_abs_pos, resize_rel_pos, resize_rel_pos_bias_table
 from mae_transfer.checkpoint.families import fit_patch_size
@@ -191,14 +190,7 @@ def load_backbone_state_dict(source: Source, model: VisionTransformer,
 
 
 def load_backbone(source: Source, model: VisionTransformer, allow_pickle: bool = False) -> LoadReport:
-    """Load any supported checkpoint into `model` in place; logs and returns the report.
-
-    The earlier order `load_backbone(model, source)` still works, with a DeprecationWarning.
-    """
-    if isinstance(source, nn.Module) and not isinstance(model, nn.Module):
-        warnings.warn("load_backbone(model, source) is deprecated: pass the source first, "
-                      "load_backbone(source, model)", DeprecationWarning, stacklevel=2)
-        source, model = model, source
+    """Load any supported checkpoint into `model` in place; logs and returns the report."""
     sd, report = load_backbone_state_dict(source, model, allow_pickle)
     model.load_state_dict(sd, strict=True)
     logger.info("%s", report)

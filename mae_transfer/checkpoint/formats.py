@@ -238,8 +238,6 @@ def _filter_mmseg(sd: StateDict) -> Converted:
     return out, dropped, notes
 
 
-
-
 def _vit_prefix(sd: StateDict) -> str | None:
     """The prefix P with P + 'patch_embed.proj.weight' and P + 'blocks.0.attn.qkv.weight' in sd (shortest)."""
     found = [k[: -len("patch_embed.proj.weight")] for k in sd if k.endswith("patch_embed.proj.weight")]

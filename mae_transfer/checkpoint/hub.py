@@ -21,11 +21,6 @@ def is_hub_name(source: object) -> bool:
     return isinstance(source, str) and source.startswith(HUB_PREFIXES)
 
 
-def hub_repo(name: str) -> str:
-    """The hub repository of a `timm:` / `hf-hub:` name (timm names through timm's pretrained configs)."""
-    return hub_files(name)[0]
-
-
 def hub_files(name: str) -> tuple[str, tuple[str, ...]]:
     """(repository, weight file names to try) of a `timm:` / `hf-hub:` name."""
     if name.startswith("hf-hub:"):

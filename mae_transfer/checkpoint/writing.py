@@ -18,7 +18,12 @@ from mae_transfer.checkpoint.fitting import Source, load_backbone
 from mae_transfer.checkpoint.formats import BACKBONE_FORMAT, DETECTRON2_PREFIX, MMSEG_PREFIX, StateDict
 from mae_transfer.checkpoint.report import LoadReport
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.io import atomic_torch_save
+from mae_transfer.io import atomic_write
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temp file in the same folder, then renamed (`mae_transfer.io.atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _arch_of(model: VisionTransformer) -> dict[str, Any]:

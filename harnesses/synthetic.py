@@ -1,0 +1,202 @@
+"""Built-in data for the demo, smoke runs and studies: rendered shapes on textured backgrounds.
+
+The class is decided by the outline alone: every shape's fill (a random colour, two-colour stripes or a noisy
+colour) and the background are drawn independently of its class, and every class covers the same area for the same
+size draw (a smaller triangle would show in a picture's colour spread), so no colour statistic tells the classes
+apart (tests/harnesses/test_synthetic.py fits a colour-only classifier to check it). Earlier versions gave each
+class its own colour: a shortcut a random ViT keeps and norm-pix MAE learns to ignore.
+
+`make_shapes_dataset(root)` writes, for splits train/val:
+  images/<split>/NNNN.png                 RGB pictures
+  annotations/instances_<split>.json      COCO instances (polygon masks, boxes, areas; ids start at 1)
+  labels/<split>/NNNN.png                 semantic labels: 0 background, 1..3 = circle, square, triangle
+`make_unlabeled_shapes(root, count)` writes unlabelled pictures of the same kind (a pretraining pool), and
+`make_shape_classes(root, ...)` an ImageFolder (train/<class>/, val/<class>/) of one shape per picture.
+Everything derives from the seed, so the same call always writes the same files; the three use separate random
+streams, so a pool never repeats a labelled picture.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from mae_transfer.io import atomic_write_text
+
+SHAPE_CLASSES = ("circle", "square", "triangle")
+_STREAMS = {"labelled": 0, "unlabeled": 1, "classes": 2}  # one random stream per kind of set
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """Smooth colour gradient plus blurred noise: texture that MAE can learn to reconstruct."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    c0, c1, c2 = rng.uniform(40, 200, 3), rng.uniform(-60, 60, 3), rng.uniform(-60, 60, 3)
+    img = c0 + xx[..., None] * c1 + yy[..., None] * c2
+    noise = Image.fromarray(rng.uniform(0, 255, (size // 8, size // 8, 3)).astype(np.uint8)).resize(
+        (size, size), Image.BICUBIC)
+    img = 0.75 * img + 0.25 * np.asarray(noise, dtype=np.float64)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _fill(rng: np.random.Generator, size: int) -> Image.Image:
+    """A shape's surface, drawn without looking at its class: a plain colour, stripes of two colours at a random
+    angle and period, or a colour with blurred noise."""
+    base = rng.uniform(0, 255, 3)
+    style = int(rng.integers(3))
+    if style == 0:
+        img = np.broadcast_to(base, (size, size, 3))
+    elif style == 1:
+        yy, xx = np.mgrid[0:size, 0:size]
+        angle, period = rng.uniform(0, math.pi), rng.uniform(size * 0.04, size * 0.15)
+        phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
+        img = np.where((np.floor(phase) % 2 == 0)[..., None], base, rng.uniform(0, 255, 3))
+    else:
+        noise = Image.fromarray(rng.uniform(0, 255, (size // 6, size // 6, 3)).astype(np.uint8)).resize(
+            (size, size), Image.BICUBIC)
+        img = 0.6 * base + 0.4 * np.asarray(noise, dtype=np.float64)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+_CORNERS = {"circle": (24, 0.0), "square": (4, math.pi / 4), "triangle": (3, -math.pi / 2)}
+
+
+def _reach(kind: str, r: float) -> float:
+    """Circumradius of a `kind` of size `r`: every class covers the area of the 24-gon of circumradius r, so the
+    area a shape covers (and with it a picture's colour spread) does not give its class away."""
+    n = _CORNERS[kind][0]
+    return r * math.sqrt(math.sin(2 * math.pi / 24) * 12 / (math.sin(2 * math.pi / n) * n / 2))
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    n, offset = _CORNERS[kind]
+    reach = _reach(kind, r)
+    return [(cx + reach * math.cos(offset + angle + 2 * math.pi * k / n),
+             cy + reach * math.sin(offset + angle + 2 * math.pi * k / n)) for k in range(n)]
+
+
+def _draw_shape(rng: np.random.Generator, img: Image.Image, cls: int, cx: float, cy: float,
+                r: float) -> list[tuple[float, float]]:
+    """Paint one shape of class `cls` onto `img` with a class-independent fill; returns its polygon."""
+    poly = _polygon(SHAPE_CLASSES[cls], cx, cy, r, float(rng.uniform(0, math.pi)))
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).polygon(poly, fill=255)
+    img.paste(_fill(rng, img.size[0]), (0, 0), mask)
+    return poly
+
+
+def _render(rng: np.random.Generator, size: int, max_shapes: int, with_labels: bool = True
+            ) -> tuple[Image.Image, np.ndarray, list[dict]]:
+    img = _background(rng, size)
+    label = Image.new("L", (size, size), 0)
+    draw_label = ImageDraw.Draw(label)
+    instances = []
+    for _ in range(int(rng.integers(1, max_shapes + 1))):
+        cls = int(rng.integers(len(SHAPE_CLASSES)))
+        r = float(rng.uniform(size * 0.08, size * 0.2))
+        reach = _reach(SHAPE_CLASSES[cls], r)  # the whole shape inside the picture
+        cx, cy = rng.uniform(reach, size - reach, 2)
+        poly = _draw_shape(rng, img, cls, float(cx), float(cy), r)
+        draw_label.polygon(poly, fill=cls + 1)
+        instances.append(dict(cls=cls, poly=poly))
+    if not with_labels:
+        return img.filter(ImageFilter.SMOOTH), np.asarray(label), []
+    label_arr = np.asarray(label)
+    # later shapes may cover earlier ones: keep each instance's visible pixels only
+    annotations = []
+    for idx, inst in enumerate(instances):
+        mask = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask).polygon(inst["poly"], fill=1)
+        visible = np.asarray(mask).astype(bool)
+        for later in instances[idx + 1:]:
+            cover = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(cover).polygon(later["poly"], fill=1)
+            visible &= ~np.asarray(cover).astype(bool)
+        if visible.sum() < 20:
+            continue
+        ys, xs = np.nonzero(visible)
+        x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+        annotations.append(dict(category_id=inst["cls"] + 1, bbox=[x0, y0, x1 - x0, y1 - y0],
+                                area=float(visible.sum()), iscrowd=0,
+                                segmentation=[[c for p in inst["poly"] for c in p]] if idx == len(instances) - 1
+                                else _mask_polygons(visible)))
+    return img.filter(ImageFilter.SMOOTH), label_arr, annotations
+
+
+def _mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Polygons of a binary mask (outer contours), via scikit-image, for occluded instances."""
+    from skimage import measure
+
+    polygons = []
+    for contour in measure.find_contours(np.pad(mask, 1).astype(np.uint8), 0.5):
+        contour = measure.approximate_polygon(contour - 1, tolerance=0.8)
+        if len(contour) >= 3:
+            polygons.append([float(v) for y, x in contour for v in (x, y)])
+    return polygons
+
+
+def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: int = 8, size: int = 192,
+                        max_shapes: int = 4, seed: int = 0) -> Path:
+    """Write the dataset under `root` (skipped if it is already complete). Returns `root`."""
+    root = Path(root)
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == f"v3,{num_train},{num_val},{size},{max_shapes},{seed}":
+        return root
+    rng = np.random.default_rng([seed, _STREAMS["labelled"]])
+    for split, count in (("train", num_train), ("val", num_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        coco = dict(images=[], annotations=[],
+                    categories=[dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(SHAPE_CLASSES)])
+        for i in range(count):
+            img, label, anns = _render(rng, size, max_shapes)
+            name = f"{i:04d}.png"
+            img.save(root / "images" / split / name)
+            Image.fromarray(label).save(root / "labels" / split / name)
+            coco["images"].append(dict(id=i + 1, file_name=name, width=size, height=size))
+            for ann in anns:
+                coco["annotations"].append(dict(ann, id=len(coco["annotations"]) + 1, image_id=i + 1))
+        (root / "annotations").mkdir(exist_ok=True)
+        atomic_write_text(json.dumps(coco), root / "annotations" / f"instances_{split}.json")
+    done.write_text(f"v3,{num_train},{num_val},{size},{max_shapes},{seed}")
+    return root
+
+
+def make_unlabeled_shapes(root: str | os.PathLike, count: int, size: int = 192, max_shapes: int = 4,
+                          seed: int = 0) -> Path:
+    """`count` unlabelled pictures like make_shapes_dataset's (root/NNNN.png): a pool for MAE pretraining."""
+    root = Path(root)
+    done, stamp = root / ".complete", f"unlabeled-v3,{count},{size},{max_shapes},{seed}"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, _STREAMS["unlabeled"]])
+    for i in range(count):
+        _render(rng, size, max_shapes, with_labels=False)[0].save(root / f"{i:05d}.png")
+    done.write_text(stamp)
+    return root
+
+
+def make_shape_classes(root: str | os.PathLike, train_per_class: int, val_per_class: int, size: int = 96,
+                       seed: int = 0) -> Path:
+    """An ImageFolder of one shape per picture: root/{train,val}/<circle|square|triangle>/NNNN.png."""
+    root = Path(root)
+    done, stamp = root / ".complete", f"classes-v3,{train_per_class},{val_per_class},{size},{seed}"
+    if done.is_file() and done.read_text() == stamp:
+        return root
+    rng = np.random.default_rng([seed, _STREAMS["classes"]])
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for cls, name in enumerate(SHAPE_CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = _background(rng, size)
+                r = float(rng.uniform(size * 0.18, size * 0.3))  # a triangle's reach stays under size / 2
+                reach = _reach(name, r)
+                cx, cy = rng.uniform(reach, size - reach, 2)
+                _draw_shape(rng, img, cls, float(cx), float(cy), r)
+                img.filter(ImageFilter.SMOOTH).save(root / split / name / f"{i:04d}.png")
+    done.write_text(stamp)
+    return root

@@ -1,0 +1,1 @@
+"""Tests of harnesses/ (demo, benchmark, GPU kit, synthetic data)."""

@@ -1,0 +1,1 @@
+"""Tests of mae_transfer/segmentation/."""
