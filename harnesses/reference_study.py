@@ -373,3 +373,35 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Any = SPEC) -> di
     for name in RESULT_FILES:
         shutil.copyfile(study.output_dir / name, results_dir / name)
     return {"seconds": total, "cells": len(rows), "results": results_dir / "results.md"}
+
+
+def read_results_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a study's results.csv as `collect` returns them (integers, metrics as floats, empty ones left
+    out), so the current report can re-read a committed study whose cell folders are gone."""
+    import csv
+
+    fixed = {"backbone", "task", "kind", "freeze_blocks", "blocks_tuned", "seed", "seconds", "cell_dir"}
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {k: raw[k] for k in ("backbone", "task", "kind", "seconds", "cell_dir")}
+            row.update({k: int(raw[k]) for k in ("freeze_blocks", "blocks_tuned", "seed")})
+            row.update({k: float(v) for k, v in raw.items() if k not in fixed and v != ""})
+            rows.append(row)
+    return rows
+
+
+def reread(results_dir: Path, spec: Any = SPEC) -> Path:
+    """`reread.md` beside a committed results.csv: the tables of the current report (its exploratory family,
+    Holm-adjusted) over the same cells, with nothing run."""
+    from mae_transfer.study.report import results_markdown
+    from mae_transfer.study.spec import load_study
+
+    study = load_study(spec, output_dir=results_dir / "reread")
+    md = results_markdown(study, read_results_csv(results_dir / "results.csv"))
+    title, rest = md.split("\n", 1)
+    out = results_dir / "reread.md"
+    atomic_write_text(f"{title} — re-read\n\nThe committed `results.csv` read again by the current study report "
+                      "(`tools/reference_study.py --reread`): no cell was run again. The spec declared no contrasts, "
+                      "so every difference is exploratory and Holm-adjusted across its family.\n" + rest, out)
+    return out
