@@ -43,8 +43,8 @@ from typing import Any
 from harnesses.timing import peak_memory_gib, timed_steps
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.hardware import cpu_has_native_bf16, cpu_model, no_bf16_reason
-from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.subprocess_runner import run_process
 
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks"
 

@@ -1,6 +1,6 @@
 """The main demo job behind tools/demo.py: MAE pretraining -> checkpoint conversion -> detectron2 + MMSeg
 fine-tuning -> a 2x2 mini-study over 2 seeds (MAE − scratch per freeze setting, with ± and n), on CPU, with the real
-tools in subprocesses (`mae_transfer.launch`). The built-in data is label-scarce: an unlabelled pool 10x the
+tools in subprocesses (`mae_transfer.subprocess_runner`). The built-in data is label-scarce: an unlabelled pool 10x the
 labelled training set for pretraining (`harnesses.synthetic`: shapes whose class shows in the outline only).
 
 Here: where the data comes from (the user's, checked before anything runs, or the built-in set), the steps
@@ -23,9 +23,9 @@ from typing import Any
 from mae_transfer import task_kinds
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import run_logged, sigterm_as_interrupt
 from mae_transfer.metrics import read_eval_metrics
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.subprocess_runner import run_logged, sigterm_as_interrupt
 
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--depth", "4"]
 PRETRAIN_CONFIG = "configs/mae_pretrain_vit_tiny_cpu.py"

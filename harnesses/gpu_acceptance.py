@@ -55,8 +55,8 @@ from harnesses.gpu_measure import (
     measure_segmentation,
 )
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.launch import run_process
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.subprocess_runner import run_process
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import STOP_GRACE_S, error_line, run_process
 from mae_transfer.paths import REPO_ROOT
+from mae_transfer.subprocess_runner import STOP_GRACE_S, error_line, run_process
 from mae_transfer.task_kinds import TOOLS
 
 EXECUTORS = ("slurm", "local")

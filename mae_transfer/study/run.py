@@ -15,7 +15,6 @@ from mae_transfer import task_kinds
 from mae_transfer.coco import coco_crops_to_imagefolder
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.launch import run_logged
 from mae_transfer.metrics import read_eval_metrics, strict_json
 from mae_transfer.study.claims import record_contrasts
 from mae_transfer.study.inputs import check_inputs
@@ -30,6 +29,7 @@ from mae_transfer.study.spec import (
     has_checkpoint,
     pretrain_data,
 )
+from mae_transfer.subprocess_runner import run_logged
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""The one subprocess launcher (mae_transfer/launch.py) on its own, with tiny stand-in tools: log file, failures
-as one line, interrupts (SIGINT / SIGTERM to the caller only, a tool that ignores SIGINT) ending the tool."""
+"""The one subprocess runner (mae_transfer/subprocess_runner.py) on its own, with tiny stand-in tools: log file,
+failures as one line, interrupts (SIGINT / SIGTERM to the caller only, a tool that ignores SIGINT) ending the tool."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mae_transfer.errors import MaeTransferError
-from mae_transfer.launch import run_logged
+from mae_transfer.subprocess_runner import run_logged
 from tests.conftest import REPO_ROOT
 
 
@@ -88,7 +88,7 @@ DRIVER = textwrap.dedent("""
     if sys.argv[4] == "inherit-ignored-sigint":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a script's `cmd &`; the tool inherits it
     from mae_transfer.cli import run_cli
-    from mae_transfer.launch import run_logged
+    from mae_transfer.subprocess_runner import run_logged
     child, pid_file, mode, log = sys.argv[2:6]
     sys.exit(run_cli(lambda argv: run_logged([sys.executable, child, pid_file, mode], log, "child", grace_s=0.5)))
 """)
