@@ -55,7 +55,18 @@ model = dict(
         with_cls_token=True,
         init_checkpoint=None,  # any format mae_transfer.checkpoint imports (--init-checkpoint)
         freeze_blocks=0,  # --freeze-blocks
-        grad_checkpointing=False),
+        grad_checkpointing=False,
+        # backbone-family options (issue 35, backbones/families.py) at VisionTransformer's defaults, listed so
+        # that `--cfg-options model.backbone.<option>=...` (configs/studies/backbone_families.py) are known keys
+        reg_tokens=0,
+        pre_norm=False,
+        norm_eps=1e-6,
+        act_layer='gelu',
+        mlp_layer='mlp',
+        scale_mlp=False,
+        use_rot_pos_emb=False,
+        ref_feat_shape=None,
+        resample_patch_embed=False),
     neck=dict(type='Feature2Pyramid', embed_dim=embed_dim, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
     decode_head=dict(
         type='UPerHead',

@@ -40,6 +40,19 @@ model.backbone.net = L(ViTBackbone)(
     rel_pos_input_size=1024,
     freeze_blocks=0,  # k: freeze patch embed + blocks 0..k-1; -1: whole ViT
     out_feature="last_feat",
+    # backbone-family options (issue 35, backbones/families.py), VisionTransformer's defaults (a plain MAE ViT):
+    # listed so that `model.backbone.net.<option>=...` overrides (configs/studies/backbone_families.py) are known keys
+    init_values=None,
+    use_rel_pos_bias=False,
+    reg_tokens=0,
+    pre_norm=False,
+    norm_eps=1e-6,
+    act_layer="gelu",
+    mlp_layer="mlp",
+    scale_mlp=False,
+    use_rot_pos_emb=False,
+    ref_feat_shape=None,
+    resample_patch_embed=False,
 )
 
 # ---------------------------------------------------------------- data (LSJ, 1024 px)

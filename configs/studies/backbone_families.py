@@ -23,7 +23,10 @@ reference = "MAE"
 def _opts(patch14: bool = False, **vit) -> dict:
     """A family's ViT options for det (LazyConfig), seg (mmseg --cfg-options) and cls (encoder_overrides)."""
     dense = dict(vit, resample_patch_embed=True) if patch14 else dict(vit)  # 16-px patches in det/seg
-    cls = dict(vit, patch_size=14) if patch14 else dict(vit)  # --keep-patch-size: 14 px where the task allows
+    # 14 px where the task allows (as --keep-patch-size); the classifier's grid is the task's img_size (the
+    # file's position table is resized to it at load), so no img_size here
+    cls = {k: v for k, v in vit.items() if k != "img_size"}
+    cls = dict(cls, patch_size=14) if patch14 else cls
     return dict(det=[f"model.backbone.net.{k}={v}" for k, v in dense.items()],
                 seg=[f"model.backbone.{k}={v}" for k, v in dense.items()],
                 cls=[f"encoder_overrides.{k}={v}" for k, v in cls.items()])
