@@ -154,7 +154,6 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["cutmix_minmax"] is not None:
         check_number_pair(cfg, "cutmix_minmax")
     check_ranges(cfg, _RANGES)  # values that make no sense: refused here rather than training on them
-    runtime.check_save_epochs(cfg)
     if not isinstance(cfg["freeze_blocks"], int) or cfg["freeze_blocks"] < -1:
         raise MaeTransferError(f"freeze_blocks must be -1, 0 or a number of blocks, got {cfg['freeze_blocks']!r}")
     if cfg["mode"] == "linprobe" and cfg["freeze_blocks"] != -1:

@@ -125,7 +125,6 @@ def resolve_config(cfg: dict[str, Any]) -> dict[str, Any]:
     check_number_pair(cfg, "betas")
     check_number_pair(cfg, "crop_scale")
     check_ranges(cfg, _RANGES)  # values that make no sense: refused here rather than training on them
-    runtime.check_save_epochs(cfg)
     if not cfg["data_path"]:
         raise MaeTransferError("no image folder given: set data_path in the config or pass --data PATH")
     if not cfg["output_dir"]:

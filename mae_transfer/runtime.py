@@ -240,14 +240,6 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, model: nn.Module, o
     return start_epoch, list(ckpt.get("history", []))
 
 
-def check_save_epochs(cfg: dict[str, Any]) -> None:
-    """`save_epochs` is a list of positive epoch numbers (each gets a numbered checkpoint)."""
-    value = cfg["save_epochs"]
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in value):
-        raise MaeTransferError(f"config key 'save_epochs' must be a list of positive integers, got {value!r}")
-
-
 def save_epoch_checkpoint(state: dict[str, Any], out: Path, epoch: int, save_every: int, epochs: int,
                           history: list[dict[str, Any]], save_epochs: tuple[int, ...] = ()) -> tuple[Path, Path | None]:
     """`checkpoint_last.pth` every epoch, `checkpoint_XXXX.pth` every `save_every` epochs, at each of `save_epochs`
