@@ -168,6 +168,36 @@ def exploratory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def fine_tuning_depth_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    """The freeze axis: each setting that fine-tunes blocks − the frozen ViT, per backbone, paired by fine-tuning
+    seed; its own exploratory family, Holm-adjusted. Only when the spec runs a frozen ViT (freeze_blocks=-1)."""
+    tuned = [f for f in freeze_order(study) if f >= 0 and study.blocks_tuned(f) > 0]
+    if -1 not in study.freeze_blocks or not tuned:
+        return []
+    tests = []
+    for b in study.spec_backbones():
+        for task, metric, label in metric_columns(study):
+            frozen = backbone_per_seed(study, rows, b, task, metric, -1)
+            for f in tuned:
+                values = backbone_per_seed(study, rows, b, task, metric, f)
+                diffs = [values[s] - frozen[s] for s in sorted(set(values) & set(frozen))]
+                if diffs:
+                    tests.append((b, label, freeze_label(study, f), paired_test(diffs)))
+    if not tests:
+        return []
+    adjusted = holm([1.0 if t.p is None else t.p for *_, t in tests])
+    lines = ["", "## Blocks fine-tuned − frozen ViT (exploratory)", "",
+             f"Per backbone, fine-tuning blocks − the frozen ViT, paired by fine-tuning seed ({len(tests)} "
+             "differences, Holm-adjusted across these). They show whether the schedule trains the backbone at all: "
+             "where these are within noise, the freeze axis has nothing to compare.", "",
+             "| backbone | metric | blocks fine-tuned | − frozen: mean ± sd | n | 95% interval | p | Holm p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (b, label, blocks, test), p_holm in zip(tests, adjusted, strict=True):
+        lines.append(f"| {b} | {label} | {blocks} | {_estimate(test)} | {test.n} | "
+                     f"{_interval(test.interval(ALPHA))} | {_p(test.p)} | {_p(None if test.p is None else p_holm)} |")
+    return lines
+
+
 def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     """Backbones with pretraining seeds: how their cells cross, how claims use the runs, and the nested variance."""
     seeded = [b for b in study.spec_backbones() if any(m in study.pretrain_runs for m in study.members(b))]
@@ -176,17 +206,31 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Pretraining runs", ""]
     for b in seeded:
         runs = [pretrain_run_seed(m) for m in study.members(b)]  # a replication's entries are checkpoint files
-        lines.append(f"- `{b}`: {len(runs)} pretraining run(s) (pretraining seeds {', '.join(map(str, runs))}), "
-                     f"each fine-tuned with every fine-tuning seed (crossed: {len(runs)} x {len(study.seeds)} cells "
-                     f"per task and freeze setting; the table above has a row per run).")
+        if b in study.paired:
+            lines.append(f"- `{b}`: {len(runs)} pretraining run(s) (pretraining seeds {', '.join(map(str, runs))}), "
+                         f"paired with the fine-tuning seeds: the i-th fine-tuning seed fine-tunes run i mod "
+                         f"{len(runs)} ({len(study.seeds)} cells per task and freeze setting; the table above has a "
+                         "row per run).")
+        else:
+            lines.append(f"- `{b}`: {len(runs)} pretraining run(s) (pretraining seeds {', '.join(map(str, runs))}), "
+                         f"each fine-tuned with every fine-tuning seed (crossed: {len(runs)} x {len(study.seeds)} "
+                         "cells per task and freeze setting; the table above has a row per run).")
+    if any(b not in study.paired for b in seeded):
+        lines += ["", "Crossed: claims about such a backbone (contrasts, differences) use all its runs: its value for "
+                  "a fine-tuning seed is the mean over its pretraining runs (seeds every run finished), then "
+                  "differences are paired by fine-tuning seed. Those intervals hold these runs fixed: the sd between "
+                  "pretraining runs below is not in them, so a difference no larger than it says little about the "
+                  "pretraining method itself."]
+    if any(b in study.paired for b in seeded):
+        lines += ["", "Paired: each fine-tuning seed's value comes from its own pretraining run, so the differences "
+                  "(paired by fine-tuning seed) vary with the pretraining run as well as with the fine-tuning seed, "
+                  "and their intervals include the between-run sd below. With fewer runs than seeds, seeds sharing a "
+                  "run are not independent: when the between-run sd is large, read the intervals as too narrow."]
     lines += [
         "",
-        "Claims about such a backbone (contrasts, differences) use all its runs: its value for a fine-tuning seed is "
-        "the mean over its pretraining runs (seeds every run finished), then differences are paired by fine-tuning "
-        "seed. Those intervals hold these runs fixed: the sd between pretraining runs below is not in them, so a "
-        "difference no larger than it says little about the pretraining method itself. Decomposition (one-way "
-        "nested, fine-tuning seeds within pretraining runs, over the seeds every run finished): sd within = pooled "
-        "sd between fine-tuning seeds of one run; sd between = sqrt(max(0, (MS_between − MS_within) / n)).",
+        "Decomposition (one-way random effects, fine-tuning seeds nested in pretraining runs; crossed: over the seeds "
+        "every run finished): sd within = pooled sd between fine-tuning seeds of one run; sd between = "
+        "sqrt(max(0, (MS_between − MS_within) / n0)), n0 the (average) seeds per run.",
         "",
         "| backbone | metric | blocks fine-tuned | sd between pretraining runs | sd between fine-tuning seeds | "
         "runs x seeds |",
@@ -196,11 +240,15 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         for task, metric, label in metric_columns(study):
             for freeze in freeze_order(study):
                 values = [per_seed(rows, m, task, metric, freeze) for m in study.members(b)]
-                common = sorted(set.intersection(*(set(v) for v in values)))
-                parts = variance_components([[v[s] for s in common] for v in values])
+                if b in study.paired:
+                    groups = [list(v.values()) for v in values]
+                else:
+                    common = sorted(set.intersection(*(set(v) for v in values)))
+                    groups = [[v[s] for s in common] for v in values]
+                parts = variance_components(groups)
                 if parts is not None:
                     lines.append(f"| {b} | {label} | {freeze_label(study, freeze)} | {parts.sd_between:.2f} | "
-                                 f"{parts.sd_within:.2f} | {parts.runs} x {parts.per_run} |")
+                                 f"{parts.sd_within:.2f} | {parts.layout} |")
     return lines
 
 
@@ -285,8 +333,9 @@ def replication_study(study: Study, n: int) -> Study:
     tasks = {t: s for t, s in study.tasks.items() if any(t == cell[1] for cell in cells)}
     runs = {k: v for k, v in study.pretrain_runs.items() if k in backbones}
     kept = {study.spec_backbone(b) for b in backbones}
+    paired = {b: [r for r in members if r in backbones] for b, members in study.paired.items() if b in kept}
     return replace(study, output_dir=study.output_dir / REPLICATION, seeds=list(range(first, first + n)),
-                   backbones=backbones, tasks=tasks, only=frozenset(cells), pretrain_runs=runs,
+                   backbones=backbones, tasks=tasks, only=frozenset(cells), pretrain_runs=runs, paired=paired,
                    reference=study.reference if study.reference in kept else None)
 
 

@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mae_transfer.io import atomic_write, atomic_write_text
-from mae_transfer.study.claims import confirmatory_markdown, exploratory_markdown, pretraining_markdown
+from mae_transfer.study.claims import (
+    confirmatory_markdown,
+    exploratory_markdown,
+    fine_tuning_depth_markdown,
+    pretraining_markdown,
+)
 from mae_transfer.study.spec import Study
 from mae_transfer.study.tables import (
     collect,
@@ -75,6 +80,7 @@ def results_markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         lines += ["", f"Fewer than {seeds} seeds: " + "; ".join(short) + "."]
     lines += pretraining_markdown(study, rows)
     lines += exploratory_markdown(study, rows)
+    lines += fine_tuning_depth_markdown(study, rows)
     lines += _difference_markdown(study, rows, cols, freezes)
     lines += ["", f"Tasks: {_task_summary(study)}",
               f"Finished cells: {len(rows)} of {len(study.cells())}. Per-cell numbers: results.csv; figure: plot.png.",

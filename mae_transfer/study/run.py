@@ -121,7 +121,9 @@ def dry_run(study: Study, executor: str | None = None) -> str:
     check_inputs(study, [c for c in cells if not (study.cell_dir(c) / DONE).is_file()], executor)
     steps = plan(study)
     lines = [f"study {study.name}: {len(cells)} cells ({len(study.backbones)} backbones x {len(study.tasks)} tasks x "
-             f"{len(study.freeze_blocks)} freeze x {len(study.seeds)} seeds), output {study.output_dir}; "
+             f"{len(study.freeze_blocks)} freeze x {len(study.seeds)} seeds"
+             f"{'; paired pretraining runs each take their seeds only' if study.paired else ''}), output "
+             f"{study.output_dir}; "
              "inputs checked"]
     for what, cmd in steps:
         lines += [f"# {what}", shlex.join(cmd)]

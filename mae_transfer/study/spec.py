@@ -26,6 +26,9 @@ SPEC_KEYS = {"name", "depth", "freeze_blocks", "seeds", "backbones", "tasks", "o
              "reference", "contrasts"}
 CONTRAST_KEYS = {"a", "b", "task", "freeze", "metric"}
 SEED_LIMIT = 2 ** 32  # seeds are 32-bit (numpy's and the tools' seeding)
+# How the fine-tuning seeds meet a backbone's pretraining runs (pretrain=dict(seeds=[...], fine_tuning_seeds=...)):
+# crossed: every run with every fine-tuning seed; paired: the i-th fine-tuning seed with run i mod runs.
+SEED_DESIGNS = ("crossed", "paired")
 TASK_KEYS = {"kind", "config", "iters", "epochs", "args", "opts", "checkpoint_period", "launcher", "slurm"}
 BACKBONE_FORMS = ("a path, None/'random', or dict(checkpoint=PATH, pretrain=dict(config=..., data=... | crops=..., "
                   "opts=[...]), epoch=N)")
@@ -77,13 +80,22 @@ class Study:
     # A backbone with pretrain=dict(seeds=[...]) is one entry per pretraining run in `backbones` (`pretrain_run_name`);
     # this maps each such run's name to the spec's backbone name (absent: the name is the spec's own).
     pretrain_runs: dict[str, str] = field(default_factory=dict)
+    # Backbones whose runs are paired with the fine-tuning seeds: spec name -> its run entries, in seed order.
+    paired: dict[str, list[str]] = field(default_factory=dict)
     only: frozenset[tuple[str, str, int]] | None = None  # (backbone, task, freeze) cells to run (None: all)
     target_effect: float | None = None  # results.md: the n needed to detect this difference (--target-effect)
 
     def cells(self) -> list[Cell]:
         """All cells, seed-major (a first full table before extra seeds), then backbone, task, freeze."""
-        return [Cell(b, t, f, s) for s in self.seeds for b in self.backbones for t in self.tasks
-                for f in self.freeze_blocks if self.only is None or (b, t, f) in self.only]
+        return [Cell(b, t, f, s) for i, s in enumerate(self.seeds) for b in self.backbones for t in self.tasks
+                for f in self.freeze_blocks
+                if (self.only is None or (b, t, f) in self.only) and self.fine_tunes(b, i)]
+
+    def fine_tunes(self, backbone: str, seed_index: int) -> bool:
+        """Whether the fine-tuning seed at this position of `seeds` runs on this backbone entry: always, except
+        for a paired backbone's runs, each of which takes every len(runs)-th seed."""
+        runs = self.paired.get(self.spec_backbone(backbone))
+        return runs is None or runs[seed_index % len(runs)] == backbone
 
     def spec_backbone(self, name: str) -> str:
         """The spec's backbone name of a backbone entry (a pretraining run's entry -> its backbone)."""
@@ -127,7 +139,13 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
     raw, where, spec_path = _read_spec(spec)
     _check_keys(raw, where)
     depth, freezes = _check_depth(raw, where)
-    backbones, pretrain_runs = _check_backbones(raw["backbones"], where)
+    backbones, pretrain_runs, paired = _check_backbones(raw["backbones"], where)
+    seeds = _int_list(raw.get("seeds", [0]), "seeds", where)
+    for name, runs in paired.items():
+        if len(runs) > len(seeds):
+            raise MaeTransferError(f"{where}: backbone {name!r}: {len(runs)} pretraining runs paired with "
+                                   f"{len(seeds)} fine-tuning seed(s): each run needs at least one seed "
+                                   "(give more seeds, or fine_tuning_seeds='crossed')")
     names = list(dict.fromkeys(pretrain_runs.get(n, n) for n in backbones))
     reference = raw.get("reference")
     if reference is not None and reference not in names:
@@ -137,11 +155,11 @@ def load_study(spec: str | os.PathLike | Mapping[str, Any], output_dir: str | os
     contrasts = _check_contrasts(raw.get("contrasts"), names, tasks, freezes, where)
     name = str(raw.get("name") or (spec_path.stem if spec_path else "study"))
     out = output_dir or raw.get("output_dir") or Path("work_dirs") / "studies" / name
-    return Study(name=name, depth=depth, freeze_blocks=freezes, seeds=_int_list(raw.get("seeds", [0]), "seeds", where),
+    return Study(name=name, depth=depth, freeze_blocks=freezes, seeds=seeds,
                  backbones=backbones, tasks=tasks, output_dir=Path(out).resolve(), spec_path=spec_path,
                  python=raw.get("python") or sys.executable, allow_pickle=allow_pickle,
                  slurm=_check_slurm(raw.get("slurm"), where), reference=reference, contrasts=contrasts,
-                 pretrain_runs=pretrain_runs)
+                 pretrain_runs=pretrain_runs, paired=paired)
 
 
 def _read_spec(spec: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str, Path | None]:
@@ -173,14 +191,15 @@ def _check_depth(raw: Mapping[str, Any], where: str) -> tuple[int, list[int]]:
     return depth, freezes
 
 
-def _check_backbones(entries: Any, where: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(backbone entries, pretraining run entry -> spec name): a backbone whose pretraining has `seeds=[...]` is
-    one entry per seed (`pretrain_run_name`), its pretraining with `seed=S`; entries of several backbones with the
-    same pretraining and seed share that run, as without seeds."""
+def _check_backbones(entries: Any, where: str) -> tuple[dict[str, Any], dict[str, str], dict[str, list[str]]]:
+    """(backbone entries, pretraining run entry -> spec name, paired backbone -> its run entries): a backbone whose
+    pretraining has `seeds=[...]` is one entry per seed (`pretrain_run_name`), its pretraining with `seed=S`;
+    entries of several backbones with the same pretraining and seed share that run, as without seeds."""
     if not isinstance(entries, Mapping) or not entries:
         raise MaeTransferError(f"{where}: backbones must be a non-empty dict name -> checkpoint / None / dict(...)")
     backbones: dict[str, Any] = {}
     runs: dict[str, str] = {}
+    paired: dict[str, list[str]] = {}
     for name, entry in entries.items():
         checked = _check_backbone_entry(name, entry, where)
         seeds = (checked.get("pretrain") or {}).get("seeds") if isinstance(checked, Mapping) else None
@@ -192,11 +211,13 @@ def _check_backbones(entries: Any, where: str) -> tuple[dict[str, Any], dict[str
             if run in entries:
                 raise MaeTransferError(f"{where}: backbone name {run!r} is also the name of a pretraining run of "
                                        f"backbone {name!r}; rename it")
-            pre = {k: v for k, v in checked["pretrain"].items() if k != "seeds"}
+            pre = {k: v for k, v in checked["pretrain"].items() if k not in ("seeds", "fine_tuning_seeds")}
             backbones[run] = {**checked, "pretrain": {**pre, "seed": seed, "opts": [*pre["opts"], f"seed={seed}"]}}
             runs[run] = name
+        if checked["pretrain"].get("fine_tuning_seeds") == "paired":
+            paired[name] = [pretrain_run_name(name, seed) for seed in seeds]
     _check_epochs(backbones, where)
-    return backbones, runs
+    return backbones, runs, paired
 
 
 def pretrain_run_name(backbone: str, seed: int) -> str:
@@ -211,8 +232,14 @@ def pretrain_run_seed(run: str) -> int:
 
 def _check_pretrain_seeds(name: str, pre: Mapping[str, Any], where: str) -> list[int] | None:
     """`seeds=[...]` of a pretraining: distinct 32-bit integers, and no `seed=` in its opts besides."""
+    design = pre.get("fine_tuning_seeds", SEED_DESIGNS[0])
     if "seeds" not in pre:
+        if "fine_tuning_seeds" in pre:
+            raise MaeTransferError(f"{where}: backbone {name!r}: pretrain fine_tuning_seeds= needs seeds=[...]")
         return None
+    if design not in SEED_DESIGNS:
+        raise MaeTransferError(f"{where}: backbone {name!r}: pretrain fine_tuning_seeds must be one of "
+                               f"{', '.join(map(repr, SEED_DESIGNS))}, got {design!r}")
     seeds = pre["seeds"]
     what = f"{where}: backbone {name!r}: pretrain seeds"
     if not isinstance(seeds, (list, tuple)) or not seeds or not all(

@@ -123,21 +123,30 @@ class VarianceComponents:
     sd_between: float  # between pretraining runs (sqrt of the ANOVA estimate, 0 when it is negative)
     sd_within: float  # between fine-tuning seeds of one pretraining run (pooled)
     runs: int
-    per_run: int
+    sizes: tuple[int, ...]  # values per run
+
+    @property
+    def layout(self) -> str:
+        """`3 x 8` (runs x values each), or `8 over 3 (3+3+2)` when the runs have different numbers of values."""
+        if len(set(self.sizes)) == 1:
+            return f"{self.runs} x {self.sizes[0]}"
+        return f"{sum(self.sizes)} over {self.runs} ({'+'.join(map(str, self.sizes))})"
 
 
 def variance_components(groups: Sequence[Sequence[float]]) -> VarianceComponents | None:
-    """From equal-size groups (one per pretraining run, its fine-tuning seeds' values): the within-run variance is
-    the pooled sample variance (MS_within), the between-run variance (MS_between - MS_within) / n_per_run with
-    MS_between = n_per_run x the variance of the run means. None unless there are >= 2 runs of >= 2 values each,
-    all of one size."""
-    sizes = {len(g) for g in groups}
-    if len(groups) < 2 or len(sizes) != 1 or min(sizes) < 2:
+    """One-way random effects from groups (one per pretraining run, its fine-tuning seeds' values): the within-run
+    variance is the pooled sample variance (MS_within); the between-run variance is (MS_between - MS_within) / n0,
+    MS_between = sum n_i (mean_i - grand mean)^2 / (runs - 1), n0 = (N - sum n_i^2 / N) / (runs - 1) (n0 = n for
+    equal groups). None unless there are >= 2 runs, each with a value, and more values than runs."""
+    groups = [list(g) for g in groups]
+    sizes = [len(g) for g in groups]
+    total, k = sum(sizes), len(groups)
+    if k < 2 or min(sizes) < 1 or total <= k:
         return None
-    n = sizes.pop()
-    means = [sum(g) / n for g in groups]
-    grand = sum(means) / len(means)
-    ms_within = sum((v - m) ** 2 for g, m in zip(groups, means, strict=True) for v in g) / (len(groups) * (n - 1))
-    ms_between = n * sum((m - grand) ** 2 for m in means) / (len(groups) - 1)
-    return VarianceComponents(math.sqrt(max(0.0, (ms_between - ms_within) / n)), math.sqrt(ms_within),
-                              len(groups), n)
+    means = [sum(g) / len(g) for g in groups]
+    grand = sum(v for g in groups for v in g) / total
+    ms_within = sum((v - m) ** 2 for g, m in zip(groups, means, strict=True) for v in g) / (total - k)
+    ms_between = sum(n * (m - grand) ** 2 for n, m in zip(sizes, means, strict=True)) / (k - 1)
+    n0 = (total - sum(n * n for n in sizes) / total) / (k - 1)
+    return VarianceComponents(math.sqrt(max(0.0, (ms_between - ms_within) / n0)), math.sqrt(ms_within), k,
+                              tuple(sizes))

@@ -60,11 +60,14 @@ def per_seed(rows: list[dict[str, Any]], backbone: str, task: str, metric: str, 
 
 def backbone_per_seed(study: Study, rows: list[dict[str, Any]], backbone: str, task: str, metric: str,
                       freeze: int) -> dict[int, float]:
-    """Fine-tuning seed -> value of a spec backbone. A backbone with pretraining seeds: the mean over its
-    pretraining runs, for the fine-tuning seeds every run finished (claims about it use all its runs)."""
+    """Fine-tuning seed -> value of a spec backbone. A backbone with pretraining seeds: crossed, the mean over its
+    pretraining runs, for the fine-tuning seeds every run finished; paired, the value of the one run each seed
+    fine-tuned (claims about it use all its runs)."""
     runs = [per_seed(rows, member, task, metric, freeze) for member in study.members(backbone)]
     if len(runs) == 1:
         return runs[0]
+    if backbone in study.paired:
+        return {s: v for run in runs for s, v in sorted(run.items())}
     common = set.intersection(*(set(r) for r in runs))
     return {s: sum(r[s] for r in runs) / len(runs) for s in sorted(common)}
 

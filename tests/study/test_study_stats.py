@@ -90,9 +90,15 @@ def test_nested_variance_components_match_hand_computed_values() -> None:
     # between-run variance (16 - 2) / 2 = 7
     parts = variance_components([[1.0, 3.0], [5.0, 7.0]])
     assert parts.sd_within == pytest.approx(math.sqrt(2)) and parts.sd_between == pytest.approx(math.sqrt(7))
-    assert (parts.runs, parts.per_run) == (2, 2)
+    assert (parts.runs, parts.sizes, parts.layout) == (2, (2, 2), "2 x 2")
+    # unequal runs (a paired design): means 2 and 5, grand mean 3, MS_within = 2 / 1 = 2,
+    # MS_between = (2 x 1 + 1 x 4) / 1 = 6, n0 = (3 - 5/3) / 1 = 4/3: between-run variance (6 - 2) / (4/3) = 3
+    parts = variance_components([[1.0, 3.0], [5.0]])
+    assert parts.sd_within == pytest.approx(math.sqrt(2)) and parts.sd_between == pytest.approx(math.sqrt(3))
+    assert parts.layout == "3 over 2 (2+1)"
     assert variance_components([[1.0, 3.0], [1.0, 3.0]]).sd_between == 0.0  # negative estimate -> 0
     assert variance_components([[1.0, 2.0]]) is None and variance_components([[1.0], [2.0]]) is None
+    assert variance_components([[1.0, 2.0], []]) is None
 
 
 # ------------------------------------------------------------------------------------------- results.md
@@ -245,31 +251,16 @@ def noisy_task(tmp_path: Path) -> dict:
                 args=["--data", str(tmp_path / "data")])
 
 
-def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two backbones at two epochs of one MAE pretraining with seeds [0, 1, 2]: three pretraining runs (one per seed,
-    each saving both epochs) and no more; the cells cross the runs with the fine-tuning seeds; the report
-    averages the runs per fine-tuning seed and splits the variance."""
-    from harnesses.synthetic import make_unlabeled_shapes
+def fake_pretrainings(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The study's pretraining and export commands only write their files (the pretraining seed's digit as the
+    weights' first byte); the cells' tool really runs. Returns the list the pretraining commands are added to."""
     from mae_transfer.study import run as study_run
 
-    pool = make_unlabeled_shapes(tmp_path / "pool", 2, size=32)
-    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool), opts=["epochs=2"], seeds=[0, 1, 2])
-    study = load_study(dict(name="pt", depth=4, freeze_blocks=[0], seeds=[0, 1],
-                            backbones={"MAE-1": dict(pretrain=mae, epoch=1), "MAE": dict(pretrain=mae),
-                                       "scratch": None},
-                            tasks={"t": noisy_task(tmp_path)},
-                            contrasts=[dict(a="MAE", b="scratch", task="t")]), tmp_path / "out")
-    assert list(study.backbones) == ["MAE-1@pt0", "MAE-1@pt1", "MAE-1@pt2", "MAE@pt0", "MAE@pt1", "MAE@pt2",
-                                     "scratch"]
-    assert study.spec_backbones() == ["MAE-1", "MAE", "scratch"] and len(study.cells()) == 14
-    launched = []
+    launched: list[list[str]] = []
     real = study_run.run_logged
     pretrain_tool = str(REPO_ROOT / task_kinds.TOOLS["pretrain"].script)
 
-    def fake_pretraining(cmd, *args, **kwargs):
-        """The pretraining and export commands write their files (the seed's digit as the weights' first byte);
-        the cells' tool really runs."""
+    def fake(cmd, *args, **kwargs):
         if cmd[1] != pretrain_tool:
             return real(cmd, *args, **kwargs)
         launched.append(cmd)
@@ -282,7 +273,28 @@ def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp
             for name in ("checkpoint_0001.pth", "checkpoint_last.pth"):
                 (run / name).write_bytes(b"")
 
-    monkeypatch.setattr(study_run, "run_logged", fake_pretraining)
+    monkeypatch.setattr(study_run, "run_logged", fake)
+    return launched
+
+
+def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backbones at two epochs of one MAE pretraining with seeds [0, 1, 2]: three pretraining runs (one per seed,
+    each saving both epochs) and no more; the cells cross the runs with the fine-tuning seeds; the report
+    averages the runs per fine-tuning seed and splits the variance."""
+    from harnesses.synthetic import make_unlabeled_shapes
+
+    pool = make_unlabeled_shapes(tmp_path / "pool", 2, size=32)
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool), opts=["epochs=2"], seeds=[0, 1, 2])
+    study = load_study(dict(name="pt", depth=4, freeze_blocks=[0], seeds=[0, 1],
+                            backbones={"MAE-1": dict(pretrain=mae, epoch=1), "MAE": dict(pretrain=mae),
+                                       "scratch": None},
+                            tasks={"t": noisy_task(tmp_path)},
+                            contrasts=[dict(a="MAE", b="scratch", task="t")]), tmp_path / "out")
+    assert list(study.backbones) == ["MAE-1@pt0", "MAE-1@pt1", "MAE-1@pt2", "MAE@pt0", "MAE@pt1", "MAE@pt2",
+                                     "scratch"]
+    assert study.spec_backbones() == ["MAE-1", "MAE", "scratch"] and len(study.cells()) == 14
+    launched = fake_pretrainings(monkeypatch)
     result = run_study(study)
     pretrainings = [cmd for cmd in launched if "--export-encoder" not in cmd]
     assert len(pretrainings) == 3 and len(result["ran"]) == 14
@@ -312,6 +324,44 @@ def test_pretraining_seeds_launch_one_pretraining_each(noisy_kind: TaskKind, tmp
                                                                                   "scratch")] and launched == []
     assert "- `MAE`: 3 pretraining run(s) (pretraining seeds 0, 1, 2)" in (
         replication.output_dir / "results.md").read_text()
+
+
+def test_paired_pretraining_seeds_give_each_fine_tuning_seed_one_run(noisy_kind: TaskKind, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """fine_tuning_seeds='paired': fine-tuning seeds 0..3 on runs 0, 1, 2, 0; three pretrainings, 4 MAE cells; the
+    per-seed differences carry their run's share; the decomposition handles runs of unequal size."""
+    from harnesses.synthetic import make_unlabeled_shapes
+
+    pool = make_unlabeled_shapes(tmp_path / "pool", 2, size=32)
+    mae = dict(config="configs/mae_pretrain_vit_tiny_cpu.py", data=str(pool), opts=["epochs=2"], seeds=[0, 1, 2],
+               fine_tuning_seeds="paired")
+    spec = dict(name="pp", depth=4, freeze_blocks=[0], seeds=[0, 1, 2, 3],
+                backbones={"MAE": dict(pretrain=mae), "scratch": None}, tasks={"t": noisy_task(tmp_path)},
+                contrasts=[dict(a="MAE", b="scratch", task="t")])
+    study = load_study(spec, tmp_path / "out")
+    assert [(c.backbone, c.seed) for c in study.cells() if c.backbone != "scratch"] == [
+        ("MAE@pt0", 0), ("MAE@pt1", 1), ("MAE@pt2", 2), ("MAE@pt0", 3)]
+    launched = fake_pretrainings(monkeypatch)
+    assert len(run_study(study)["ran"]) == 8
+    assert len([cmd for cmd in launched if "--export-encoder" not in cmd]) == 3
+    md = results_markdown(study, collect(study))
+    # MAE − scratch at seed s on run s mod 3: 5 + (7 s mod 5) + s mod 3 = 5, 8, 11, 6: mean 7.5, sd sqrt(7)
+    assert "| MAE − scratch | t score | 4 (all) | +7.5±2.6 | 4 |" in md
+    assert "paired with the fine-tuning seeds: the i-th fine-tuning seed fine-tunes run i mod 3" in md
+    # MAE values by run: [55, 59], [59], [63]: MS_within 8, MS_between 12, n0 1.25 -> between sqrt(3.2)
+    assert "| MAE | score | 4 (all) | 1.79 | 2.83 | 4 over 3 (2+1+1) |" in md
+    # a replication pairs its fresh seeds with the same runs, in order
+    replication = replication_study(study, 2)
+    assert [(c.backbone, c.seed) for c in replication.cells() if c.backbone != "scratch"] == [
+        ("MAE@pt0", 4), ("MAE@pt1", 5)]
+    # more runs than fine-tuning seeds, or a design without seeds: refused when the spec is read
+    with pytest.raises(MaeTransferError, match="3 pretraining runs paired with 2 fine-tuning seed"):
+        load_study({**spec, "seeds": [0, 1]}, tmp_path / "x")
+    for bad, message in ((dict(fine_tuning_seeds="mixed"), "fine_tuning_seeds must be one of 'crossed', 'paired'"),
+                         (dict(seeds=None), "fine_tuning_seeds= needs seeds")):
+        pre = {k: v for k, v in {**mae, **bad}.items() if v is not None}
+        with pytest.raises(MaeTransferError, match=message):
+            load_study({**spec, "backbones": {"MAE": dict(pretrain=pre), "scratch": None}}, tmp_path / "x")
 
 
 def _tool():
@@ -377,6 +427,19 @@ def test_replicate_runs_only_fresh_seeds_and_writes_the_table(noisy_kind: TaskKi
             "t": noisy_task(tmp_path)})}), 1)
     assert replication_study(study, 2).seeds == [3, 4]
 
+
+def test_the_freeze_axis_is_reported_per_backbone_against_the_frozen_vit(tmp_path: Path) -> None:
+    study = load_study(dict(name="f", depth=4, freeze_blocks=[0, -1], seeds=[0, 1, 2], reference="scratch",
+                            backbones={"MAE": None, "scratch": None}, tasks={"seg": SEG}), tmp_path / "out")
+    write_cells(study, {("MAE", 0): [50.0, 52.0, 57.0], ("MAE", -1): [40.0, 41.0, 45.0],  # all - frozen 10, 11, 12
+                        ("scratch", 0): [30.0, 31.0, 30.0], ("scratch", -1): [31.0, 30.0, 33.0]})  # -1, 1, -3
+    md = results_markdown(study, collect(study))
+    p_big, p_small = t2_two_sided_p(11 * math.sqrt(3)), t2_two_sided_p(1 / (2 / math.sqrt(3)))
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2)
+    assert "## Blocks fine-tuned − frozen ViT (exploratory)" in md
+    assert (f"| MAE | mIoU | 4 (all) | +11.0±1.0 | 3 | [+{11 - half:.1f}, +{11 + half:.1f}] | "
+            f"{p_big:.2g} | {2 * p_big:.2g} |") in md
+    assert f"| scratch | mIoU | 4 (all) | -1.0±2.0 | 3 | [-6.0, +4.0] | {p_small:.2f} | {p_small:.2f} |" in md
 
 def test_the_demo_mini_study_says_what_its_n_can_establish(tmp_path: Path) -> None:
     from harnesses import demo
