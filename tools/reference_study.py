@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""The reference CPU study (configs/studies/cpu_reference.py): its data, the study, the pretraining evidence.
+"""The reference CPU study (configs/studies/cpu_reference.py): its data, the study, its replication and its pilot.
 
-  python tools/reference_study.py      # under an hour on 2 quiet CPU cores; results in benchmarks/study_reference/
-  python tools/reference_study.py --reread   # the committed results.csv through the current report: reread.md
+  python tools/reference_study.py                # under an hour on 2 quiet CPU cores; benchmarks/study_reference/
+  python tools/reference_study.py --replicate 8  # the declared contrasts, 8 fresh seeds: .../replication/
+  python tools/reference_study.py --pilot        # the schedule pilot (cpu_reference_pilot.py): .../pilot/
+  python tools/reference_study.py --reread       # the first study's results.csv (v1/) through the current report
 
 Re-running skips what is done (finished cells, the pretraining, the data). Nothing else should run meanwhile:
 the wall time it reports is part of the result.
@@ -21,12 +23,17 @@ from mae_transfer.cli import run_cli, setup_long_run_cli  # noqa: E402
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--output-dir", default="work_dirs/reference_study",
-                        help="the study's folder: cells, backbones, checkpoints (default: %(default)s)")
-    parser.add_argument("--results-dir", default="benchmarks/study_reference",
-                        help="where the result files are copied (default: %(default)s)")
-    parser.add_argument("--reread", action="store_true",
-                        help="write RESULTS_DIR/reread.md from its results.csv with the current report; run nothing")
+    parser.add_argument("--output-dir", help="the study's folder: cells, backbones, checkpoints (default: "
+                        "work_dirs/reference_study, --pilot: work_dirs/reference_pilot)")
+    parser.add_argument("--results-dir", help="where the result files are copied (default: benchmarks/study_reference, "
+                        "its pilot/ with --pilot, its replication/ with --replicate, its v1/ with --reread)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--replicate", type=int, metavar="N",
+                      help="after the study: its declared contrasts again with N fresh fine-tuning seeds")
+    mode.add_argument("--pilot", action="store_true", help="the schedule pilot instead of the study")
+    mode.add_argument("--reread", action="store_true",
+                      help="write RESULTS_DIR/reread.md from the first study's results.csv with the current report; "
+                      "run nothing")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -34,13 +41,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_long_run_cli()
-    from harnesses.reference_study import DATA, reread, run
+    from harnesses.reference_study import DATA, PILOT_SPEC, SPEC, reread, run
     from mae_transfer.paths import resolve_path
 
+    sub = "v1" if args.reread else "pilot" if args.pilot else "replication" if args.replicate is not None else ""
+    results_dir = resolve_path(args.results_dir or f"benchmarks/study_reference/{sub}")
     if args.reread:
-        print(f"written: {reread(resolve_path(args.results_dir))}")
+        print(f"written: {reread(results_dir)}")
         return 0
-    summary = run(resolve_path(args.output_dir), resolve_path(args.results_dir), DATA)
+    output_dir = resolve_path(args.output_dir or f"work_dirs/reference_{'pilot' if args.pilot else 'study'}")
+    summary = run(output_dir, results_dir, DATA, PILOT_SPEC if args.pilot else SPEC, args.replicate)
     print(f"{summary['cells']} cells in {summary['seconds'] / 60:.0f} min; results: {summary['results']}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The committed reference study re-read by the current report (`tools/reference_study.py --reread`)."""
+"""The first committed reference study re-read by the current report (`tools/reference_study.py --reread`)."""
 from __future__ import annotations
 
 import shutil
@@ -6,7 +6,7 @@ import shutil
 from mae_transfer.study.stats import holm, paired_test
 from tests.conftest import REPO_ROOT
 
-COMMITTED = REPO_ROOT / "benchmarks" / "study_reference"
+COMMITTED = REPO_ROOT / "benchmarks" / "study_reference" / "v1"
 
 
 def test_reread_adjusts_the_committed_differences_with_holm(tmp_path):

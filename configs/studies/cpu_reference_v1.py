@@ -1,21 +1,16 @@
-"""The reference CPU study: MAE at three pretraining lengths vs supervised vs scratch, partial fine-tuning.
+"""The first reference CPU study (2026-12-03), kept so that its committed results can be re-read:
+MAE at three pretraining lengths vs supervised vs scratch, partial fine-tuning, 3 seeds, no declared contrasts.
 
-  .venv/bin/python tools/reference_study.py        # data, this study, the pretraining evidence; results in
-                                                   # benchmarks/study_reference/ (under an hour on 2 CPU cores)
+  .venv/bin/python tools/reference_study.py --reread   # benchmarks/study_reference/v1/results.csv -> reread.md
 
-The data under work_dirs/reference_data/ is built by tools/reference_study.py (harnesses/reference_study.py):
-- pool/: the unlabelled pretraining pool: the photos of ../shared/data (the 60 CamVid train frames, the COCO and
-  fruits_nuts photos, their object crops), 128 px on the short side, and 800 generated shape pictures;
-- crops/: the object crops with their labels (COCO / fruits_nuts categories): the supervised backbone's data;
-- camvid_20/: CamVid with 20 labelled training frames (every third; label-scarce) and the 20 val frames;
-- shape_classes/: one generated shape per picture, class by outline only (colour and background drawn
-  independently): 20 training pictures per class, 100 val pictures per class.
+Superseded by configs/studies/cpu_reference.py (benchmarks/study_reference/README.md says what changed and why).
+Its data was built by the harness of that time (commit bd0974e): the pool and camvid_20 as today, plus
+shape_classes/ (one generated shape per picture, 20 training pictures per class) for the classification task.
 Backbones: the 4-block ViT-Tiny of the CPU configs. MAE-5/20/80: one MAE run of 80 epochs on the pool, taken after
-5, 20 and 80 epochs (one pretraining: `epoch=`); supervised: 30 epochs on the crops; scratch: random init.
-freeze_blocks 0 / 2 / 3 / -1 = all 4 / last 2 / last 1 / no blocks fine-tuned. Nothing here was tuned toward a
-result: the lengths are what fits the hour.
+5, 20 and 80 epochs; supervised: 30 epochs on the crops; scratch: random init.
+freeze_blocks 0 / 2 / 3 / -1 = all 4 / last 2 / last 1 / no blocks fine-tuned.
 """
-name = "cpu_reference"
+name = "cpu_reference_v1"
 depth = 4
 freeze_blocks = [0, 2, 3, -1]
 seeds = [0, 1, 2]
