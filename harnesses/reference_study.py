@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -103,35 +104,45 @@ def _camvid_subset(src: Path, dst: Path, frames: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC,
-        replicate: int | None = None) -> dict[str, Any]:
+def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, replicate: int | None = None,
+        parallel: int = 1) -> dict[str, Any]:
     """Data, then the study (or its replication with `replicate` fresh seeds); its result files, headed by the wall
-    time and the CPU model, copied to `results_dir`. Returns the summary."""
+    time and the CPU model, copied to `results_dir`. `parallel` > 1: that many pretraining runs or cells at a time,
+    as local submitit jobs of one thread each (a tiny model's step gains little from a second thread, and start-up
+    and evaluation use one). Returns the summary."""
     import torch
 
     from mae_transfer.hardware import cpu_model
     from mae_transfer.study.claims import replication_study, write_replication
+    from mae_transfer.study.cluster import run_study_jobs
     from mae_transfer.study.run import run_study
-    from mae_transfer.study.spec import load_study
+    from mae_transfer.study.spec import DONE, load_study
 
     start = time.time()
     counts = prepare_data(data)
     logger.info("data: %s", counts)
     original = load_study(spec, output_dir=output_dir)
     study = original if replicate is None else replication_study(original, replicate)
-    summary = run_study(study)
+    finished_before = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells())
+    if parallel > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the jobs' processes
+        summary = run_study_jobs(study, "local", max_parallel=parallel, wait=True)
+    else:
+        summary = run_study(study)
     if replicate is not None:
         write_replication(original, study)
+    threads = f"{parallel} jobs at a time, 1 thread each" if parallel > 1 else f"{torch.get_num_threads()} threads"
     timing = study.output_dir / "timing.json"
     runs = json.loads(timing.read_text()) if timing.is_file() else []
-    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": len(summary["ran"])})
+    cells = len(study.cells())
+    ran = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells()) - finished_before
+    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": ran})
     atomic_write_text(json.dumps(runs), timing)
     working = [r for r in runs if r["cells_run"]]  # runs that trained something; later ones rewrote the results
     total = sum(r["seconds"] for r in working or runs)
     rewrites = len(runs) - len(working)
-    cells = len(summary["ran"]) + len(summary["skipped"])
     header = (f"Wall time: {total / 60:.0f} min{f' over {len(working)} runs' if len(working) > 1 else ''} for data, "
-              f"pretraining and {cells} cells on **{cpu_model()}**, {torch.get_num_threads()} threads, Python "
+              f"pretraining and {cells} cells on **{cpu_model()}** ({threads}), Python "
               f"{platform.python_version()}, torch {torch.__version__} (`tools/reference_study.py`; a re-run skips "
               f"what is done{f', {rewrites} did' if rewrites else ''}).\n\nData: {counts}.\n")
     md = summary["results"].read_text()  # run_study wrote the tables and the plot last

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mae_transfer.cli import run_cli, setup_long_run_cli  # noqa: E402
+from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -34,12 +35,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--reread", action="store_true",
                       help="write RESULTS_DIR/reread.md from the first study's results.csv with the current report; "
                       "run nothing")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="N pretraining runs or cells at a time, local submitit jobs of 1 thread each "
+                        "(default: %(default)s, in this process)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.parallel < 1:
+        raise MaeTransferError(f"--parallel must be at least 1, got {args.parallel}")
     setup_long_run_cli()
     from harnesses.reference_study import DATA, PILOT_SPEC, SPEC, reread, run
     from mae_transfer.paths import resolve_path
@@ -50,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"written: {reread(results_dir)}")
         return 0
     output_dir = resolve_path(args.output_dir or f"work_dirs/reference_{'pilot' if args.pilot else 'study'}")
-    summary = run(output_dir, results_dir, DATA, PILOT_SPEC if args.pilot else SPEC, args.replicate)
+    summary = run(output_dir, results_dir, DATA, PILOT_SPEC if args.pilot else SPEC, args.replicate,
+                  args.parallel)
     print(f"{summary['cells']} cells in {summary['seconds'] / 60:.0f} min; results: {summary['results']}")
     return 0
 

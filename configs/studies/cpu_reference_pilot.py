@@ -11,7 +11,7 @@ chosen on "all blocks - frozen" only, never on MAE - scratch. Results: benchmark
 name = "cpu_reference_pilot"
 depth = 4
 freeze_blocks = [0, -1]
-seeds = [0]
+seeds = [0, 1]
 _data = "work_dirs/reference_data"
 backbones = {
     "scratch": None,
@@ -24,5 +24,7 @@ _seg = "configs/camvid_upernet_vit_tiny_cpu.py"
 tasks = {
     "seg300": dict(kind="seg", config=_seg, iters=300, opts=_camvid + _poly),
     "seg300_lr1e-3": dict(kind="seg", config=_seg, iters=300,
+                          opts=_camvid + _poly + ["optim_wrapper.optimizer.lr=1e-3"]),
+    "seg900_lr1e-3": dict(kind="seg", config=_seg, iters=900,
                           opts=_camvid + _poly + ["optim_wrapper.optimizer.lr=1e-3"]),
 }

@@ -226,16 +226,7 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
                   "(paired by fine-tuning seed) vary with the pretraining run as well as with the fine-tuning seed, "
                   "and their intervals include the between-run sd below. With fewer runs than seeds, seeds sharing a "
                   "run are not independent: when the between-run sd is large, read the intervals as too narrow."]
-    lines += [
-        "",
-        "Decomposition (one-way random effects, fine-tuning seeds nested in pretraining runs; crossed: over the seeds "
-        "every run finished): sd within = pooled sd between fine-tuning seeds of one run; sd between = "
-        "sqrt(max(0, (MS_between − MS_within) / n0)), n0 the (average) seeds per run.",
-        "",
-        "| backbone | metric | blocks fine-tuned | sd between pretraining runs | sd between fine-tuning seeds | "
-        "runs x seeds |",
-        "|---|---|---|---|---|---|",
-    ]
+    table = []
     for b in seeded:
         for task, metric, label in metric_columns(study):
             for freeze in freeze_order(study):
@@ -247,9 +238,22 @@ def pretraining_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]:
                     groups = [[v[s] for s in common] for v in values]
                 parts = variance_components(groups)
                 if parts is not None:
-                    lines.append(f"| {b} | {label} | {freeze_label(study, freeze)} | {parts.sd_between:.2f} | "
+                    table.append(f"| {b} | {label} | {freeze_label(study, freeze)} | {parts.sd_between:.2f} | "
                                  f"{parts.sd_within:.2f} | {parts.layout} |")
-    return lines
+    if not table:
+        return [*lines, "", "No decomposition: it needs at least 2 runs and more values than runs."]
+    return [
+        *lines,
+        "",
+        "Decomposition (one-way random effects, fine-tuning seeds nested in pretraining runs; crossed: over the seeds "
+        "every run finished): sd within = pooled sd between fine-tuning seeds of one run; sd between = "
+        "sqrt(max(0, (MS_between − MS_within) / n0)), n0 the (average) seeds per run.",
+        "",
+        "| backbone | metric | blocks fine-tuned | sd between pretraining runs | sd between fine-tuning seeds | "
+        "runs x seeds |",
+        "|---|---|---|---|---|---|",
+        *table,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- declaration
