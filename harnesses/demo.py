@@ -43,6 +43,7 @@ POOL_PER_TRAIN = 10
 STUDY_SEEDS = [0, 1]
 DET_PICTURE_SCORE = 0.2  # detection pictures: score floor and number of detections drawn (after class-agnostic NMS)
 DET_PICTURE_TOP_K = 5
+MAX_CLASSES_SHOWN = 10  # the summary lists each class's segmentation IoU up to this many classes
 SHORT_DET_ITERS = 2000  # up to this many detection iterations the summary warns that the pictures show no trained model
 
 
@@ -74,7 +75,7 @@ class Schedule:
 
     mae_epochs: int = 12
     det_iters: int = 160
-    seg_iters: int = 60
+    seg_iters: int = 300  # benchmarks/demo_pilot: the schedule the pilot chose within the 6-minute budget
     study_iters: int = 40
 
     def __post_init__(self) -> None:
@@ -534,9 +535,19 @@ def summary_table(schedule: Schedule, data: StepData, mae: dict[str, Any], det: 
         f"| Mask R-CNN ({schedule.det_iters} iters, {data.det.name}) | AP box {fmt_value(_value(dm, 'AP_box'))}, "
         f"AP50 box {fmt_value(_value(dm, 'bbox', 'AP50'))}, AP mask {fmt_value(_value(dm, 'AP_mask'))} |",
         f"| UperNet ({schedule.seg_iters} iters, {data.seg.name}) | mIoU {fmt_value(_value(sm, 'mIoU'))}, "
-        f"aAcc {fmt_value(_value(sm, 'aAcc'))} |",
+        f"aAcc {fmt_value(_value(sm, 'aAcc'))}{class_iou_text(sm)} |",
     ])
     return table + "\n\n" + det_pictures_note(schedule, data)
+
+
+def class_iou_text(record: dict[str, Any]) -> str:
+    """`; IoU background 91.2, circle 40.3, ...`: each class's IoU of a segmentation record (train_seg.py keeps them
+    in `details`), so that the table shows which shapes were found; nothing where the record has none or the
+    classes are too many for one row (ADE20K's 150: see eval_metrics.json)."""
+    per_class = (record.get("details") or {}).get("IoU") or {}
+    if not per_class or len(per_class) > MAX_CLASSES_SHOWN:
+        return ""
+    return "; IoU " + ", ".join(f"{name} {fmt_value(value)}" for name, value in per_class.items())
 
 
 def det_pictures_note(schedule: Schedule, data: StepData) -> str:

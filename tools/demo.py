@@ -14,7 +14,8 @@ Steps (each one runs the real tool in a subprocess, exactly as a user would):
                 -> reconstruction picture
   3. convert    tools/convert_checkpoint.py --to detectron2 (the seg run imports the MAE file directly)
   4. detect     tools/train_det.py, tiny Mask R-CNN, COCOEvaluator (bbox + segm), then --infer pictures
-  5. segment    tools/train_seg.py, tiny UperNet, IoUMetric, then colourised prediction pictures
+  5. segment    tools/train_seg.py, tiny UperNet (300 iterations at lr 1e-3: benchmarks/demo_pilot), IoU per
+                class in the summary, then colourised prediction pictures
   6. mini-study mae_transfer.study: {MAE, scratch} x {all 4 blocks fine-tuned, frozen ViT} x seeds {0, 1}
                 on the seg task; the summary states MAE - scratch (mIoU, mean ± std over the seed pairs, n)
                 for each freeze setting, whatever its sign

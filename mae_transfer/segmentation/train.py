@@ -29,6 +29,8 @@ from mae_transfer.pictures import side_by_side, with_legend
 from mmengine.dist import all_reduce, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
+from mmseg.evaluation import IoUMetric
+from mmseg.registry import METRICS
 from PIL import Image
 
 from mae_transfer.errors import MaeTransferError
@@ -97,11 +99,45 @@ class StopOnNonFiniteLoss(Hook):
             "Lower optim_wrapper.optimizer.lr or set optim_wrapper.clip_grad (e.g. dict(max_norm=1.0)), then --resume.")
 
 
+CLASS_IOU = "IoU."  # ClassIoUMetric's key prefix of a class's IoU
+
+
+@METRICS.register_module()
+class ClassIoUMetric(IoUMetric):
+    """mmseg's IoUMetric that also returns each class's IoU (`IoU.<class>`, percent, NaN for a class in neither
+    prediction nor ground truth): mmseg's own only logs them in a table, and a short run's mIoU hides which class
+    was found."""
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        metrics = super().compute_metrics(results)
+        if self.format_only or not results:
+            return metrics
+        intersect = sum(r[0] for r in results).double()
+        union = sum(r[1] for r in results).double()
+        for name, iou in zip(self.dataset_meta["classes"], (intersect / union * 100).tolist(), strict=True):
+            metrics[CLASS_IOU + name] = round(iou, 2)
+        return metrics
+
+
+def use_class_iou(cfg: Any) -> None:
+    """Evaluators of type IoUMetric become ClassIoUMetric (same arguments): eval_metrics.json gets the per-class IoU."""
+    for key in ("val_evaluator", "test_evaluator"):
+        evaluator = cfg.get(key)
+        if isinstance(evaluator, dict) and evaluator.get("type") == "IoUMetric":
+            evaluator["type"] = "ClassIoUMetric"
+
+
 def write_seg_metrics(work_dir: str, metrics: dict[str, Any], split: str, iteration: int | None,
                       checkpoint: str | None) -> Path:
-    """eval_metrics.json of an IoUMetric result: mIoU, aAcc and mAcc (percent), the split in `details`."""
-    return write_eval_metrics(work_dir, "seg", {k: float(v) for k, v in metrics.items()}, tool=TOOL,
-                              iteration=iteration, checkpoint=checkpoint, details={"split": split})
+    """eval_metrics.json of an IoUMetric result: mIoU, aAcc and mAcc (percent); the split and ClassIoUMetric's
+    per-class IoU ({class: percent}) in `details`."""
+    per_class = {k[len(CLASS_IOU):]: float(v) for k, v in metrics.items() if k.startswith(CLASS_IOU)}
+    summary = {k: float(v) for k, v in metrics.items() if not k.startswith(CLASS_IOU)}
+    details: dict[str, Any] = {"split": split}
+    if per_class:
+        details["IoU"] = per_class
+    return write_eval_metrics(work_dir, "seg", summary, tool=TOOL, iteration=iteration, checkpoint=checkpoint,
+                              details=details)
 
 
 PICTURE_MIN = 512  # px: the short side of each panel, at least (small images enlarged by a whole factor, nearest)
@@ -168,6 +204,7 @@ def train(cfg: Any, data_checked: bool = False) -> tuple[Any, dict[str, float]]:
     if not data_checked:
         check_data(cfg, TRAINING_SPLITS)
     seed_training_samples(cfg)
+    use_class_iou(cfg)
     runner = Runner.from_cfg(cfg)
     final = FinalValidation()
     runner.register_hook(final, priority="LOWEST")
@@ -193,6 +230,7 @@ def evaluate(cfg: Any, checkpoint: str, allow_pickle: bool = False) -> tuple[Any
     cfg.model.backbone.init_checkpoint = None  # the full checkpoint holds the backbone
     cfg.load_from = checkpoint
     cfg.resume = False
+    use_class_iou(cfg)
     runner = Runner.from_cfg(cfg)
     iteration = check_eval_checkpoint(runner.model, checkpoint, allow_pickle)
     metrics = runner.test()

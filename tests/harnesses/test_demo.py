@@ -208,6 +208,28 @@ def test_summary_table_says_what_the_detection_pictures_show(tmp_path: Path) -> 
     assert "not a trained detector" not in long_run and "after 90000 iterations" in long_run
 
 
+def test_summary_table_shows_each_class_iou_of_the_segmentation(tmp_path: Path) -> None:
+    """The UperNet row lists the per-class IoU train_seg.py writes (tools/train_seg.py -> details.IoU; null: a
+    class in neither prediction nor ground truth); none for a record without them or with too many classes."""
+    from mae_transfer.metrics import read_eval_metrics, write_eval_metrics
+
+    det = demo.DetData(tmp_path / "a.json", tmp_path, tmp_path / "a.json", tmp_path, "built-in shapes")
+    data = demo.StepData(tmp_path, 40, det, [], demo.SegData("builtin", tmp_path, "train"))
+    mae = dict(epochs=3, first_loss=1.2, last_loss=0.8)
+    det_run = dict(record={"metrics": {"AP_box": 1.0, "AP_mask": 1.0}, "details": {}})
+    write_eval_metrics(tmp_path, "seg", {"mIoU": 51.0, "aAcc": 90.0}, tool="t", details={
+        "split": "test", "IoU": {"background": 95.04, "circle": 40.0, "square": 31.96, "triangle": float("nan")}})
+    text = demo.summary_table(demo.Schedule(seg_iters=7), data, mae, det_run,
+                              dict(record=read_eval_metrics(tmp_path, "seg")))
+    assert ("| UperNet (7 iters, built-in shapes) | mIoU 51.0, aAcc 90.0; IoU background 95.0, circle 40.0, "
+            "square 32.0, triangle n/a |") in text
+    plain = demo.summary_table(demo.Schedule(seg_iters=7), data, mae, det_run,
+                               dict(record={"metrics": {"mIoU": 51.0, "aAcc": 90.0}, "details": {"split": "test"}}))
+    assert "| mIoU 51.0, aAcc 90.0 |" in plain
+    many = {"metrics": {"mIoU": 1.0}, "details": {"IoU": {f"c{i}": 1.0 for i in range(150)}}}
+    assert "c149" not in demo.summary_table(demo.Schedule(), data, mae, det_run, dict(record=many))
+
+
 def test_mini_study_states_mae_minus_scratch_per_freeze_setting(tmp_path: Path) -> None:
     """The demo's own study spec (2 seeds); the summary line gives the paired difference with ± and n for each
     freeze setting, whatever its sign, and says so where a setting has no finished pair."""

@@ -431,6 +431,11 @@ def test_ade20k_sample_eval_only_slide_with_pictures(ade20k_sample, tmp_path, ca
     metrics = record["metrics"]
     assert 0.0 <= metrics["mIoU"] <= 100.0 and "aAcc" in metrics
     assert record["checkpoint"] == str(ckpt) and record["details"]["split"] == "test"
+    # ClassIoUMetric: every class's IoU (null: in neither prediction nor ground truth); mmseg's mIoU is their mean
+    per_class = record["details"]["IoU"]
+    assert len(per_class) == 150 and "wall" in per_class
+    found = [v for v in per_class.values() if v is not None]
+    assert found and metrics["mIoU"] == pytest.approx(np.mean(found), abs=0.01)
     assert "mIoU" in logs and "Iter(test) [3/3]" in logs
     files = sorted(pics.glob("*.png"))
     assert [f.stem for f in files] == ["ADE_val_00000001", "ADE_val_00000002", "ADE_val_00000003"]
@@ -717,3 +722,26 @@ def test_nonfinite_loss_stops_training_keeping_the_last_good_checkpoint(camvid_m
     assert last_checkpoint(out) == str(out / "iter_1.pth")
     assert sorted(p.name for p in out.glob("*.pth")) == ["iter_1.pth"]
     assert not (out / "eval_metrics.json").exists()
+
+
+def test_class_iou_metric_against_numpy_iou_per_class():
+    """ClassIoUMetric's `IoU.<class>` = |pred == c and label == c| / |pred == c or label == c| over all images
+    (ignored pixels left out), computed here with numpy; a class in neither is NaN; mmseg's own keys stay."""
+    from mae_transfer.segmentation.train import ClassIoUMetric
+
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 3, (6, 7)) for _ in range(3)]  # class 3 never occurs
+    preds = [np.where(rng.random(lab.shape) < 0.7, lab, rng.integers(0, 3, lab.shape)) for lab in labels]
+    labels[0][0, :] = 255  # ignored
+    metric = ClassIoUMetric(ignore_index=255)
+    metric.dataset_meta = dict(classes=("a", "b", "c", "d"))
+    results = [metric.intersect_and_union(torch.from_numpy(p), torch.from_numpy(lab), 4, 255)
+               for p, lab in zip(preds, labels, strict=True)]
+    metrics = metric.compute_metrics(results)
+    keep = [lab != 255 for lab in labels]
+    for c, name in enumerate("abc"):
+        inter = sum(((p == c) & (lab == c) & k).sum() for p, lab, k in zip(preds, labels, keep, strict=True))
+        union = sum((((p == c) | (lab == c)) & k).sum() for p, lab, k in zip(preds, labels, keep, strict=True))
+        assert metrics[f"IoU.{name}"] == pytest.approx(100 * inter / union, abs=0.006)
+    assert np.isnan(metrics["IoU.d"]) and {"aAcc", "mIoU", "mAcc"} <= set(metrics)
+    assert metrics["mIoU"] == pytest.approx(np.mean([metrics[f"IoU.{n}"] for n in "abc"]), abs=0.01)
