@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from backbones.errors import BackboneError
+from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import check_output_dir
 
 EXIT_USER_ERROR = 2
@@ -71,10 +72,13 @@ def setup_long_run_cli() -> None:
 
 # ------------------------------------------------------------------------------------------- shared flags
 def default_argument_parser(description: str, config_help: str = "config file", *, resume: bool = True,
-                            eval_only: bool = True, allow_pickle: bool = True) -> argparse.ArgumentParser:
+                            eval_only: bool = True, allow_pickle: bool = True,
+                            backbone: str | None = None) -> argparse.ArgumentParser:
     """The vocabulary every tool shares (detectron2's `default_argument_parser` idea): `--config`,
-    `--output-dir`, `--resume [CKPT]`, `--eval-only [CKPT]`, `--allow-pickle`, `--debug`. Each tool adds its own
-    flags and keeps its framework's override style (`key=value` positionals, or mmengine's `--cfg-options`).
+    `--output-dir`, `--resume [CKPT]`, `--eval-only [CKPT]`, `--allow-pickle`, `--debug`, and for the fine-tuning
+    tools `--backbone NAME` (`backbone`: how the tool itself spells it; `take_backbone` moves the value there).
+    Each tool adds its own flags and keeps its framework's override style (`key=value` positionals, or mmengine's
+    `--cfg-options`).
 
     `--resume` / `--eval-only` without a value mean "the output folder's last checkpoint" ("auto").
     Call `finish_args(args)` after parsing: a `key=value` that argparse took as the optional value goes back
@@ -93,8 +97,28 @@ def default_argument_parser(description: str, config_help: str = "config file", 
     if allow_pickle:
         p.add_argument("--allow-pickle", action="store_true",
                        help="trust the checkpoints given: let them hold pickled Python objects (unsafe otherwise)")
+    if backbone:
+        p.add_argument("--backbone", metavar="NAME", help="pretrained backbone: a file in any format the importer "
+                       f"reads, or timm:<model> / hf-hub:<repo> (the same as {backbone})")
     p.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return p
+
+
+def take_backbone(args: argparse.Namespace, flag: str | None, overrides: str, key: str) -> None:
+    """`--backbone NAME` into the tool's own spelling: the attribute of `flag` (e.g. `--init-checkpoint`), or, with
+    no flag, the override `key=NAME` added to `args.<overrides>`. Naming the weights twice is one error line."""
+    name = getattr(args, "backbone", None)
+    if name is None:
+        return
+    given = [f"{key}=" for o in getattr(args, overrides) if o.split("=", 1)[0] == key]
+    if flag and getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
+        given.append(flag)
+    if given:
+        raise MaeTransferError(f"--backbone and {given[0]} both name the backbone weights: give one of them")
+    if flag:
+        setattr(args, flag.lstrip("-").replace("-", "_"), name)
+    else:
+        getattr(args, overrides).append(f"{key}={name}")
 
 
 def finish_args(args: argparse.Namespace, overrides: str = "overrides") -> argparse.Namespace:

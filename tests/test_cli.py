@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mae_transfer.cli import run_cli
+from mae_transfer.errors import MaeTransferError
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -57,6 +58,27 @@ def test_current_spellings_are_the_documented_ones(capsys):
             _tool(tool).parse_args(["--help"])
         out = capsys.readouterr().out
         assert shown in out and "--output-dir" in out and hidden not in out, out
+
+
+@pytest.mark.parametrize("tool, common, own, where", [
+    ("train_det", ["--config", "c.py"], ["train.init_checkpoint=x.pth"], ("opts", "train.init_checkpoint={}")),
+    ("train_seg", ["--config", "c.py"], ["--init-checkpoint", "x.pth"], ("init_checkpoint", "{}")),
+    ("train_seg", ["--config", "c.py"], ["--cfg-options", "model.backbone.init_checkpoint=x.pth"], None),
+    ("finetune_cls", ["--config", "c.py"], ["--finetune", "x.pth"], ("finetune", "{}")),
+    ("finetune_cls", ["--config", "c.py"], ["finetune=x.pth"], None),
+])
+def test_backbone_is_one_flag_for_the_fine_tuning_tools(tool, common, own, where):
+    """`--backbone NAME` lands where each tool itself reads the weights; with the tool's own spelling too, it is one
+    error naming both."""
+    parse_args = _tool(tool).parse_args
+    name = "timm:vit_base_patch14_dinov2.lvd142m"
+    if where is not None:
+        args = parse_args([*common, "--backbone", name])
+        attr, form = where
+        value = getattr(args, attr)
+        assert (form.format(name) in value) if isinstance(value, list) else value == form.format(name)
+    with pytest.raises(MaeTransferError, match=r"--backbone and .* both name the backbone weights"):
+        parse_args([*common, "--backbone", name, *own])
 
 
 REPO = TOOLS.parent

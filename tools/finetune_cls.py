@@ -27,13 +27,14 @@ from mae_transfer.cli import (  # noqa: E402
     finish_args,
     run_cli,
     setup_training_cli,
+    take_backbone,
 )
 from mae_transfer.errors import MaeTransferError  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = default_argument_parser("ViT classification fine-tuning / linear probing", "plain-Python config "
-                                     "(configs/cls_finetune_*.py, configs/cls_linprobe_*.py)")
+                                     "(configs/cls_finetune_*.py, configs/cls_linprobe_*.py)", backbone="--finetune")
     parser.add_argument("--data", help="ImageFolder root with train/ and val/ class folders")
     parser.add_argument("--finetune", help="pretrained checkpoint to start from (any supported format)")
     parser.add_argument("--freeze-blocks", type=int,
@@ -42,7 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="build the ViT with the pretrained file's patch size (e.g. 14 for DINOv2 / EVA-02) "
                         "instead of the config's; det/seg resample to 16 px instead (README: Backbone families)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    return finish_args(parser.parse_args(argv))
+    args = finish_args(parser.parse_args(argv))
+    take_backbone(args, "--finetune", "overrides", "finetune")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,12 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli, take_backbone  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = default_argument_parser(__doc__.split("\n")[0], "LazyConfig file, e.g. configs/coco_mask_rcnn_vit_b.py")
+    p = default_argument_parser(__doc__.split("\n")[0], "LazyConfig file, e.g. configs/coco_mask_rcnn_vit_b.py",
+                                backbone="train.init_checkpoint=NAME")
     p.epilog = __doc__.split("\n", 2)[2]
     p.add_argument("--freeze-blocks", type=int, default=None,
                    help="freeze patch embed + the first k ViT blocks (-1: the whole ViT)")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = finish_args(parser.parse_intermixed_args(argv), "opts")  # overrides and flags in any order
+    take_backbone(args, None, "opts", "train.init_checkpoint")
     if not args.config:
         parser.error("the following arguments are required: --config")
     return args

@@ -28,12 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mae_transfer.cli import default_argument_parser, finish_args, run_cli  # noqa: E402
+from mae_transfer.cli import default_argument_parser, finish_args, run_cli, take_backbone  # noqa: E402
 from mae_transfer.recipe import add_recipe_arguments, check_counts  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = default_argument_parser(__doc__.split("\n")[0], "MMEngine config, e.g. configs/ade20k_upernet_vit_b.py")
+    p = default_argument_parser(__doc__.split("\n")[0], "MMEngine config, e.g. configs/ade20k_upernet_vit_b.py",
+                                backbone="--init-checkpoint")
     p.epilog = __doc__.split("\n", 2)[2]
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override existing config keys, e.g. train_cfg.max_iters=1000 (unknown keys are an error)")
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = finish_args(parser.parse_args(argv), "cfg_options")
+    take_backbone(args, "--init-checkpoint", "cfg_options", "model.backbone.init_checkpoint")
     if not args.config:
         parser.error("the following arguments are required: --config")
     return args
