@@ -103,12 +103,16 @@ def _where(study: Study, c: Contrast) -> tuple[str, str]:
     return f"{c.task} {study.kind(c.task).metric(c.metric).label}", freeze_label(study, c.freeze)
 
 
-def _reading(c: Contrast, comp: Comparison, detectable: float | None) -> str:
-    """What a confirmatory row says: a claim (bold) only where its Holm-adjusted p is below ALPHA."""
+def _reading(c: Contrast, comp: Comparison, detectable: float | None, interval: tuple[float, float] | None) -> str:
+    """What a confirmatory row says: a claim (bold) only where its Holm-adjusted p is below ALPHA and its
+    simultaneous interval excludes 0. Holm rejects more than Bonferroni's intervals exclude: such a row says so and
+    claims nothing, since its corrected interval does not bound the difference away from 0."""
     if comp.p_holm is None:
         return f"no test (n={comp.test.n})"
-    if comp.p_holm <= ALPHA:
+    if comp.p_holm <= ALPHA and interval is not None and (interval[0] > 0 or interval[1] < 0):
         return f"**{c.a} {'above' if comp.test.mean > 0 else 'below'} {c.b}**"
+    if comp.p_holm <= ALPHA:
+        return f"not claimed: Holm p <= {ALPHA}, but the simultaneous interval contains 0"
     return "within noise" + ("" if detectable is None else f"; detectable at 80% power: >= {fmt_value(detectable)}")
 
 
@@ -124,7 +128,8 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         f"a − b paired by fine-tuning seed: mean ± sample sd of the differences, n pairs; interval: simultaneous "
         f"95% (Bonferroni: each a t-interval at 1 − {ALPHA}/{m}); p: two-sided paired t-test; Holm p: adjusted "
         f"across these {m} (a contrast without a test counts as p = 1). A row is a claim (bold) only where its Holm "
-        f"p <= {ALPHA}. Detectable: the smallest difference a two-sided paired t-test at alpha = {ALPHA}/{m} finds "
+        f"p <= {ALPHA} and its simultaneous interval excludes 0. Detectable: the smallest difference a two-sided "
+        f"paired t-test at alpha = {ALPHA}/{m} finds "
         f"with {POWER:.0%} power at this n and the observed sd of the differences (noncentral t)"
         + (f"; n for ±{fmt_value(target)}: the pairs that test needs to find a difference of {fmt_value(target)} with "
            f"{POWER:.0%} power at that sd." if target else "."),
@@ -137,13 +142,14 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         c, test = comp.contrast, comp.test
         detectable = detectable_effect(test.sd, test.n, alpha)
         metric, blocks = _where(study, c)
-        cells = [f"{c.a} − {c.b}", metric, blocks, _estimate(test), str(test.n),
-                 _interval(bonferroni_interval(test, m)), _p(test.p), _p(comp.p_holm),
+        interval = bonferroni_interval(test, m)
+        cells = [f"{c.a} − {c.b}", metric, blocks, _estimate(test), str(test.n), _interval(interval), _p(test.p),
+                 _p(comp.p_holm),
                  "-" if detectable is None else f">= {fmt_value(detectable)}"]
         if target:
             needed = n_needed(target, test.sd, alpha) if test.n >= 2 else None
             cells.append("-" if needed is None else str(needed))
-        lines.append("| " + " | ".join([*cells, _reading(c, comp, detectable)]) + " |")
+        lines.append("| " + " | ".join([*cells, _reading(c, comp, detectable, interval)]) + " |")
     return lines
 
 

@@ -428,6 +428,22 @@ def test_replicate_runs_only_fresh_seeds_and_writes_the_table(noisy_kind: TaskKi
     assert replication_study(study, 2).seeds == [3, 4]
 
 
+def test_a_holm_rejection_whose_simultaneous_interval_contains_0_is_not_claimed(tmp_path: Path) -> None:
+    """Holm rejects the second contrast (p 0.035 <= 0.05 after the first), but its Bonferroni interval,
+    3 ± t(1 - 0.05/4, 2) / sqrt(3) = [-0.58, +6.6], contains 0: the row says so and is not bold."""
+    study = load_study(dict(name="h", depth=4, freeze_blocks=[0, 2], seeds=[0, 1, 2], reference="scratch",
+                            backbones={"MAE": None, "scratch": None}, tasks={"seg": SEG},
+                            contrasts=[dict(a="MAE", b="scratch", task="seg", freeze=[0, 2])]), tmp_path / "out")
+    write_cells(study, {("MAE", 0): [50.0, 52.0, 57.0], ("scratch", 0): [40.0, 41.0, 45.0],  # diffs 10, 11, 12
+                        ("MAE", 2): [32.0, 34.0, 36.0], ("scratch", 2): [30.0, 31.0, 32.0]})  # diffs 2, 3, 4
+    md = results_markdown(study, collect(study))
+    p_small = t2_two_sided_p(3 / (1 / math.sqrt(3)))
+    assert p_small == pytest.approx(0.035, abs=0.001)
+    row = next(line for line in md.splitlines() if line.startswith("| MAE − scratch | seg mIoU | 2 |"))
+    assert "| [-0.58, +6.6] |" in row and f"| {p_small:.2f} | {p_small:.2f} |" in row
+    assert row.endswith("| not claimed: Holm p <= 0.05, but the simultaneous interval contains 0 |")
+    assert md.count("**MAE above scratch**") == 1  # the first contrast only
+
 def test_the_freeze_axis_is_reported_per_backbone_against_the_frozen_vit(tmp_path: Path) -> None:
     study = load_study(dict(name="f", depth=4, freeze_blocks=[0, -1], seeds=[0, 1, 2], reference="scratch",
                             backbones={"MAE": None, "scratch": None}, tasks={"seg": SEG}), tmp_path / "out")
