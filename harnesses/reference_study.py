@@ -136,10 +136,11 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
     runs = json.loads(timing.read_text()) if timing.is_file() else []
     cells = len(study.cells())
     ran = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells()) - finished_before
-    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": ran})
+    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": ran, "threads": threads})
     atomic_write_text(json.dumps(runs), timing)
     working = [r for r in runs if r["cells_run"]]  # runs that trained something; later ones rewrote the results
     total = sum(r["seconds"] for r in working or runs)
+    threads = ", ".join(dict.fromkeys(r.get("threads", "?") for r in working or runs))  # how the time was spent
     rewrites = len(runs) - len(working)
     header = (f"Wall time: {total / 60:.0f} min{f' over {len(working)} runs' if len(working) > 1 else ''} for data, "
               f"pretraining and {cells} cells on **{cpu_model()}** ({threads}), Python "
