@@ -1,9 +1,9 @@
 """The reference CPU study: does MAE pretraining beat a random init on label-scarce segmentation, frozen and fully
 fine-tuned? Two contrasts declared before the run; 4 MAE pretraining runs, paired with the 8 fine-tuning seeds.
 
-  .venv/bin/python tools/reference_study.py               # data and this study (under an hour on 2 CPU cores);
-                                                          # results in benchmarks/study_reference/
-  .venv/bin/python tools/reference_study.py --replicate 8 # the two contrasts again, 8 fresh fine-tuning seeds
+  .venv/bin/python tools/reference_study.py --parallel 2                # data and this study (under an hour on
+                                                                        # 2 CPU cores): benchmarks/study_reference/
+  .venv/bin/python tools/reference_study.py --replicate 4 --parallel 2  # the two contrasts, 4 fresh seeds
 
 The data under work_dirs/reference_data/ is built by tools/reference_study.py (harnesses/reference_study.py):
 - pool/: the unlabelled pretraining pool: the photos of ../shared/data (the 60 CamVid train frames, the COCO and
