@@ -119,10 +119,10 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
     from mae_transfer.study.spec import DONE, load_study
 
     start = time.time()
+    original = load_study(spec, output_dir=output_dir)
+    study = original if replicate is None else replication_study(original, replicate)  # refusals before the data
     counts = prepare_data(data)
     logger.info("data: %s", counts)
-    original = load_study(spec, output_dir=output_dir)
-    study = original if replicate is None else replication_study(original, replicate)
     finished_before = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells())
     if parallel > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the jobs' processes
