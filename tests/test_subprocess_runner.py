@@ -94,6 +94,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def default_sigint() -> None:
+    """In the driver, SIGINT as a terminal's program has it: a test run started with `cmd &` from a script (a
+    background CI job) inherits an ignored SIGINT, and this test's modes set what they need themselves."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status")
     try:
@@ -115,7 +121,7 @@ def test_interrupt_of_the_caller_alone_ends_the_tool(tmp_path: Path, stop: signa
     pid_file, log = tmp_path / "child.pid", tmp_path / "child.log"
     proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(REPO_ROOT), str(tmp_path / "child.py"),
                              str(pid_file), mode, str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=default_sigint)
     deadline = time.time() + 60
     while not (pid_file.is_file() and pid_file.read_text() and "child started" in log.read_text()):
         assert time.time() < deadline and proc.poll() is None, "the child never started"

@@ -286,6 +286,12 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def default_sigint() -> None:
+    """In the driver, SIGINT as a terminal's program has it: a test run started with `cmd &` from a script (a
+    background CI job) inherits an ignored SIGINT, which the driver would pass on to the tool."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _scripts(tmp_path: Path) -> tuple[Path, Path]:
     (tmp_path / "tool.py").write_text(FAKE_TOOL)
     (tmp_path / "driver.py").write_text(DRIVER)
@@ -300,7 +306,7 @@ def _drive(tmp_path: Path, out: Path, *extra: str, stop: signal.Signals | None =
     before = len(runs.read_text().split()) if runs.exists() else 0
     proc = subprocess.Popen([sys.executable, str(driver), str(REPO_ROOT), str(out), str(tool), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     if stop is not None:
         deadline = time.time() + 60
         while not (runs.exists() and len(runs.read_text().split()) > before):
