@@ -123,7 +123,8 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
     study = original if replicate is None else replication_study(original, replicate)  # refusals before the data
     counts = prepare_data(data)
     logger.info("data: %s", counts)
-    finished_before = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells())
+    cells = study.cells()
+    finished_before = sum((study.cell_dir(c) / DONE).is_file() for c in cells)
     if parallel > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the jobs' processes
         summary = run_study_jobs(study, "local", max_parallel=parallel, wait=True)
@@ -131,19 +132,18 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
         summary = run_study(study)
     if replicate is not None:
         write_replication(original, study)
-    threads = f"{parallel} jobs at a time, 1 thread each" if parallel > 1 else f"{torch.get_num_threads()} threads"
+    this_run = f"{parallel} jobs at a time, 1 thread each" if parallel > 1 else f"{torch.get_num_threads()} threads"
     timing = study.output_dir / "timing.json"
     runs = json.loads(timing.read_text()) if timing.is_file() else []
-    cells = len(study.cells())
-    ran = sum((study.cell_dir(c) / DONE).is_file() for c in study.cells()) - finished_before
-    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": ran, "threads": threads})
+    ran = sum((study.cell_dir(c) / DONE).is_file() for c in cells) - finished_before
+    runs.append({"cpu": cpu_model(), "seconds": round(time.time() - start), "cells_run": ran, "threads": this_run})
     atomic_write_text(json.dumps(runs), timing)
     working = [r for r in runs if r["cells_run"]]  # runs that trained something; later ones rewrote the results
     total = sum(r["seconds"] for r in working or runs)
     threads = ", ".join(dict.fromkeys(r.get("threads", "?") for r in working or runs))  # how the time was spent
     rewrites = len(runs) - len(working)
     header = (f"Wall time: {total / 60:.0f} min{f' over {len(working)} runs' if len(working) > 1 else ''} for data, "
-              f"pretraining and {cells} cells on **{cpu_model()}** ({threads}), Python "
+              f"pretraining and {len(cells)} cells on **{cpu_model()}** ({threads}), Python "
               f"{platform.python_version()}, torch {torch.__version__} (`tools/reference_study.py`; a re-run skips "
               f"what is done{f', {rewrites} did' if rewrites else ''}).\n\nData: {counts}.\n")
     md = summary["results"].read_text()  # run_study wrote the tables and the plot last
@@ -153,7 +153,7 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
     for name in RESULT_FILES:
         if (study.output_dir / name).is_file():
             shutil.copyfile(study.output_dir / name, results_dir / name)
-    return {"seconds": total, "cells": cells, "results": results_dir / "results.md"}
+    return {"seconds": total, "cells": len(cells), "results": results_dir / "results.md"}
 
 
 def read_results_csv(path: Path) -> list[dict[str, Any]]:

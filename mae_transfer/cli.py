@@ -110,13 +110,14 @@ def take_backbone(args: argparse.Namespace, flag: str | None, overrides: str, ke
     name = getattr(args, "backbone", None)
     if name is None:
         return
+    dest = flag.lstrip("-").replace("-", "_") if flag else None  # argparse's attribute of the flag
     given = [f"{key}=" for o in getattr(args, overrides) if o.split("=", 1)[0] == key]
-    if flag and getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
+    if dest and getattr(args, dest, None) is not None:
         given.append(flag)
     if given:
         raise MaeTransferError(f"--backbone and {given[0]} both name the backbone weights: give one of them")
-    if flag:
-        setattr(args, flag.lstrip("-").replace("-", "_"), name)
+    if dest:
+        setattr(args, dest, name)
     else:
         getattr(args, overrides).append(f"{key}={name}")
 

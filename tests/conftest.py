@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Several tests import mmseg directly (its own backbones as parity references), not through backbones.mmseg,
 # which applies this itself.
 apply_for_mmseg()
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a test's driver process: SIGINT as a terminal's program has it. A test run started with
+    `cmd &` from a script (a background CI job) inherits an ignored SIGINT, which a driver would pass on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def repo_dataset(name: str) -> Path:

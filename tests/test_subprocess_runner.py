@@ -14,7 +14,7 @@ import pytest
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.subprocess_runner import run_logged
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, default_sigint
 
 
 def _py(code: str) -> list[str]:
@@ -92,12 +92,6 @@ DRIVER = textwrap.dedent("""
     child, pid_file, mode, log = sys.argv[2:6]
     sys.exit(run_cli(lambda argv: run_logged([sys.executable, child, pid_file, mode], log, "child", grace_s=0.5)))
 """)
-
-
-def default_sigint() -> None:
-    """In the driver, SIGINT as a terminal's program has it: a test run started with `cmd &` from a script (a
-    background CI job) inherits an ignored SIGINT, and this test's modes set what they need themselves."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:

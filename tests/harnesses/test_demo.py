@@ -21,7 +21,7 @@ from harnesses import demo
 from harnesses.synthetic import make_shapes_dataset
 from mae_transfer.cli import run_cli
 from mae_transfer.errors import MaeTransferError
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, default_sigint
 
 DEMO_PATH = REPO_ROOT / "tools" / "demo.py"
 
@@ -284,12 +284,6 @@ DRIVER = textwrap.dedent("""
 
     sys.exit(run_cli(lambda argv: demo.stop_cleanly(out, run)))
 """)
-
-
-def default_sigint() -> None:
-    """In the driver, SIGINT as a terminal's program has it: a test run started with `cmd &` from a script (a
-    background CI job) inherits an ignored SIGINT, which the driver would pass on to the tool."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _scripts(tmp_path: Path) -> tuple[Path, Path]:
