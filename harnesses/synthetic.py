@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,23 @@ from mae_transfer.io import atomic_write_text
 
 SHAPE_CLASSES = ("circle", "square", "triangle")
 _STREAMS = {"labelled": 0, "unlabeled": 1, "classes": 2}  # one random stream per kind of set
+FILLS = ("plain", "stripes", "noise")
+
+
+@dataclass(frozen=True)
+class ShapeStyle:
+    """How shapes are drawn: their size range (radius of the equal-area circle, as a fraction of the picture's
+    side) and the fills a shape's surface is drawn from. Neither depends on the class."""
+
+    radius: tuple[float, float] = (0.08, 0.2)
+    fills: tuple[str, ...] = FILLS
+    rotate: bool = True  # False: squares and triangles stand upright
+
+    def stamp(self) -> list[str]:
+        """The style's part of a finished folder's stamp (the default style keeps earlier versions' stamps)."""
+        default = ShapeStyle()
+        return ([] if self.radius == default.radius else [f"r{self.radius[0]}-{self.radius[1]}"]) + (
+            [] if self.fills == default.fills else ["+".join(self.fills)]) + ([] if self.rotate else ["upright"])
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -42,14 +60,14 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _fill(rng: np.random.Generator, size: int) -> Image.Image:
+def _fill(rng: np.random.Generator, size: int, fills: tuple[str, ...]) -> Image.Image:
     """A shape's surface, drawn without looking at its class: a plain colour, stripes of two colours at a random
     angle and period, or a colour with blurred noise."""
     base = rng.uniform(0, 255, 3)
-    style = int(rng.integers(3))
-    if style == 0:
+    style = fills[int(rng.integers(len(fills)))]
+    if style == "plain":
         img = np.broadcast_to(base, (size, size, 3))
-    elif style == 1:
+    elif style == "stripes":
         yy, xx = np.mgrid[0:size, 0:size]
         angle, period = rng.uniform(0, math.pi), rng.uniform(size * 0.04, size * 0.15)
         phase = (xx * math.cos(angle) + yy * math.sin(angle)) / period
@@ -79,27 +97,28 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
 
 
 def _draw_shape(rng: np.random.Generator, img: Image.Image, cls: int, cx: float, cy: float,
-                r: float) -> list[tuple[float, float]]:
+                r: float, style: ShapeStyle = ShapeStyle()) -> list[tuple[float, float]]:
     """Paint one shape of class `cls` onto `img` with a class-independent fill; returns its polygon."""
-    poly = _polygon(SHAPE_CLASSES[cls], cx, cy, r, float(rng.uniform(0, math.pi)))
+    angle = float(rng.uniform(0, math.pi))  # drawn either way: an upright style keeps the random stream
+    poly = _polygon(SHAPE_CLASSES[cls], cx, cy, r, angle if style.rotate else 0.0)
     mask = Image.new("L", img.size, 0)
     ImageDraw.Draw(mask).polygon(poly, fill=255)
-    img.paste(_fill(rng, img.size[0]), (0, 0), mask)
+    img.paste(_fill(rng, img.size[0], style.fills), (0, 0), mask)
     return poly
 
 
-def _render(rng: np.random.Generator, size: int, max_shapes: int, with_labels: bool = True
-            ) -> tuple[Image.Image, np.ndarray, list[dict]]:
+def _render(rng: np.random.Generator, size: int, max_shapes: int, with_labels: bool = True,
+            style: ShapeStyle = ShapeStyle()) -> tuple[Image.Image, np.ndarray, list[dict]]:
     img = _background(rng, size)
     label = Image.new("L", (size, size), 0)
     draw_label = ImageDraw.Draw(label)
     instances = []
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         cls = int(rng.integers(len(SHAPE_CLASSES)))
-        r = float(rng.uniform(size * 0.08, size * 0.2))
+        r = float(rng.uniform(size * style.radius[0], size * style.radius[1]))
         reach = _reach(SHAPE_CLASSES[cls], r)  # the whole shape inside the picture
         cx, cy = rng.uniform(reach, size - reach, 2)
-        poly = _draw_shape(rng, img, cls, float(cx), float(cy), r)
+        poly = _draw_shape(rng, img, cls, float(cx), float(cy), r, style)
         draw_label.polygon(poly, fill=cls + 1)
         instances.append(dict(cls=cls, poly=poly))
     if not with_labels:
@@ -139,11 +158,12 @@ def _mask_polygons(mask: np.ndarray) -> list[list[float]]:
 
 
 def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: int = 8, size: int = 192,
-                        max_shapes: int = 4, seed: int = 0) -> Path:
+                        max_shapes: int = 4, seed: int = 0, style: ShapeStyle = ShapeStyle()) -> Path:
     """Write the dataset under `root` (skipped if it is already complete). Returns `root`."""
     root = Path(root)
-    done = root / ".complete"
-    if done.is_file() and done.read_text() == f"v3,{num_train},{num_val},{size},{max_shapes},{seed}":
+    done, stamp = root / ".complete", ",".join(map(str, ["v3", num_train, num_val, size, max_shapes, seed,
+                                                          *style.stamp()]))
+    if done.is_file() and done.read_text() == stamp:
         return root
     rng = np.random.default_rng([seed, _STREAMS["labelled"]])
     for split, count in (("train", num_train), ("val", num_val)):
@@ -152,7 +172,7 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
         coco = dict(images=[], annotations=[],
                     categories=[dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(SHAPE_CLASSES)])
         for i in range(count):
-            img, label, anns = _render(rng, size, max_shapes)
+            img, label, anns = _render(rng, size, max_shapes, style=style)
             name = f"{i:04d}.png"
             img.save(root / "images" / split / name)
             Image.fromarray(label).save(root / "labels" / split / name)
@@ -161,21 +181,22 @@ def make_shapes_dataset(root: str | os.PathLike, num_train: int = 32, num_val: i
                 coco["annotations"].append(dict(ann, id=len(coco["annotations"]) + 1, image_id=i + 1))
         (root / "annotations").mkdir(exist_ok=True)
         atomic_write_text(json.dumps(coco), root / "annotations" / f"instances_{split}.json")
-    done.write_text(f"v3,{num_train},{num_val},{size},{max_shapes},{seed}")
+    done.write_text(stamp)
     return root
 
 
 def make_unlabeled_shapes(root: str | os.PathLike, count: int, size: int = 192, max_shapes: int = 4,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, style: ShapeStyle = ShapeStyle()) -> Path:
     """`count` unlabelled pictures like make_shapes_dataset's (root/NNNN.png): a pool for MAE pretraining."""
     root = Path(root)
-    done, stamp = root / ".complete", f"unlabeled-v3,{count},{size},{max_shapes},{seed}"
+    done, stamp = root / ".complete", ",".join(map(str, ["unlabeled-v3", count, size, max_shapes, seed,
+                                                          *style.stamp()]))
     if done.is_file() and done.read_text() == stamp:
         return root
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, _STREAMS["unlabeled"]])
     for i in range(count):
-        _render(rng, size, max_shapes, with_labels=False)[0].save(root / f"{i:05d}.png")
+        _render(rng, size, max_shapes, with_labels=False, style=style)[0].save(root / f"{i:05d}.png")
     done.write_text(stamp)
     return root
 

@@ -4,7 +4,8 @@ to pilot.csv with the per-class IoU of mmseg's final validation (its per-class t
 
     python benchmarks/demo_pilot/run_pilot.py BASE NAME LR ITERS BATCH [extra --cfg-options ...]
 
-BASE: a demo output folder whose data and MAE steps finished (BASE/data/shapes, BASE/mae/checkpoint_last.pth).
+BASE: a demo output folder whose data and MAE steps finished (BASE/data/shapes, BASE/mae/checkpoint_last.pth), or
+a make_base.py folder; the row's `data` is BASE's folder name (the README lists what each one holds).
 """
 import csv
 import re
@@ -40,8 +41,8 @@ def main(base: str, name: str, lr: str, iters: str, batch: str, *extra: str) -> 
         rows = re.findall(rf"\|\s*{cls}\s*\|\s*([\d.]+|nan)\s*\|", text)
         iou[cls] = float(rows[-1]) if rows else float("nan")
     miou = sum(iou.values()) / len(iou)
-    row = dict(name=name, lr=lr, iters=n, batch=int(batch), extra=" ".join(extra), **iou, mIoU=round(miou, 2),
-               seconds=round(seconds, 1))
+    row = dict(name=name, data=base_dir.name, lr=lr, iters=n, batch=int(batch), extra=" ".join(extra), **iou,
+               mIoU=round(miou, 2), seconds=round(seconds, 1))
     new = not CSV.is_file()
     with CSV.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harnesses.synthetic import SHAPE_CLASSES, make_shape_classes, make_shapes_dataset, make_unlabeled_shapes
+from harnesses.synthetic import (
+    SHAPE_CLASSES,
+    ShapeStyle,
+    make_shape_classes,
+    make_shapes_dataset,
+    make_unlabeled_shapes,
+)
 
 
 def _qda_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
@@ -119,3 +125,28 @@ def test_unlabeled_pool_does_not_repeat_labelled_pictures(tmp_path: Path) -> Non
     assert len(pool_pixels) == 8 and len(labelled_pixels) == 6
     assert not any(np.array_equal(a, b) for a in pool_pixels for b in labelled_pixels)
     assert len({p.tobytes() for p in pool_pixels}) == 8  # and no picture twice within the pool
+
+
+def test_a_shape_style_draws_what_it_says_and_the_default_style_keeps_the_files(tmp_path: Path) -> None:
+    """benchmarks/demo_pilot draws variants of the shapes (size range, fills, upright); the default style must keep
+    the files the committed studies were run on."""
+    plain = make_shapes_dataset(tmp_path / "a", num_train=3, num_val=2, size=64)
+    assert _files(plain) == _files(make_shapes_dataset(tmp_path / "b", num_train=3, num_val=2, size=64,
+                                                       style=ShapeStyle()))
+    style = ShapeStyle(radius=(0.25, 0.3), fills=("plain",), rotate=False)
+    root = make_shapes_dataset(tmp_path / "c", num_train=24, num_val=1, size=64, max_shapes=1, style=style)
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    assert len(coco["annotations"]) == 24
+    by_image = {im["id"]: im for im in coco["images"]}
+    for ann in coco["annotations"]:
+        im = by_image[ann["image_id"]]
+        # the area of the equal-area circle of radius 0.25-0.3 x 64 px (rasterising adds or drops a rim)
+        assert math.pi * 16 ** 2 * 0.9 < ann["area"] < math.pi * 19.2 ** 2 * 1.1, ann
+        label = np.asarray(Image.open(root / "labels" / "train" / im["file_name"]))
+        px = np.asarray(Image.open(root / "images" / "train" / im["file_name"]).convert("RGB"), dtype=np.float64)
+        inside = label == ann["category_id"]
+        core = inside[2:-2, 2:-2] & inside[:-4, 2:-2] & inside[4:, 2:-2] & inside[2:-2, :-4] & inside[2:-2, 4:]
+        assert px[2:-2, 2:-2][core].std(0).max() < 3, "a plain fill is one colour"
+        if SHAPE_CLASSES[ann["category_id"] - 1] == "square":  # upright: it fills its bounding box
+            x, y, w, h = ann["bbox"]
+            assert ann["area"] > 0.95 * w * h
