@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,46 +93,50 @@ def test_convert_refuses(bombs, tmp_path):
     assert "builtins.open" in line or "io.open" in line  # the refused global is named
 
 
+def _each_refused(tool: str, argvs: list[list[Any]], marker: Path) -> None:
+    """_refused for each argv, two tool processes at a time: each is mostly interpreter and framework start-up."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda argv: _refused(tool, argv, marker), argvs))
+
+
 def test_train_det_refuses_init_resume_and_eval_only(bombs, shapes, tmp_path):
     data = ["--train-json", shapes / "annotations" / "instances_train.json",
             "--train-images", shapes / "images" / "train",
             "--val-json", shapes / "annotations" / "instances_val.json", "--val-images", shapes / "images" / "val"]
     common = ["--config", DET_TINY, *data, "train.max_iter=1", "train.eval_period=0"]
-    for name in ("detectron2", "plain", "pkl"):  # training from train.init_checkpoint
-        _refused("train_det", [*common, f"train.output_dir={tmp_path / name}",
-                                f"train.init_checkpoint={bombs[name]}"], bombs["marker"])
     # --resume: detectron2's checkpointer follows output_dir/last_checkpoint
     out = tmp_path / "resume"
     out.mkdir()
     (out / "model_0000000.pth").write_bytes(bombs["detectron2"].read_bytes())
     (out / "last_checkpoint").write_text("model_0000000.pth")
-    _refused("train_det", [*common, f"train.output_dir={out}", "--resume"], bombs["marker"])
-    # --eval-only of a given checkpoint, and of the output folder's last checkpoint
-    _refused("train_det", [*common, f"train.output_dir={tmp_path / 'e'}", "--eval-only",
-                            f"train.init_checkpoint={bombs['detectron2']}"], bombs["marker"])
-    _refused("train_det", [*common, f"train.output_dir={out}", "--eval-only"], bombs["marker"])
+    last = shutil.copytree(out, tmp_path / "last")  # its own folder: the runs below go two at a time
+    _each_refused("train_det", [
+        # training from train.init_checkpoint, in each format detectron2 reads
+        *([*common, f"train.output_dir={tmp_path / name}", f"train.init_checkpoint={bombs[name]}"]
+          for name in ("detectron2", "plain", "pkl")),
+        [*common, f"train.output_dir={out}", "--resume"],
+        # --eval-only of a given checkpoint, and of the output folder's last checkpoint
+        [*common, f"train.output_dir={tmp_path / 'e'}", "--eval-only", f"train.init_checkpoint={bombs['detectron2']}"],
+        [*common, f"train.output_dir={last}", "--eval-only"],
+    ], bombs["marker"])
 
 
 def test_train_seg_refuses_eval_only_resume_load_from_and_init(bombs, shapes, tmp_path):
     common = ["--config", SEG_TINY, "--cfg-options",
               *(f"{split}_dataloader.dataset.data_root={shapes}" for split in ("train", "val", "test")),
               "train_cfg.max_iters=1"]
-    marker = bombs["marker"]
-    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[2:]],
-             marker)
-    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[2:]],
-             marker)
-    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "c", *common[2:], f"load_from={bombs['mmengine']}"],
-             marker)
-    _refused("train_seg", [*common[:2], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"],
-             *common[2:]],
-             marker)
     # --resume without a value: mmengine finds the work dir's last checkpoint itself
     work = tmp_path / "e"
     work.mkdir()
     (work / "iter_1.pth").write_bytes(bombs["mmengine"].read_bytes())
     (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
-    _refused("train_seg", [*common[:2], "--output-dir", work, "--resume", *common[2:]], marker)
+    _each_refused("train_seg", [
+        [*common[:2], "--output-dir", tmp_path / "a", "--eval-only", bombs["mmengine"], *common[2:]],
+        [*common[:2], "--output-dir", tmp_path / "b", "--resume", bombs["mmengine"], *common[2:]],
+        [*common[:2], "--output-dir", tmp_path / "c", *common[2:], f"load_from={bombs['mmengine']}"],
+        [*common[:2], "--output-dir", tmp_path / "d", "--init-checkpoint", bombs["plain"], *common[2:]],
+        [*common[:2], "--output-dir", work, "--resume", *common[2:]],
+    ], bombs["marker"])
 
 
 def test_finetune_cls_and_pretrain_refuse(bombs, shapes, tmp_path):
