@@ -109,9 +109,9 @@ def _reading(c: Contrast, comp: Comparison, detectable: float | None, interval: 
     claims nothing, since its corrected interval does not bound the difference away from 0."""
     if comp.p_holm is None:
         return f"no test (n={comp.test.n})"
-    if comp.p_holm <= ALPHA and interval is not None and (interval[0] > 0 or interval[1] < 0):
-        return f"**{c.a} {'above' if comp.test.mean > 0 else 'below'} {c.b}**"
     if comp.p_holm <= ALPHA:
+        if interval is not None and (interval[0] > 0 or interval[1] < 0):
+            return f"**{c.a} {'above' if comp.test.mean > 0 else 'below'} {c.b}**"
         return f"not claimed: Holm p <= {ALPHA}, but the simultaneous interval contains 0"
     return "within noise" + ("" if detectable is None else f"; detectable at 80% power: >= {fmt_value(detectable)}")
 
@@ -129,8 +129,8 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         f"95% (Bonferroni: each a t-interval at 1 − {ALPHA}/{m}); p: two-sided paired t-test; Holm p: adjusted "
         f"across these {m} (a contrast without a test counts as p = 1). A row is a claim (bold) only where its Holm "
         f"p <= {ALPHA} and its simultaneous interval excludes 0. Detectable: the smallest difference a two-sided "
-        f"paired t-test at alpha = {ALPHA}/{m} finds "
-        f"with {POWER:.0%} power at this n and the observed sd of the differences (noncentral t)"
+        f"paired t-test at alpha = {ALPHA}/{m} finds with {POWER:.0%} power at this n and the observed sd of the "
+        f"differences (noncentral t)"
         + (f"; n for ±{fmt_value(target)}: the pairs that test needs to find a difference of {fmt_value(target)} with "
            f"{POWER:.0%} power at that sd." if target else "."),
         "",
@@ -144,8 +144,7 @@ def confirmatory_markdown(study: Study, rows: list[dict[str, Any]]) -> list[str]
         metric, blocks = _where(study, c)
         interval = bonferroni_interval(test, m)
         cells = [f"{c.a} − {c.b}", metric, blocks, _estimate(test), str(test.n), _interval(interval), _p(test.p),
-                 _p(comp.p_holm),
-                 "-" if detectable is None else f">= {fmt_value(detectable)}"]
+                 _p(comp.p_holm), "-" if detectable is None else f">= {fmt_value(detectable)}"]
         if target:
             needed = n_needed(target, test.sd, alpha) if test.n >= 2 else None
             cells.append("-" if needed is None else str(needed))

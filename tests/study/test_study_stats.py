@@ -444,6 +444,7 @@ def test_a_holm_rejection_whose_simultaneous_interval_contains_0_is_not_claimed(
     assert row.endswith("| not claimed: Holm p <= 0.05, but the simultaneous interval contains 0 |")
     assert md.count("**MAE above scratch**") == 1  # the first contrast only
 
+
 def test_the_freeze_axis_is_reported_per_backbone_against_the_frozen_vit(tmp_path: Path) -> None:
     study = load_study(dict(name="f", depth=4, freeze_blocks=[0, -1], seeds=[0, 1, 2], reference="scratch",
                             backbones={"MAE": None, "scratch": None}, tasks={"seg": SEG}), tmp_path / "out")
