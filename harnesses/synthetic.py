@@ -42,6 +42,15 @@ class ShapeStyle:
     fills: tuple[str, ...] = FILLS
     rotate: bool = True  # False: squares and triangles stand upright
 
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.fills if f not in FILLS]
+        if unknown or not self.fills:
+            raise ValueError(f"ShapeStyle fills: expected some of {', '.join(FILLS)}, got {list(self.fills)}")
+        widest = max(_reach(kind, 1.0) for kind in SHAPE_CLASSES)  # a shape's reach per unit of radius
+        if not 0 < self.radius[0] <= self.radius[1] < 0.5 / widest:  # every shape fits inside the picture
+            raise ValueError(f"ShapeStyle radius: expected 0 < low <= high < {0.5 / widest:.3f} of the side (the "
+                             f"widest shape inside the picture), got {self.radius}")
+
     def stamp(self) -> list[str]:
         """The style's part of a finished folder's stamp (the default style keeps earlier versions' stamps)."""
         default = ShapeStyle()

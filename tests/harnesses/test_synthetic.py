@@ -150,3 +150,17 @@ def test_a_shape_style_draws_what_it_says_and_the_default_style_keeps_the_files(
         if SHAPE_CLASSES[ann["category_id"] - 1] == "square":  # upright: it fills its bounding box
             x, y, w, h = ann["bbox"]
             assert ann["area"] > 0.95 * w * h
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(fills=("plain", "dots")), "ShapeStyle fills: expected some of plain, stripes, noise, got ['plain', 'dots']"),
+    (dict(fills=()), "ShapeStyle fills: expected some of plain, stripes, noise, got []"),
+    (dict(radius=(0.3, 0.2)), "ShapeStyle radius: expected 0 < low <= high < 0.323 of the side (the widest shape "
+                              "inside the picture), got (0.3, 0.2)"),
+    (dict(radius=(0.2, 0.33)), "ShapeStyle radius: expected 0 < low <= high < 0.323 of the side (the widest shape "
+                               "inside the picture), got (0.2, 0.33)"),
+])
+def test_a_shape_style_refuses_what_it_cannot_draw(kwargs: dict, expected: str) -> None:
+    with pytest.raises(ValueError) as err:
+        ShapeStyle(**kwargs)
+    assert str(err.value) == expected
