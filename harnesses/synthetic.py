@@ -41,11 +41,17 @@ class ShapeStyle:
     radius: tuple[float, float] = (0.08, 0.2)
     fills: tuple[str, ...] = FILLS
     rotate: bool = True  # False: squares and triangles stand upright
+    # True: class k is always drawn with fills[k] (its colour still random), so the surface pattern tells the
+    # class as well as the outline
+    fill_by_class: bool = False
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.fills if f not in FILLS]
         if unknown or not self.fills:
             raise ValueError(f"ShapeStyle fills: expected some of {', '.join(FILLS)}, got {list(self.fills)}")
+        if self.fill_by_class and len(self.fills) != len(SHAPE_CLASSES):
+            raise ValueError(f"ShapeStyle fill_by_class: expected one fill per class ({', '.join(SHAPE_CLASSES)}), "
+                             f"got {list(self.fills)}")
         widest = max(_reach(kind, 1.0) for kind in SHAPE_CLASSES)  # a shape's reach per unit of radius
         if not 0 < self.radius[0] <= self.radius[1] < 0.5 / widest:  # every shape fits inside the picture
             raise ValueError(f"ShapeStyle radius: expected 0 < low <= high < {0.5 / widest:.3f} of the side (the "
@@ -55,7 +61,8 @@ class ShapeStyle:
         """The style's part of a finished folder's stamp (the default style keeps earlier versions' stamps)."""
         default = ShapeStyle()
         return ([] if self.radius == default.radius else [f"r{self.radius[0]}-{self.radius[1]}"]) + (
-            [] if self.fills == default.fills else ["+".join(self.fills)]) + ([] if self.rotate else ["upright"])
+            [] if self.fills == default.fills else ["+".join(self.fills)]) + ([] if self.rotate else ["upright"]) + (
+            ["fill-by-class"] if self.fill_by_class else [])
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -69,11 +76,13 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _fill(rng: np.random.Generator, size: int, fills: tuple[str, ...]) -> Image.Image:
-    """A shape's surface, drawn without looking at its class: a plain colour, stripes of two colours at a random
-    angle and period, or a colour with blurred noise."""
+def _fill(rng: np.random.Generator, size: int, fills: tuple[str, ...], by_class: int | None = None) -> Image.Image:
+    """A shape's surface: a plain colour, stripes of two colours at a random angle and period, or a colour with
+    blurred noise; drawn without looking at its class unless `by_class` names the fill's index."""
     base = rng.uniform(0, 255, 3)
-    style = fills[int(rng.integers(len(fills)))]
+    style = fills[int(rng.integers(len(fills)))]  # drawn either way: a by-class style keeps the random stream
+    if by_class is not None:
+        style = fills[by_class]
     if style == "plain":
         img = np.broadcast_to(base, (size, size, 3))
     elif style == "stripes":
@@ -107,12 +116,13 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
 
 def _draw_shape(rng: np.random.Generator, img: Image.Image, cls: int, cx: float, cy: float,
                 r: float, style: ShapeStyle = ShapeStyle()) -> list[tuple[float, float]]:
-    """Paint one shape of class `cls` onto `img` with a class-independent fill; returns its polygon."""
+    """Paint one shape of class `cls` onto `img` (its fill independent of the class unless the style ties them);
+    returns its polygon."""
     angle = float(rng.uniform(0, math.pi))  # drawn either way: an upright style keeps the random stream
     poly = _polygon(SHAPE_CLASSES[cls], cx, cy, r, angle if style.rotate else 0.0)
     mask = Image.new("L", img.size, 0)
     ImageDraw.Draw(mask).polygon(poly, fill=255)
-    img.paste(_fill(rng, img.size[0], style.fills), (0, 0), mask)
+    img.paste(_fill(rng, img.size[0], style.fills, cls if style.fill_by_class else None), (0, 0), mask)
     return poly
 
 

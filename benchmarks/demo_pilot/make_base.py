@@ -3,9 +3,10 @@ the demo's data step with the shapes' size range, count per picture and set size
 (tools/pretrain.py, the tiny config, 12 epochs) on the unlabelled pool. run_pilot.py then trains on BASE.
 
     python benchmarks/demo_pilot/make_base.py BASE RADIUS_LO RADIUS_HI FILLS ROTATE MAX_SHAPES NUM_TRAIN POOL \
-        [MAE_EPOCHS]
+        [MAE_EPOCHS] [BY_CLASS]
 
-FILLS: the fills shapes draw from, joined by '+' (plain+stripes+noise is the default style); ROTATE: 1 or 0.
+FILLS: the fills shapes draw from, joined by '+' (plain+stripes+noise is the default style); ROTATE: 1 or 0;
+BY_CLASS 1: the i-th fill is always the i-th class's (circle, square, triangle), its colour still random.
 """
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from harnesses.synthetic import ShapeStyle, make_shapes_dataset, make_unlabeled_
 
 
 def main(base: str, lo: str, hi: str, fills: str, rotate: str, max_shapes: str, num_train: str, pool: str,
-         epochs: str = "12") -> None:
-    out, style = Path(base), ShapeStyle((float(lo), float(hi)), tuple(fills.split("+")), rotate == "1")
+         epochs: str = "12", by_class: str = "0") -> None:
+    out = Path(base)
+    style = ShapeStyle((float(lo), float(hi)), tuple(fills.split("+")), rotate == "1", by_class == "1")
     start = time.time()
     make_shapes_dataset(out / "data" / "shapes", num_train=int(num_train), num_val=NUM_VAL, size=192,
                         max_shapes=int(max_shapes), style=style)

@@ -4,10 +4,12 @@ to pilot.csv with the per-class IoU of mmseg's final validation (its per-class t
 
     python benchmarks/demo_pilot/run_pilot.py BASE NAME LR ITERS BATCH [extra --cfg-options ...]
 
+PILOT_CONFIG (environment): the config to train with, if not the demo's.
 BASE: a demo output folder whose data and MAE steps finished (BASE/data/shapes, BASE/mae/checkpoint_last.pth), or
 a make_base.py folder; the row's `data` is BASE's folder name (the README lists what each one holds).
 """
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +28,8 @@ def main(base: str, name: str, lr: str, iters: str, batch: str, *extra: str) -> 
             f"train_cfg.max_iters={n}", f"train_cfg.val_interval={n}", f"default_hooks.checkpoint.interval={n}",
             f"param_scheduler.0.end={warmup}", f"param_scheduler.1.begin={warmup}", f"param_scheduler.1.end={n}",
             f"optim_wrapper.optimizer.lr={lr}", f"train_dataloader.batch_size={batch}", *extra]
-    cmd = [sys.executable, "tools/train_seg.py", "--config", "configs/shapes_upernet_vit_tiny_cpu.py",
+    config = os.environ.get("PILOT_CONFIG", "configs/shapes_upernet_vit_tiny_cpu.py")  # a variant config's rows
+    cmd = [sys.executable, "tools/train_seg.py", "--config", config,
            "--output-dir", str(out), "--init-checkpoint", str(base_dir / "mae" / "checkpoint_last.pth"),
            "--cfg-options", *opts]
     start = time.time()

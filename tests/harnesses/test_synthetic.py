@@ -152,7 +152,27 @@ def test_a_shape_style_draws_what_it_says_and_the_default_style_keeps_the_files(
             assert ann["area"] > 0.95 * w * h
 
 
+def test_a_fill_by_class_style_draws_each_class_with_its_own_fill(tmp_path: Path) -> None:
+    """benchmarks/demo_pilot rows AF-AN: class k drawn with fills[k]; here only the triangles are plain."""
+    style = ShapeStyle(radius=(0.25, 0.3), fills=("stripes", "noise", "plain"), fill_by_class=True)
+    root = make_shapes_dataset(tmp_path / "d", num_train=24, num_val=1, size=64, max_shapes=1, style=style)
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    by_image = {im["id"]: im for im in coco["images"]}
+    spreads = {name: [] for name in SHAPE_CLASSES}
+    for ann in coco["annotations"]:
+        name = by_image[ann["image_id"]]["file_name"]
+        label = np.asarray(Image.open(root / "labels" / "train" / name))
+        px = np.asarray(Image.open(root / "images" / "train" / name).convert("RGB"), dtype=np.float64)
+        inside = label == ann["category_id"]
+        core = inside[2:-2, 2:-2] & inside[:-4, 2:-2] & inside[4:, 2:-2] & inside[2:-2, :-4] & inside[2:-2, 4:]
+        spreads[SHAPE_CLASSES[ann["category_id"] - 1]].append(px[2:-2, 2:-2][core].std(0).max())
+    assert all(spreads.values()), spreads  # 24 pictures draw every class
+    assert max(spreads["triangle"]) < 3 < min(spreads["circle"] + spreads["square"]), spreads
+
+
 @pytest.mark.parametrize("kwargs,expected", [
+    (dict(fills=("plain", "stripes"), fill_by_class=True),
+     "ShapeStyle fill_by_class: expected one fill per class (circle, square, triangle), got ['plain', 'stripes']"),
     (dict(fills=("plain", "dots")), "ShapeStyle fills: expected some of plain, stripes, noise, got ['plain', 'dots']"),
     (dict(fills=()), "ShapeStyle fills: expected some of plain, stripes, noise, got []"),
     (dict(radius=(0.3, 0.2)), "ShapeStyle radius: expected 0 < low <= high < 0.323 of the side (the widest shape "
