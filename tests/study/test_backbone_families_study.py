@@ -8,12 +8,13 @@ import json
 import math
 import re
 import runpy
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from mae_transfer.study.run import run_study
+from mae_transfer.study.run import prepare_backbone, run_study, subprocess_runner
 from mae_transfer.study.spec import DONE, Cell, load_study
 from tests.conftest import REPO_ROOT
 
@@ -103,6 +104,20 @@ def _photos(fruits_nuts: Path, out: Path, n: int) -> Path:
     return out
 
 
+def _two_at_a_time(pool: ThreadPoolExecutor):
+    """A run_study runner: at its first call every cell's tool is queued on `pool` (two slots), in run_study's
+    order, and each call hands back its own cell's result. The same subprocess_runner and logs; each tool run is
+    mostly start-up on one thread, so two share the 2 cores."""
+    futures = {}
+
+    def runner(study, cell, checkpoint, resume):
+        if not futures:
+            futures.update({c: pool.submit(subprocess_runner, study, c, prepare_backbone(study, c.backbone), False)
+                            for c in study.cells()})
+        return futures[cell].result()
+    return runner
+
+
 @pytest.mark.slow
 def test_tiny_backbone_families_study_end_to_end(tmp_path: Path, fruits_nuts: Path, camvid_small: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,7 +151,8 @@ def test_tiny_backbone_families_study_end_to_end(tmp_path: Path, fruits_nuts: Pa
     study = load_study(dict(name="families_tiny", depth=DEPTH, freeze_blocks=[-1], seeds=[0], backbones=backbones,
                             tasks=tasks), tmp_path / "out")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the tools; robust when other jobs share the cores
-    result = run_study(study)
+    with ThreadPoolExecutor(2) as pool:
+        result = run_study(study, runner=_two_at_a_time(pool))
     assert len(result["ran"]) == len(FILES) * len(tasks) and not result["failed"]
 
     rows = list(csv.DictReader(open(study.output_dir / "results.csv")))
