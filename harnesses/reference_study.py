@@ -105,11 +105,11 @@ def _camvid_subset(src: Path, dst: Path, frames: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, replicate: int | None = None,
-        parallel: int = 1) -> dict[str, Any]:
-    """Data, then the study (or its replication with `replicate` fresh seeds); its result files, headed by the wall
-    time and the CPU model, copied to `results_dir`. `parallel` > 1: that many pretraining runs or cells at a time,
-    as local submitit jobs of one thread each (a tiny model's step gains little from a second thread, and start-up
-    and evaluation use one). Returns the summary."""
+        parallel: int = 1, first_seed: int | None = None) -> dict[str, Any]:
+    """Data, then the study (or its replication with `replicate` fresh seeds, from `first_seed` if given); its
+    result files, headed by the wall time and the CPU model, copied to `results_dir`. `parallel` > 1: that many
+    pretraining runs or cells at a time, as local submitit jobs of one thread each (a tiny model's step gains little
+    from a second thread, and start-up and evaluation use one). Returns the summary."""
     import torch
 
     from mae_transfer.hardware import cpu_model
@@ -120,7 +120,8 @@ def run(output_dir: Path, results_dir: Path, data: Path, spec: Path = SPEC, repl
 
     start = time.time()
     original = load_study(spec, output_dir=output_dir)
-    study = original if replicate is None else replication_study(original, replicate)  # refusals before the data
+    # refusals before the data
+    study = original if replicate is None else replication_study(original, replicate, first_seed)
     counts = prepare_data(data)
     logger.info("data: %s", counts)
     cells = study.cells()

@@ -3,6 +3,8 @@
 
   python tools/reference_study.py                # under an hour on 2 quiet CPU cores; benchmarks/study_reference/
   python tools/reference_study.py --replicate 8  # the declared contrasts, 8 fresh seeds: .../replication/
+  python tools/reference_study.py --replicate 8 --first-seed 12  # 8 more, after seeds 0-11:
+                                                 # .../replication_from_seed12/
   python tools/reference_study.py --pilot        # the schedule pilot (cpu_reference_pilot.py): .../pilot/
   python tools/reference_study.py --reread       # the first study's results.csv (v1/) through the current report
 
@@ -35,6 +37,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--reread", action="store_true",
                       help="write RESULTS_DIR/reread.md from the first study's results.csv with the current report; "
                       "run nothing")
+    parser.add_argument("--first-seed", type=int, metavar="S",
+                        help="--replicate: start the fresh seeds at S (above every seed used so far, e.g. by an "
+                        "earlier replication) into replication_from_seedS/")
     parser.add_argument("--parallel", type=int, default=1, metavar="N",
                         help="N pretraining runs or cells at a time, local submitit jobs of 1 thread each "
                         "(default: %(default)s, in this process)")
@@ -46,18 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise MaeTransferError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.first_seed is not None and args.replicate is None:
+        raise MaeTransferError("--first-seed goes with --replicate N (where the fresh seeds start)")
     setup_long_run_cli()
     from harnesses.reference_study import DATA, PILOT_SPEC, SPEC, reread, run
     from mae_transfer.paths import resolve_path
+    from mae_transfer.study.claims import replication_folder
 
-    sub = "v1" if args.reread else "pilot" if args.pilot else "replication" if args.replicate is not None else ""
+    sub = ("v1" if args.reread else "pilot" if args.pilot
+           else replication_folder(args.first_seed) if args.replicate is not None else "")
     results_dir = resolve_path(args.results_dir or f"benchmarks/study_reference/{sub}")
     if args.reread:
         print(f"written: {reread(results_dir)}")
         return 0
     output_dir = resolve_path(args.output_dir or f"work_dirs/reference_{'pilot' if args.pilot else 'study'}")
     summary = run(output_dir, results_dir, DATA, PILOT_SPEC if args.pilot else SPEC, args.replicate,
-                  args.parallel)
+                  args.parallel, args.first_seed)
     print(f"{summary['cells']} cells in {summary['seconds'] / 60:.0f} min; results: {summary['results']}")
     return 0
 

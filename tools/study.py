@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the fine-tuning seeds needed to detect a difference of X with 80%% power")
     parser.add_argument("--replicate", type=int, metavar="N", help="re-run the declared contrasts' cells with N "
                         "fresh fine-tuning seeds into OUTPUT/replication and write its replication table")
+    parser.add_argument("--first-seed", type=int, metavar="S", help="--replicate: start the fresh seeds at S (above "
+                        "every seed used so far, e.g. by an earlier replication) into OUTPUT/replication_from_seedS")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (handled by run_cli)")
     return parser.parse_args(argv)
 
@@ -63,12 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_job_options(args.executor, args.max_parallel, args.poll, args.retry_failed, args.wait, overrides)
     study = load_study(args.spec, args.output, args.allow_pickle)
     check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
+    from mae_transfer.errors import MaeTransferError
     from mae_transfer.study.claims import check_target_effect, replication_study
 
     study.target_effect = check_target_effect(study, args.target_effect)
     original = study
+    if args.first_seed is not None and args.replicate is None:
+        raise MaeTransferError("--first-seed goes with --replicate N (where the fresh seeds start)")
     if args.replicate is not None:
-        study = replication_study(original, args.replicate)
+        study = replication_study(original, args.replicate, args.first_seed)
     if args.executor:
         check_job_resources(study, args.executor, overrides)
     if args.dry_run:

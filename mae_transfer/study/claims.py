@@ -306,17 +306,27 @@ def check_target_effect(study: Study, effect: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- replication
-def replication_study(study: Study, n: int) -> Study:
-    """The contrasts' cells with `n` fresh fine-tuning seeds (max(original) + 1, ...: never an original one), in
-    OUTPUT/replication, on the same backbones (a pretrained one: the checkpoint the study exported, so its
-    pretraining runs are the same). Refused before anything runs: n < 1, seeds past the 32-bit seed space, no
-    contrasts, or a contrast with fewer than 2 finished original pairs (nothing to replicate)."""
+def replication_folder(first_seed: int | None) -> str:
+    """OUTPUT's sub-folder of a replication: `replication`, or `replication_from_seed<S>` for one that starts at
+    `--first-seed S` (a second replication, whose seeds must not repeat the first one's)."""
+    return REPLICATION if first_seed is None else f"{REPLICATION}_from_seed{first_seed}"
+
+
+def replication_study(study: Study, n: int, first_seed: int | None = None) -> Study:
+    """The contrasts' cells with `n` fresh fine-tuning seeds (max(original) + 1, ..., or `first_seed`, ...: never an
+    original one), in OUTPUT/`replication_folder(first_seed)`, on the same backbones (a pretrained one: the
+    checkpoint the study exported, so its pretraining runs are the same). Refused before anything runs: n < 1,
+    a first seed not above every original one, seeds past the 32-bit seed space, no contrasts, or a contrast with
+    fewer than 2 finished original pairs (nothing to replicate)."""
     if n < 1:
         raise MaeTransferError(f"--replicate: the number of fresh seeds must be at least 1, got {n}")
     if not study.contrasts:
         raise MaeTransferError("--replicate: the spec declares no contrasts (contrasts=[...]): replication re-runs "
                                "the declared contrasts")
-    first = max(study.seeds) + 1
+    first = max(study.seeds) + 1 if first_seed is None else first_seed
+    if first_seed is not None and first_seed <= max(study.seeds):
+        raise MaeTransferError(f"--first-seed {first_seed}: a replication's seeds must be fresh, above the study's "
+                               f"seeds (largest {max(study.seeds)})")
     if first < 0 or first + n > SEED_LIMIT:
         raise MaeTransferError(f"--replicate {n}: fresh seeds {first}..{first + n - 1} are outside the 32-bit seed "
                                f"space 0..{SEED_LIMIT - 1}")
@@ -343,7 +353,8 @@ def replication_study(study: Study, n: int) -> Study:
     runs = {k: v for k, v in study.pretrain_runs.items() if k in backbones}
     kept = {study.spec_backbone(b) for b in backbones}
     paired = {b: [r for r in members if r in backbones] for b, members in study.paired.items() if b in kept}
-    return replace(study, output_dir=study.output_dir / REPLICATION, seeds=list(range(first, first + n)),
+    return replace(study, output_dir=study.output_dir / replication_folder(first_seed),
+                   seeds=list(range(first, first + n)),
                    backbones=backbones, tasks=tasks, only=frozenset(cells), pretrain_runs=runs, paired=paired,
                    reference=study.reference if study.reference in kept else None)
 
@@ -371,7 +382,7 @@ def replication_rows(original: Study, replication: Study) -> list[dict[str, Any]
 
 
 def write_replication(original: Study, replication: Study) -> dict[str, Path]:
-    """replication.md and replication.csv in OUTPUT/replication."""
+    """replication.md and replication.csv in the replication's folder (OUTPUT/replication...)."""
     rows = replication_rows(original, replication)
     m = len(original.contrasts)
 

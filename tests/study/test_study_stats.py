@@ -426,6 +426,21 @@ def test_replicate_runs_only_fresh_seeds_and_writes_the_table(noisy_kind: TaskKi
         replication_study(load_study({**dict(depth=4, freeze_blocks=[0], backbones={"a": None}, tasks={
             "t": noisy_task(tmp_path)})}), 1)
     assert replication_study(study, 2).seeds == [3, 4]
+    # a second replication starts after every seed used so far, in its own folder; the first one is left alone
+    second = replication_study(study, 2, first_seed=5)
+    assert second.seeds == [5, 6] and second.output_dir == out / "replication_from_seed5"
+    with pytest.raises(MaeTransferError) as err:
+        replication_study(study, 2, first_seed=2)
+    assert str(err.value) == "--first-seed 2: a replication's seeds must be fresh, above the study's seeds (largest 2)"
+    assert run_cli(tool.main, [*argv, "--first-seed", "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --first-seed goes with --replicate N (where the fresh seeds start)")
+    assert run_cli(tool.main, [*argv, "--replicate", "1", "--first-seed", "5"]) == 0
+    assert sorted(p.name for p in (out / "replication_from_seed5" / "cells").iterdir()) == [
+        "init__t__freeze0__seed5", "scratch__t__freeze0__seed5"]
+    assert "fresh fine-tuning seeds 5 (the original ran seeds 0, 1, 2)" in (
+        out / "replication_from_seed5" / "replication.md").read_text()
+    assert sorted(p.name for p in (out / "replication" / "cells").iterdir()) == replicated
 
 
 def test_a_holm_rejection_whose_simultaneous_interval_contains_0_is_not_claimed(tmp_path: Path) -> None:
