@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -316,8 +317,9 @@ def replication_study(study: Study, n: int, first_seed: int | None = None) -> St
     """The contrasts' cells with `n` fresh fine-tuning seeds (max(original) + 1, ..., or `first_seed`, ...: never an
     original one), in OUTPUT/`replication_folder(first_seed)`, on the same backbones (a pretrained one: the
     checkpoint the study exported, so its pretraining runs are the same). Refused before anything runs: n < 1,
-    a first seed not above every original one, seeds past the 32-bit seed space, no contrasts, or a contrast with
-    fewer than 2 finished original pairs (nothing to replicate)."""
+    a first seed not above every original one, seeds past the 32-bit seed space or used by another replication
+    folder in OUTPUT, no contrasts, or a contrast with fewer than 2 finished original pairs (nothing to
+    replicate)."""
     if n < 1:
         raise MaeTransferError(f"--replicate: the number of fresh seeds must be at least 1, got {n}")
     if not study.contrasts:
@@ -330,6 +332,13 @@ def replication_study(study: Study, n: int, first_seed: int | None = None) -> St
     if first < 0 or first + n > SEED_LIMIT:
         raise MaeTransferError(f"--replicate {n}: fresh seeds {first}..{first + n - 1} are outside the 32-bit seed "
                                f"space 0..{SEED_LIMIT - 1}")
+    folder = study.output_dir / replication_folder(first_seed)
+    for other in sorted(study.output_dir.glob(f"{REPLICATION}*/cells")):  # earlier replications' seeds stay unused
+        seen = {int(m.group(1)) for p in other.iterdir() if (m := re.search(r"__seed(\d+)$", p.name))}
+        if other.parent != folder and seen & set(range(first, first + n)):
+            raise MaeTransferError(f"--replicate {n}: fresh seeds {first}..{first + n - 1} overlap seeds "
+                                   f"{min(seen)}..{max(seen)} of the replication in {other.parent}; start above them "
+                                   f"(--first-seed {max(seen) + 1})")
     rows = collect(study)
     for c in study.contrasts:
         pairs = len(paired_differences(study, rows, c))
@@ -353,8 +362,7 @@ def replication_study(study: Study, n: int, first_seed: int | None = None) -> St
     runs = {k: v for k, v in study.pretrain_runs.items() if k in backbones}
     kept = {study.spec_backbone(b) for b in backbones}
     paired = {b: [r for r in members if r in backbones] for b, members in study.paired.items() if b in kept}
-    return replace(study, output_dir=study.output_dir / replication_folder(first_seed),
-                   seeds=list(range(first, first + n)),
+    return replace(study, output_dir=folder, seeds=list(range(first, first + n)),
                    backbones=backbones, tasks=tasks, only=frozenset(cells), pretrain_runs=runs, paired=paired,
                    reference=study.reference if study.reference in kept else None)
 

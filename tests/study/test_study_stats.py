@@ -441,6 +441,13 @@ def test_replicate_runs_only_fresh_seeds_and_writes_the_table(noisy_kind: TaskKi
     assert "fresh fine-tuning seeds 5 (the original ran seeds 0, 1, 2)" in (
         out / "replication_from_seed5" / "replication.md").read_text()
     assert sorted(p.name for p in (out / "replication" / "cells").iterdir()) == replicated
+    for n, first, message in ((3, None, f"--replicate 3: fresh seeds 3..5 overlap seeds 5..5 of the replication in "
+                                        f"{out / 'replication_from_seed5'}; start above them (--first-seed 6)"),
+                              (2, 4, f"--replicate 2: fresh seeds 4..5 overlap seeds 3..4 of the replication in "
+                                     f"{out / 'replication'}; start above them (--first-seed 5)")):
+        with pytest.raises(MaeTransferError) as err:
+            replication_study(study, n, first)
+        assert str(err.value) == message
 
 
 def test_a_holm_rejection_whose_simultaneous_interval_contains_0_is_not_claimed(tmp_path: Path) -> None:
