@@ -51,12 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise MaeTransferError(f"--parallel must be at least 1, got {args.parallel}")
-    if args.first_seed is not None and args.replicate is None:
-        raise MaeTransferError("--first-seed goes with --replicate N (where the fresh seeds start)")
     setup_long_run_cli()
     from harnesses.reference_study import DATA, PILOT_SPEC, SPEC, reread, run
     from mae_transfer.paths import resolve_path
-    from mae_transfer.study.claims import replication_folder
+    from mae_transfer.study.claims import check_first_seed, replication_folder
+
+    check_first_seed(args.replicate, args.first_seed)
 
     sub = ("v1" if args.reread else "pilot" if args.pilot
            else replication_folder(args.first_seed) if args.replicate is not None else "")

@@ -65,13 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_job_options(args.executor, args.max_parallel, args.poll, args.retry_failed, args.wait, overrides)
     study = load_study(args.spec, args.output, args.allow_pickle)
     check_output_dir(study.output_dir, "--output-dir" if args.output else "the spec's output folder")
-    from mae_transfer.errors import MaeTransferError
-    from mae_transfer.study.claims import check_target_effect, replication_study
+    from mae_transfer.study.claims import check_first_seed, check_target_effect, replication_study
 
     study.target_effect = check_target_effect(study, args.target_effect)
     original = study
-    if args.first_seed is not None and args.replicate is None:
-        raise MaeTransferError("--first-seed goes with --replicate N (where the fresh seeds start)")
+    check_first_seed(args.replicate, args.first_seed)
     if args.replicate is not None:
         study = replication_study(original, args.replicate, args.first_seed)
     if args.executor:

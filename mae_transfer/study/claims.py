@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 from mae_transfer.errors import MaeTransferError
 from mae_transfer.io import atomic_write_text
-from mae_transfer.study.spec import SEED_LIMIT, Contrast, Study, backbone_checkpoint, pretrain_run_seed
+from mae_transfer.study.spec import (
+    SEED_LIMIT,
+    Contrast,
+    Study,
+    backbone_checkpoint,
+    pretrain_run_seed,
+    seed_of_cell_dir,
+)
 from mae_transfer.study.stats import (
     POWER,
     PairedTest,
@@ -313,6 +319,12 @@ def replication_folder(first_seed: int | None) -> str:
     return REPLICATION if first_seed is None else f"{REPLICATION}_from_seed{first_seed}"
 
 
+def check_first_seed(replicate: int | None, first_seed: int | None) -> None:
+    """The tools' --first-seed: only with --replicate N, whose fresh seeds it places."""
+    if first_seed is not None and replicate is None:
+        raise MaeTransferError("--first-seed goes with --replicate N (where the fresh seeds start)")
+
+
 def replication_study(study: Study, n: int, first_seed: int | None = None) -> Study:
     """The contrasts' cells with `n` fresh fine-tuning seeds (max(original) + 1, ..., or `first_seed`, ...: never an
     original one), in OUTPUT/`replication_folder(first_seed)`, on the same backbones (a pretrained one: the
@@ -334,7 +346,7 @@ def replication_study(study: Study, n: int, first_seed: int | None = None) -> St
                                f"space 0..{SEED_LIMIT - 1}")
     folder = study.output_dir / replication_folder(first_seed)
     for other in sorted(study.output_dir.glob(f"{REPLICATION}*/cells")):  # earlier replications' seeds stay unused
-        seen = {int(m.group(1)) for p in other.iterdir() if (m := re.search(r"__seed(\d+)$", p.name))}
+        seen = {s for p in other.iterdir() if (s := seed_of_cell_dir(p.name)) is not None}
         if other.parent != folder and seen & set(range(first, first + n)):
             raise MaeTransferError(f"--replicate {n}: fresh seeds {first}..{first + n - 1} overlap seeds "
                                    f"{min(seen)}..{max(seen)} of the replication in {other.parent}; start above them "

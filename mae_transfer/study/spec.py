@@ -48,6 +48,12 @@ class Cell:
         return safe_name(f"{self.backbone}__{self.task}__freeze{self.freeze_blocks}__seed{self.seed}")
 
 
+def seed_of_cell_dir(name: str) -> int | None:
+    """The fine-tuning seed in a cell folder's name (`Cell.name`), or None for a name of another form."""
+    m = re.search(r"__seed(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class Contrast:
     """One declared (confirmatory) comparison: backbone a - backbone b on one task metric at one freeze setting.

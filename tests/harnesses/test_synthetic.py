@@ -127,6 +127,16 @@ def test_unlabeled_pool_does_not_repeat_labelled_pictures(tmp_path: Path) -> Non
     assert len({p.tobytes() for p in pool_pixels}) == 8  # and no picture twice within the pool
 
 
+def _interior_spread(root: Path, file_name: str, category_id: int) -> float:
+    """The largest per-channel colour sd over a shape's interior (its label's pixels 2 px inside the outline, so
+    the smoothed rim does not count) in training picture `file_name`."""
+    label = np.asarray(Image.open(root / "labels" / "train" / file_name))
+    px = np.asarray(Image.open(root / "images" / "train" / file_name).convert("RGB"), dtype=np.float64)
+    inside = label == category_id
+    core = inside[2:-2, 2:-2] & inside[:-4, 2:-2] & inside[4:, 2:-2] & inside[2:-2, :-4] & inside[2:-2, 4:]
+    return float(px[2:-2, 2:-2][core].std(0).max())
+
+
 def test_a_shape_style_draws_what_it_says_and_the_default_style_keeps_the_files(tmp_path: Path) -> None:
     """benchmarks/demo_pilot draws variants of the shapes (size range, fills, upright); the default style must keep
     the files the committed studies were run on."""
@@ -142,11 +152,7 @@ def test_a_shape_style_draws_what_it_says_and_the_default_style_keeps_the_files(
         im = by_image[ann["image_id"]]
         # the area of the equal-area circle of radius 0.25-0.3 x 64 px (rasterising adds or drops a rim)
         assert math.pi * 16 ** 2 * 0.9 < ann["area"] < math.pi * 19.2 ** 2 * 1.1, ann
-        label = np.asarray(Image.open(root / "labels" / "train" / im["file_name"]))
-        px = np.asarray(Image.open(root / "images" / "train" / im["file_name"]).convert("RGB"), dtype=np.float64)
-        inside = label == ann["category_id"]
-        core = inside[2:-2, 2:-2] & inside[:-4, 2:-2] & inside[4:, 2:-2] & inside[2:-2, :-4] & inside[2:-2, 4:]
-        assert px[2:-2, 2:-2][core].std(0).max() < 3, "a plain fill is one colour"
+        assert _interior_spread(root, im["file_name"], ann["category_id"]) < 3, "a plain fill is one colour"
         if SHAPE_CLASSES[ann["category_id"] - 1] == "square":  # upright: it fills its bounding box
             x, y, w, h = ann["bbox"]
             assert ann["area"] > 0.95 * w * h
@@ -160,12 +166,8 @@ def test_a_fill_by_class_style_draws_each_class_with_its_own_fill(tmp_path: Path
     by_image = {im["id"]: im for im in coco["images"]}
     spreads = {name: [] for name in SHAPE_CLASSES}
     for ann in coco["annotations"]:
-        name = by_image[ann["image_id"]]["file_name"]
-        label = np.asarray(Image.open(root / "labels" / "train" / name))
-        px = np.asarray(Image.open(root / "images" / "train" / name).convert("RGB"), dtype=np.float64)
-        inside = label == ann["category_id"]
-        core = inside[2:-2, 2:-2] & inside[:-4, 2:-2] & inside[4:, 2:-2] & inside[2:-2, :-4] & inside[2:-2, 4:]
-        spreads[SHAPE_CLASSES[ann["category_id"] - 1]].append(px[2:-2, 2:-2][core].std(0).max())
+        spreads[SHAPE_CLASSES[ann["category_id"] - 1]].append(
+            _interior_spread(root, by_image[ann["image_id"]]["file_name"], ann["category_id"]))
     assert all(spreads.values()), spreads  # 24 pictures draw every class
     assert max(spreads["triangle"]) < 3 < min(spreads["circle"] + spreads["square"]), spreads
 

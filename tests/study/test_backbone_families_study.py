@@ -112,7 +112,8 @@ def _two_at_a_time(pool: ThreadPoolExecutor):
 
     def runner(study, cell, checkpoint, resume):
         if not futures:
-            futures.update({c: pool.submit(subprocess_runner, study, c, prepare_backbone(study, c.backbone), False)
+            checkpoints = {name: prepare_backbone(study, name) for name in study.backbones}
+            futures.update({c: pool.submit(subprocess_runner, study, c, checkpoints[c.backbone], False)
                             for c in study.cells()})
         return futures[cell].result()
     return runner
